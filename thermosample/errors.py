@@ -1,0 +1,19 @@
+"""Exceptions and warnings raised by thermosample."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The model output or the sampler state became NaN or Inf.
+
+    Attributes:
+        step: index of the first solver step at which a non-finite value appeared.
+        sample: index (within the batch, plus sample_offset) of the first affected sample.
+    """
+
+    def __init__(self, message: str, step: int | None = None, sample: int | None = None):
+        super().__init__(message)
+        self.step = step
+        self.sample = sample
+
+
+class BackendUnavailableWarning(RuntimeWarning):
+    """A requested kernel backend is missing; the pure-PyTorch reference runs instead."""
