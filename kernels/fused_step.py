@@ -1,0 +1,161 @@
+"""The fused solver step in Triton: one pass over memory per step (DESIGN.md, "the one idea").
+
+    out     = sum_k c_k * in_k + noise * z           z: in-kernel Philox normal noise
+    rate[b] = sum_e (alpha * in_u[b, e] + beta * in_d[b, e]) ** 2 + sum_e 0 * out[b, e]
+
+Exactly the contract of thermosample._reference.fused_step_reference (read its docstring for the Philox
+stream). Kernel + launcher in the style of the Triton tutorial 01-vector-add: the grid is
+(blocks per sample, samples); each program handles BLOCK elements of one sample, writes its slice of
+`out` and one partial sum of the rate into a [B, n_blocks] buffer; a fixed-order torch sum over the
+blocks makes the rate deterministic (no float atomics).
+
+Coefficients travel as the int64 bit patterns of Python floats (float64) and are bitcast in the kernel:
+Triton types a Python float argument as fp32, which would round the coefficients of a float64 step;
+the bit pattern keeps them exact and is rounded to fp32 in the kernel for every other dtype (the same
+rounding torch applies to a Python scalar times a float32 tensor).
+"""
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.random import philox
+
+_MAX_GRID_Y = 65535          # CUDA limit on grid dimension 1: larger batches launch in chunks
+_TWO_PI = 6.283185307179586
+_TWO_POW_M23 = 1.1920928955078125e-07  # 2**-23
+
+
+@triton.jit
+def _coeff(bits, COMPUTE_DTYPE: tl.constexpr):
+    # int64 bit pattern of a float64 -> the coefficient in the compute dtype (round to nearest).
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE_DTYPE)
+
+
+@triton.jit(do_not_specialize=["c0", "c1", "c2", "c3", "noise", "alpha", "beta", "seed", "step",
+                               "sample_offset"])
+def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
+                       c0, c1, c2, c3, noise, alpha, beta,
+                       seed, step, sample_offset, numel, n_blocks,
+                       N_INPUTS: tl.constexpr, HAS_NOISE: tl.constexpr, TRACK: tl.constexpr,
+                       U: tl.constexpr, D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0).to(tl.int64)          # block within the sample
+    pid_b = tl.program_id(1).to(tl.int64)          # sample within this launch
+    e = pid_n * BLOCK + tl.arange(0, BLOCK)        # element index within the sample (int64)
+    mask = e < numel
+    offs = pid_b * numel + e
+
+    # out = sum_k c_k in_k  (fp16/bf16/fp32 computed in fp32, fp64 in fp64)
+    x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+    acc = _coeff(c0, COMPUTE_DTYPE) * x0
+    x1 = x0
+    x2 = x0
+    x3 = x0
+    if N_INPUTS > 1:
+        x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        acc += _coeff(c1, COMPUTE_DTYPE) * x1
+    if N_INPUTS > 2:
+        x2 = tl.load(x2_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        acc += _coeff(c2, COMPUTE_DTYPE) * x2
+    if N_INPUTS > 3:
+        x3 = tl.load(x3_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        acc += _coeff(c3, COMPUTE_DTYPE) * x3
+
+    # + noise * z, z from Philox4x32-10 with counter (e >> 2, sample_offset + b, step, 0), key = seed
+    if HAS_NOISE:
+        ctr0 = (e >> 2).to(tl.uint32)
+        zero = ctr0 * 0
+        ctr1 = zero + (sample_offset.to(tl.int64) + pid_b).to(tl.uint32)
+        ctr2 = zero + step.to(tl.int64).to(tl.uint32)
+        r0, r1, r2, r3 = philox(seed, ctr0, ctr1, ctr2, zero)
+        first_pair = (e & 3) < 2
+        a = tl.where(first_pair, r0, r2)
+        c = tl.where(first_pair, r1, r3)
+        u1 = ((a >> 9).to(tl.float32) + 0.5) * _TWO_POW_M23   # in (0, 1): log(u1) is finite
+        u2 = (c >> 9).to(tl.float32) * _TWO_POW_M23           # in [0, 1)
+        radius = tl.sqrt_rn(-2.0 * tl.log(u1))
+        theta = u2 * _TWO_PI
+        z = tl.where((e & 1) == 0, radius * tl.cos(theta), radius * tl.sin(theta))
+        acc += _coeff(noise, COMPUTE_DTYPE) * z.to(COMPUTE_DTYPE)
+
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    # partial rate: squared velocity (THEORY.md §2) plus 0 * out, so a non-finite out poisons the rate
+    probe = acc * 0.0
+    if TRACK:
+        xu = x0
+        if U == 1:
+            xu = x1
+        if U == 2:
+            xu = x2
+        if U == 3:
+            xu = x3
+        xd = x0
+        if D == 1:
+            xd = x1
+        if D == 2:
+            xd = x2
+        if D == 3:
+            xd = x3
+        v = _coeff(alpha, COMPUTE_DTYPE) * xu + _coeff(beta, COMPUTE_DTYPE) * xd
+        probe += v * v
+    probe = tl.where(mask, probe, 0.0)
+    tl.store(partial_ptr + pid_b * n_blocks + pid_n, tl.sum(probe, axis=0))
+
+
+def _block_size(numel: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a per-sample size: whole sample in one block up to 1024, else 1024-wide."""
+    block = min(max(triton.next_power_of_2(numel), 16), 1024)
+    return block, (4 if block >= 512 else 1)
+
+
+def _bits(value: float) -> int:
+    """The IEEE float64 bit pattern of `value` as a signed int64 (the kernel bitcasts it back)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise: float = 0.0, seed: int = 0,
+               step: int = 0, sample_offset: int = 0, track: bool = False, alpha: float = 0.0,
+               beta: float = 0.0, u: int = 0, d: int = 1,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused solver step in Triton; same contract as _reference.fused_step_reference.
+
+    Args:
+        inputs: 1-4 contiguous tensors [B, ...] of one shape, dtype and device (validated by ops.py).
+        coeffs: one Python float per input.
+        noise: coefficient of the in-kernel Philox normal noise (0 draws none).
+        seed, step, sample_offset: Philox stream key (seed < 2**64) and counters.
+        track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (THEORY.md §2).
+        out: None or a contiguous [B, ...] tensor, possibly one of the inputs (in-place update).
+    Returns:
+        (out [B, ...] in the inputs' dtype, rate [B] float32)
+    """
+    x0 = inputs[0]
+    batch = x0.shape[0]
+    numel = x0.numel() // batch
+    if out is None:
+        out = torch.empty_like(x0, memory_format=torch.contiguous_format)
+    compute = tl.float64 if x0.dtype == torch.float64 else tl.float32
+    block, num_warps = _block_size(numel)
+    n_blocks = triton.cdiv(numel, block)
+    partial = torch.empty((batch, n_blocks), dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32,
+                          device=x0.device)
+    ptrs = [t.reshape(batch, numel) for t in inputs]
+    ptrs += [ptrs[0]] * (4 - len(ptrs))                 # unused pointers: never loaded
+    flat_out = out.view(batch, numel)
+    c = [_bits(v) for v in coeffs] + [0] * (4 - len(coeffs))
+    has_noise = float(noise) != 0.0
+    for b0 in range(0, batch, _MAX_GRID_Y):
+        b1 = min(batch, b0 + _MAX_GRID_Y)
+        _fused_step_kernel[(n_blocks, b1 - b0)](
+            ptrs[0][b0:b1], ptrs[1][b0:b1], ptrs[2][b0:b1], ptrs[3][b0:b1], flat_out[b0:b1], partial[b0:b1],
+            c[0], c[1], c[2], c[3], _bits(noise), _bits(alpha), _bits(beta),
+            seed, step, sample_offset + b0, numel, n_blocks,
+            N_INPUTS=len(inputs), HAS_NOISE=has_noise, TRACK=bool(track),
+            U=int(u) if track else 0, D=int(d) if track else 0,
+            COMPUTE_DTYPE=compute, BLOCK=block, num_warps=num_warps,
+        )
+    return out, partial.sum(dim=1).to(torch.float32)     # fixed-order sum over blocks: deterministic
