@@ -1,0 +1,120 @@
+"""Prediction and time-convention adapters: any torch model -> D(x_hat; sigma_hat) = E[y | x_hat].
+
+The model sees the physical state x = m(t) x_hat (or x_hat itself with scale_input=False) and the time in
+its own training convention; its output is turned into the denoised estimate with host-side float
+coefficients, so no device value is read:
+
+    x0:        D = o
+    eps:       D = x_hat - sigma o
+    v:         D = (m^2 x_hat - s o) / (m^2 + s^2)            (v = m eps - s y; Salimans & Ho 2022)
+    score:     D = x_hat + (s^2 / m) o                        (o = grad_x log p_t(x))
+    velocity:  D = (s' m x_hat - s o) / (s' m - s m')         (o = dx/dt = m' y + s' eps; flow matching)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .schedules import DiscreteVP, Schedule, get_schedule
+
+PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
+TIME_CONVENTIONS = ("t", "sigma", "index")
+
+
+class Denoiser:
+    """Wrap a model so that `den(x_hat, sigma)` returns D(x_hat; sigma_hat).
+
+    Args:
+        model: callable `model(x, time, **kwargs)` -> tensor shaped like x.
+        schedule: the Schedule the model was trained with (or a name: "condot", "cosine", ...).
+        prediction: what the model outputs: "eps" | "x0" | "v" | "score" | "velocity".
+        time: what the model takes as its time argument: "t" (physical time, times `time_scale`,
+            e.g. 1000 for continuous VP models trained on t * 1000), "sigma" (sigma_hat), "index"
+            (fractional training index of a DiscreteVP schedule, as DDPM models need), or a callable
+            `time(t, sigma) -> float`.
+        time_scale: multiplies t for time="t".
+        scale_input: feed the model x = m(t) x_hat (True, the physical state) or x_hat (False, as
+            EDM/k-diffusion denoisers expect).
+        model_kwargs: fixed keyword arguments for every call (class labels, text embeddings, ...).
+    """
+
+    def __init__(self, model: Callable, schedule: Schedule | str, prediction: str = "eps", time="t",
+                 time_scale: float = 1.0, scale_input: bool = True, model_kwargs: dict | None = None):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if not (callable(time) or time in TIME_CONVENTIONS):
+            raise ValueError(f"time must be one of {TIME_CONVENTIONS} or a callable, got {time!r}")
+        self.schedule = get_schedule(schedule)
+        if time == "index" and not isinstance(self.schedule, DiscreteVP):
+            raise ValueError("time='index' needs a DiscreteVP schedule (it maps t to the training index)")
+        self.schedule.validate()
+        self.model = model
+        self.prediction = prediction
+        self.time = time
+        self.time_scale = float(time_scale)
+        self.scale_input = bool(scale_input)
+        self.model_kwargs = dict(model_kwargs or {})
+
+    def model_time(self, t: float, sigma: float) -> float:
+        """The model's time argument for physical time t (noise level sigma)."""
+        if callable(self.time):
+            return float(self.time(t, sigma))
+        if self.time == "sigma":
+            return sigma
+        if self.time == "index":
+            return float(self.schedule.index(t))
+        return t * self.time_scale
+
+    def output_coeffs(self, t: float, sigma: float) -> tuple[float, float, float]:
+        """(input scale c_in, a, b) with model input c_in x_hat and D = a x_hat + b o."""
+        sch = self.schedule
+        m, s = float(sch.m(t)), float(sch.s(t))
+        c_in = m if self.scale_input else 1.0
+        p = self.prediction
+        if p == "x0":
+            return c_in, 0.0, 1.0
+        if p == "eps":
+            return c_in, 1.0, -sigma
+        if p == "v":
+            n = m * m + s * s
+            return c_in, m * m / n, -s / n
+        if p == "score":
+            return c_in, 1.0, s * s / m
+        dm, ds = float(sch.dm(t)), float(sch.ds(t))
+        den = ds * m - s * dm
+        return c_in, ds * m / den, -s / den
+
+    def __call__(self, x_hat: torch.Tensor, sigma: float, **kwargs) -> torch.Tensor:
+        """D(x_hat; sigma) [B, ...]. `sigma` is a Python float (host), so nothing syncs."""
+        sigma = float(sigma)
+        if not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a finite positive float, got {sigma}")
+        t = float(self.schedule.sigma_to_t(sigma))
+        c_in, a, b = self.output_coeffs(t, sigma)
+        x_in = x_hat * c_in if c_in != 1.0 else x_hat
+        time = torch.full((x_hat.shape[0],), self.model_time(t, sigma), dtype=x_hat.dtype, device=x_hat.device)
+        out = self.model(x_in, time, **self.model_kwargs, **kwargs)
+        check_model_output(out, x_hat)
+        out = out.to(x_hat.dtype)
+        if a == 0.0 and b == 1.0:
+            return out
+        return torch.add(x_hat * a, out, alpha=b) if a != 0.0 else out * b
+
+    def __repr__(self) -> str:
+        return f"Denoiser({type(self.model).__name__}, {self.schedule!r}, prediction={self.prediction!r})"
+
+
+def check_model_output(out, x: torch.Tensor) -> None:
+    """Raise a clear error when a model returns something that is not a float tensor shaped like x."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model must return a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape:
+        raise ValueError(f"the model returned shape {tuple(out.shape)}, expected the input's {tuple(x.shape)}")
+    if not out.is_floating_point():
+        raise TypeError(f"the model returned dtype {out.dtype}; expected a floating-point tensor")
+    if out.device != x.device:
+        raise ValueError(f"the model returned a tensor on {out.device}, expected {x.device}")
