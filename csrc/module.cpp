@@ -1,9 +1,77 @@
 // thermosample._C: the fused solver step on CPU tensors (pybind11, no torch headers).
+//
+// thermosample/_cpp.py allocates the outputs with torch and passes raw data pointers (t.data_ptr()) as
+// integers with the sizes and a dtype code; the computation runs without the GIL.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "fused_step.h"
 
 namespace py = pybind11;
+namespace ts = thermosample;
+
+namespace {
+
+void fused_step_py(const std::vector<uintptr_t>& inputs, const std::vector<double>& coeffs, uintptr_t out,
+                   uintptr_t rate, int64_t batch, int64_t numel, int dtype, double noise, uint64_t seed,
+                   uint32_t step, uint32_t sample_offset, bool track, double alpha, double beta, int u, int d,
+                   int num_threads) {
+  if (inputs.empty() || inputs.size() > size_t(ts::kMaxInputs) || coeffs.size() != inputs.size())
+    throw std::invalid_argument("fused_step: need 1 to 4 inputs and one coefficient per input");
+  if (dtype < ts::kFloat32 || dtype > ts::kBFloat16) throw std::invalid_argument("fused_step: bad dtype code");
+  if (batch < 0 || numel < 0) throw std::invalid_argument("fused_step: negative size");
+  if (track && (u < 0 || d < 0 || u >= int(inputs.size()) || d >= int(inputs.size())))
+    throw std::invalid_argument("fused_step: u and d must index inputs");
+  ts::StepArgs a;
+  a.n_inputs = int(inputs.size());
+  for (int k = 0; k < a.n_inputs; ++k) {
+    a.inputs[k] = reinterpret_cast<const void*>(inputs[size_t(k)]);
+    a.coeffs[k] = coeffs[size_t(k)];
+  }
+  a.out = reinterpret_cast<void*>(out);
+  a.rate = reinterpret_cast<float*>(rate);
+  a.batch = batch;
+  a.numel = numel;
+  a.dtype = dtype;
+  a.noise = noise;
+  a.seed = seed;
+  a.step = step;
+  a.sample_offset = sample_offset;
+  a.track = track;
+  a.alpha = track ? alpha : 0.0;
+  a.beta = track ? beta : 0.0;
+  a.u = u;
+  a.d = d;
+  a.num_threads = num_threads;
+  py::gil_scoped_release release;
+  ts::fused_step(a);
+}
+
+void philox_normal_py(uintptr_t z, int64_t first, int64_t count, uint32_t sample, uint32_t step, uint64_t seed) {
+  if (count < 0 || first < 0) throw std::invalid_argument("philox_normal: negative range");
+  py::gil_scoped_release release;
+  ts::philox_normal(reinterpret_cast<float*>(z), first, count, sample, step, seed);
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "thermosample fused CPU kernels";
   m.def("version", []() { return std::string("0.1.0"); });
+  m.attr("FLOAT32") = int(ts::kFloat32);
+  m.attr("FLOAT64") = int(ts::kFloat64);
+  m.attr("FLOAT16") = int(ts::kFloat16);
+  m.attr("BFLOAT16") = int(ts::kBFloat16);
+  m.def("fused_step", &fused_step_py, py::arg("inputs"), py::arg("coeffs"), py::arg("out"), py::arg("rate"),
+        py::arg("batch"), py::arg("numel"), py::arg("dtype"), py::arg("noise"), py::arg("seed"), py::arg("step"),
+        py::arg("sample_offset"), py::arg("track"), py::arg("alpha"), py::arg("beta"), py::arg("u"), py::arg("d"),
+        py::arg("num_threads"),
+        "Fused solver step on raw contiguous CPU buffers (pointers as ints); see thermosample/_cpp.py.");
+  m.def("philox_normal", &philox_normal_py, py::arg("z"), py::arg("first"), py::arg("count"), py::arg("sample"),
+        py::arg("step"), py::arg("seed"),
+        "Standard normals (float32) of one sample's Philox stream, elements [first, first + count).");
 }

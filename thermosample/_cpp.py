@@ -1,5 +1,14 @@
-"""Loads the compiled CPU extension thermosample._C once; a flag and one warning when it is missing."""
+"""Loads the compiled CPU extension thermosample._C once; a flag and one warning when it is missing.
+
+`fused_step` wraps `_C.fused_step`: it allocates `out` (unless given) and `rate` with torch and passes raw
+data pointers, sizes and a dtype code to the C++ kernel (csrc/fused_step.cpp), which runs without the GIL
+on torch's intra-op thread count.
+"""
 from __future__ import annotations
+
+from typing import Sequence
+
+import torch
 
 try:
     from . import _C  # type: ignore[attr-defined]
@@ -7,6 +16,9 @@ try:
 except Exception as exc:  # pragma: no cover - depends on the build
     _C = None
     _LOAD_ERROR = exc
+
+# Storage dtype -> code understood by csrc/fused_step.h (enum DType).
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 
 def available() -> bool:
@@ -16,3 +28,57 @@ def available() -> bool:
 
 def version() -> str | None:
     return getattr(_C, "version", lambda: None)() if _C is not None else None
+
+
+def _require() -> None:
+    if not available():
+        raise RuntimeError(f"thermosample._C is not built or is outdated ({_LOAD_ERROR!r}); "
+                           "run `pip install --no-build-isolation -e .` with a C++ compiler present")
+
+
+def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise: float = 0.0, seed: int = 0,
+               step: int = 0, sample_offset: int = 0, track: bool = False, alpha: float = 0.0,
+               beta: float = 0.0, u: int = 0, d: int = 1,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused solver step on CPU tensors, same contract as `_reference.fused_step_reference`.
+
+    Inputs are expected validated by ops.py (same shape/dtype, contiguous, CPU); only what would make the
+    kernel read or write out of bounds is re-checked here.
+
+    Args:
+        inputs: 1 to 4 contiguous CPU tensors [B, ...] (float32, float64, float16, bfloat16).
+        coeffs: one Python float per input.
+        noise: coefficient of the Philox normal stream (0 draws none).
+        track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2.
+        out: optional contiguous [B, ...] tensor written in place (may be one of the inputs).
+    Returns:
+        (out [B, ...], rate [B] float32)
+    """
+    _require()
+    x0 = inputs[0]
+    code = _DTYPE_CODES.get(x0.dtype)
+    if code is None:
+        raise TypeError(f"inputs have dtype {x0.dtype}; expected one of {tuple(_DTYPE_CODES)}")
+    for k, t in enumerate(inputs):
+        if t.device.type != "cpu" or not t.is_contiguous() or t.shape != x0.shape or t.dtype != x0.dtype:
+            raise ValueError(f"inputs[{k}] must be a contiguous CPU tensor matching inputs[0]")
+    if out is None:
+        out = torch.empty(x0.shape, dtype=x0.dtype)
+    elif out.device.type != "cpu" or not out.is_contiguous() or out.shape != x0.shape or out.dtype != x0.dtype:
+        raise ValueError("out must be a contiguous CPU tensor matching inputs[0]")
+    batch = x0.shape[0]
+    rate = torch.empty(batch, dtype=torch.float32)
+    _C.fused_step([t.data_ptr() for t in inputs], [float(c) for c in coeffs], out.data_ptr(), rate.data_ptr(),
+                  batch, x0.numel() // batch if batch else 0, code, float(noise), int(seed), int(step),
+                  int(sample_offset), bool(track), float(alpha), float(beta), int(u), int(d),
+                  torch.get_num_threads())
+    return out, rate
+
+
+def philox_normal(batch: int, numel: int, *, seed: int, step: int, sample_offset: int = 0) -> torch.Tensor:
+    """Standard normal noise [batch, numel] float32 from the C++ Philox stream (as _reference.philox_normal)."""
+    _require()
+    z = torch.empty(batch, numel, dtype=torch.float32)
+    for b in range(batch):
+        _C.philox_normal(z[b].data_ptr(), 0, numel, sample_offset + b, step, seed)
+    return z
