@@ -11,6 +11,8 @@ from setuptools import setup
 
 
 def get_extensions():
+    import platform
+
     try:
         from pybind11.setup_helpers import Pybind11Extension
     except ImportError:  # pragma: no cover - pybind11 is in build-system.requires
@@ -22,7 +24,7 @@ def get_extensions():
     # target the build machine's vector ISA (AVX2/AVX-512) unless THERMOSAMPLE_MARCH says otherwise
     # (e.g. THERMOSAMPLE_MARCH=x86-64-v3 for a portable wheel, THERMOSAMPLE_MARCH= for the default).
     march = os.environ.get("THERMOSAMPLE_MARCH", "native")
-    if march and not debug and sys.platform.startswith("linux"):
+    if march and not debug and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
         compile_args += [f"-march={march}", "-mprefer-vector-width=512"]
     link_args = []
     if sys.platform.startswith("linux"):
