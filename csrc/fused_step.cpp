@@ -137,7 +137,7 @@ void run(const StepArgs& a) {
 #pragma omp parallel num_threads(threads) if (parallel)
   {
     alignas(64) float zbuf[kSub];
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 2)  // dynamic: a descheduled thread does not stall the step
     for (int64_t it = 0; it < items; ++it) {
       const int64_t b = it / nblk, e0 = (it % nblk) * kBlock;
       partial[size_t(it)] = step_block<Code, N, Track, Noise>(a, b, e0, std::min(kBlock, a.numel - e0), zbuf);
