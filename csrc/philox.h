@@ -33,20 +33,21 @@ static inline uint32_t float_to_bits(float f) {
   return u;
 }
 
-// One Philox4x32-10 block, in place on (c0, c1, c2, c3).
-static inline void philox4x32_10(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
-                                 uint32_t k1) {
+// One Philox4x32-10 block, in place on (c0, c1, c2, c3). The 32-bit words live in 64-bit lanes: the
+// 32x32->64 products are then single vpmuludq's when the caller's loop vectorises (no widen/narrow).
+static inline void philox4x32_10(uint64_t& c0, uint64_t& c1, uint64_t& c2, uint64_t& c3, uint32_t key0,
+                                 uint32_t key1) {
+  constexpr uint64_t lo32 = 0xFFFFFFFFu;
+  uint64_t k0 = key0, k1 = key1;
   for (int r = 0; r < kPhiloxRounds; ++r) {
     const uint64_t pb = uint64_t(kPhiloxRoundB) * c2;
     const uint64_t pa = uint64_t(kPhiloxRoundA) * c0;
-    const uint32_t n0 = uint32_t(pb >> 32) ^ c1 ^ k0;
-    const uint32_t n2 = uint32_t(pa >> 32) ^ c3 ^ k1;
-    c0 = n0;
-    c1 = uint32_t(pb);
-    c2 = n2;
-    c3 = uint32_t(pa);
-    k0 += kPhiloxKeyA;
-    k1 += kPhiloxKeyB;
+    c0 = (pb >> 32) ^ c1 ^ k0;
+    c1 = pb & lo32;
+    c2 = (pa >> 32) ^ c3 ^ k1;
+    c3 = pa & lo32;
+    k0 = (k0 + kPhiloxKeyA) & lo32;
+    k1 = (k1 + kPhiloxKeyB) & lo32;
   }
 }
 
@@ -105,21 +106,30 @@ static inline void box_muller(uint32_t a, uint32_t c, float& z_even, float& z_od
   z_odd = radius * s;
 }
 
-// Normals for elements [4 * q0, 4 * (q0 + nquads)) of one sample into z[0 .. 4 * nquads).
+constexpr int kMaxQuads = 512;  // quads per philox_normals call (2048 normals)
+
+// Normals for elements [4 * q0, 4 * (q0 + nquads)) of one sample into z[0 .. 4 * nquads), nquads <=
+// kMaxQuads. Two vector loops: Philox on 64-bit lanes into planar words, then Box-Muller on float lanes
+// (one fused loop would run both at the narrower width).
 static inline void philox_normals(float* __restrict z, uint64_t q0, int nquads, uint32_t sample, uint32_t step,
                                   uint64_t seed) {
+  alignas(64) uint32_t a[2 * kMaxQuads], c[2 * kMaxQuads];   // pair p = 2 q + (0: r0, r1 | 1: r2, r3)
   const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
 #pragma omp simd
   for (int i = 0; i < nquads; ++i) {
-    uint32_t c0 = uint32_t(q0 + uint64_t(i)), c1 = sample, c2 = step, c3 = 0;
+    uint64_t c0 = uint32_t(q0 + uint64_t(i)), c1 = sample, c2 = step, c3 = 0;
     philox4x32_10(c0, c1, c2, c3, k0, k1);
-    float z0, z1, z2, z3;
-    box_muller(c0, c1, z0, z1);
-    box_muller(c2, c3, z2, z3);
-    z[4 * i + 0] = z0;
-    z[4 * i + 1] = z1;
-    z[4 * i + 2] = z2;
-    z[4 * i + 3] = z3;
+    a[2 * i] = uint32_t(c0);
+    c[2 * i] = uint32_t(c1);
+    a[2 * i + 1] = uint32_t(c2);
+    c[2 * i + 1] = uint32_t(c3);
+  }
+#pragma omp simd
+  for (int p = 0; p < 2 * nquads; ++p) {
+    float z_even, z_odd;
+    box_muller(a[p], c[p], z_even, z_odd);
+    z[2 * p] = z_even;
+    z[2 * p + 1] = z_odd;
   }
 }
 
