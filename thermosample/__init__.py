@@ -12,5 +12,16 @@ from .sampler import SampleOutput, sample
 from .thermo import ThermoReport
 
 __version__ = "0.1.0"
+
+_LAZY_MODULES = ("distributed", "bulk")
+
+
+def __getattr__(name):
+    """Import `ts.distributed` and `ts.bulk` on first use (they need torch.distributed / safetensors)."""
+    if name in _LAZY_MODULES:
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = ["sample", "Denoiser", "schedules", "grids", "toy", "ThermoReport", "SampleOutput",
            "NonFiniteError", "BackendUnavailableWarning", "__version__"]

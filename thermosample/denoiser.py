@@ -56,6 +56,10 @@ class Denoiser:
         self.prediction = prediction
         self.time = time
         self.time_scale = float(time_scale)
+        if not math.isfinite(self.time_scale) or self.time_scale <= 0:
+            raise ValueError(f"time_scale must be a finite positive float, got {time_scale!r}")
+        if model_kwargs is not None and not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs must be a dict (or None), got {type(model_kwargs).__name__}")
         self.scale_input = bool(scale_input)
         self.model_kwargs = dict(model_kwargs or {})
 

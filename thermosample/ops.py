@@ -89,6 +89,8 @@ def validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, 
         raise TypeError("inputs must be a list or tuple of tensors")
     if not 1 <= len(inputs) <= MAX_INPUTS:
         raise ValueError(f"inputs must hold 1 to {MAX_INPUTS} tensors, got {len(inputs)}")
+    if isinstance(coeffs, torch.Tensor) or not isinstance(coeffs, (list, tuple)):
+        raise TypeError(f"coeffs must be a list or tuple of Python floats, got {type(coeffs).__name__}")
     if len(coeffs) != len(inputs):
         raise ValueError(f"coeffs must have one value per input ({len(inputs)}), got {len(coeffs)}")
     first = inputs[0]
@@ -97,6 +99,10 @@ def validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, 
             raise TypeError(f"inputs[{k}] must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"inputs[{k}] has dtype {t.dtype}; expected one of {SUPPORTED_DTYPES}")
+        if t.layout != torch.strided:
+            raise TypeError(f"inputs[{k}] has layout {t.layout}; expected a dense (torch.strided) tensor")
+        if t.device.type == "meta":
+            raise ValueError(f"inputs[{k}] is on the meta device (no data); sample on a real device")
         if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
             raise ValueError(f"inputs[{k}] is {tuple(t.shape)} {t.dtype} on {t.device}; every input must "
                              f"match inputs[0]: {tuple(first.shape)} {first.dtype} on {first.device}")

@@ -138,15 +138,50 @@ class Run:
 
 def _resolve_device(den, noise, device):
     if noise is not None:
+        if not isinstance(noise, torch.Tensor):
+            raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
         return noise.device
     if device is not None:
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch.device or a device string like 'cuda:0', got {device!r}") from exc
     params = getattr(getattr(den, "model", None), "parameters", None)
     if callable(params):
         p = next(iter(params()), None)
         if p is not None:
             return p.device
     return torch.device("cpu")
+
+
+_NONNEGATIVE_OPTIONS = ("churn", "eta", "s_noise", "s_tmin", "s_tmax")
+
+
+def _check_solver_options(options):
+    """Solver knobs are real numbers; churn, eta, s_noise and the churn window are >= 0 (s_tmax may be inf)."""
+    for name, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"solver option {name} must be a real number, got {value!r}")
+        if math.isnan(value) or (math.isinf(value) and name != "s_tmax"):
+            raise ValueError(f"solver option {name} must be finite, got {value!r}")
+        if name in _NONNEGATIVE_OPTIONS and value < 0:
+            raise ValueError(f"solver option {name} must be >= 0, got {value!r}")
+
+
+def _check_device(den, dev, noise, device):
+    """Refuse a meta device and a model whose parameters live on another device than the state."""
+    if dev.type == "meta":
+        raise ValueError("sampling needs a device with data; got the meta device (noise= or device=)")
+    want = torch.device(device) if device is not None else None
+    if noise is not None and want is not None and (
+            want.type != noise.device.type or want.index not in (None, noise.device.index)):
+        raise ValueError(f"device={device!r} but noise is on {noise.device}; pass one or make them agree")
+    params = getattr(getattr(den, "model", None), "parameters", None)
+    if callable(params):
+        p = next(iter(params()), None)
+        if p is not None and p.device.type != dev.type:
+            raise ValueError(f"the model's parameters are on {p.device} but the samples would be on {dev}; "
+                             "move the model or pass noise/device on the same device")
 
 
 def _check_shape(shape):
@@ -194,7 +229,8 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
                         "wrap your model with ts.Denoiser(model, schedule, prediction=...)")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    if check_every is not None and (not isinstance(check_every, int) or check_every < 1):
+    if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)
+                                    or check_every < 1):
         raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
@@ -202,6 +238,13 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
     unknown = sorted(set(solver_options) - set(list(params)[3:]))
     if unknown:
         raise TypeError(f"solver {solver!r} takes no option(s) {unknown}; its options: {list(params)[3:]}")
+    _check_solver_options(solver_options)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (or None), got {type(callback).__name__}")
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"noise_sampler must be callable (or None), got {type(noise_sampler).__name__}")
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}")
     stochastic = (solver in STOCHASTIC or solver_options.get("churn", 0) > 0
                   or (solver == "ddim" and solver_options.get("eta", 0) > 0))
     sch = den.schedule
@@ -211,6 +254,7 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
     if noise is not None and shape is not None:
         raise ValueError("pass shape or noise, not both")
     dev = _resolve_device(den, noise, device)
+    _check_device(den, dev, noise, device)
     if noise is not None:
         if not isinstance(noise, torch.Tensor):
             raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
