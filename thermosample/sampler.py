@@ -9,12 +9,14 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import ops
+from ._library import fused_step_op  # the fused op registered with torch.library (compile-safe)
 from .errors import NonFiniteError
 from .grids import make_grid
 from .solvers import SOLVERS, STOCHASTIC
@@ -86,7 +88,7 @@ class Run:
         if tracked:
             t = float(self.schedule.sigma_to_t(track_sigma))
             alpha, beta = self.schedule.velocity_coeffs(t)
-        out, rate = ops.fused_step(inputs, coeffs, noise=noise, seed=self.seed, step=i,
+        out, rate = fused_step_op(inputs, coeffs, noise=noise, seed=self.seed, step=i,
                                    sample_offset=self.sample_offset, track=tracked, alpha=alpha, beta=beta,
                                    u=u, d=d, backend=self.backend)
         if tracked:
@@ -194,10 +196,48 @@ def _check_shape(shape):
     return tuple(int(n) for n in shape)
 
 
+_GRAPHS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MAX_GRAPHS = 4
+
+
+def _run_graphed(run: Run, x: torch.Tensor, options: dict):
+    """Run the solver loop as one captured CUDA graph (cached per configuration); returns (x, run)."""
+    if x.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got device {x.device}")
+    if run.user_callback is not None or run.noise_sampler is not None or run.check_every:
+        raise ValueError("cuda_graph=True cannot call back into Python during the run: "
+                         "drop callback=, noise_sampler= and check_every=")
+    solve = SOLVERS[run.solver]
+    key = (id(run.den), tuple(x.shape), x.dtype, x.device, run.solver, tuple(run.sigmas), run.seed,
+           run.sample_offset, run.backend, run.track, tuple(sorted(options.items())))
+    if key not in _GRAPHS:
+        static_x = x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside capture: lazy inits, Triton compilation
+            warm = Run(run.den, run.sigmas, seed=run.seed, sample_offset=run.sample_offset,
+                       backend=run.backend, track=run.track, callback=None, progress=False,
+                       extra_args=run.extra_args, solver=run.solver, stochastic=run.stochastic)
+            solve(warm, static_x.clone(), run.sigmas, **options)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = solve(run, static_x, run.sigmas, **options)
+        _GRAPHS[key] = (graph, static_x, static_out, run)
+        while len(_GRAPHS) > _MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+    graph, static_x, static_out, captured_run = _GRAPHS[key]
+    _GRAPHS.move_to_end(key)
+    static_x.copy_(x)
+    graph.replay()
+    return static_out.clone(), captured_run
+
+
 def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 20, solver: str = "euler",
            grid="karras", seed: int = 0, sample_offset: int = 0, backend: str = "auto", track: bool = True,
            progress: bool | None = None, callback=None, dtype: torch.dtype = torch.float32, device=None,
            check_every: int | None = None, noise_sampler=None, extra_args: dict | None = None,
+           cuda_graph: bool = False,
            **solver_options) -> SampleOutput:
     """Generate samples by integrating the reverse-time ODE/SDE of a denoiser.
 
@@ -220,6 +260,9 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
         check_every: also check for NaN/Inf every this many steps (one sync each); always at the end.
         noise_sampler: optional `noise_sampler(sigma, sigma_next) -> [B, ...]` replacing the in-kernel noise.
         extra_args: keyword arguments passed to every model call.
+        cuda_graph: capture the whole loop in one CUDA graph and replay it (CUDA only; the model must
+            be capturable; no callback/noise_sampler/check_every). The graph is cached per
+            configuration, so repeated calls with new `noise` of the same shape only replay it.
         **solver_options: e.g. churn/s_tmin/s_tmax/s_noise (heun), eta (ddim, euler_ancestral).
     Returns:
         SampleOutput(samples, thermo, sigmas, nfe). Raises NonFiniteError if the run produced NaN/Inf.
@@ -273,7 +316,10 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
     run = Run(den, [float(s) for s in sigmas], seed=seed, sample_offset=sample_offset, backend=backend,
               track=track, callback=callback, progress=progress, noise_sampler=noise_sampler,
               extra_args=extra_args, check_every=check_every, solver=solver, stochastic=stochastic)
-    x = SOLVERS[solver](run, x, run.sigmas, **solver_options)
+    if cuda_graph:
+        x, run = _run_graphed(run, x, solver_options)
+    else:
+        x = SOLVERS[solver](run, x, run.sigmas, **solver_options)
     run.check_finite(x)
     return SampleOutput(samples=x, thermo=run.report(), sigmas=sigmas, nfe=run.nfe)
 
