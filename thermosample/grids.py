@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 from .schedules import Schedule
 
@@ -63,13 +64,26 @@ def make_grid(grid, steps: int, schedule: Schedule) -> np.ndarray:
         else:
             sig = uniform(steps, schedule)
         return np.append(sig, 0.0)
-    return validate_sigmas(grid)
+    sig = validate_sigmas(grid)
+    # An explicit grid must lie in the schedule's range, or the model would be asked about a noise level
+    # whose time the schedule cannot map (sigma_to_t clamps); a small relative slack allows rounding.
+    pos = sig[sig > 0]
+    lo, hi = schedule.sigma_min * (1 - 1e-4), schedule.sigma_max * (1 + 1e-4)
+    if pos.size and (pos.max() > hi or pos.min() < lo):
+        raise ValueError(f"the grid's sigmas [{pos.min():.6g}, {pos.max():.6g}] leave the schedule's range "
+                         f"[{schedule.sigma_min:.6g}, {schedule.sigma_max:.6g}] ({schedule!r}); "
+                         "clip the grid or set the schedule's t_min/t_max")
+    return sig
 
 
 def validate_sigmas(grid) -> np.ndarray:
     """Check an explicit grid: 1-D, at least 2 values, finite, >= 0, strictly decreasing."""
     if hasattr(grid, "detach"):
+        if grid.is_complex() or grid.dtype == torch.bool:
+            raise TypeError(f"grid must hold real sigma values, got a tensor of {grid.dtype}")
         grid = grid.detach().cpu().double().numpy()
+    if isinstance(grid, (bool, str, bytes)) or np.iscomplexobj(grid):
+        raise TypeError(f"grid must be a name or a 1-D sequence of real sigma values, got {grid!r}")
     try:
         sig = np.asarray(grid, dtype=np.float64)
     except (TypeError, ValueError) as exc:
