@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--ref-max-mb", type=float, default=64.0,
                    help="largest size at which the (slow) reference runs a noise step")
@@ -195,13 +196,15 @@ def main(argv: list[str] | None = None) -> int:
                                                  "bench_step.json"))
     args = p.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = "triton" if device.type == "cuda" else "cpp"
     chosen = ops.resolve_backend(backend, device)
     if chosen != backend:
         print(f"warning: backend {backend} unavailable, 'ours' is {chosen}", file=sys.stderr)
     sizes = args.sizes or ([1, 4] if args.quick else [1, 8, 64, 512])
-    timer = Timer(device, budget_s=0.2 if args.quick else 1.5, min_reps=3 if args.quick else 10,
+    timer = Timer(device, budget_s=0.2 if args.quick else 1.5, min_reps=3,
                   max_reps=30 if args.quick else 200)
     dtype = getattr(torch, args.dtype)
     name = device_name(device)
@@ -211,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     print(header.splitlines()[0], flush=True)
 
     compiled: dict = {}
+    if not args.no_compile:   # one code object (eager_step) compiled per step and size: lift the limit
+        import torch._dynamo.config as dynamo_config
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(dynamo_config, limit):
+                setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 256))
     records = []
     t_start = time.time()
     for step in args.steps:

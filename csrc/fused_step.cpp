@@ -18,7 +18,7 @@
 namespace thermosample {
 namespace {
 
-constexpr int64_t kBlock = 16384;  // elements per work item (multiple of kSub)
+constexpr int64_t kBlock = 16384;  // elements per work item (a multiple of 4: blocks start on Philox quads)
 constexpr int64_t kSub = 4 * kMaxQuads;  // elements per inner pass (noise buffer, float partial)
 constexpr int64_t kParallelMin = 32768;  // below this many elements, stay on one thread
 
