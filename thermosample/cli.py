@@ -75,7 +75,39 @@ def add_sample(sub):
     p.set_defaults(func=run)
 
 
-VERBS = [add_demo, add_bench, add_sample]
+def add_train_digits(sub):
+    p = sub.add_parser("train-digits", help="train the small digits score model (sklearn digits, EDM preconditioning)")
+    p.add_argument("--steps", type=int, default=4000, help="optimiser steps (default 4000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="weights path (default: the packaged thermosample/data/digits.safetensors)")
+    p.add_argument("--png", default="docs/digits.png", help="sample grid image ('' to skip)")
+
+    def run(args):
+        from . import digits
+        args.out = args.out or digits.WEIGHTS
+        return digits.main(args)
+    p.set_defaults(func=run)
+
+
+def add_schedule(sub):
+    p = sub.add_parser("schedule", help="calibrate a time grid from a pilot run (ts.thermo_grid), save and print it")
+    p.add_argument("--model", default="mixture", choices=["mixture", "digits"],
+                   help="the embedded Gaussian-mixture oracle (CondOT) or the shipped digits model")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--solver", default="dpmpp_2m")
+    p.add_argument("--method", default="blend", choices=["blend", "error", "length"])
+    p.add_argument("--pilot-steps", type=int, default=24)
+    p.add_argument("--pilot-batch", type=int, default=32)
+    p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save)")
+
+    def run(args):
+        from . import calibrate
+        return calibrate.main(args)
+    p.set_defaults(func=run)
+
+
+VERBS = [add_demo, add_bench, add_sample, add_train_digits, add_schedule]
 
 
 def main(argv=None) -> int:
