@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         for limit in ("recompile_limit", "cache_size_limit"):
             if hasattr(dynamo_config, limit):
                 setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 256))
+        import torch._inductor.config as inductor_config
+        inductor_config.compile_threads = 1   # no background compile workers competing with the timing
     records = []
     t_start = time.time()
     for step in args.steps:
