@@ -1,0 +1,139 @@
+"""thermosample.integrations.diffusers against the real diffusers schedulers, offline, with a tiny
+randomly initialised UNet2DModel (DDPMPipeline and the standard hand-written loop) and a 1x1-conv
+flow-matching model. Skips only when diffusers is not installed."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
+import diffusers  # noqa: E402
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+
+from thermosample.integrations import diffusers as TD  # noqa: E402
+
+PAIRS = {"euler": ("EulerDiscreteScheduler", "ThermoEulerDiscreteScheduler"),
+         "euler_a": ("EulerAncestralDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler"),
+         "heun": ("HeunDiscreteScheduler", "ThermoHeunDiscreteScheduler"),
+         "dpmpp_2m": ("DPMSolverMultistepScheduler", "ThermoDPMSolverMultistepScheduler")}
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
+
+
+BASE = dict(DDPMScheduler(num_train_timesteps=1000).config)
+
+
+def close(a, b, rel=1e-5):
+    err, scale = (a - b).abs().max().item(), a.abs().max().item()
+    assert err <= rel * scale, f"max error {err:.3g} > {rel} * {scale:.3g}"
+
+
+def loop(unet, sch, steps=8, seed=0):
+    """The standard diffusers denoising loop (as in StableDiffusionPipeline)."""
+    g = torch.Generator().manual_seed(seed)
+    sch.set_timesteps(steps)
+    x = torch.randn(2, 3, 8, 8, generator=g) * sch.init_noise_sigma
+    kw = {} if isinstance(sch, diffusers.HeunDiscreteScheduler) else {"generator": g}
+    with torch.no_grad():
+        for t in sch.timesteps:
+            x = sch.step(unet(sch.scale_model_input(x, t), t).sample, t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("key,extra", [("euler", {}), ("euler_a", {}), ("heun", {}), ("dpmpp_2m", {}),
+                                       ("euler", {"prediction_type": "v_prediction", "use_karras_sigmas": True}),
+                                       ("heun", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+                                       ("dpmpp_2m", {"algorithm_type": "sde-dpmsolver++"}),
+                                       ("dpmpp_2m", {"prediction_type": "v_prediction", "use_karras_sigmas": True,
+                                                     "final_sigmas_type": "sigma_min"})])
+def test_loop_matches_diffusers(unet, key, extra):
+    cfg = dict(BASE, **extra)
+    peer = getattr(diffusers, PAIRS[key][0]).from_config(cfg)
+    ours = getattr(TD, PAIRS[key][1]).from_config(peer.config)
+    assert ours.order == peer.order and float(ours.init_noise_sigma) == float(peer.init_noise_sigma)
+    close(loop(unet, peer), loop(unet, ours))
+    rep = ours.thermo
+    assert rep is not None and rep.t.numel() == len(ours.timesteps) and rep.rate.shape[1] == 2
+    assert torch.isfinite(rep.kinetic).all() and rep.kinetic_mean > 0
+    if not extra.get("algorithm_type", "").startswith("sde") and key != "euler_a":
+        assert 0 < rep.efficiency <= 1
+
+
+@pytest.mark.parametrize("key", ["euler", "euler_a", "dpmpp_2m"])
+def test_ddpm_pipeline_runs_and_matches(unet, key):
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for cls in (getattr(diffusers, PAIRS[key][0]), getattr(TD, PAIRS[key][1])):
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        out = pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np")
+        images.append(torch.from_numpy(out.images))
+    assert images[1].shape == (2, 8, 8, 3)
+    assert (images[0] - images[1]).abs().max() < 1e-5
+    assert pipe.scheduler.thermo.t.numel() == 6
+
+
+class TinyFlow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x, t):
+        return self.conv(x) * (1 + t.view(-1, 1, 1, 1) / 1000)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"shift": 3.0}])
+def test_flow_match_euler_matches(cfg):
+    torch.manual_seed(1)
+    net = TinyFlow()
+    outs, scheds = [], []
+    for cls in (diffusers.FlowMatchEulerDiscreteScheduler, TD.ThermoFlowMatchEulerDiscreteScheduler):
+        sch = cls(**cfg)
+        sch.set_timesteps(12)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for t in sch.timesteps:
+                x = sch.step(net(x, t.expand(2)), t, x).prev_sample
+        outs.append(x)
+        scheds.append(sch)
+    close(outs[0], outs[1])
+    rep = scheds[1].thermo
+    # The report integrates the rate by the trapezoid rule, the Euler path is left-Riemann: the pathwise
+    # bound holds up to that quadrature difference (a few % at 12 steps with shift 3).
+    assert rep.t.numel() == 12 and 0.9 < rep.efficiency < 1.05
+    # CondOT: the rate is ||v||^2 of the model output; check the first evaluation independently.
+    x0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    v0 = net(x0, scheds[1].timesteps[0].expand(2)).detach()
+    assert torch.allclose(rep.rate[0].double(), v0.flatten(1).square().sum(1).double(), rtol=1e-5)
+
+
+def test_step_never_reads_the_device(unet, monkeypatch):
+    """No .item()/.tolist()/.cpu() inside step or scale_model_input (diffusers' own calls .item()).
+    With set_begin_index (what a pipeline on a GPU does) not even the CPU timestep is read."""
+    sch = TD.ThermoDPMSolverMultistepScheduler.from_config(BASE)
+    sch.set_timesteps(5)
+    sch.set_begin_index(0)
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        outs = [unet(x, t).sample for t in sch.timesteps[:2]]
+
+    def boom(*a, **k):
+        raise AssertionError("host read inside step")
+    for name in ("item", "tolist", "cpu", "numpy", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    for t, o in zip(sch.timesteps[:2], outs):
+        x = sch.step(o, t, sch.scale_model_input(x, t)).prev_sample
+    monkeypatch.undo()
+    assert sch.step_index == 2
+
+
+def test_import_thermosample_does_not_import_diffusers():
+    code = "import sys, thermosample; assert 'diffusers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
