@@ -1,29 +1,35 @@
 """Time grids calibrated from a pilot run of the model itself (THEORY.md §6).
 
-The pilot integrates the probability-flow ODE once, on a small batch and a fine grid uniform in
-log sigma, with a fixed pilot seed (so the grid never depends on the seed of the final run). It records
+The pilot integrates the probability-flow ODE once (DPM-Solver++(2M), a grid uniform in log sigma, 24
+evaluations by default) on a small batch with a fixed pilot seed, so the grid never depends on the seed
+of the final run. Every pilot trajectory travels with a twin started 1e-6 away, in the same model calls
+(no extra evaluation). The pilot records
 
-- the dissipation rate r(t) = E||nu||^2 of every evaluation (the ThermoReport profile), and
-- the denoised estimates D_j at every pilot noise level, from which the speed ||dD/dlambda|| and the
-  acceleration ||d^2D/dlambda^2|| of the denoiser along the trajectories follow by divided differences
-  (lambda = -log sigma, the natural time of the exponential-integrator solvers: Euler/DDIM and
-  DPM-Solver++ in data-prediction form are exact when D is constant in lambda).
+- the dissipation rate r(t) = E||nu||^2 of every evaluation (the ThermoReport profile),
+- the denoised estimates D_j at every pilot noise level, from which ||d^p D / dlambda^p|| along the
+  trajectories follows by divided differences (lambda = -log sigma, the natural time of the
+  exponential-integrator solvers: Euler/DDIM and DPM-Solver++ in data-prediction form are exact when D
+  is constant in lambda), and
+- the twins' separation delta(lambda): an error made at lambda reaches the output multiplied by
+  A(lambda) = delta_end / delta(lambda) (the flow's amplification; it is large before the critical
+  time, where nearby trajectories still split between classes, THEORY.md §5).
 
-Two step densities in lambda are built from these measurements:
+Step densities in lambda built from these measurements:
 
-    "length":  rho(lambda) ∝ sqrt(r(t)) |dt/dlambda|             equal thermodynamic length (Sivak & Crooks 2012)
-    "error":   rho(lambda) ∝ ||d^p D / dlambda^p||^(1/(p+1))     equidistributed local truncation error
+    "error" (default): rho ∝ (A(lambda) ||D^(p)||)^(1/(p+1))    equidistributed *global* error
+    "length":          rho ∝ sqrt(r(t)) |dt/dlambda|             equal thermodynamic length (Sivak & Crooks 2012)
+    "blend":           the mean of the two normalised densities
 
-where p is the order of the solver (1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M)): a step of size h
-makes a local error ~ h^(p+1) ||D^(p)||, and for a fixed number of steps the sum of local errors is
-smallest when h^(p+1) ||D^(p)|| is the same in every step, i.e. h ∝ ||D^(p)||^(-1/(p+1)). Near the
-critical (speciation) time the denoiser changes fastest (THEORY.md §5), so this concentrates steps there.
-The default ("blend") averages the two normalised densities, smooths the result and mixes in a uniform-in-
-lambda floor of weight 1/2. That choice came out of benchmarks/bench_quality.py: the pure error density
-wins clearly at 20-50 evaluations but, being an asymptotic (small-step) argument, starves regions at
-6-10 evaluations, and abrupt changes of step size hurt the multistep extrapolation of DPM-Solver++(2M);
-the thermodynamic length alone follows the data's transport, not the solver's error. `ThermoGrid` is a float64 numpy array (descending sigmas ending in 0)
-that `ts.sample(..., grid=...)` accepts directly, with `save(path)` / `ThermoGrid.load(path)`.
+p is the solver's order (1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M)): a step of size h makes a
+local error ~ h^(p+1) ||D^(p)||, which reaches the output multiplied by A; for a fixed number of steps
+the sum is smallest when every step contributes the same, h ∝ (A ||D^(p)||)^(-1/(p+1)). A uniform-in-
+lambda floor (weight 0.35) is mixed in so that no region is starved where the pilot's finite differences
+are noisy; the density is smoothed over the pilot nodes because abrupt changes of step size hurt the
+multistep extrapolation of DPM-Solver++(2M). These choices came out of benchmarks/bench_quality.py:
+equal thermodynamic length is the starting point (it follows the data's transport), the local-error
+density alone wins at 20-50 evaluations, and the amplification factor is what makes it win at 6-10.
+`ThermoGrid` is a float64 numpy array (descending sigmas ending in 0) that `ts.sample(..., grid=...)`
+accepts directly, with `save(path)` / `ThermoGrid.load(path)`.
 """
 from __future__ import annotations
 
@@ -85,31 +91,52 @@ class ThermoGrid(np.ndarray):
 
 
 def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: str = "dpmpp_2m",
-          backend: str = "auto") -> dict:
+          backend: str = "auto", sigmas=None) -> dict:
     """Run the pilot: `solver` on `pilot_steps` steps uniform in log sigma, batch shape [B, ...].
+
+    Each trajectory runs beside a twin started 1e-6 (relative) away in the same model calls, so the model
+    sees batches of 2B but the evaluation count is `pilot_steps`. `sigmas` overrides the pilot grid.
 
     Returns a dict of numpy arrays: sigma [J] (descending pilot noise levels, excluding 0), t [J] (their
     physical times), D [J, B, n] (denoised estimates, float64), rate [J] (batch-mean ||nu||^2 per
-    evaluation, from the ThermoReport), and nfe (model evaluations spent).
+    evaluation, from the ThermoReport), log_sep [J, B] (log distance of each twin pair at each
+    evaluation), and nfe (model evaluations spent).
     """
     from .sampler import sample
 
     if isinstance(pilot_steps, bool) or not isinstance(pilot_steps, int) or pilot_steps < 4:
         raise ValueError(f"pilot_steps must be an int >= 4, got {pilot_steps!r}")
     sch = den.schedule
-    sig = np.exp(np.linspace(math.log(sch.sigma_max), math.log(sch.sigma_min), pilot_steps))
+    if sigmas is None:
+        sig = np.exp(np.linspace(math.log(sch.sigma_max), math.log(sch.sigma_min), pilot_steps))
+    else:
+        sig = np.asarray(sigmas, dtype=np.float64)
     grid = np.append(sig, 0.0)
-    saved = []
+    saved, sep = [], []
+    b = int(shape[0])
+    # Each trajectory gets a twin started eps away: the twins ride in the same model call (no extra
+    # evaluation), and their separation measures how the flow amplifies an error made at each noise level.
+    g = torch.Generator().manual_seed(int(pilot_seed))
+    z = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+    dz = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+    dz *= 1e-6 * math.sqrt(dz[0].numel()) / dz.reshape(b, -1).norm(dim=1).reshape((b,) + (1,) * (dz.dim() - 1))
+    x_t = torch.cat([z, z + dz]) * float(sig[0])
 
     def keep(info):
-        saved.append(info["denoised"].detach().double().reshape(info["denoised"].shape[0], -1).cpu())
+        d = info["denoised"].detach().double().reshape(2 * b, -1).cpu()
+        x = info["x"].detach().double().reshape(2 * b, -1).cpu()
+        saved.append(d[:b])
+        sep.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log())
 
-    out = sample(den, shape, grid=grid, solver=solver, seed=pilot_seed, backend=backend, track=True,
-                 callback=keep, progress=False, dtype=torch.float64)
-    t_eval, rate = out.thermo.profile()  # sorted ascending in t
+    out = sample(den, noise=x_t, grid=grid, solver=solver, seed=pilot_seed, backend=backend, track=True,
+                 callback=keep, progress=False)
+    t_eval = out.thermo.t.numpy()
+    rate = out.thermo.rate[:, :b].double().mean(1).cpu().numpy()
     t = np.asarray(sch.sigma_to_t(sig), dtype=np.float64)
-    r = np.interp(t, t_eval, rate)
-    return {"sigma": sig, "t": t, "D": torch.stack(saved).numpy(), "rate": r, "nfe": out.nfe}
+    order = np.argsort(t_eval, kind="stable")
+    r = np.interp(t, t_eval[order], rate[order])
+    return {"sigma": sig, "t": t, "D": torch.stack(saved).numpy(), "rate": r, "nfe": out.nfe,
+            "log_sep": torch.stack(sep).numpy()}
 
 
 def _smooth(y: np.ndarray, passes: int = 1) -> np.ndarray:
@@ -118,24 +145,27 @@ def _smooth(y: np.ndarray, passes: int = 1) -> np.ndarray:
     return y
 
 
-def density(p: dict, schedule, method: str = "blend", order: int = 2, floor: float = 0.5, passes: int = 4):
+def density(p: dict, schedule, method: str = "error", order: int = 2, floor: float = 0.35, passes: int = 4,
+            stat: str = "rms", amplify: float = 1.0):
     """Step density on the pilot's lambda = -log sigma nodes, normalised to integrate to 1.
 
     Args:
         p: the pilot dict (see `pilot`).
         schedule: the model's Schedule (for dt/dlambda in the thermodynamic length).
-        method: "error" (equidistributed local error, order `order`), "length" (equal thermodynamic
-            length) or "blend" (the mean of the two normalised densities).
+        method: "error" (equidistributed global error: local error of order `order` times the pilot's
+            amplification factor), "length" (equal thermodynamic length) or "blend" (the mean of the two).
         order: solver order p (1 or 2) for method="error" / "blend".
         floor: weight of a uniform-in-lambda density mixed in (0 = none).
         passes: smoothing passes (1-2-1 filter over the pilot nodes) before the floor is mixed in.
+        stat: "rms" or "max" over the batch of ||D^(p)||.
+        amplify: exponent of the amplification factor A(lambda) in the error density (0 = local error only).
     Returns:
         (lam [J] ascending, rho [J]) with the trapezoid integral of rho over lam equal to 1.
     """
     lam = -np.log(p["sigma"])  # ascending (sigma descends)
     if method == "blend":
         _, a = density(p, schedule, "length", order, floor=0.0, passes=0)
-        _, b = density(p, schedule, "error", order, floor=0.0, passes=0)
+        _, b = density(p, schedule, "error", order, floor=0.0, passes=0, stat=stat, amplify=amplify)
         w = 0.5 * (a + b)
     elif method == "length":
         dt_dlam = np.abs(np.gradient(p["t"], lam))
@@ -147,8 +177,14 @@ def density(p: dict, schedule, method: str = "blend", order: int = 2, floor: flo
             dx = np.diff(x)
             deriv = np.diff(deriv, axis=0) / dx[:, None, None]
             x = 0.5 * (x[1:] + x[:-1])
-        mag = np.sqrt(np.mean(np.sum(deriv ** 2, axis=2), axis=1))  # RMS over the batch of ||D^(p)||
-        w = np.interp(lam, x, mag) ** (1.0 / (order + 1))
+        per = np.sqrt(np.sum(deriv ** 2, axis=2))  # [J', B] ||D^(p)|| per sample
+        mag = np.sqrt(np.mean(per ** 2, axis=1)) if stat == "rms" else np.max(per, axis=1)
+        w = np.interp(lam, x, mag)
+        if amplify and "log_sep" in p:
+            # error made at lambda_j reaches the output multiplied by sep_end / sep_j (batch geometric mean)
+            ls = p["log_sep"]
+            w = w * np.exp(np.clip(np.mean(ls[-1] - ls, axis=1), -50, 50)) ** amplify
+        w = w ** (1.0 / (order + 1))
     else:
         raise ValueError(f"method must be 'blend', 'error' or 'length', got {method!r}")
     w = _smooth(np.maximum(w, 0.0), passes)
@@ -166,7 +202,7 @@ def place(lam: np.ndarray, rho: np.ndarray, n: int) -> np.ndarray:
 
 
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = 32,
-                sample_shape: tuple | None = None, method: str = "blend", floor: float = 0.5,
+                sample_shape: tuple | None = None, method: str = "error", floor: float = 0.35,
                 pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None) -> ThermoGrid:
     """A time grid calibrated from a pilot run of `den` (THEORY.md §6).
 
@@ -178,9 +214,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         pilot_batch: pilot batch size B.
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
             the denoiser exposes `sample_shape`.
-        method: "blend" (default: mean of the two densities below), "error" (equidistributed local
-            truncation error of the solver's order) or "length" (equal thermodynamic length, Sivak &
-            Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt).
+        method: "error" (default: equidistributed global error, the solver's local truncation error
+            times the flow's amplification measured by the pilot's twin trajectories), "length" (equal
+            thermodynamic length, Sivak & Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt)
+            or "blend" (mean of the two densities).
         floor: weight of a uniform-in-log-sigma density mixed into the calibrated one.
         pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
         backend: fused-op backend for the pilot.

@@ -96,7 +96,7 @@ def add_schedule(sub):
                    help="the embedded Gaussian-mixture oracle (CondOT) or the shipped digits model")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--solver", default="dpmpp_2m")
-    p.add_argument("--method", default="blend", choices=["blend", "error", "length"])
+    p.add_argument("--method", default="error", choices=["error", "length", "blend"])
     p.add_argument("--pilot-steps", type=int, default=24)
     p.add_argument("--pilot-batch", type=int, default=32)
     p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save)")

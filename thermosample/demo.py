@@ -4,6 +4,7 @@ Samples the mixture with several solvers, grids and schedules from the same nois
 steps, model evaluations, samples/s, RMS error against the converged ODE solution from the same noise,
 sliced W2 to the data distribution, kinetic cost K, entropy production S, the speed-limit bound and the
 efficiency. The headline (Ikeda et al. 2025): CondOT dissipates less than cosine for the same data.
+Rows with grid "calibrated" use `ts.thermo_grid` (a pilot-calibrated grid, THEORY.md §6) beside karras.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 import torch
 
 from . import toy
+from .calibrate import thermo_grid
 from .sampler import sample
 from .schedules import get_schedule
 
@@ -27,6 +29,9 @@ DEFAULT_RUNS = [
     ("cosine", "dpmpp_2m", "logsnr", 10),
     ("condot", "dpmpp_2m", "karras", 20),
     ("cosine", "dpmpp_2m", "karras", 20),
+    ("condot", "dpmpp_2m", "karras", 10),
+    ("condot", "dpmpp_2m", "calibrated", 10),   # ts.thermo_grid: pilot-calibrated grid (THEORY.md §6)
+    ("condot", "dpmpp_2m", "calibrated", 20),
     ("condot", "euler_maruyama", "logsnr", 100),
     ("cosine", "euler_maruyama", "logsnr", 100),
 ]
@@ -50,8 +55,11 @@ def run_demo(batch: int = 1024, seed: int = 0, runs=None, backend: str = "auto",
             ref = sample(den, (batch, mix.dim), steps=REFERENCE[2], solver=REFERENCE[0], grid=REFERENCE[1],
                          seed=seed, backend=backend, track=False, dtype=torch.float64)
             refs[name] = ref.samples
+        grid_arg = grid
+        if grid == "calibrated":  # the pilot (24 evaluations, batch 32, its own seed) is not timed: reusable
+            grid_arg = thermo_grid(den, steps, solver=solver, sample_shape=(mix.dim,), backend=backend)
         start = time.perf_counter()
-        out = sample(den, (batch, mix.dim), steps=steps, solver=solver, grid=grid, seed=seed, backend=backend)
+        out = sample(den, (batch, mix.dim), steps=steps, solver=solver, grid=grid_arg, seed=seed, backend=backend)
         elapsed = time.perf_counter() - start
         th = out.thermo.summary()
         rows.append({"schedule": name, "solver": solver, "grid": grid, "steps": steps, "nfe": out.nfe,
@@ -89,6 +97,19 @@ def headline(rows: list[dict]) -> str:
             f"(mean K ratio CondOT/cosine = {ratio:.3f}; Ikeda et al., PRX 15, 031031, Eqs. 93-95).")
 
 
+def calibrated_line(rows: list[dict]) -> str:
+    """Error of the calibrated grid against karras at the same solver and budget."""
+    out = []
+    for r in rows:
+        if r["grid"] != "calibrated":
+            continue
+        k = [q for q in rows if q["grid"] == "karras" and (q["schedule"], q["solver"], q["steps"]) ==
+             (r["schedule"], r["solver"], r["steps"])]
+        if k:
+            out.append(f"NFE {r['nfe']}: x{r['error'] / k[0]['error']:.2f}")
+    return ("calibrated grid (ts.thermo_grid) error relative to karras, DPM++(2M): " + ", ".join(out)) if out else ""
+
+
 def plot_rows(rows: list[dict], path: str) -> str:
     import matplotlib
     matplotlib.use("Agg")
@@ -123,6 +144,7 @@ def main(args) -> int:
           f"batch {args.batch}, seed {args.seed}, backend {args.backend}")
     print(format_table(rows))
     print(headline(rows))
+    print(calibrated_line(rows))
     sch = get_schedule("condot")
     print(f"(t in [{sch.t_min:g}, {sch.t_max:g}]; K = integral E||nu||^2 dt, S = integral E||nu||^2/T dt, "
           f"bound = E||x_end - x_start||^2/t, efficiency = bound/K)")
