@@ -170,7 +170,7 @@ def bench_one(name: str, size_mb: float, dtype: torch.dtype, device: torch.devic
 
 
 def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
 
 def print_table(records: list[dict], header: str) -> str:
