@@ -59,7 +59,12 @@ def test_sample_is_finite_and_agrees_with_the_reference(batch, tail, schedule, s
     # and cpp's transcendental functions may round the last bit differently from torch's.
     tol = 1e-4 if backend != "torch" else 0.0
     torch.testing.assert_close(out.samples, ref.samples, rtol=tol, atol=tol)
-    torch.testing.assert_close(out.thermo.rate, ref.thermo.rate, rtol=1e-4, atol=1e-4)
+    # rate = ||alpha x + beta D||^2 can cancel badly (e.g. heun's first steps from sigma_max): bound each
+    # backend's error by twice the torch reference's own rounding error against a float64 run, plus slack.
+    exact = ts.sample(den, (batch, *tail), backend="torch", **{**kw, "dtype": torch.float64}).thermo.rate.double()
+    own_error = (ref.thermo.rate.double() - exact).abs()
+    error = (out.thermo.rate.double() - exact).abs()
+    assert (error <= 2 * own_error + 1e-4 * (1 + exact.abs())).all(), (error.max(), own_error.max())
 
 
 @settings(**SETTINGS)
