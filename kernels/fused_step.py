@@ -35,6 +35,18 @@ def _coeff(bits, COMPUTE_DTYPE: tl.constexpr):
     return bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE_DTYPE)
 
 
+@triton.jit
+def _pick(K: tl.constexpr, x0, x1, x2, x3):
+    # inputs[K] for a compile-time K (the solver names which inputs hold x_hat and D)
+    if K == 1:
+        return x1
+    if K == 2:
+        return x2
+    if K == 3:
+        return x3
+    return x0
+
+
 @triton.jit(do_not_specialize=["c0", "c1", "c2", "c3", "noise", "alpha", "beta", "seed", "step",
                                "sample_offset"])
 def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
@@ -86,21 +98,7 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
     # partial rate: squared velocity (THEORY.md §2) plus 0 * out, so a non-finite out poisons the rate
     probe = acc * 0.0
     if TRACK:
-        xu = x0
-        if U == 1:
-            xu = x1
-        if U == 2:
-            xu = x2
-        if U == 3:
-            xu = x3
-        xd = x0
-        if D == 1:
-            xd = x1
-        if D == 2:
-            xd = x2
-        if D == 3:
-            xd = x3
-        v = _coeff(alpha, COMPUTE_DTYPE) * xu + _coeff(beta, COMPUTE_DTYPE) * xd
+        v = _coeff(alpha, COMPUTE_DTYPE) * _pick(U, x0, x1, x2, x3) + _coeff(beta, COMPUTE_DTYPE) * _pick(D, x0, x1, x2, x3)
         probe += v * v
     probe = tl.where(mask, probe, 0.0)
     tl.store(partial_ptr + pid_b * n_blocks + pid_n, tl.sum(probe, axis=0))

@@ -23,16 +23,22 @@ def euler(run, x, sigmas):
     return x
 
 
+def churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise):
+    """EDM churn (Karras et al. 2022, Alg. 2 lines 4-6): raise sigma_i to s_hat = sigma_i (1 + gamma) by
+    adding fresh noise of std sqrt(s_hat^2 - sigma_i^2). Returns (x, s_hat)."""
+    s = sigmas[i]
+    gamma = min(churn / (len(sigmas) - 1), math.sqrt(2.0) - 1.0) if s_tmin <= s <= s_tmax else 0.0
+    s_hat = s * (1.0 + gamma)
+    if gamma > 0:
+        x = run.update([x], [1.0], i, noise=s_noise * math.sqrt(s_hat ** 2 - s ** 2), noise_sigmas=(s, s_hat))
+    return x, s_hat
+
+
 def heun(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """EDM's 2nd-order Heun sampler with optional stochastic churn (Karras et al. 2022, Alg. 2)."""
-    n = len(sigmas) - 1
     for i in run.steps():
         s, s_next = sigmas[i], sigmas[i + 1]
-        # Churn: raise the noise level to s_hat by adding fresh noise (EDM's S_churn/S_noise knobs).
-        gamma = min(churn / n, math.sqrt(2.0) - 1.0) if s_tmin <= s <= s_tmax else 0.0
-        s_hat = s * (1.0 + gamma)
-        if gamma > 0:
-            x = run.update([x], [1.0], i, noise=s_noise * math.sqrt(s_hat ** 2 - s ** 2), noise_sigmas=(s, s_hat))
+        x, s_hat = churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise)
         denoised = run.denoise(x, s_hat)
         run.callback(i, x, s, s_hat, denoised)
         r = s_next / s_hat

@@ -40,6 +40,7 @@ import torch
 from .. import solvers as _solvers
 from ..sampler import Run
 from ..schedules import EDM, Schedule, get_schedule
+from ..solvers import churn_step
 
 __all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_lms",
            "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "get_sigmas_karras", "get_sigmas_exponential",
@@ -176,8 +177,6 @@ def _run(solver, name, model, x, sigmas, extra_args, callback, disable, *, noise
     return out
 
 
-def _churn_gamma(churn, n, s, s_tmin, s_tmax):
-    return min(churn / n, math.sqrt(2.0) - 1.0) if s_tmin <= s <= s_tmax else 0.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,13 +184,9 @@ def _churn_gamma(churn, n, s, s_tmin, s_tmax):
 # --------------------------------------------------------------------------------------------------
 def _euler_churn(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Euler with EDM churn (Karras et al. 2022, Alg. 2 with Euler steps)."""
-    n = len(sigmas) - 1
     for i in run.steps():
         s, s_next = sigmas[i], sigmas[i + 1]
-        gamma = _churn_gamma(churn, n, s, s_tmin, s_tmax)
-        s_hat = s * (1.0 + gamma)
-        if gamma > 0:  # raise the noise level to s_hat with fresh noise
-            x = run.update([x], [1.0], i, noise=s_noise * math.sqrt(s_hat ** 2 - s ** 2), noise_sigmas=(s, s_hat))
+        x, s_hat = churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise)
         denoised = run.denoise(x, s_hat)
         run.callback(i, x, s, s_hat, denoised)
         r = s_next / s_hat
@@ -202,13 +197,9 @@ def _euler_churn(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise
 def _dpm_2(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """DPM-Solver-2 (Lu et al. 2022) as in k-diffusion: Euler to the geometric midpoint sigma, then a full
     step with the midpoint derivative; Euler on the last step to 0; optional EDM churn."""
-    n = len(sigmas) - 1
     for i in run.steps():
         s, s_next = sigmas[i], sigmas[i + 1]
-        gamma = _churn_gamma(churn, n, s, s_tmin, s_tmax)
-        s_hat = s * (1.0 + gamma)
-        if gamma > 0:
-            x = run.update([x], [1.0], i, noise=s_noise * math.sqrt(s_hat ** 2 - s ** 2), noise_sigmas=(s, s_hat))
+        x, s_hat = churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise)
         denoised = run.denoise(x, s_hat)
         run.callback(i, x, s, s_hat, denoised)
         if s_next == 0:
