@@ -111,6 +111,10 @@ VERBS = [add_demo, add_bench, add_sample, add_train_digits, add_schedule]
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmark parses its own options (see `thermosample bench --help`)
+        from . import bench
+        return int(bench.main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="thermosample", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in VERBS:

@@ -1,0 +1,29 @@
+"""The command line: `thermosample demo` and `thermosample bench` end to end (small sizes)."""
+import json
+import math
+
+import thermosample.cli as cli
+
+
+def test_demo_runs_and_writes_table_and_figure(tmp_path, capsys):
+    out_json, out_png = tmp_path / "demo.json", tmp_path / "demo.png"
+    assert cli.main(["demo", "--batch", "64", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "CondOT dissipates less than cosine" in text and "samples/s" in text
+    rows = json.loads(out_json.read_text())
+    assert {r["schedule"] for r in rows} >= {"condot", "cosine"}
+    for r in rows:
+        assert math.isfinite(r["kinetic"]) and r["kinetic"] > 0 and math.isfinite(r["entropy"])
+        if r["solver"] in ("euler_maruyama", "euler_ancestral"):
+            assert math.isnan(r["speed_limit"])  # no pathwise speed limit for noisy paths
+        else:
+            assert 0 < r["speed_limit"] and r["nfe"] >= r["steps"]
+    assert out_png.stat().st_size > 10_000
+
+
+def test_bench_quick_writes_json_naming_the_device(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--no-compile", "--sizes", "1", "--steps", "euler",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["device"] and json.dumps(data).count("euler") >= 1
