@@ -8,7 +8,10 @@ from that noise (DPM-Solver++(2M), 400 steps uniform in log sigma, float64). Heu
 evaluations: it gets the largest step count within the budget. The calibrated grid's pilot cost is
 reported separately (it is paid once per model and the grid is reusable).
 
-    python benchmarks/bench_quality.py [--quick] [--json PATH] [--plot PNG]
+    python benchmarks/bench_quality.py [--quick] [--seeds 0,1,2] [--solvers dpmpp_2m] [--json PATH] [--plot PNG]
+
+With several --seeds each seed draws its own batch and reference and the errors pool (the acceptance bar's
+outcome on one batch of 256 hinges on a handful of samples that switch mode, so it is luck-sensitive).
 """
 from __future__ import annotations
 
@@ -70,28 +73,34 @@ def rms(a, b) -> float:
     return float((a.double() - b.double()).square().mean().sqrt())
 
 
-def run(quick: bool = False, batch: int | None = None, seed: int = 0):
+def run(quick: bool = False, batch: int | None = None, seeds=(0,), solvers=None):
+    """One row per (problem, solver, budget, grid). With several noise seeds, each seed draws its own batch
+    (and its own converged reference) and the errors pool over all of them (batch x len(seeds) samples)."""
     batch = batch or (128 if quick else 256)
     budgets = [6, 10, 20] if quick else BUDGETS
-    solvers = ["dpmpp_2m", "euler"] if quick else SOLVERS
+    solvers = solvers or (["dpmpp_2m", "euler"] if quick else SOLVERS)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rows = []
     for name, den, shape in problems(quick):
         t0 = time.perf_counter()
-        ref = ts.sample(den, (batch, *shape), steps=400, solver="dpmpp_2m", grid="logsnr", seed=seed,
-                        track=False, dtype=torch.float64).samples
-        pilot = ts.calibrate.pilot(den, (32, *shape))
+        refs = [ts.sample(den, (batch, *shape), steps=400, solver="dpmpp_2m", grid="logsnr", seed=sd,
+                          track=False, dtype=torch.float64).samples for sd in seeds]
+        pilot = ts.calibrate.pilot(den, (32, *shape))  # its own fixed noise: never the benchmark's
         for solver in solvers:
             for nfe in budgets:
                 steps = steps_for(solver, nfe)
                 for g in GRIDS:
                     grid = ts.thermo_grid(den, steps, solver=solver, pilot_data=pilot) if g == "calibrated" else g
-                    out = ts.sample(den, (batch, *shape), steps=steps, solver=solver, grid=grid, seed=seed, track=False)
-                    per = (out.samples.double() - ref).reshape(batch, -1).square().mean(1).sqrt()
+                    diffs = []
+                    for sd, ref in zip(seeds, refs):
+                        out = ts.sample(den, (batch, *shape), steps=steps, solver=solver, grid=grid, seed=sd, track=False)
+                        diffs.append((out.samples.double() - ref).reshape(batch, -1))
+                    diff = torch.cat(diffs)
+                    per = diff.square().mean(1).sqrt()
                     rows.append({"problem": name, "solver": solver, "budget": nfe, "nfe": out.nfe, "grid": g,
-                                 "error": rms(out.samples, ref), "median": float(per.median()),
-                                 "switched": int((per > SWITCH).sum()), "batch": batch,
-                                 "pilot_nfe": pilot["nfe"] if g == "calibrated" else 0})
+                                 "error": float(diff.square().mean().sqrt()), "median": float(per.median()),
+                                 "switched": int((per > SWITCH).sum()), "batch": batch * len(seeds),
+                                 "seeds": list(seeds), "pilot_nfe": pilot["nfe"] if g == "calibrated" else 0})
         print(f"  {name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return rows
 
@@ -134,11 +143,12 @@ def acceptance(rows) -> list[str]:
                 continue
             best_g = min((g for g in e if g != "calibrated"), key=e.get)
             ok = e["calibrated"] <= e[best_g]
-            line = f"{'PASS' if ok else 'FAIL'} {p} dpmpp_2m NFE {b}: calibrated {e['calibrated']:.3e} vs best fixed ({best_g}) {e[best_g]:.3e}"
+            line = f"{p} dpmpp_2m NFE {b}: calibrated {e['calibrated']:.3e} vs best fixed ({best_g}) {e[best_g]:.3e}"
             if b == 10 and p.startswith("mix"):
                 ratio = e["calibrated"] / e["karras"]
-                line += f"; vs karras x{ratio:.3f} ({'PASS' if ratio <= 0.8 else 'FAIL'} <= 0.8)"
-            out.append(line)
+                line += f"; vs karras x{ratio:.3f} ({'ok' if ratio <= 0.8 else 'over'} 0.8)"
+                ok = ok and ratio <= 0.8
+            out.append(f"{'PASS' if ok else 'FAIL'} {line}")  # PASS only when every clause holds
     return out
 
 
@@ -167,11 +177,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="two mixtures + digits, NFE 6/10/20, Euler and DPM++(2M)")
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--seeds", default="0", help="comma-separated noise seeds; errors pool over them (default 0)")
+    ap.add_argument("--solvers", default=None, help=f"comma-separated subset of {','.join(SOLVERS)}")
     ap.add_argument("--json", default=os.path.join(HERE, "out", "bench_quality.json"))
     ap.add_argument("--plot", default=os.path.join(HERE, "out", "bench_quality.png"))
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    rows = run(quick=args.quick, batch=args.batch)
+    rows = run(quick=args.quick, batch=args.batch, seeds=tuple(int(s) for s in args.seeds.split(",")),
+               solvers=args.solvers.split(",") if args.solvers else None)
     print(table(rows))
     print()
     print(robust_table(rows))

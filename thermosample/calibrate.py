@@ -1,9 +1,9 @@
 """Time grids calibrated from a pilot run of the model itself (THEORY.md §6).
 
 The pilot integrates the probability-flow ODE once (DPM-Solver++(2M), a grid uniform in log sigma, 24
-evaluations by default) on a small batch with a fixed pilot seed, so the grid never depends on the seed
-of the final run. Every pilot trajectory travels with a twin started 1e-6 away, in the same model calls
-(no extra evaluation). The pilot records
+model evaluations by default, nothing else) on a small batch with a fixed pilot seed, so the grid never
+depends on the seed of the final run. Every pilot trajectory travels with a twin started 1e-6 away, in
+the same model calls (no extra evaluation). The pilot records
 
 - the dissipation rate r(t) = E||nu||^2 of every evaluation (the ThermoReport profile),
 - the denoised estimates D_j at every pilot noise level, from which ||d^p D / dlambda^p|| along the
@@ -22,12 +22,24 @@ Step densities in lambda built from these measurements:
 
 p is the solver's order (1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M)): a step of size h makes a
 local error ~ h^(p+1) ||D^(p)||, which reaches the output multiplied by A; for a fixed number of steps
-the sum is smallest when every step contributes the same, h ∝ (A ||D^(p)||)^(-1/(p+1)). A uniform-in-
-lambda floor (weight 0.35) is mixed in so that no region is starved where the pilot's finite differences
-are noisy; the density is smoothed over the pilot nodes because abrupt changes of step size hurt the
-multistep extrapolation of DPM-Solver++(2M). These choices came out of benchmarks/bench_quality.py:
+the sum is smallest when every step contributes the same, h ∝ (A ||D^(p)||)^(-1/(p+1)). The density is
+smoothed over the pilot nodes (abrupt changes of step size hurt the multistep extrapolation of
+DPM-Solver++(2M)) and mixed with two others:
+
+    rho = (1 - floor - c) rho_method + c rho_crit + floor / span
+
+- a uniform-in-lambda floor (weight 0.1; 0.35 for Heun) so that no region is starved where the pilot's
+  finite differences are noisy, and
+- the critical-time density rho_crit ∝ sqrt(E ||dD/dlambda||^2) (`critical_density`): the denoised
+  estimate moves fastest where trajectories choose their mode (THEORY.md §5), and a sample that the
+  coarse grid sends to another mode than the converged solution dominates the error on multimodal data.
+  Its weight c = `critical_weight(steps)` gives it about three steps' worth from 10 steps on and fades
+  to 0 at 6 steps (0 for Heun).
+
+These choices came out of benchmarks/bench_quality.py (over five noise seeds of the benchmark's batch):
 equal thermodynamic length is the starting point (it follows the data's transport), the local-error
-density alone wins at 20-50 evaluations, and the amplification factor is what makes it win at 6-10.
+density alone wins at 20-50 evaluations, the amplification factor is what makes it win at 6-10, and the
+critical-time density is what removes most mode switches at 10-20.
 `ThermoGrid` is a float64 numpy array (descending sigmas ending in 0) that `ts.sample(..., grid=...)`
 accepts directly, with `save(path)` / `ThermoGrid.load(path)`.
 """
@@ -41,7 +53,7 @@ import torch
 
 from .grids import validate_sigmas
 
-__all__ = ["ThermoGrid", "thermo_grid", "pilot", "density", "place"]
+__all__ = ["ThermoGrid", "thermo_grid", "pilot", "density", "critical_density", "critical_weight", "place"]
 
 ORDER = {"euler": 1, "ddim": 1, "euler_ancestral": 1, "euler_maruyama": 1, "heun": 2, "dpmpp_2m": 2}
 
@@ -145,8 +157,24 @@ def _smooth(y: np.ndarray, passes: int = 1) -> np.ndarray:
     return y
 
 
+def critical_density(p: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The pilot's critical-time density on its lambda nodes: rho_c ∝ sqrt(E_batch ||dD/dlambda||^2).
+
+    The denoised estimate D moves fastest in lambda where the trajectories choose their mode (the
+    speciation / critical time, THEORY.md §5): before it D is near the data mean, after it near one
+    mode. Normalised to integrate to 1; None when D does not move (e.g. Dirac data)."""
+    lam = -np.log(p["sigma"])
+    D = p["D"]  # [J, B, n]
+    speed = np.sqrt(np.sum(np.diff(D, axis=0) ** 2, axis=2).mean(axis=1)) / np.diff(lam)
+    b = _smooth(np.interp(lam, 0.5 * (lam[1:] + lam[:-1]), speed), 1)
+    total = np.trapezoid(b, lam)
+    if not np.isfinite(total) or total <= 1e-12 * max(float(np.abs(D).max()), 1e-300):
+        return None
+    return lam, b / total
+
+
 def density(p: dict, schedule, method: str = "error", order: int = 2, floor: float = 0.35, passes: int = 4,
-            stat: str = "rms", amplify: float = 1.0):
+            stat: str = "rms", amplify: float = 1.0, critical: float = 0.0):
     """Step density on the pilot's lambda = -log sigma nodes, normalised to integrate to 1.
 
     Args:
@@ -159,6 +187,9 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
         passes: smoothing passes (1-2-1 filter over the pilot nodes) before the floor is mixed in.
         stat: "rms" or "max" over the batch of ||D^(p)||.
         amplify: exponent of the amplification factor A(lambda) in the error density (0 = local error only).
+        critical: weight of the critical-time density (`critical_density`) mixed in beside the floor, so
+            that rho = (1 - floor - critical) rho_method + critical rho_crit + floor / span (its weight
+            goes to rho_method when D does not move).
     Returns:
         (lam [J] ascending, rho [J]) with the trapezoid integral of rho over lam equal to 1.
     """
@@ -191,6 +222,9 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
     w = w / max(np.trapezoid(w, lam), 1e-300)
     span = lam[-1] - lam[0]
     rho = (1 - floor) * w + floor / span
+    crit = critical_density(p) if critical > 0 else None
+    if crit is not None:
+        rho = rho - critical * w + critical * crit[1]
     return lam, rho / np.trapezoid(rho, lam)
 
 
@@ -201,9 +235,20 @@ def place(lam: np.ndarray, rho: np.ndarray, n: int) -> np.ndarray:
     return np.interp(np.linspace(0.0, 1.0, n), cum, lam)
 
 
+def critical_weight(steps: int) -> float:
+    """Default weight of the critical-time density for `steps` steps: min(3 / steps, 0.3 (steps - 6) / 4),
+    clipped at 0. From 10 steps on this gives the critical time about three steps' worth of density
+    (0.3 at 10 steps, 0.15 at 20, 0.06 at 50); below 10 steps the weight ramps down to 0 at 6, where the
+    grid cannot spare steps from the rest of the path (measured on benchmarks/bench_quality.py)."""
+    if steps <= 6:
+        return 0.0
+    return float(min(3.0 / steps, 0.3 * (steps - 6) / 4.0))
+
+
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = 32,
-                sample_shape: tuple | None = None, method: str = "error", floor: float = 0.35,
-                pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None) -> ThermoGrid:
+                sample_shape: tuple | None = None, method: str = "error", floor: float | None = None,
+                critical: float | None = None, pilot_seed: int = 12345, backend: str = "auto",
+                pilot_data: dict | None = None) -> ThermoGrid:
     """A time grid calibrated from a pilot run of `den` (THEORY.md §6).
 
     Args:
@@ -218,7 +263,14 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             times the flow's amplification measured by the pilot's twin trajectories), "length" (equal
             thermodynamic length, Sivak & Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt)
             or "blend" (mean of the two densities).
-        floor: weight of a uniform-in-log-sigma density mixed into the calibrated one.
+        floor: weight of a uniform-in-log-sigma density mixed into the calibrated one. None (default):
+            0.1, or 0.35 for Heun (see `critical`).
+        critical: weight of the critical-time density (where the pilot's denoised estimates move fastest,
+            i.e. where trajectories choose their mode; `critical_density`). None (default) gives
+            `critical_weight(steps)`: about three steps' worth from 10 steps on (0.3 at 10, 0.15 at 20),
+            ramping down to 0 at 6 steps and below. For Heun (a trapezoid rule in sigma, not an
+            exponential integrator in lambda) the defaults stay floor 0.35 and critical 0: the benchmark
+            measured the critical-time density making Heun worse.
         pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
         backend: fused-op backend for the pilot.
         pilot_data: a pilot dict from `pilot(...)` to reuse (then no model evaluation is spent).
@@ -231,8 +283,14 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         raise ValueError(f"solver must be one of {sorted(ORDER)}, got {solver!r}")
     if method not in ("blend", "error", "length"):
         raise ValueError(f"method must be 'blend', 'error' or 'length', got {method!r}")
+    if floor is None:
+        floor = 0.35 if solver == "heun" else 0.1
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
+    if critical is None:
+        critical = 0.0 if solver == "heun" else critical_weight(int(steps))
+    if not 0.0 <= critical <= 1.0 - floor:
+        raise ValueError(f"critical must lie in [0, 1 - floor], got {critical!r}")
     if pilot_data is None:
         if sample_shape is None:
             sample_shape = getattr(den, "sample_shape", None)
@@ -246,10 +304,11 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     if steps == 1:
         sig = np.array([sch.sigma_max])
     else:
-        lam, rho = density(pilot_data, sch, method=method, order=ORDER[solver], floor=floor)
+        lam, rho = density(pilot_data, sch, method=method, order=ORDER[solver], floor=floor, critical=critical)
         sig = np.exp(-place(lam, rho, steps))
         sig[0], sig[-1] = sch.sigma_max, sch.sigma_min
-    meta = {"method": method, "solver": solver, "order": ORDER[solver], "floor": floor, "steps": int(steps),
+    meta = {"method": method, "solver": solver, "order": ORDER[solver], "floor": floor,
+            "critical": float(critical), "steps": int(steps),
             "pilot_steps": int(len(pilot_data["sigma"])), "pilot_nfe": int(pilot_data["nfe"]),
             "pilot_seed": int(pilot_seed), "schedule": repr(sch)}
     return ThermoGrid(np.append(sig, 0.0), meta)
