@@ -119,17 +119,24 @@ def plot_rows(rows: list[dict], path: str) -> str:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for r in rows:
-        if r["solver"] != "dpmpp_2m" or r["grid"] != "karras":
+        if r["solver"] != "dpmpp_2m" or r["grid"] != "karras" or r["steps"] != 20:
             continue
         t, rate = r["_report"].profile()
         axes[0].plot(t, rate, marker=".", label=f"{r['schedule']} (K={r['kinetic']:.2f})")
-    axes[0].set(xlabel="physical time t", ylabel="E ||nu||^2", title="dissipation profile (DPM++(2M), karras)")
+    axes[0].set(xlabel="physical time t", ylabel="E ||nu||^2", title="dissipation profile (DPM++(2M), karras, 20)")
     axes[0].legend()
-    for name in sorted({r["schedule"] for r in rows}):
-        pts = sorted((r["nfe"], r["error"]) for r in rows if r["schedule"] == name
-                     and r["solver"] not in ("euler_maruyama", "euler_ancestral"))
-        axes[1].loglog(*zip(*pts), marker="o", label=name)
-    axes[1].set(xlabel="model evaluations", ylabel="RMS error vs converged ODE", title="accuracy")
+    # One point per deterministic run: position = (NFE, error), colour = schedule, label = solver/grid.
+    colours = {"condot": "tab:blue", "cosine": "tab:orange"}
+    for r in rows:
+        if r["solver"] in ("euler_maruyama", "euler_ancestral"):
+            continue
+        axes[1].scatter(r["nfe"], r["error"], color=colours.get(r["schedule"], "gray"))
+        axes[1].annotate(f"{r['solver']}/{r['grid']}", (r["nfe"], r["error"]), fontsize=6,
+                         xytext=(3, 2), textcoords="offset points")
+    for name, colour in colours.items():
+        axes[1].scatter([], [], color=colour, label=name)
+    axes[1].set(xscale="log", yscale="log", xlabel="model evaluations", ylabel="RMS error vs converged ODE",
+                title="accuracy (same noise)")
     axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
