@@ -12,17 +12,6 @@ from __future__ import annotations
 import math
 
 
-def euler(run, x, sigmas):
-    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 1)."""
-    for i in run.steps():
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = run.denoise(x, s)
-        run.callback(i, x, s, s, denoised)
-        r = s_next / s
-        x = run.update([x, denoised], [r, 1.0 - r], i, track_sigma=s)
-    return x
-
-
 def churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise):
     """EDM churn (Karras et al. 2022, Alg. 2 lines 4-6): raise sigma_i to s_hat = sigma_i (1 + gamma) by
     adding fresh noise of std sqrt(s_hat^2 - sigma_i^2). Returns (x, s_hat)."""
@@ -32,6 +21,19 @@ def churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise):
     if gamma > 0:
         x = run.update([x], [1.0], i, noise=s_noise * math.sqrt(s_hat ** 2 - s ** 2), noise_sigmas=(s, s_hat))
     return x, s_hat
+
+
+def euler(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
+    """Euler on the probability-flow ODE dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 1), with
+    EDM's optional churn as in k-diffusion's sample_euler."""
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x, s_hat = churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise)
+        denoised = run.denoise(x, s_hat)
+        run.callback(i, x, s, s_hat, denoised)
+        r = s_next / s_hat
+        x = run.update([x, denoised], [r, 1.0 - r], i, track_sigma=s_hat)
+    return x
 
 
 def heun(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):

@@ -182,18 +182,6 @@ def _run(solver, name, model, x, sigmas, extra_args, callback, disable, *, noise
 # --------------------------------------------------------------------------------------------------
 # Solvers not in thermosample.solvers (same style: host float coefficients, one fused op per update)
 # --------------------------------------------------------------------------------------------------
-def _euler_churn(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
-    """Euler with EDM churn (Karras et al. 2022, Alg. 2 with Euler steps)."""
-    for i in run.steps():
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x, s_hat = churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise)
-        denoised = run.denoise(x, s_hat)
-        run.callback(i, x, s, s_hat, denoised)
-        r = s_next / s_hat
-        x = run.update([x, denoised], [r, 1.0 - r], i, track_sigma=s_hat)
-    return x
-
-
 def _dpm_2(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """DPM-Solver-2 (Lu et al. 2022) as in k-diffusion: Euler to the geometric midpoint sigma, then a full
     step with the midpoint derivative; Euler on the last step to 0; optional EDM churn."""
@@ -288,7 +276,7 @@ def _doc(text):
 @_doc("Euler steps (Karras et al. 2022, Alg. 2 with Euler steps; churn knobs s_churn/s_tmin/s_tmax/s_noise).")
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., *, thermo=None, schedule=None, seed=None, backend="auto"):
-    return _run(_euler_churn, "euler", model, x, sigmas, extra_args, callback, disable, seed=seed,
+    return _run(_solvers.euler, "euler", model, x, sigmas, extra_args, callback, disable, seed=seed,
                 schedule=schedule, thermo=thermo, backend=backend, stochastic=s_churn > 0, churn=s_churn,
                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
