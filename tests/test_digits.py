@@ -1,5 +1,4 @@
 """The shipped digits model (thermosample/digits.py, thermosample/data/digits.safetensors)."""
-import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression

@@ -69,7 +69,7 @@ def torchrun_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
-           f"--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.abspath(__file__), str(out)]
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", os.path.abspath(__file__), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return out

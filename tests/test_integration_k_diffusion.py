@@ -5,7 +5,6 @@ loaded, from its file path, with a two-line stub for k_diffusion.utils.append_di
 k-diffusion, torchsde or torchdiffeq is not installed.
 """
 import importlib.util
-import math
 import sys
 import types
 

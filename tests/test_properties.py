@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import thermosample as ts
@@ -18,7 +18,8 @@ SCHEDULES = ["condot", "cosine", "vp", "edm"]
 SOLVERS = ["euler", "heun", "dpmpp_2m", "ddim", "euler_ancestral", "euler_maruyama"]
 GRIDS = ["karras", "uniform", "logsnr", "kl_optimal"]
 DOCUMENTED = (ValueError, TypeError, ts.NonFiniteError)
-SETTINGS = dict(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI draws the same examples every run (a failure is reproducible, never a flake)
+SETTINGS = dict(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 
@@ -55,16 +56,20 @@ def test_sample_is_finite_and_agrees_with_the_reference(batch, tail, schedule, s
     assert torch.isfinite(out.samples).all()
     assert out.thermo is not None and torch.isfinite(out.thermo.rate).all() and (out.thermo.rate >= 0).all()
     ref = ts.sample(den, (batch, *tail), backend="torch", **kw)
-    # Backends agree to float32 rounding even for float64 states: the Philox normals are generated in float32
-    # and cpp's transcendental functions may round the last bit differently from torch's.
-    tol = 1e-4 if backend != "torch" else 0.0
-    torch.testing.assert_close(out.samples, ref.samples, rtol=tol, atol=tol)
-    # rate = ||alpha x + beta D||^2 can cancel badly (e.g. heun's first steps from sigma_max): bound each
-    # backend's error by twice the torch reference's own rounding error against a float64 run, plus slack.
-    exact = ts.sample(den, (batch, *tail), backend="torch", **{**kw, "dtype": torch.float64}).thermo.rate.double()
-    own_error = (ref.thermo.rate.double() - exact).abs()
-    error = (out.thermo.rate.double() - exact).abs()
-    assert (error <= 2 * own_error + 1e-4 * (1 + exact.abs())).all(), (error.max(), own_error.max())
+    if backend == "torch":  # the same backend twice: bit for bit
+        assert torch.equal(out.samples, ref.samples) and torch.equal(out.thermo.rate, ref.thermo.rate)
+        return
+    # Across backends results agree to float32 rounding (Philox normals are float32 and cpp rounds its
+    # transcendentals differently), and a few configurations amplify rounding (heun's giant first steps,
+    # rates ||alpha x + beta D||^2 that cancel). So bound each backend's error against a float64 run by twice
+    # the torch reference's own error plus a small relative slack; a wrong formula is off by O(1).
+    exact = ts.sample(den, (batch, *tail), backend="torch", **{**kw, "dtype": torch.float64})
+    for name, slack in (("samples", 1e-4), ("rate", 1e-3)):
+        pick = (lambda o: o.samples) if name == "samples" else (lambda o: o.thermo.rate)
+        truth = pick(exact).double()
+        own_error = (pick(ref).double() - truth).abs()
+        error = (pick(out).double() - truth).abs()
+        assert (error <= 2 * own_error + slack * (1 + truth.abs())).all(), (name, error.max(), own_error.max())
 
 
 @settings(**SETTINGS)

@@ -1,5 +1,4 @@
 """Solver accuracy on exact-score mixture oracles: convergence order and SDE distributions."""
-import math
 
 import numpy as np
 import pytest

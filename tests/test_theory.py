@@ -1,7 +1,6 @@
 """THEORY.md §3-4 closed forms: kinetic cost, efficiency and the speed limit on exact-score oracles."""
 import math
 
-import numpy as np
 import pytest
 import torch
 from scipy.integrate import quad

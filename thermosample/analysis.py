@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .sampler import sample
-from .schedules import OU, get_schedule
+from .schedules import get_schedule
 
 __all__ = ["speciation_time", "cloning", "cloning_crossing", "potential_curvature", "symmetry_breaking_time",
            "critical_time", "THETA_C", "PHI_S"]
@@ -141,7 +141,7 @@ def potential_curvature(den, t, direction=None, x_hat=None, h: float = 1e-4) -> 
     pts = torch.stack([x0 + h * v, x0 - h * v])
     d = den(pts, sig).double()
     jvv = float(((d[0] - d[1]) * v).sum()) / (2 * h)
-    m, s = float(sch.m(t)), float(sch.s(t))
+    s = float(sch.s(t))
     return float(sch.drift(t)) / (2.0 * float(sch.temperature(t))) + (1.0 - jvv) / (s * s)
 
 
