@@ -57,7 +57,7 @@ class Run:
         self.nfe = 0
         self.eval_t: list[float] = []
         self.eval_rates: list[torch.Tensor] = []
-        self.probes: list[tuple[int, float, torch.Tensor]] = []
+        self.probes: list[tuple[int, torch.Tensor]] = []  # (step, per-sample rate or NaN probe)
         self.first_state = self.last_state = None
 
     # -- the three things a solver calls --------------------------------------------------------
@@ -94,7 +94,7 @@ class Run:
         if tracked:
             self.eval_t.append(t)
             self.eval_rates.append(rate)
-        self.probes.append((i, track_sigma if track_sigma is not None else math.nan, rate))
+        self.probes.append((i, rate))
         if self.check_every and (i + 1) % self.check_every == 0 and (len(self.probes) == 1 or self.probes[-2][0] != i):
             self.check_finite()
         return out
@@ -108,7 +108,7 @@ class Run:
         """Raise NonFiniteError naming the first step and sample whose values are not finite (one sync)."""
         if not self.probes:
             return
-        bad = ~torch.isfinite(torch.stack([r for _, _, r in self.probes]))
+        bad = ~torch.isfinite(torch.stack([r for _, r in self.probes]))
         if samples is not None:
             tail = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
             bad = torch.cat([bad, tail[None]])
