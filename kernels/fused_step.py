@@ -25,8 +25,10 @@ import triton.language as tl
 from triton.language.random import philox
 
 _MAX_GRID_Y = 65535          # CUDA limit on grid dimension 1: larger batches launch in chunks
-_TWO_PI = 6.283185307179586
-_TWO_POW_M23 = 1.1920928955078125e-07  # 2**-23
+# Globals a kernel reads must be constexpr: compiled Triton rejects plain Python floats (the interpreter
+# accepts them, so tests/test_triton_backend.py checks this on CPU too).
+_TWO_PI = tl.constexpr(6.283185307179586)
+_TWO_POW_M23 = tl.constexpr(1.1920928955078125e-07)  # 2**-23
 
 
 @triton.jit
@@ -141,19 +143,22 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     n_blocks = triton.cdiv(numel, block)
     partial = torch.empty((batch, n_blocks), dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32,
                           device=x0.device)
-    ptrs = [t.reshape(batch, numel) for t in inputs]
-    ptrs += [ptrs[0]] * (4 - len(ptrs))                 # unused pointers: never loaded
-    flat_out = out.view(batch, numel)
+    # The kernel indexes flat contiguous memory, so the tensors go in as they are (no reshape): the
+    # launch costs host time that small states (a latent of a few hundred KB) are bound by.
+    ptrs = list(inputs) + [x0] * (4 - len(inputs))     # unused pointers: never loaded
     c = [_bits(v) for v in coeffs] + [0] * (4 - len(coeffs))
     has_noise = float(noise) != 0.0
     for b0 in range(0, batch, _MAX_GRID_Y):
         b1 = min(batch, b0 + _MAX_GRID_Y)
+        chunk = (lambda t: t) if batch <= _MAX_GRID_Y else (lambda t, b0=b0, b1=b1: t[b0:b1])
         _fused_step_kernel[(n_blocks, b1 - b0)](
-            ptrs[0][b0:b1], ptrs[1][b0:b1], ptrs[2][b0:b1], ptrs[3][b0:b1], flat_out[b0:b1], partial[b0:b1],
+            *(chunk(t) for t in ptrs), chunk(out), chunk(partial),
             c[0], c[1], c[2], c[3], _bits(noise), _bits(alpha), _bits(beta),
             seed, step, sample_offset + b0, numel, n_blocks,
             N_INPUTS=len(inputs), HAS_NOISE=has_noise, TRACK=bool(track),
             U=int(u) if track else 0, D=int(d) if track else 0,
             COMPUTE_DTYPE=compute, BLOCK=block, num_warps=num_warps,
         )
+    if n_blocks == 1:                                   # one block per sample: its partial is the rate
+        return out, partial.view(batch).to(torch.float32)
     return out, partial.sum(dim=1).to(torch.float32)     # fixed-order sum over blocks: deterministic

@@ -228,4 +228,23 @@ def test_block_size_helper():
         block, warps = fs._block_size(numel)
         assert block & (block - 1) == 0 and 16 <= block <= 1024 and warps in (1, 2, 4, 8)
         assert block >= min(numel, 1024)
-    assert math.isclose(fs._TWO_POW_M23, 2.0 ** -23)
+    assert fs._TWO_POW_M23.value == 2.0 ** -23 and math.isclose(fs._TWO_PI.value, 2 * math.pi)
+
+
+def test_kernel_globals_are_constexpr():
+    """Compiled Triton refuses a kernel that reads a plain Python global (a float constant, say) while the
+    interpreter accepts it, so CPU-only runs would never see the error: check every global name the
+    kernels read is a constexpr, a jit function or a module."""
+    import types
+
+    from triton.runtime.jit import KernelInterface   # JITFunction, or InterpretedFunction under the interpreter
+
+    kernels = [v for v in vars(fs).values() if isinstance(v, KernelInterface) and v.fn.__module__ == fs.__name__]
+    assert kernels, "no jit functions found in kernels/fused_step.py"
+    for kernel in kernels:
+        for name in kernel.fn.__code__.co_names:
+            if name not in kernel.fn.__globals__:
+                continue                                  # attribute or builtin, not a module global
+            value = kernel.fn.__globals__[name]
+            assert isinstance(value, (triton.language.constexpr, KernelInterface, types.ModuleType)), (
+                f"{kernel.fn.__name__} reads global {name!r} = {value!r}: make it tl.constexpr")

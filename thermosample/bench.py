@@ -13,7 +13,8 @@ every variant alike):
 
 The bytes a step must move are (n_inputs + 1) * state bytes (read every input once, write the state once;
 noise is generated, not read); GB/s = those bytes / time, and "frac" = GB/s / copy GB/s. Times are the
-minimum over repeats. Writes a table to stdout and JSON (device name included) to --out.
+minimum over repeats (on CUDA: device events around each call, L2 flushed before it). Writes a table
+to stdout and JSON (device name included) to --out.
 Lives in the package so that `thermosample bench` works from any install; benchmarks/bench_step.py runs it.
 
     python benchmarks/bench_step.py                 # sizes 1 8 64 512 MB of float32 state
@@ -93,8 +94,23 @@ class Timer:
 
     def __init__(self, device: torch.device, budget_s: float, min_reps: int, max_reps: int):
         self.device, self.budget_s, self.min_reps, self.max_reps = device, budget_s, min_reps, max_reps
+        # CUDA: device-event timing of each call after overwriting a buffer larger than L2, so every
+        # call starts with a cold cache (as a sampling step does, after the model ran), and after a
+        # ~0.5 ms spin that keeps the GPU busy while the host enqueues the call: the events then time
+        # the kernels, not the launch (host cost per call is measured separately, as call_us).
+        self._flush = (torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+                       if device.type == "cuda" else None)
 
     def once(self, fn: Callable[[], object]) -> float:
+        if self._flush is not None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self._flush.zero_()
+            torch.cuda._sleep(1_000_000)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
         _sync(self.device)
         t0 = time.perf_counter()
         fn()
@@ -148,11 +164,20 @@ def bench_one(name: str, size_mb: float, dtype: torch.dtype, device: torch.devic
         cfn(inputs, coeffs, noise, u, d, True)                         # compile outside the timing
     times = timer.run(fns)
 
+    # Host-inclusive cost: back-to-back calls, synchronised once (what a sampling loop without CUDA
+    # graphs pays; on CPU it equals the kernel time).
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        fns["ours"]()
+    _sync(device)
+    call_us = (time.perf_counter() - t0) / 10 * 1e6
+
     moved = (n_in + 1) * state_bytes
     copy_gbs = 2 * state_bytes / times["copy"] / 1e9
     rec = {"step": name, "size_mb": state_bytes / 2**20, "dtype": str(dtype).replace("torch.", ""),
            "shape": list(shape), "n_inputs": n_in, "bytes_moved": moved, "backend": backend,
-           "copy_gbs": copy_gbs, "times_s": times}
+           "copy_gbs": copy_gbs, "times_s": times, "call_us": call_us}
     rec["gbs"] = {k: moved / t / 1e9 for k, t in times.items() if k != "copy"}
     if compiled is not None:
         rec["speedup_vs_compile"] = times["compile"] / times["ours"]
@@ -172,14 +197,14 @@ def _fmt(x, spec):
 def print_table(records: list[dict], header: str) -> str:
     lines = [header,
              f"{'step':<16}{'MB':>6}{'ours GB/s':>10}{'copy GB/s':>10}{'frac':>6}{'eager':>8}{'ref':>8}"
-             f"{'compile':>8}{'x eager':>8}{'x ref':>7}{'x comp':>7}{'track+':>7}"]
+             f"{'compile':>8}{'x eager':>8}{'x ref':>7}{'x comp':>7}{'track+':>7}{'call us':>9}"]
     for r in records:
         g = r["gbs"]
         lines.append(f"{r['step']:<16}{r['size_mb']:>6.0f}{g['ours']:>10.1f}{r['copy_gbs']:>10.1f}"
                      f"{r['frac_copy']:>6.2f}{g['eager']:>8.2f}{_fmt(g.get('ref'), '8.2f')}"
                      f"{_fmt(g.get('compile'), '8.2f')}{r['speedup_vs_eager']:>8.1f}"
                      f"{_fmt(r['speedup_vs_ref'], '7.1f')}{_fmt(r['speedup_vs_compile'], '7.2f')}"
-                     f"{100 * r['track_overhead']:>6.1f}%")
+                     f"{100 * r['track_overhead']:>6.1f}%{r['call_us']:>9.1f}")
     text = "\n".join(lines)
     print(text, flush=True)
     return text
