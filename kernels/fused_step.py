@@ -49,6 +49,16 @@ def _pick(K: tl.constexpr, x0, x1, x2, x3):
     return x0
 
 
+@triton.jit
+def _box_muller(a, c):
+    # two uint32 Philox words -> two standard normals (radius * cos, radius * sin), as _reference does
+    u1 = ((a >> 9).to(tl.float32) + 0.5) * _TWO_POW_M23   # in (0, 1): log(u1) is finite
+    u2 = (c >> 9).to(tl.float32) * _TWO_POW_M23           # in [0, 1)
+    radius = tl.sqrt_rn(-2.0 * tl.log(u1))
+    theta = u2 * _TWO_PI
+    return radius * tl.cos(theta), radius * tl.sin(theta)
+
+
 @triton.jit(do_not_specialize=["c0", "c1", "c2", "c3", "noise", "alpha", "beta", "seed", "step",
                                "sample_offset"])
 def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
@@ -78,21 +88,18 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
         x3 = tl.load(x3_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         acc += _coeff(c3, COMPUTE_DTYPE) * x3
 
-    # + noise * z, z from Philox4x32-10 with counter (e >> 2, sample_offset + b, step, 0), key = seed
+    # + noise * z, z from Philox4x32-10 with counter (e >> 2, sample_offset + b, step, 0), key = seed.
+    # One Philox call yields the normals of 4 consecutive elements (two Box-Muller pairs), so the block
+    # runs BLOCK / 4 calls and interleaves z0 z1 z2 z3 back into element order (BLOCK is a multiple of 4).
     if HAS_NOISE:
-        ctr0 = (e >> 2).to(tl.uint32)
+        ctr0 = (pid_n * (BLOCK // 4) + tl.arange(0, BLOCK // 4)).to(tl.uint32)
         zero = ctr0 * 0
         ctr1 = zero + (sample_offset.to(tl.int64) + pid_b).to(tl.uint32)
         ctr2 = zero + step.to(tl.int64).to(tl.uint32)
         r0, r1, r2, r3 = philox(seed, ctr0, ctr1, ctr2, zero)
-        first_pair = (e & 3) < 2
-        a = tl.where(first_pair, r0, r2)
-        c = tl.where(first_pair, r1, r3)
-        u1 = ((a >> 9).to(tl.float32) + 0.5) * _TWO_POW_M23   # in (0, 1): log(u1) is finite
-        u2 = (c >> 9).to(tl.float32) * _TWO_POW_M23           # in [0, 1)
-        radius = tl.sqrt_rn(-2.0 * tl.log(u1))
-        theta = u2 * _TWO_PI
-        z = tl.where((e & 1) == 0, radius * tl.cos(theta), radius * tl.sin(theta))
+        z0, z1 = _box_muller(r0, r1)
+        z2, z3 = _box_muller(r2, r3)
+        z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])   # [i, pair, cos|sin] -> 4i + ...
         acc += _coeff(noise, COMPUTE_DTYPE) * z.to(COMPUTE_DTYPE)
 
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
