@@ -67,3 +67,15 @@ def test_model_kwargs_pass_through():
     den = ts.Denoiser(model, "edm", "x0", model_kwargs={"label": 3})
     ts.sample(den, (2, 3), steps=2, backend="torch", extra_args={"scale": 0.5})
     assert got == {"label": 3, "scale": 0.5}
+
+
+def test_cached_coefficients_follow_attribute_changes():
+    """The per-sigma coefficient cache must not serve stale values when the prediction type changes."""
+    sch = ts.schedules.CondOT()
+    model = lambda x, t: torch.full_like(x, 0.5)                  # noqa: E731
+    den = ts.Denoiser(model, sch, prediction="x0")
+    x = torch.randn(2, 5, dtype=torch.float64)
+    sigma = 0.8
+    assert torch.equal(den(x, sigma), torch.full_like(x, 0.5))   # x0 prediction: D is the output
+    den.prediction = "eps"
+    assert torch.allclose(den(x, sigma), x - sigma * 0.5)          # eps: D = x_hat - sigma * eps

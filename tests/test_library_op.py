@@ -146,3 +146,27 @@ def test_loop_captures_in_a_cuda_graph(inplace):
     torch.cuda.synchronize()
     torch.testing.assert_close(got_x, want_x, rtol=0, atol=0)
     torch.testing.assert_close(got_r, want_r, rtol=0, atol=0)
+
+
+def test_eager_call_skips_the_dispatcher_but_tracing_and_grad_do_not(monkeypatch):
+    """Plain eager tensors go straight to ops.fused_step (host time); inputs that require grad and
+    tensor subclasses still go through the registered op, whose result is the same."""
+    from thermosample import _library
+
+    x, d = torch.randn(3, 17), torch.randn(3, 17)
+    calls = []
+    real = _library._fused_step
+    monkeypatch.setattr(_library, "_fused_step", lambda *a: calls.append(1) or real(*a))
+    direct, rate = fused_step_op([x, d], [0.5, 0.25], track=True, alpha=1.0, beta=-1.0)
+    assert calls == []
+    xg = x.clone().requires_grad_(True)
+    assert _library._needs_op([xg, d]) and not _library._needs_op([x, d])
+    with torch.no_grad():
+        assert not _library._needs_op([xg, d])          # no autograd to record: the direct path is fine
+    via_op, rate_op = fused_step_op([xg, d], [0.5, 0.25], track=True, alpha=1.0, beta=-1.0)
+    assert calls == [1]
+    ref, ref_rate = _reference.fused_step_reference([x.double(), d.double()], [0.5, 0.25], track=True,
+                                                    alpha=1.0, beta=-1.0)
+    for out, r in [(direct, rate), (via_op.detach(), rate_op)]:
+        torch.testing.assert_close(out.double(), ref.double(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(r.double(), ref_rate.double(), rtol=1e-5, atol=1e-5)

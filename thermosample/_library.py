@@ -69,6 +69,15 @@ def _fused_step_inplace_fake(x, others, position, coeffs, noise, seed, step, sam
     return x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
+def _needs_op(inputs) -> bool:
+    """True when the call must go through torch.library: under torch.compile / export tracing, for
+    tensor subclasses (FakeTensor, functional tensors) and for inputs that require grad."""
+    if torch.compiler.is_compiling():
+        return True
+    grad = torch.is_grad_enabled()
+    return any(type(t) is not torch.Tensor or (grad and t.requires_grad) for t in inputs)
+
+
 def fused_step_op(inputs: Sequence[Tensor], coeffs: Sequence[float], *, noise: float = 0.0, seed: int = 0,
                   step: int = 0, sample_offset: int = 0, track: bool = False, alpha: float = 0.0,
                   beta: float = 0.0, u: int = 0, d: int = 1, out: Tensor | None = None,
@@ -87,6 +96,11 @@ def fused_step_op(inputs: Sequence[Tensor], coeffs: Sequence[float], *, noise: f
         (out [B, ...], rate [B] float32)
     """
     inputs = list(inputs)
+    if not _needs_op(inputs):
+        # Plain eager call: skip the dispatcher (~100 us of host time per step, more than a small
+        # state's kernel); torch.compile tracing and autograd inputs still go through the registered op.
+        return ops.fused_step(inputs, coeffs, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+                              track=track, alpha=alpha, beta=beta, u=u, d=d, out=out, backend=backend)
     args = (coeffs if isinstance(coeffs, list) else list(coeffs), float(noise), _seed_to_schema(seed), step,
             sample_offset, bool(track), float(alpha), float(beta), u, d, backend)
     if out is not None:

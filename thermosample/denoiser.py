@@ -92,13 +92,25 @@ class Denoiser:
         den = ds * m - s * dm
         return c_in, ds * m / den, -s / den
 
+    def _coeffs(self, sigma: float) -> tuple[float, float, float, float]:
+        """(t, c_in, a, b) at sigma, cached: a sampling run asks for the same few dozen levels every time,
+        and the schedule's inverse (a bisection) costs more host time than a small state's step."""
+        key = (sigma, self.prediction, self.scale_input, self.schedule)
+        cache = self.__dict__.setdefault("_coeff_cache", {})
+        hit = cache.get(key)
+        if hit is None:
+            if len(cache) > 4096:
+                cache.clear()
+            t = float(self.schedule.sigma_to_t(sigma))
+            hit = cache[key] = (t, *self.output_coeffs(t, sigma))
+        return hit
+
     def __call__(self, x_hat: torch.Tensor, sigma: float, **kwargs) -> torch.Tensor:
         """D(x_hat; sigma) [B, ...]. `sigma` is a Python float (host), so nothing syncs."""
         sigma = float(sigma)
         if not math.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"sigma must be a finite positive float, got {sigma}")
-        t = float(self.schedule.sigma_to_t(sigma))
-        c_in, a, b = self.output_coeffs(t, sigma)
+        t, c_in, a, b = self._coeffs(sigma)
         x_in = x_hat * c_in if c_in != 1.0 else x_hat
         time = torch.full((x_hat.shape[0],), self.model_time(t, sigma), dtype=x_hat.dtype, device=x_hat.device)
         out = self.model(x_in, time, **self.model_kwargs, **kwargs)

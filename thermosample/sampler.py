@@ -59,6 +59,16 @@ class Run:
         self.eval_rates: list[torch.Tensor] = []
         self.probes: list[tuple[int, torch.Tensor]] = []  # (step, per-sample rate or NaN probe)
         self.first_state = self.last_state = None
+        # (t, alpha, beta) of the velocity at each noise level, for the whole grid in one vectorised call:
+        # per-step scalar schedule math (bisection for t) cost more host time than the fused step itself.
+        self._velocity: dict[float, tuple[float, float, float]] = {}
+        if track:
+            pos = np.asarray([s for s in sigmas if s > 0], dtype=np.float64)
+            if pos.size:
+                t = np.atleast_1d(self.schedule.sigma_to_t(pos))
+                a, b = (np.broadcast_to(np.asarray(c, dtype=np.float64), t.shape)
+                        for c in self.schedule.velocity_coeffs(t))
+                self._velocity = {float(k): (float(tk), float(ak), float(bk)) for k, tk, ak, bk in zip(pos, t, a, b)}
 
     # -- the three things a solver calls --------------------------------------------------------
     def steps(self):
@@ -86,8 +96,7 @@ class Run:
         tracked = self.track and track_sigma is not None
         alpha = beta = 0.0
         if tracked:
-            t = float(self.schedule.sigma_to_t(track_sigma))
-            alpha, beta = self.schedule.velocity_coeffs(t)
+            t, alpha, beta = self.velocity(track_sigma)
         out, rate = fused_step_op(inputs, coeffs, noise=noise, seed=self.seed, step=i,
                                    sample_offset=self.sample_offset, track=tracked, alpha=alpha, beta=beta,
                                    u=u, d=d, backend=self.backend)
@@ -98,6 +107,15 @@ class Run:
         if self.check_every and (i + 1) % self.check_every == 0 and (len(self.probes) == 1 or self.probes[-2][0] != i):
             self.check_finite()
         return out
+
+    def velocity(self, sigma: float) -> tuple[float, float, float]:
+        """(t, alpha, beta) at noise level sigma: nu = alpha x_hat + beta D (cached over the grid)."""
+        hit = self._velocity.get(float(sigma))
+        if hit is None:                             # a level off the grid (EDM churn's sigma_hat)
+            t = float(self.schedule.sigma_to_t(sigma))
+            alpha, beta = self.schedule.velocity_coeffs(t)
+            hit = self._velocity[float(sigma)] = (t, float(alpha), float(beta))
+        return hit
 
     def callback(self, i, x, sigma, sigma_hat, denoised):
         if self.user_callback is not None:
