@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything a lent GPU is for, in one call (the device tool: few, full calls). Run from the repo root:
-#   bash benchmarks/gpu_session.sh [tests|bench|sweep|noise|all]   (results under $OUT or benchmarks/out)
+#   bash benchmarks/gpu_session.sh [tests|bench|sweep|noise|sampler|all]   (results under $OUT or benchmarks/out)
 # Builds the package (C++ extension included), runs the test suite with compiled Triton on CUDA (no
 # interpreter), then the step benchmark; logs and JSON land in $OUT.
 set -uo pipefail
@@ -32,6 +32,6 @@ if [[ $what == noise ]]; then   # the noise step and the sampler loop only (a sh
       --out "$OUT/bench_noise_$dt.json" 2>/dev/null | tail -6
   done
 fi
-if [[ $what == all || $what == noise ]]; then
+if [[ $what == all || $what == noise || $what == sampler ]]; then
   python3 benchmarks/bench_sampler.py --out "$OUT/bench_sampler_gpu.json" 2>&1 | tee "$OUT/bench_sampler.txt"
 fi
