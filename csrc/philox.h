@@ -87,11 +87,14 @@ static inline void sincos_f32(float x, float& s, float& c) {
   const float sp = ((-1.9515295891E-4f * z + 8.3321608736E-3f) * z - 1.6666654611E-1f) * z * r + r;
   const float cp = ((2.443315711809948E-5f * z - 1.388731625493765E-3f) * z + 4.166664568298827E-2f) * z * z -
                    0.5f * z + 1.0f;
-  const bool swap = (j & 2) != 0;                          // octants 2 and 6: sin <-> cos
-  const float s0 = swap ? cp : sp;
-  const float c0 = swap ? sp : cp;
-  s = (j & 4) ? -s0 : s0;                                  // sin < 0 in octants 4, 6
-  c = ((j + 2) & 4) ? -c0 : c0;                            // cos < 0 in octants 2, 4
+  // Selects and sign flips as bit masks: ternaries here stop GCC vectorising the loop on AVX2
+  // (it if-converts them only with AVX-512 mask registers).
+  const uint32_t swap = 0u - uint32_t((j >> 1) & 1);       // octants 2 and 6: sin <-> cos
+  const uint32_t spb = float_to_bits(sp), cpb = float_to_bits(cp);
+  const uint32_t s0 = (cpb & swap) | (spb & ~swap);
+  const uint32_t c0 = (spb & swap) | (cpb & ~swap);
+  s = bits_to_float(s0 ^ (uint32_t(j & 4) << 29));         // sin < 0 in octants 4, 6
+  c = bits_to_float(c0 ^ (uint32_t((j + 2) & 4) << 29));   // cos < 0 in octants 2, 4
 }
 
 // Box-Muller on one pair of Philox words: z_even = radius cos, z_odd = radius sin.
