@@ -36,7 +36,7 @@ DPM-Solver++(2M)) and mixed with two others:
   Its weight c = `critical_weight(steps)` gives it about three steps' worth from 10 steps on and fades
   to 0 at 6 steps (0 for Heun).
 
-These choices came out of benchmarks/bench_quality.py (over five noise seeds of the benchmark's batch):
+These choices came out of benchmarks/bench_quality.py (over five noise seeds of 256 samples each):
 equal thermodynamic length is the starting point (it follows the data's transport), the local-error
 density alone wins at 20-50 evaluations, the amplification factor is what makes it win at 6-10, and the
 critical-time density is what removes most mode switches at 10-20.
