@@ -79,3 +79,11 @@ def test_cached_coefficients_follow_attribute_changes():
     assert torch.equal(den(x, sigma), torch.full_like(x, 0.5))   # x0 prediction: D is the output
     den.prediction = "eps"
     assert torch.allclose(den(x, sigma), x - sigma * 0.5)          # eps: D = x_hat - sigma * eps
+    den.prediction, den.scale_input = "v", True                      # v depends on the schedule's m and s
+    v_condot = den(x, sigma)
+    den.schedule = ts.schedules.Cosine()
+    t = float(den.schedule.sigma_to_t(sigma))
+    m, s = float(den.schedule.m(t)), float(den.schedule.s(t))
+    n = m * m + s * s
+    assert not torch.allclose(v_condot, den(x, sigma))
+    assert torch.allclose(den(x, sigma), x * (m * m / n) - (s / n) * 0.5)

@@ -95,8 +95,11 @@ class Denoiser:
     def _coeffs(self, sigma: float) -> tuple[float, float, float, float]:
         """(t, c_in, a, b) at sigma, cached: a sampling run asks for the same few dozen levels every time,
         and the schedule's inverse (a bisection) costs more host time than a small state's step."""
-        key = (sigma, self.prediction, self.scale_input, self.schedule)
-        cache = self.__dict__.setdefault("_coeff_cache", {})
+        owner, cache = self.__dict__.get("_coeff_cache", (None, None))
+        if owner is not self.schedule:              # a new schedule: start over (schedules may be unhashable)
+            cache = {}
+            self.__dict__["_coeff_cache"] = (self.schedule, cache)
+        key = (sigma, self.prediction, self.scale_input)
         hit = cache.get(key)
         if hit is None:
             if len(cache) > 4096:
