@@ -1,4 +1,5 @@
 """Solver accuracy on exact-score mixture oracles: convergence order and SDE distributions."""
+import math
 
 import numpy as np
 import pytest
@@ -91,3 +92,20 @@ def test_nfe_count(solver, steps, nfe):
     den = ts.Denoiser(lambda x, t: (calls.append(1), inner.model(x, t))[1], "edm", prediction="x0")
     out = ts.sample(den, (3, 2), steps=steps, solver=solver, backend="torch")
     assert out.nfe == nfe == len(calls) == out.thermo.t.numel()
+
+
+def test_noise_free_options_keep_the_pathwise_speed_limit():
+    """euler_ancestral with eta=0 is plain Euler: its report carries Euler's speed limit; with noise (or
+    ancestral steps without it) the pathwise bound does not apply and is reported as NaN."""
+    mix = mixture(dim=3, modes=2)
+    den = mix.denoiser("condot")
+    ref = ts.sample(den, (32, 3), steps=12, solver="euler", seed=3, backend="torch")
+    assert math.isfinite(ref.thermo.speed_limit)
+    out = ts.sample(den, (32, 3), steps=12, solver="euler_ancestral", seed=3, backend="torch", eta=0.0)
+    torch.testing.assert_close(out.samples, ref.samples, rtol=1e-5, atol=1e-5)
+    assert math.isclose(out.thermo.speed_limit, ref.thermo.speed_limit, rel_tol=1e-4)
+    for options in ({}, {"s_noise": 0.0}):
+        noisy = ts.sample(den, (32, 3), steps=12, solver="euler_ancestral", seed=3, backend="torch", **options)
+        assert math.isnan(noisy.thermo.speed_limit)
+    assert ts.solvers.injects_noise("ddim", {"eta": 0.5}) and not ts.solvers.injects_noise("ddim", {})
+    assert ts.solvers.injects_noise("heun", {"churn": 1.0}) and not ts.solvers.injects_noise("heun", {})

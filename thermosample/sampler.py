@@ -19,7 +19,7 @@ from . import ops
 from ._library import fused_step_op  # the fused op registered with torch.library (compile-safe)
 from .errors import NonFiniteError
 from .grids import make_grid
-from .solvers import SOLVERS, STOCHASTIC
+from .solvers import SOLVERS, STOCHASTIC, injects_noise
 from .thermo import ThermoReport
 
 # Philox step id of the initial noise; solver steps use their index i (one noise draw per step).
@@ -306,8 +306,7 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
         raise TypeError(f"noise_sampler must be callable (or None), got {type(noise_sampler).__name__}")
     if extra_args is not None and not isinstance(extra_args, dict):
         raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got {type(extra_args).__name__}")
-    stochastic = (solver in STOCHASTIC or solver_options.get("churn", 0) > 0
-                  or (solver == "ddim" and solver_options.get("eta", 0) > 0))
+    stochastic = injects_noise(solver, solver_options)
     sch = den.schedule
     sigmas = make_grid(grid, steps, sch)
     if noise is None and shape is None:

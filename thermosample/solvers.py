@@ -119,6 +119,18 @@ SOLVERS = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m, "ddim": ddim,
 STOCHASTIC = {"euler_ancestral", "euler_maruyama"}
 
 
+def injects_noise(solver: str, options: dict) -> bool:
+    """Whether `solver` with these options leaves the probability-flow ODE (fresh noise, or the ancestral /
+    churn steps that make room for it, even with s_noise=0), so that the pathwise speed limit does not
+    apply: always for Euler-Maruyama, for euler_ancestral / ddim when eta != 0, for euler / heun with
+    EDM churn."""
+    if solver == "euler_maruyama":
+        return True
+    if solver in ("euler_ancestral", "ddim"):
+        return options.get("eta", 1.0 if solver == "euler_ancestral" else 0.0) != 0
+    return options.get("churn", 0.0) > 0
+
+
 def evaluations(solver: str, steps: int, sigmas_end_in_zero: bool = True) -> int:
     """Model evaluations (NFE) a solver spends on `steps` steps."""
     if solver == "heun":

@@ -287,7 +287,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None, *, thermo=None, schedule=None, seed=None, backend="auto"):
     return _run(_solvers.euler_ancestral, "euler_ancestral", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
-                stochastic=bool(eta) and s_noise != 0, eta=eta, s_noise=s_noise)
+                stochastic=bool(eta), eta=eta, s_noise=s_noise)
 
 
 @torch.no_grad()
@@ -336,4 +336,4 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         raise ValueError('solver_type must be \'heun\' or \'midpoint\'')
     return _run(_dpmpp_2m_sde, "dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
-                stochastic=bool(eta) and s_noise != 0, eta=eta, s_noise=s_noise, solver_type=solver_type)
+                stochastic=bool(eta), eta=eta, s_noise=s_noise, solver_type=solver_type)
