@@ -119,6 +119,10 @@ def test_bad_arguments():
         ts.thermo_grid(den, 10, floor=2.0, sample_shape=(64,))
     with pytest.raises(ValueError, match="critical"):
         ts.thermo_grid(den, 10, floor=0.5, critical=0.6, sample_shape=(64,))
+    with pytest.raises(ValueError, match="switch"):
+        ts.thermo_grid(den, 10, switch=-1.0, sample_shape=(64,))
+    with pytest.raises(ValueError, match="amplify"):
+        ts.thermo_grid(den, 10, amplify=float("nan"), sample_shape=(64,))
     with pytest.raises(ValueError, match="pilot_steps"):
         calibrate.pilot(den, (4, 64), pilot_steps=2)
 
@@ -131,3 +135,46 @@ def test_twin_separation_for_dirac_data_contracts_like_sigma():
     p = calibrate.pilot(den, (6, 8), pilot_steps=12)
     expected = np.log(p["sigma"] / p["sigma"][0])
     np.testing.assert_allclose(p["log_sep"] - p["log_sep"][0], np.repeat(expected[:, None], 6, 1), atol=1e-6)
+
+
+def test_pilot_spread_for_dirac_data_shrinks_like_sigma():
+    """Dirac data: every update is x -> r x + (1 - r) y with the same y for the whole batch, so the batch
+    spread (RMS distance from the batch mean) scales exactly like sigma: S_j / S_0 = sigma_j / sigma_0."""
+    y = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    p = calibrate.pilot(toy.Dirac(y).denoiser("cosine"), (6, 8), pilot_steps=12)
+    np.testing.assert_allclose(p["spread"] / p["spread"][0], p["sigma"] / p["sigma"][0], rtol=1e-9)
+    # the first spread is that of the pilot's noise, times sigma_max: about sigma_max sqrt(n)
+    assert 0.5 < p["spread"][0] / (p["sigma"][0] * math.sqrt(8)) < 1.5
+
+
+def test_switch_term_adds_steps_before_the_critical_time(mixture_pilot):
+    """The mode-switch amplification U(lambda) S_end / S(lambda) weighs the high-noise end, before the
+    critical time, where the twins' amplification is smallest: with it, the grid puts more steps before the
+    critical density's peak. It vanishes when D does not move (Dirac data) or the pilot has no spread."""
+    _, den, pil = mixture_pilot
+    lam, rc = calibrate.critical_density(pil)
+    peak = lam[np.argmax(rc)]
+    before = lambda g: int(np.sum(-np.log(np.asarray(g)[:-1]) < peak))
+    g0 = ts.thermo_grid(den, 20, pilot_data=pil, switch=0.0)
+    g1 = ts.thermo_grid(den, 20, pilot_data=pil)
+    assert g1.meta["switch"] == 1.0 and g0.meta["switch"] == 0.0
+    assert before(g1) > before(g0), (np.asarray(g0), np.asarray(g1))
+    # the density is the error density times A_tot: check the added term at one node by hand
+    lam_a, w0 = calibrate.density(pil, den.schedule, floor=0.0, passes=0, switch=0.0)
+    _, w1 = calibrate.density(pil, den.schedule, floor=0.0, passes=0, switch=2.0)
+    ratio = (w1 / w0) ** 3  # order 2: rho ∝ (A ||D''||)^(1/3), up to the normalisation
+    j = 2  # early node, well before the critical time
+    ls = pil["log_sep"]
+    a_twin = np.exp(np.mean(ls[-1] - ls, axis=1))
+    decided = np.concatenate([[0.0], np.cumsum(0.5 * (rc[1:] + rc[:-1]) * np.diff(lam))])
+    a_tot = a_twin + 2.0 * (1 - decided / decided[-1]) * pil["spread"][-1] / pil["spread"]
+    np.testing.assert_allclose(ratio[j] / ratio[-1], (a_tot[j] / a_twin[j]) / (a_tot[-1] / a_twin[-1]), rtol=1e-9)
+    no_spread = {k: v for k, v in pil.items() if k != "spread"}
+    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(den, 20, pilot_data=no_spread)), np.asarray(g0))
+    assert calibrate.switch_weight(6) == 0.0 and calibrate.switch_weight(20) == calibrate.switch_weight(50) == 1.0
+    assert calibrate.switch_weight(13) == pytest.approx(0.5)
+    y = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    dirac = toy.Dirac(y).denoiser("cosine")
+    pd = calibrate.pilot(dirac, (4, 8), pilot_steps=8)
+    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(dirac, 5, pilot_data=pd, switch=3.0)),
+                                  np.asarray(ts.thermo_grid(dirac, 5, pilot_data=pd, switch=0.0)))

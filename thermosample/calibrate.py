@@ -11,18 +11,37 @@ the same model calls (no extra evaluation). The pilot records
   exponential-integrator solvers: Euler/DDIM and DPM-Solver++ in data-prediction form are exact when D
   is constant in lambda), and
 - the twins' separation delta(lambda): an error made at lambda reaches the output multiplied by
-  A(lambda) = delta_end / delta(lambda) (the flow's amplification; it is large before the critical
-  time, where nearby trajectories still split between classes, THEORY.md §5).
+  A(lambda) = delta_end / delta(lambda) (the flow's amplification of an error that stays in the
+  trajectory's basin), and
+- the batch spread S(lambda) (RMS distance of the pilot's x from their mean): an error made before a
+  trajectory has chosen its mode can also send it to another mode.
 
 Step densities in lambda built from these measurements:
 
-    "error" (default): rho ∝ (A(lambda) ||D^(p)||)^(1/(p+1))    equidistributed *global* error
+    "error" (default): rho ∝ (A_tot(lambda) ||D^(p)||)^(1/(p+1))    equidistributed *global* error
     "length":          rho ∝ sqrt(r(t)) |dt/dlambda|             equal thermodynamic length (Sivak & Crooks 2012)
     "blend":           the mean of the two normalised densities
 
 p is the solver's order (1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M)): a step of size h makes a
-local error ~ h^(p+1) ||D^(p)||, which reaches the output multiplied by A; for a fixed number of steps
-the sum is smallest when every step contributes the same, h ∝ (A ||D^(p)||)^(-1/(p+1)). The density is
+local error ~ h^(p+1) ||D^(p)||, which reaches the output multiplied by A_tot; for a fixed number of
+steps the sum is smallest when every step contributes the same, h ∝ (A_tot ||D^(p)||)^(-1/(p+1)).
+
+An error reaches the output in two ways, so the amplification has two terms:
+
+    A_tot(lambda) = A(lambda) + s U(lambda) S_end / S(lambda)
+
+- A, measured by the twins, is the flow's effect on an error that leaves the trajectory in its basin.
+  On data with sharp modes it is tiny at high noise (every trajectory collapses into a mode much
+  narrower than the distance between modes), and a grid built from it alone starves the high-noise end.
+- The second term is the mode switch. Before the critical time the flow keeps each trajectory's place
+  within the batch (x / S), so an error e made at lambda shifts that place by e / S(lambda), and what
+  it can change is which mode the trajectory ends in: an error of the order of the final spread S_end.
+  U(lambda) = 1 - F(lambda) is the fraction of the critical-time density (below) still ahead, i.e. of
+  the mode choice not yet made; after the decision there is nothing left to switch. Its weight
+  s = `switch_weight(steps)` is 0 at 6 steps (where the grid cannot spare steps for it) and ramps to 1
+  at 20 steps and more, where the rare switched samples dominate the RMS error.
+
+The density is
 smoothed over the pilot nodes (abrupt changes of step size hurt the multistep extrapolation of
 DPM-Solver++(2M)) and mixed with two others:
 
@@ -36,10 +55,11 @@ DPM-Solver++(2M)) and mixed with two others:
   Its weight c = `critical_weight(steps)` gives it about three steps' worth from 10 steps on and fades
   to 0 at 6 steps (0 for Heun).
 
-These choices came out of benchmarks/bench_quality.py (over five noise seeds of 256 samples each):
-equal thermodynamic length is the starting point (it follows the data's transport), the local-error
-density alone wins at 20-50 evaluations, the amplification factor is what makes it win at 6-10, and the
-critical-time density is what removes most mode switches at 10-20.
+These choices came out of benchmarks/bench_quality.py: equal thermodynamic length is the starting point
+(it follows the data's transport), the local-error density alone wins at 20-50 evaluations, the twins'
+amplification is what makes it win at 6-10, the critical-time density removes most mode switches at
+10-20, and the switch term removes those that start at high noise (on the sharp VP mixture at 20
+evaluations, 87 switched samples in 393,216 against 148 without it and 111 for the uniform grid).
 `ThermoGrid` is a float64 numpy array (descending sigmas ending in 0) that `ts.sample(..., grid=...)`
 accepts directly, with `save(path)` / `ThermoGrid.load(path)`.
 """
@@ -53,7 +73,8 @@ import torch
 
 from .grids import validate_sigmas
 
-__all__ = ["ThermoGrid", "thermo_grid", "pilot", "density", "critical_density", "critical_weight", "place"]
+__all__ = ["ThermoGrid", "thermo_grid", "pilot", "density", "critical_density", "critical_weight", "switch_weight",
+           "place"]
 
 ORDER = {"euler": 1, "ddim": 1, "euler_ancestral": 1, "euler_maruyama": 1, "heun": 2, "dpmpp_2m": 2}
 
@@ -112,7 +133,8 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     Returns a dict of numpy arrays: sigma [J] (descending pilot noise levels, excluding 0), t [J] (their
     physical times), D [J, B, n] (denoised estimates, float64), rate [J] (batch-mean ||nu||^2 per
     evaluation, from the ThermoReport), log_sep [J, B] (log distance of each twin pair at each
-    evaluation), and nfe (model evaluations spent).
+    evaluation), spread [J] (RMS distance of the batch's x from their mean at each evaluation), and nfe
+    (model evaluations spent).
     """
     from .sampler import sample
 
@@ -124,7 +146,7 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     else:
         sig = np.asarray(sigmas, dtype=np.float64)
     grid = np.append(sig, 0.0)
-    saved, sep = [], []
+    saved, sep, spread = [], [], []
     b = int(shape[0])
     # Each trajectory gets a twin started eps away: the twins ride in the same model call (no extra
     # evaluation), and their separation measures how the flow amplifies an error made at each noise level.
@@ -139,6 +161,7 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
         x = info["x"].detach().double().reshape(2 * b, -1).cpu()
         saved.append(d[:b])
         sep.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log())
+        spread.append(float((x[:b] - x[:b].mean(0)).square().sum(1).mean().sqrt()))
 
     out = sample(den, noise=x_t, grid=grid, solver=solver, seed=pilot_seed, backend=backend, track=True,
                  callback=keep, progress=False)
@@ -148,7 +171,7 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     order = np.argsort(t_eval, kind="stable")
     r = np.interp(t, t_eval[order], rate[order])
     return {"sigma": sig, "t": t, "D": torch.stack(saved).numpy(), "rate": r, "nfe": out.nfe,
-            "log_sep": torch.stack(sep).numpy()}
+            "log_sep": torch.stack(sep).numpy(), "spread": np.asarray(spread)}
 
 
 def _smooth(y: np.ndarray, passes: int = 1) -> np.ndarray:
@@ -174,7 +197,7 @@ def critical_density(p: dict) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def density(p: dict, schedule, method: str = "error", order: int = 2, floor: float = 0.35, passes: int = 4,
-            stat: str = "rms", amplify: float = 1.0, critical: float = 0.0):
+            stat: str = "rms", amplify: float = 1.0, critical: float = 0.0, switch: float = 0.0):
     """Step density on the pilot's lambda = -log sigma nodes, normalised to integrate to 1.
 
     Args:
@@ -186,7 +209,9 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
         floor: weight of a uniform-in-lambda density mixed in (0 = none).
         passes: smoothing passes (1-2-1 filter over the pilot nodes) before the floor is mixed in.
         stat: "rms" or "max" over the batch of ||D^(p)||.
-        amplify: exponent of the amplification factor A(lambda) in the error density (0 = local error only).
+        amplify: exponent of the twins' amplification factor A(lambda) in the error density (0 = none).
+        switch: weight s of the mode-switch amplification s U(lambda) S_end / S(lambda) added to A (see the
+            module docstring; 0 = none, and none when D does not move or the pilot has no "spread").
         critical: weight of the critical-time density (`critical_density`) mixed in beside the floor, so
             that rho = (1 - floor - critical) rho_method + critical rho_crit + floor / span (its weight
             goes to rho_method when D does not move).
@@ -211,10 +236,19 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
         per = np.sqrt(np.sum(deriv ** 2, axis=2))  # [J', B] ||D^(p)|| per sample
         mag = np.sqrt(np.mean(per ** 2, axis=1)) if stat == "rms" else np.max(per, axis=1)
         w = np.interp(lam, x, mag)
+        amp = np.ones_like(lam)
         if amplify and "log_sep" in p:
             # error made at lambda_j reaches the output multiplied by sep_end / sep_j (batch geometric mean)
             ls = p["log_sep"]
-            w = w * np.exp(np.clip(np.mean(ls[-1] - ls, axis=1), -50, 50)) ** amplify
+            amp = np.exp(np.clip(np.mean(ls[-1] - ls, axis=1), -50, 50)) ** amplify
+        crit = critical_density(p) if switch > 0 and "spread" in p else None
+        if crit is not None:
+            # ... or sends the trajectory to another mode, while the mode is still to be chosen
+            c = crit[1]
+            decided = np.concatenate([[0.0], np.cumsum(0.5 * (c[1:] + c[:-1]) * np.diff(lam))])
+            undecided = np.clip(1.0 - decided / decided[-1], 0.0, 1.0)
+            amp = amp + switch * undecided * p["spread"][-1] / np.maximum(p["spread"], 1e-300)
+        w = w * amp
         w = w ** (1.0 / (order + 1))
     else:
         raise ValueError(f"method must be 'blend', 'error' or 'length', got {method!r}")
@@ -245,10 +279,18 @@ def critical_weight(steps: int) -> float:
     return float(min(3.0 / steps, 0.3 * (steps - 6) / 4.0))
 
 
+def switch_weight(steps: int) -> float:
+    """Default weight s of the mode-switch amplification for `steps` steps: (steps - 6) / 14 clipped to
+    [0, 1]: 0 at 6 steps and below, 0.29 at 10, 1 from 20 on. With few steps the grid needs them along the
+    whole path; with many, the rare samples that a step at high noise sends to another mode dominate the
+    RMS error (measured on benchmarks/bench_quality.py)."""
+    return float(min(1.0, max(0.0, (steps - 6) / 14.0)))
+
+
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = 32,
                 sample_shape: tuple | None = None, method: str = "error", floor: float | None = None,
-                critical: float | None = None, pilot_seed: int = 12345, backend: str = "auto",
-                pilot_data: dict | None = None) -> ThermoGrid:
+                critical: float | None = None, switch: float | None = None, amplify: float = 1.0,
+                pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None) -> ThermoGrid:
     """A time grid calibrated from a pilot run of `den` (THEORY.md §6).
 
     Args:
@@ -271,6 +313,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             ramping down to 0 at 6 steps and below. For Heun (a trapezoid rule in sigma, not an
             exponential integrator in lambda) the defaults stay floor 0.35 and critical 0: the benchmark
             measured the critical-time density making Heun worse.
+        switch: weight of the mode-switch amplification (an error made before a trajectory has chosen its
+            mode can send it to another; see the module docstring). None (default) gives
+            `switch_weight(steps)`: 0 at 6 steps, 0.29 at 10, 1 from 20 on, for every solver.
+        amplify: exponent of the twins' amplification factor in the error density (default 1).
         pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
         backend: fused-op backend for the pilot.
         pilot_data: a pilot dict from `pilot(...)` to reuse (then no model evaluation is spent).
@@ -289,6 +335,12 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
     if critical is None:
         critical = 0.0 if solver == "heun" else critical_weight(int(steps))
+    if switch is None:
+        switch = switch_weight(int(steps))
+    if not (switch >= 0.0 and math.isfinite(switch)):
+        raise ValueError(f"switch must be a finite number >= 0, got {switch!r}")
+    if not (amplify >= 0.0 and math.isfinite(amplify)):
+        raise ValueError(f"amplify must be a finite number >= 0, got {amplify!r}")
     if not 0.0 <= critical <= 1.0 - floor:
         raise ValueError(f"critical must lie in [0, 1 - floor], got {critical!r}")
     if pilot_data is None:
@@ -304,11 +356,12 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     if steps == 1:
         sig = np.array([sch.sigma_max])
     else:
-        lam, rho = density(pilot_data, sch, method=method, order=ORDER[solver], floor=floor, critical=critical)
+        lam, rho = density(pilot_data, sch, method=method, order=ORDER[solver], floor=floor, critical=critical,
+                           amplify=amplify, switch=switch)
         sig = np.exp(-place(lam, rho, steps))
         sig[0], sig[-1] = sch.sigma_max, sch.sigma_min
     meta = {"method": method, "solver": solver, "order": ORDER[solver], "floor": floor,
-            "critical": float(critical), "steps": int(steps),
+            "critical": float(critical), "switch": float(switch), "amplify": float(amplify), "steps": int(steps),
             "pilot_steps": int(len(pilot_data["sigma"])), "pilot_nfe": int(pilot_data["nfe"]),
             "pilot_seed": int(pilot_seed), "schedule": repr(sch)}
     return ThermoGrid(np.append(sig, 0.0), meta)
