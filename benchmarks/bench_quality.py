@@ -14,10 +14,11 @@ reported separately (it is paid once per model and the grid is reusable).
 Statistics. On the multimodal problems the RMS error is dominated by the few samples that a coarse grid
 sends to another mode than the converged solution (a switched sample costs ~1.4 per coordinate, the others
 ~1e-3): with one batch of 256 the verdict between two grids often hinges on zero versus one switched sample
-(on the sharp VP mixture at 20 evaluations every grid switches about 1 sample in 1,500-3,000). So by
+(on the sharp VP mixture at 20 evaluations every grid switches about 1 sample in 1,500-4,500). So by
 default every problem runs four noise seeds (each its own batch and converged reference; the errors pool)
-with a batch sized to what the problem costs (`problems()`: 4,096 for the cheap low-dimensional oracles,
-1,024 for the others, 256 for the digits model; ~1.5 min on 2 idle cores), and the acceptance verdict
+with a batch sized to what the problem costs and how rare its switches are (`problems()`: 16,384 for the
+sharp VP mixture, whose verdict at 20 evaluations rests on ~1 switched sample in 4,000; 4,096 for d2;
+1,024 for the others; 256 for the digits model; ~1.5 min on 2 idle cores), and the acceptance verdict
 reports, for each case, the pooled ratio calibrated / best fixed grid with a paired bootstrap 90% interval
 over samples and the min / max of the per-seed ratios. `--batch` overrides every problem's batch.
 """
@@ -61,13 +62,13 @@ def problems(quick: bool = False, select=None):
     """(name, denoiser, sample_shape, default batch per seed) for every benchmark problem; `select`: keep
     the problems named by one of these (a full name or a token of it: d2, d64, vp, digits, ...). The
     batches balance the cost per problem (the cheap low-dimensional oracles get the most samples: their
-    mode switches are the rarest; the digits model costs the most per sample and its verdict is the least
-    noisy). With `quick`, the caller uses a quarter of each batch."""
+    mode switches are the rarest, and on d16 the 20-evaluation verdict rests on them alone; the digits model
+    costs the most per sample and its verdict is the least noisy). With `quick`, the caller uses a quarter of each batch."""
     out = [("mix-d64-k8-sharp/condot", lambda: toy.default_mixture().denoiser("condot"), (64,), 1024),
            ("mix-d2-k5-wide/condot", lambda: mixture(2, 5, 0.2, 0.35, 1).denoiser("condot"), (2,), 4096),
            ("mix-d256-k16/cosine", lambda: mixture(256, 16, 0.1, 0.3, 2).denoiser("cosine"), (256,), 1024),
            ("mix-d16-k3-vsharp/vp", lambda: mixture(16, 3, 0.01, 0.03, 3).denoiser(ts.schedules.VPLinear()),
-            (16,), 4096)]
+            (16,), 16384)]
     if quick:
         out = out[:2]
 
