@@ -18,7 +18,7 @@ sends to another mode than the converged solution (a switched sample costs ~1.4 
 default every problem runs four noise seeds (each its own batch and converged reference; the errors pool)
 with a batch sized to what the problem costs and how rare its switches are (`problems()`: 16,384 for the
 sharp VP mixture, whose verdict at 20 evaluations rests on ~1 switched sample in 4,000; 4,096 for d2;
-1,024 for the others; 256 for the digits model; ~1.5 min on 2 idle cores), and the acceptance verdict
+1,024 for the others; 256 for the digits model; ~1 min on 2 idle cores), and the acceptance verdict
 reports, for each case, the pooled ratio calibrated / best fixed grid with a paired bootstrap 90% interval
 over samples and the min / max of the per-seed ratios. `--batch` overrides every problem's batch.
 """

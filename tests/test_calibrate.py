@@ -119,10 +119,13 @@ def test_bad_arguments():
         ts.thermo_grid(den, 10, floor=2.0, sample_shape=(64,))
     with pytest.raises(ValueError, match="critical"):
         ts.thermo_grid(den, 10, floor=0.5, critical=0.6, sample_shape=(64,))
-    with pytest.raises(ValueError, match="switch"):
-        ts.thermo_grid(den, 10, switch=-1.0, sample_shape=(64,))
-    with pytest.raises(ValueError, match="amplify"):
-        ts.thermo_grid(den, 10, amplify=float("nan"), sample_shape=(64,))
+    for bad in (-1.0, float("inf"), float("nan")):
+        for name in ("switch", "amplify"):
+            with pytest.raises(ValueError, match=name):
+                ts.thermo_grid(den, 10, sample_shape=(64,), **{name: bad})
+    for bad in ("1", True, torch.tensor([1.0, 2.0]), np.array([1.0, 2.0])):
+        with pytest.raises(TypeError, match="switch"):
+            ts.thermo_grid(den, 10, switch=bad, sample_shape=(64,))
     with pytest.raises(ValueError, match="pilot_steps"):
         calibrate.pilot(den, (4, 64), pilot_steps=2)
 
@@ -137,44 +140,65 @@ def test_twin_separation_for_dirac_data_contracts_like_sigma():
     np.testing.assert_allclose(p["log_sep"] - p["log_sep"][0], np.repeat(expected[:, None], 6, 1), atol=1e-6)
 
 
-def test_pilot_spread_for_dirac_data_shrinks_like_sigma():
+def test_pilot_spread_for_dirac_data_is_the_noise_spread_times_sigma():
     """Dirac data: every update is x -> r x + (1 - r) y with the same y for the whole batch, so the batch
-    spread (RMS distance from the batch mean) scales exactly like sigma: S_j / S_0 = sigma_j / sigma_0."""
+    spread (RMS distance from the batch mean) is that of the pilot's noise times sigma_j, exactly; a pilot
+    grid that is not uniform in log sigma makes a spread recorded one step late show at every node."""
     y = torch.linspace(-1, 1, 8, dtype=torch.float64)
-    p = calibrate.pilot(toy.Dirac(y).denoiser("cosine"), (6, 8), pilot_steps=12)
-    np.testing.assert_allclose(p["spread"] / p["spread"][0], p["sigma"] / p["sigma"][0], rtol=1e-9)
-    # the first spread is that of the pilot's noise, times sigma_max: about sigma_max sqrt(n)
-    assert 0.5 < p["spread"][0] / (p["sigma"][0] * math.sqrt(8)) < 1.5
+    sig = np.array([80.0, 30.0, 20.0, 5.0, 4.0, 1.0, 0.3, 0.25, 0.02, 0.01])
+    p = calibrate.pilot(toy.Dirac(y).denoiser("cosine"), (6, 8), sigmas=sig, pilot_seed=7)
+    z = torch.randn((6, 8), generator=torch.Generator().manual_seed(7), dtype=torch.float64)  # the pilot's noise
+    z_spread = float((z - z.mean(0)).square().sum(1).mean().sqrt())
+    np.testing.assert_allclose(p["spread"], sig * z_spread, rtol=1e-9)
 
 
-def test_switch_term_adds_steps_before_the_critical_time(mixture_pilot):
-    """The mode-switch amplification U(lambda) S_end / S(lambda) weighs the high-noise end, before the
-    critical time, where the twins' amplification is smallest: with it, the grid puts more steps before the
-    critical density's peak. It vanishes when D does not move (Dirac data) or the pilot has no spread."""
+def test_switch_term_on_a_hand_built_pilot():
+    """A pilot whose D jumps once (between nodes k and k+1) and is otherwise nearly constant, twins that
+    neither grow nor shrink (A = 1) and a chosen spread S: far from the jump the error density is
+    (A_tot ||D''||)^(1/3) with ||D''|| the same at every node, so rho(switch=s) / rho(switch=0) ∝
+    (1 + s U S_end / S)^(1/3), where U = 1 before the jump's critical mass and 0 after it."""
+    J, k, s = 20, 9, 2.0
+    lam = np.linspace(-3.0, 3.0, J)
+    D = np.zeros((J, 2, 3))
+    D[:, :, 0] = 1e-6 * lam[:, None] ** 2  # constant D'' = 2e-6, a negligible share of the critical density
+    D[k + 1:, :, 1] = 1.0  # the mode choice
+    spread = 5.0 * np.exp(-lam) + 1.0
+    p = {"sigma": np.exp(-lam), "D": D, "log_sep": np.zeros((J, 2)), "spread": spread}
+    _, w0 = calibrate.density(p, None, floor=0.0, passes=0, switch=0.0)
+    _, w1 = calibrate.density(p, None, floor=0.0, passes=0, switch=s)
+    gain = (w1 / w0) ** 3
+    gain = gain / gain[-1]  # the last node is past the decision: A_tot = A = 1 there
+    before = np.arange(k - 1)  # U = 1 (the critical density's smoothing reaches node k - 1)
+    np.testing.assert_allclose(gain[before], 1.0 + s * spread[-1] / spread[before], rtol=1e-3)
+    np.testing.assert_allclose(gain[k + 4:], 1.0, rtol=1e-3)  # U = 0 once the mode is chosen
+
+
+def test_switch_term_moves_density_before_the_critical_time(mixture_pilot, monkeypatch):
+    """On the mixture the switch term weighs the high-noise end, before the critical density's peak, where
+    the twins' amplification is smallest. It is used by "error" and "blend", not "length", and it
+    vanishes when D does not move (no critical density) or the pilot has no spread."""
     _, den, pil = mixture_pilot
     lam, rc = calibrate.critical_density(pil)
-    peak = lam[np.argmax(rc)]
-    before = lambda g: int(np.sum(-np.log(np.asarray(g)[:-1]) < peak))
+    peak = np.argmax(rc)
+    sch = den.schedule
+    mass_before = lambda rho: np.trapezoid(rho[:peak + 1], lam[:peak + 1])
+    for method, gain in (("error", 1.1), ("blend", 1.05)):  # blend: half of its density is the length one
+        _, r0 = calibrate.density(pil, sch, method, switch=0.0)
+        _, r1 = calibrate.density(pil, sch, method, switch=1.0)
+        assert mass_before(r1) > gain * mass_before(r0), method
     g0 = ts.thermo_grid(den, 20, pilot_data=pil, switch=0.0)
     g1 = ts.thermo_grid(den, 20, pilot_data=pil)
     assert g1.meta["switch"] == 1.0 and g0.meta["switch"] == 0.0
-    assert before(g1) > before(g0), (np.asarray(g0), np.asarray(g1))
-    # the density is the error density times A_tot: check the added term at one node by hand
-    lam_a, w0 = calibrate.density(pil, den.schedule, floor=0.0, passes=0, switch=0.0)
-    _, w1 = calibrate.density(pil, den.schedule, floor=0.0, passes=0, switch=2.0)
-    ratio = (w1 / w0) ** 3  # order 2: rho ∝ (A ||D''||)^(1/3), up to the normalisation
-    j = 2  # early node, well before the critical time
-    ls = pil["log_sep"]
-    a_twin = np.exp(np.mean(ls[-1] - ls, axis=1))
-    decided = np.concatenate([[0.0], np.cumsum(0.5 * (rc[1:] + rc[:-1]) * np.diff(lam))])
-    a_tot = a_twin + 2.0 * (1 - decided / decided[-1]) * pil["spread"][-1] / pil["spread"]
-    np.testing.assert_allclose(ratio[j] / ratio[-1], (a_tot[j] / a_twin[j]) / (a_tot[-1] / a_twin[-1]), rtol=1e-9)
+    before = lambda g: int(np.sum(-np.log(np.asarray(g)[:-1]) < lam[peak]))
+    assert before(g1) > before(g0)
+    assert ts.thermo_grid(den, 20, pilot_data=pil, method="length", switch=1.0).meta["switch"] == 0.0
     no_spread = {k: v for k, v in pil.items() if k != "spread"}
     np.testing.assert_array_equal(np.asarray(ts.thermo_grid(den, 20, pilot_data=no_spread)), np.asarray(g0))
+    single = dict(pil, spread=np.zeros_like(pil["spread"]))  # a one-trajectory pilot has no spread
+    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(den, 20, pilot_data=single)), np.asarray(g0))
+    with pytest.raises(ValueError, match="spread"):
+        calibrate.density(dict(pil, spread=pil["spread"][:-1]), sch, switch=1.0)
+    monkeypatch.setattr(calibrate, "critical_density", lambda p: None)
+    np.testing.assert_array_equal(calibrate.density(pil, sch, switch=2.0)[1], calibrate.density(pil, sch, switch=0.0)[1])
     assert calibrate.switch_weight(6) == 0.0 and calibrate.switch_weight(20) == calibrate.switch_weight(50) == 1.0
     assert calibrate.switch_weight(13) == pytest.approx(0.5)
-    y = torch.linspace(-1, 1, 8, dtype=torch.float64)
-    dirac = toy.Dirac(y).denoiser("cosine")
-    pd = calibrate.pilot(dirac, (4, 8), pilot_steps=8)
-    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(dirac, 5, pilot_data=pd, switch=3.0)),
-                                  np.asarray(ts.thermo_grid(dirac, 5, pilot_data=pd, switch=0.0)))

@@ -28,18 +28,20 @@ steps the sum is smallest when every step contributes the same, h ∝ (A_tot ||D
 
 An error reaches the output in two ways, so the amplification has two terms:
 
-    A_tot(lambda) = A(lambda) + s U(lambda) S_end / S(lambda)
+    A_tot(lambda) = A(lambda)^a + s U(lambda) S_end / S(lambda)      (a = `amplify`, 1 by default)
 
 - A, measured by the twins, is the flow's effect on an error that leaves the trajectory in its basin.
   On data with sharp modes it is tiny at high noise (every trajectory collapses into a mode much
   narrower than the distance between modes), and a grid built from it alone starves the high-noise end.
 - The second term is the mode switch. Before the critical time the flow keeps each trajectory's place
   within the batch (x / S), so an error e made at lambda shifts that place by e / S(lambda), and what
-  it can change is which mode the trajectory ends in: an error of the order of the final spread S_end.
+  it can change is which mode the trajectory ends in: an error of the order of the spread S_end of the
+  pilot's last noise level (sigma_min).
   U(lambda) = 1 - F(lambda) is the fraction of the critical-time density (below) still ahead, i.e. of
   the mode choice not yet made; after the decision there is nothing left to switch. Its weight
   s = `switch_weight(steps)` is 0 at 6 steps (where the grid cannot spare steps for it) and ramps to 1
-  at 20 steps and more, where the rare switched samples dominate the RMS error.
+  at 20 steps and more, where the rare switched samples dominate the RMS error. (The term needs D to
+  move: for Dirac data, or a pilot without a spread, it is 0.)
 
 The density is
 smoothed over the pilot nodes (abrupt changes of step size hurt the multistep extrapolation of
@@ -67,6 +69,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 
 import numpy as np
 import torch
@@ -180,6 +183,28 @@ def _smooth(y: np.ndarray, passes: int = 1) -> np.ndarray:
     return y
 
 
+def _spread(p: dict, shape) -> np.ndarray | None:
+    """The pilot's batch spread S [J], checked; None when the pilot has none or a zero one (B = 1)."""
+    if "spread" not in p:
+        return None
+    s = np.asarray(p["spread"], dtype=np.float64)
+    if s.shape != tuple(shape) or not np.all(np.isfinite(s)) or np.any(s < 0):
+        raise ValueError(f"pilot 'spread' must hold {shape[0]} finite values >= 0, got {p['spread']!r}")
+    return s if np.all(s > 0) else None
+
+
+def _weight(name: str, value, default: float) -> float:
+    """A non-negative finite float argument (None gives the default); a clear error for anything else."""
+    if value is None:
+        return float(default)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.ndarray)) or np.ndim(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return value
+
+
 def critical_density(p: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """The pilot's critical-time density on its lambda nodes: rho_c ∝ sqrt(E_batch ||dD/dlambda||^2).
 
@@ -209,9 +234,10 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
         floor: weight of a uniform-in-lambda density mixed in (0 = none).
         passes: smoothing passes (1-2-1 filter over the pilot nodes) before the floor is mixed in.
         stat: "rms" or "max" over the batch of ||D^(p)||.
-        amplify: exponent of the twins' amplification factor A(lambda) in the error density (0 = none).
-        switch: weight s of the mode-switch amplification s U(lambda) S_end / S(lambda) added to A (see the
-            module docstring; 0 = none, and none when D does not move or the pilot has no "spread").
+        amplify: exponent a of the twins' amplification factor A(lambda)^a in the error density (0: A ≡ 1).
+        switch: weight s of the mode-switch amplification s U(lambda) S_end / S(lambda) added to A^a (see
+            the module docstring; 0 = none, and none when D does not move, or the pilot has no "spread" or
+            a zero spread, as a single-trajectory pilot does). Used by "error" and "blend".
         critical: weight of the critical-time density (`critical_density`) mixed in beside the floor, so
             that rho = (1 - floor - critical) rho_method + critical rho_crit + floor / span (its weight
             goes to rho_method when D does not move).
@@ -221,7 +247,8 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
     lam = -np.log(p["sigma"])  # ascending (sigma descends)
     if method == "blend":
         _, a = density(p, schedule, "length", order, floor=0.0, passes=0)
-        _, b = density(p, schedule, "error", order, floor=0.0, passes=0, stat=stat, amplify=amplify)
+        _, b = density(p, schedule, "error", order, floor=0.0, passes=0, stat=stat, amplify=amplify,
+                       switch=switch)
         w = 0.5 * (a + b)
     elif method == "length":
         dt_dlam = np.abs(np.gradient(p["t"], lam))
@@ -241,13 +268,13 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
             # error made at lambda_j reaches the output multiplied by sep_end / sep_j (batch geometric mean)
             ls = p["log_sep"]
             amp = np.exp(np.clip(np.mean(ls[-1] - ls, axis=1), -50, 50)) ** amplify
-        crit = critical_density(p) if switch > 0 and "spread" in p else None
+        spread = _spread(p, lam.shape) if switch > 0 else None
+        crit = critical_density(p) if spread is not None else None
         if crit is not None:
             # ... or sends the trajectory to another mode, while the mode is still to be chosen
             c = crit[1]
             decided = np.concatenate([[0.0], np.cumsum(0.5 * (c[1:] + c[:-1]) * np.diff(lam))])
-            undecided = np.clip(1.0 - decided / decided[-1], 0.0, 1.0)
-            amp = amp + switch * undecided * p["spread"][-1] / np.maximum(p["spread"], 1e-300)
+            amp = amp + switch * (1.0 - decided / decided[-1]) * spread[-1] / spread
         w = w * amp
         w = w ** (1.0 / (order + 1))
     else:
@@ -289,7 +316,7 @@ def switch_weight(steps: int) -> float:
 
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = 32,
                 sample_shape: tuple | None = None, method: str = "error", floor: float | None = None,
-                critical: float | None = None, switch: float | None = None, amplify: float = 1.0,
+                critical: float | None = None, switch: float | None = None, amplify: float | None = None,
                 pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None) -> ThermoGrid:
     """A time grid calibrated from a pilot run of `den` (THEORY.md §6).
 
@@ -302,7 +329,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
             the denoiser exposes `sample_shape`.
         method: "error" (default: equidistributed global error, the solver's local truncation error
-            times the flow's amplification measured by the pilot's twin trajectories), "length" (equal
+            times the amplification: the flow's, measured by the pilot's twin trajectories, plus the
+            mode-switch term of `switch`), "length" (equal
             thermodynamic length, Sivak & Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt)
             or "blend" (mean of the two densities).
         floor: weight of a uniform-in-log-sigma density mixed into the calibrated one. None (default):
@@ -315,8 +343,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             measured the critical-time density making Heun worse.
         switch: weight of the mode-switch amplification (an error made before a trajectory has chosen its
             mode can send it to another; see the module docstring). None (default) gives
-            `switch_weight(steps)`: 0 at 6 steps, 0.29 at 10, 1 from 20 on, for every solver.
-        amplify: exponent of the twins' amplification factor in the error density (default 1).
+            `switch_weight(steps)`: 0 at 6 steps, 0.29 at 10, 1 from 20 on, for every solver. Used by
+            method "error" and "blend" ("length" has no amplification; its metadata records 0).
+        amplify: exponent of the twins' amplification factor in the error density (None: 1).
         pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
         backend: fused-op backend for the pilot.
         pilot_data: a pilot dict from `pilot(...)` to reuse (then no model evaluation is spent).
@@ -329,18 +358,12 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         raise ValueError(f"solver must be one of {sorted(ORDER)}, got {solver!r}")
     if method not in ("blend", "error", "length"):
         raise ValueError(f"method must be 'blend', 'error' or 'length', got {method!r}")
-    if floor is None:
-        floor = 0.35 if solver == "heun" else 0.1
-    if not 0.0 <= floor <= 1.0:
+    floor = _weight("floor", floor, 0.35 if solver == "heun" else 0.1)
+    if not floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
-    if critical is None:
-        critical = 0.0 if solver == "heun" else critical_weight(int(steps))
-    if switch is None:
-        switch = switch_weight(int(steps))
-    if not (switch >= 0.0 and math.isfinite(switch)):
-        raise ValueError(f"switch must be a finite number >= 0, got {switch!r}")
-    if not (amplify >= 0.0 and math.isfinite(amplify)):
-        raise ValueError(f"amplify must be a finite number >= 0, got {amplify!r}")
+    critical = _weight("critical", critical, 0.0 if solver == "heun" else critical_weight(int(steps)))
+    switch = 0.0 if method == "length" else _weight("switch", switch, switch_weight(int(steps)))
+    amplify = _weight("amplify", amplify, 1.0)
     if not 0.0 <= critical <= 1.0 - floor:
         raise ValueError(f"critical must lie in [0, 1 - floor], got {critical!r}")
     if pilot_data is None:
