@@ -5,6 +5,7 @@ loaded, from its file path, with a two-line stub for k_diffusion.utils.append_di
 k-diffusion, torchsde or torchdiffeq is not installed.
 """
 import importlib.util
+import math
 import sys
 import types
 
@@ -175,3 +176,17 @@ def test_nonfinite_model_output_raises():
         T.sample_euler(model, X0, SIGMAS, disable=True, thermo="report")
     with pytest.raises(ValueError):
         T.sample_dpmpp_2m_sde(model, X0, SIGMAS, disable=True, solver_type="rk4")
+
+
+def test_speed_limit_only_for_wrappers_that_stay_on_the_ode():
+    """The wrappers ask solvers.injects_noise: fresh noise (eta != 0) or churn leaves the probability-flow
+    ODE, so the report has no pathwise speed limit (NaN); eta = 0 and no churn keep it finite."""
+    def limit(fn, **kw):
+        th = []
+        fn(model, X0, SIGMAS, disable=True, thermo=th, seed=1, **kw)
+        return th[0].speed_limit
+    assert math.isnan(limit(T.sample_euler_ancestral)) and math.isfinite(limit(T.sample_euler_ancestral, eta=0.0))
+    assert math.isnan(limit(T.sample_dpmpp_2m_sde)) and math.isfinite(limit(T.sample_dpmpp_2m_sde, eta=0.0))
+    for fn in (T.sample_euler, T.sample_heun, T.sample_dpm_2):
+        assert math.isnan(limit(fn, s_churn=5.0)) and math.isfinite(limit(fn)), fn.__name__
+    assert math.isfinite(limit(T.sample_lms)) and math.isfinite(limit(T.sample_dpmpp_2m))

@@ -119,15 +119,19 @@ SOLVERS = {"euler": euler, "heun": heun, "dpmpp_2m": dpmpp_2m, "ddim": ddim,
 STOCHASTIC = {"euler_ancestral", "euler_maruyama"}
 
 
+# solvers whose stochasticity is set by eta, with their default eta (dpmpp_2m_sde: the k-diffusion wrapper)
+_ETA_DEFAULT = {"euler_ancestral": 1.0, "ddim": 0.0, "dpmpp_2m_sde": 1.0}
+
+
 def injects_noise(solver: str, options: dict) -> bool:
     """Whether `solver` with these options leaves the probability-flow ODE (fresh noise, or the ancestral /
     churn steps that make room for it, even with s_noise=0), so that the pathwise speed limit does not
-    apply: always for Euler-Maruyama, for euler_ancestral / ddim when eta != 0, for euler / heun with
-    EDM churn."""
+    apply: always for Euler-Maruyama, for euler_ancestral / ddim / dpmpp_2m_sde when eta != 0, for the
+    churn solvers (euler, heun, dpm_2) with EDM churn. `sample()` and the k-diffusion wrappers both ask it."""
     if solver == "euler_maruyama":
         return True
-    if solver in ("euler_ancestral", "ddim"):
-        return options.get("eta", 1.0 if solver == "euler_ancestral" else 0.0) != 0
+    if solver in _ETA_DEFAULT:
+        return options.get("eta", _ETA_DEFAULT[solver]) != 0
     return options.get("churn", 0.0) > 0
 
 

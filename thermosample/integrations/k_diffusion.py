@@ -153,7 +153,7 @@ def _host_sigmas(sigmas) -> list[float]:
 
 
 def _run(solver, name, model, x, sigmas, extra_args, callback, disable, *, noise_sampler=None, seed=None,
-         schedule=None, thermo=None, backend="auto", stochastic=False, **options):
+         schedule=None, thermo=None, backend="auto", **options):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
     if thermo is not None and not isinstance(thermo, (list, dict)):
@@ -165,7 +165,8 @@ def _run(solver, name, model, x, sigmas, extra_args, callback, disable, *, noise
     den = _KDenoiser(model, get_schedule(schedule) if schedule is not None else EDM())
     run = _KRun(den, host, seed=seed, sample_offset=0, backend=backend, track=thermo is not None,
                 callback=callback, progress=None, noise_sampler=noise_sampler, extra_args=extra_args,
-                solver=name, stochastic=stochastic, sigmas_tensor=sigmas_t, disable=disable)
+                solver=name, stochastic=_solvers.injects_noise(name, options), sigmas_tensor=sigmas_t,
+                disable=disable)
     out = solver(run, x.contiguous(), host, **options)
     run.check_finite(out)
     if thermo is not None:
@@ -277,7 +278,7 @@ def _doc(text):
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., *, thermo=None, schedule=None, seed=None, backend="auto"):
     return _run(_solvers.euler, "euler", model, x, sigmas, extra_args, callback, disable, seed=seed,
-                schedule=schedule, thermo=thermo, backend=backend, stochastic=s_churn > 0, churn=s_churn,
+                schedule=schedule, thermo=thermo, backend=backend, churn=s_churn,
                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
 
@@ -287,7 +288,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
                            noise_sampler=None, *, thermo=None, schedule=None, seed=None, backend="auto"):
     return _run(_solvers.euler_ancestral, "euler_ancestral", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
-                stochastic=bool(eta), eta=eta, s_noise=s_noise)
+                eta=eta, s_noise=s_noise)
 
 
 @torch.no_grad()
@@ -295,7 +296,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float('inf'), s_noise=1., *, thermo=None, schedule=None, seed=None, backend="auto"):
     return _run(_solvers.heun, "heun", model, x, sigmas, extra_args, callback, disable, seed=seed,
-                schedule=schedule, thermo=thermo, backend=backend, stochastic=s_churn > 0, churn=s_churn,
+                schedule=schedule, thermo=thermo, backend=backend, churn=s_churn,
                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
 
@@ -304,7 +305,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., *, thermo=None, schedule=None, seed=None, backend="auto"):
     return _run(_dpm_2, "dpm_2", model, x, sigmas, extra_args, callback, disable, seed=seed, schedule=schedule,
-                thermo=thermo, backend=backend, stochastic=s_churn > 0, churn=s_churn, s_tmin=s_tmin,
+                thermo=thermo, backend=backend, churn=s_churn, s_tmin=s_tmin,
                 s_tmax=s_tmax, s_noise=s_noise)
 
 
@@ -336,4 +337,4 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         raise ValueError('solver_type must be \'heun\' or \'midpoint\'')
     return _run(_dpmpp_2m_sde, "dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
-                stochastic=bool(eta), eta=eta, s_noise=s_noise, solver_type=solver_type)
+                eta=eta, s_noise=s_noise, solver_type=solver_type)
