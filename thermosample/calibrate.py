@@ -245,6 +245,8 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
         (lam [J] ascending, rho [J]) with the trapezoid integral of rho over lam equal to 1.
     """
     lam = -np.log(p["sigma"])  # ascending (sigma descends)
+    # one critical density for both of its uses: the switch term's U and the critical-time mixture
+    crit = critical_density(p) if critical > 0 or (switch > 0 and method == "error") else None
     if method == "blend":
         _, a = density(p, schedule, "length", order, floor=0.0, passes=0)
         _, b = density(p, schedule, "error", order, floor=0.0, passes=0, stat=stat, amplify=amplify,
@@ -269,8 +271,7 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
             ls = p["log_sep"]
             amp = np.exp(np.clip(np.mean(ls[-1] - ls, axis=1), -50, 50)) ** amplify
         spread = _spread(p, lam.shape) if switch > 0 else None
-        crit = critical_density(p) if spread is not None else None
-        if crit is not None:
+        if spread is not None and crit is not None:
             # ... or sends the trajectory to another mode, while the mode is still to be chosen
             c = crit[1]
             decided = np.concatenate([[0.0], np.cumsum(0.5 * (c[1:] + c[:-1]) * np.diff(lam))])
@@ -283,8 +284,7 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
     w = w / max(np.trapezoid(w, lam), 1e-300)
     span = lam[-1] - lam[0]
     rho = (1 - floor) * w + floor / span
-    crit = critical_density(p) if critical > 0 else None
-    if crit is not None:
+    if critical > 0 and crit is not None:
         rho = rho - critical * w + critical * crit[1]
     return lam, rho / np.trapezoid(rho, lam)
 
