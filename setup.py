@@ -43,7 +43,8 @@ def get_extensions():
 
 
 setup(
-    packages=["thermosample", "thermosample.integrations", "thermosample.kernels"],
+    packages=["thermosample", "thermosample.ops", "thermosample.apps", "thermosample.integrations",
+              "thermosample.kernels"],
     package_dir={"thermosample.kernels": "kernels"},
     package_data={"thermosample": ["data/*"]},
     ext_modules=get_extensions(),

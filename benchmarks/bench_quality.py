@@ -73,7 +73,7 @@ def problems(quick: bool = False, select=None):
         out = out[:2]
 
     def load_digits():
-        from thermosample import digits
+        from thermosample.apps import digits
         return digits.load_denoiser()
 
     out.append(("digits-8x8/edm", load_digits, (1, 8, 8), 256))

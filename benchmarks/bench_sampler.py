@@ -16,7 +16,7 @@ import time
 import torch
 
 import thermosample as ts
-from thermosample.bench import device_name
+from thermosample.apps.bench import device_name
 
 
 def eager_loop(model, sigmas, x, solver, gen):

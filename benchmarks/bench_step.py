@@ -6,7 +6,7 @@
 """
 import sys
 
-from thermosample.bench import main
+from thermosample.apps.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

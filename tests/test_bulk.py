@@ -12,10 +12,11 @@ import torch
 
 import thermosample as ts
 from thermosample import bulk
-from thermosample.bulk import ConfigMismatchError, toy_factory
+from thermosample.bulk import ConfigMismatchError
+from thermosample.toy import toy_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SPEC = "thermosample.bulk:toy_factory"
+SPEC = "thermosample.toy:toy_factory"
 JOB = dict(n=37, batch=8, steps=6, solver="euler_ancestral", seed=11, backend="torch")  # 5 shards, last one 5
 
 
@@ -43,7 +44,7 @@ def test_reference_equals_one_big_sample_call(reference):
 
 def test_sigkill_mid_shard_then_resume_is_byte_identical(reference, tmp_path):
     out = tmp_path / "job"
-    cmd = [sys.executable, "-m", "thermosample.cli", "sample", "--model", SPEC, "--factory-arg", "delay=0.05",
+    cmd = [sys.executable, "-m", "thermosample.apps.cli", "sample", "--model", SPEC, "--factory-arg", "delay=0.05",
            "--n", str(JOB["n"]), "--batch", str(JOB["batch"]), "--out", str(out), "--steps", "6",
            "--solver", "euler_ancestral", "--seed", "11", "--backend", "torch"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

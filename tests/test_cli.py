@@ -2,7 +2,7 @@
 import json
 import math
 
-import thermosample.cli as cli
+import thermosample.apps.cli as cli
 
 
 def test_demo_runs_and_writes_table_and_figure(tmp_path, capsys):

@@ -9,7 +9,8 @@ import itertools
 import pytest
 import torch
 
-from thermosample import _cpp, _reference, ops
+from thermosample import ops
+from thermosample.ops import cpp as _cpp, reference as _reference
 
 if not _cpp.available():
     raise RuntimeError(f"thermosample._C is not built (run `pip install --no-build-isolation -e .`): "

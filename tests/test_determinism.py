@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import thermosample as ts
-from thermosample.bulk import toy_factory
+from thermosample.toy import toy_factory
 
 BACKENDS = ["torch"] + (["cpp"] if ts.ops.cpp_available() else [])
 SOLVERS = ["euler", "heun", "dpmpp_2m", "euler_ancestral", "euler_maruyama"]

@@ -4,7 +4,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 import thermosample as ts
-from thermosample import digits
+from thermosample.apps import digits
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import thermosample as ts
-from thermosample.bulk import toy_factory
+from thermosample.toy import toy_factory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 13  # uneven over 2 ranks: 7 + 6
@@ -58,7 +58,7 @@ def _worker(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"nan.rank{rank}.txt"), "w") as f:
         f.write(result)
     # bulk under torchrun: shards dealt round-robin to the ranks
-    ts.bulk.sample_to_disk("thermosample.bulk:toy_factory", n=N, batch=4, out=os.path.join(out_dir, "bulk"),
+    ts.bulk.sample_to_disk("thermosample.toy:toy_factory", n=N, batch=4, out=os.path.join(out_dir, "bulk"),
                            steps=5, solver="euler_ancestral", seed=3)
     dist.barrier()
     dist.destroy_process_group()
@@ -94,7 +94,7 @@ def test_nan_on_one_rank_raises_on_every_rank(torchrun_dir):
 
 
 def test_bulk_under_torchrun_equals_single_process_files(torchrun_dir, tmp_path):
-    ts.bulk.sample_to_disk("thermosample.bulk:toy_factory", n=N, batch=4, out=str(tmp_path), steps=5,
+    ts.bulk.sample_to_disk("thermosample.toy:toy_factory", n=N, batch=4, out=str(tmp_path), steps=5,
                            solver="euler_ancestral", seed=3)
     names = sorted(f for f in os.listdir(tmp_path) if f.startswith("shard_"))
     assert len(names) == 4

@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from thermosample import _reference, ops
-from thermosample._library import fused_step_op
+from thermosample import ops
+from thermosample.ops import reference as _reference
+from thermosample.ops.library import fused_step_op
 from thermosample.errors import BackendUnavailableWarning
 
 BACKENDS = ["torch", "auto"] + (["triton"] if torch.cuda.is_available() else [])
@@ -151,7 +152,7 @@ def test_loop_captures_in_a_cuda_graph(inplace):
 def test_eager_call_skips_the_dispatcher_but_tracing_and_grad_do_not(monkeypatch):
     """Plain eager tensors go straight to ops.fused_step (host time); inputs that require grad and
     tensor subclasses still go through the registered op, whose result is the same."""
-    from thermosample import _library
+    from thermosample.ops import library as _library
 
     x, d = torch.randn(3, 17), torch.randn(3, 17)
     calls = []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import thermosample as ts
-from thermosample.bulk import toy_factory
+from thermosample.toy import toy_factory
 from thermosample.errors import NonFiniteError
 
 BACKENDS = ["torch"] + (["cpp"] if ts.ops.cpp_available() else [])

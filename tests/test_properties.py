@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import thermosample as ts
 from thermosample import ops
-from thermosample.bulk import toy_factory
+from thermosample.toy import toy_factory
 
 BACKENDS = ["torch"] + (["cpp"] if ops.cpp_available() else [])
 SCHEDULES = ["condot", "cosine", "vp", "edm"]

@@ -16,7 +16,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton backend cannot run here")
 
-from thermosample import _reference  # noqa: E402
+from thermosample.ops import reference as _reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"

@@ -8,7 +8,7 @@ import torch
 
 import thermosample as ts
 from thermosample import ops
-from thermosample.bulk import toy_factory
+from thermosample.toy import toy_factory
 
 
 def den():
@@ -166,7 +166,7 @@ CASES = [
     ("op-out-list", lambda: ops.fused_step([X], [1.0], out=[0.0]), TypeError, "out"),
     ("op-backend-unknown", lambda: ops.fused_step([X], [1.0], backend="gpu"), ValueError, "backend"),
     # --- bulk / CLI ----------------------------------------------------------------------------------
-    ("bulk-n-zero", lambda: ts.bulk.sample_to_disk("thermosample.bulk:toy_factory", 0, 4, "/nonexistent/x"),
+    ("bulk-n-zero", lambda: ts.bulk.sample_to_disk("thermosample.toy:toy_factory", 0, 4, "/nonexistent/x"),
      ValueError, "n must"),
     ("bulk-bad-spec", lambda: ts.bulk.sample_to_disk("no_colon", 4, 4, "/nonexistent/x"), ValueError, "MODULE:FACTORY"),
     ("bulk-missing-module", lambda: ts.bulk.sample_to_disk("no_such_mod_xyz:f", 4, 4, "/nonexistent/x"),
@@ -184,7 +184,7 @@ def test_there_are_at_least_30_distinct_cases():
 @pytest.fixture
 def no_kernel(monkeypatch):
     """Fail the test if a sampler-level bad input reached a backend kernel."""
-    from thermosample import _reference, _cpp
+    from thermosample.ops import cpp as _cpp, reference as _reference
     calls = []
 
     def boom(*a, **k):
@@ -240,7 +240,7 @@ def test_valid_edge_inputs_still_work():
 
 
 def test_cli_sample_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):
-    from thermosample import cli
+    from thermosample.apps import cli
     rc = cli.main(["sample", "--model", "nope", "--n", "4", "--batch", "2", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2 and "MODULE:FACTORY" in err and "Traceback" not in err

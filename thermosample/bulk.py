@@ -34,7 +34,7 @@ import torch
 from .denoiser import Denoiser
 from .sampler import sample as _sample
 
-__all__ = ["sample_to_disk", "load_shards", "load_weights", "build_denoiser", "toy_factory", "BulkResult",
+__all__ = ["sample_to_disk", "load_shards", "load_weights", "build_denoiser", "BulkResult",
            "ConfigMismatchError", "MANIFEST", "FORMAT_VERSION"]
 
 MANIFEST = "manifest.json"
@@ -87,7 +87,7 @@ def build_denoiser(spec: str, weights: str | None = None, **factory_kwargs) -> D
         **factory_kwargs: further keyword arguments for the factory.
     """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"model must be 'MODULE:FACTORY' (e.g. 'thermosample.bulk:toy_factory'), got {spec!r}")
+        raise ValueError(f"model must be 'MODULE:FACTORY' (e.g. 'thermosample.toy:toy_factory'), got {spec!r}")
     mod_name, fn_name = spec.split(":")
     try:
         module = importlib.import_module(mod_name)
@@ -107,52 +107,6 @@ def build_denoiser(spec: str, weights: str | None = None, **factory_kwargs) -> D
         return Denoiser(made[0], made[1], prediction="eps")
     raise TypeError(f"the factory {spec!r} must return a ts.Denoiser, a (model, schedule) pair or a dict of "
                     f"Denoiser arguments, got {type(made).__name__}")
-
-
-class _DiagonalGaussianX0(torch.nn.Module):
-    """Exact x0-prediction for data N(mean, diag(std^2)) under any schedule, elementwise (batch invariant)."""
-
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, schedule, delay: float = 0.0):
-        super().__init__()
-        self.register_buffer("mean", mean.double())
-        self.register_buffer("std", std.double())
-        self.schedule = schedule
-        self.delay = float(delay)
-
-    def forward(self, x, t):
-        if tuple(x.shape[1:]) != tuple(self.mean.shape):
-            raise ValueError(f"toy model of dimension {tuple(self.mean.shape)} got samples of shape "
-                             f"{tuple(x.shape[1:])}")
-        if self.delay:
-            time.sleep(self.delay)
-        tt = t.detach().double().cpu().numpy()
-        view = (-1,) + (1,) * (x.dim() - 1)
-        m = torch.as_tensor(np.asarray(self.schedule.m(tt)), dtype=torch.float64).reshape(view)
-        s = torch.as_tensor(np.asarray(self.schedule.s(tt)), dtype=torch.float64).reshape(view)
-        x_hat, sig2 = x.double() / m, (s / m) ** 2
-        v = self.std ** 2
-        return (self.mean + v / (v + sig2) * (x_hat - self.mean)).to(x.dtype)
-
-
-def toy_factory(weights: str | None = None, dim: int = 8, schedule: str = "condot", delay: float = 0.0) -> Denoiser:
-    """A tiny exact denoiser for tests and demos: data N(mean, diag(std^2)) in R^dim.
-
-    Args:
-        weights: optional .safetensors / torch file with tensors "mean" [dim] and "std" [dim]; default a fixed
-            mean 0.5 * sin(1..dim) and std 0.2 + 0.1 * |cos(1..dim)|.
-        dim: data dimension when no weights are given.
-        schedule: schedule name.
-        delay: seconds slept per model call (to make a run slow enough to interrupt in tests).
-    """
-    if weights is not None:
-        state = load_weights(weights)
-        mean, std = state["mean"], state["std"]
-    else:
-        k = torch.arange(1, dim + 1, dtype=torch.float64)
-        mean, std = 0.5 * torch.sin(k), 0.2 + 0.1 * torch.cos(k).abs()
-    from .schedules import get_schedule
-    sch = get_schedule(schedule)
-    return Denoiser(_DiagonalGaussianX0(mean, std, sch, delay), sch, prediction="x0", time="t")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -300,9 +254,6 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
         raise TypeError(f"model must be 'MODULE:FACTORY' or a ts.Denoiser, got {type(model).__name__}")
     if sample_shape is None:
         sample_shape = getattr(den, "sample_shape", None)
-        mod = getattr(den, "model", None)
-        if sample_shape is None and isinstance(mod, _DiagonalGaussianX0):
-            sample_shape = tuple(mod.mean.shape)
         if sample_shape is None:
             raise ValueError("pass sample_shape=(C, H, W) (the shape of one sample)")
     if isinstance(sample_shape, int):

@@ -1,69 +1,35 @@
-"""Time grids calibrated from a pilot run of the model itself (THEORY.md §6).
+"""Time grids calibrated from a pilot run of the model itself (docs/theory.md §6).
 
-The pilot integrates the probability-flow ODE once (DPM-Solver++(2M), a grid uniform in log sigma, 24
-model evaluations by default, nothing else) on a small batch with a fixed pilot seed, so the grid never
-depends on the seed of the final run. Every pilot trajectory travels with a twin started 1e-6 away, in
-the same model calls (no extra evaluation). The pilot records
+`thermo_grid(den, steps, solver=...)` runs one pilot and returns a `ThermoGrid`: a float64 numpy array
+of descending sigmas ending in 0, with `.meta`, `save(path)` / `ThermoGrid.load(path)`, that
+`ts.sample(..., grid=...)` accepts like any explicit grid.
 
-- the dissipation rate r(t) = E||nu||^2 of every evaluation (the ThermoReport profile),
-- the denoised estimates D_j at every pilot noise level, from which ||d^p D / dlambda^p|| along the
-  trajectories follows by divided differences (lambda = -log sigma, the natural time of the
-  exponential-integrator solvers: Euler/DDIM and DPM-Solver++ in data-prediction form are exact when D
-  is constant in lambda), and
-- the twins' separation delta(lambda): an error made at lambda reaches the output multiplied by
-  A(lambda) = delta_end / delta(lambda) (the flow's amplification of an error that stays in the
-  trajectory's basin), and
-- the batch spread S(lambda) (RMS distance of the pilot's x from their mean): an error made before a
-  trajectory has chosen its mode can also send it to another mode.
+The pilot (`pilot`) integrates the probability-flow ODE once: DPM-Solver++(2M) on `pilot_steps` (24)
+sigmas uniform in log sigma, `pilot_batch` (32) trajectories, each beside a twin started 1e-6 away in
+the same model calls (the model sees 2B rows; NFE = pilot_steps), with its own `pilot_seed`, so the grid
+never depends on the final run's seed. At every pilot node (lambda = -log sigma) it records
 
-Step densities in lambda built from these measurements:
+- the rate r = E||nu||^2 (the ThermoReport profile),
+- the denoised estimates D [B, n], giving ||d^p D / dlambda^p|| by divided differences,
+- the twins' separation: A(lambda) = sep_end / sep(lambda), the flow's amplification of an error,
+- the batch spread S (RMS distance of the batch's x from their mean).
 
-    "error" (default): rho ∝ (A_tot(lambda) ||D^(p)||)^(1/(p+1))    equidistributed *global* error
-    "length":          rho ∝ sqrt(r(t)) |dt/dlambda|             equal thermodynamic length (Sivak & Crooks 2012)
+Step densities in lambda (`density`); `place` puts the grid at equal increments of their integral:
+
+    "error" (default): rho_m ∝ (A_tot ||D^(p)||)^(1/(p+1)),   A_tot = A^a + s U S_end / S
+    "length":          rho_m ∝ sqrt(r(t)) |dt/dlambda|        (equal thermodynamic length)
     "blend":           the mean of the two normalised densities
+    rho = (1 - floor - c) smooth(rho_m) + c rho_crit + floor / span
+    rho_crit ∝ sqrt(E||dD/dlambda||^2)                        (the critical-time density)
 
-p is the solver's order (1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M)): a step of size h makes a
-local error ~ h^(p+1) ||D^(p)||, which reaches the output multiplied by A_tot; for a fixed number of
-steps the sum is smallest when every step contributes the same, h ∝ (A_tot ||D^(p)||)^(-1/(p+1)).
+p is the solver's order (1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M)); U = 1 - F(lambda) is the
+part of rho_crit still ahead (`critical_density`); S_end is the spread at the last pilot node.
+Defaults, overridden by `floor=`, `critical=`, `switch=`, `amplify=`: floor 0.1 (0.35 for Heun),
+c = `critical_weight(steps)` (0 for Heun), s = `switch_weight(steps)` (0 for "length"), a = 1.
+`pilot_data=` reuses a pilot at no cost.
 
-An error reaches the output in two ways, so the amplification has two terms:
-
-    A_tot(lambda) = A(lambda)^a + s U(lambda) S_end / S(lambda)      (a = `amplify`, 1 by default)
-
-- A, measured by the twins, is the flow's effect on an error that leaves the trajectory in its basin.
-  On data with sharp modes it is tiny at high noise (every trajectory collapses into a mode much
-  narrower than the distance between modes), and a grid built from it alone starves the high-noise end.
-- The second term is the mode switch. Before the critical time the flow keeps each trajectory's place
-  within the batch (x / S), so an error e made at lambda shifts that place by e / S(lambda), and what
-  it can change is which mode the trajectory ends in: an error of the order of the spread S_end of the
-  pilot's last noise level (sigma_min).
-  U(lambda) = 1 - F(lambda) is the fraction of the critical-time density (below) still ahead, i.e. of
-  the mode choice not yet made; after the decision there is nothing left to switch. Its weight
-  s = `switch_weight(steps)` is 0 at 6 steps (where the grid cannot spare steps for it) and ramps to 1
-  at 20 steps and more, where the rare switched samples dominate the RMS error. (The term needs D to
-  move: for Dirac data, or a pilot without a spread, it is 0.)
-
-The density is
-smoothed over the pilot nodes (abrupt changes of step size hurt the multistep extrapolation of
-DPM-Solver++(2M)) and mixed with two others:
-
-    rho = (1 - floor - c) rho_method + c rho_crit + floor / span
-
-- a uniform-in-lambda floor (weight 0.1; 0.35 for Heun) so that no region is starved where the pilot's
-  finite differences are noisy, and
-- the critical-time density rho_crit ∝ sqrt(E ||dD/dlambda||^2) (`critical_density`): the denoised
-  estimate moves fastest where trajectories choose their mode (THEORY.md §5), and a sample that the
-  coarse grid sends to another mode than the converged solution dominates the error on multimodal data.
-  Its weight c = `critical_weight(steps)` gives it about three steps' worth from 10 steps on and fades
-  to 0 at 6 steps (0 for Heun).
-
-These choices came out of benchmarks/bench_quality.py: equal thermodynamic length is the starting point
-(it follows the data's transport), the local-error density alone wins at 20-50 evaluations, the twins'
-amplification is what makes it win at 6-10, the critical-time density removes most mode switches at
-10-20, and the switch term removes those that start at high noise (on the sharp VP mixture at 20
-evaluations, 87 switched samples in 393,216 against 148 without it and 111 for the uniform grid).
-`ThermoGrid` is a float64 numpy array (descending sigmas ending in 0) that `ts.sample(..., grid=...)`
-accepts directly, with `save(path)` / `ThermoGrid.load(path)`.
+Why each term and constant, and the benchmark they were chosen on (benchmarks/bench_quality.py):
+docs/calibration.md. Theory: docs/theory.md §5 (critical time) and §6 (grids).
 """
 from __future__ import annotations
 
@@ -388,28 +354,3 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             "pilot_steps": int(len(pilot_data["sigma"])), "pilot_nfe": int(pilot_data["nfe"]),
             "pilot_seed": int(pilot_seed), "schedule": repr(sch)}
     return ThermoGrid(np.append(sig, 0.0), meta)
-
-
-def main(args) -> int:
-    """`thermosample schedule`: calibrate a grid for the mixture oracle or the digits model and print it."""
-    from . import grids, toy
-
-    if args.model == "digits":
-        from . import digits
-        den, shape = digits.load_denoiser(), digits.SHAPE
-    else:
-        mix = toy.default_mixture()
-        den, shape = mix.denoiser("condot"), (mix.dim,)
-    g = thermo_grid(den, args.steps, solver=args.solver, method=args.method, pilot_steps=args.pilot_steps,
-                    pilot_batch=args.pilot_batch, sample_shape=shape)
-    sch = den.schedule
-    k = np.append(grids.karras(args.steps, sch.sigma_min, sch.sigma_max), 0.0)
-    print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {args.solver}, method {args.method}; "
-          f"pilot: {g.meta['pilot_nfe']} evaluations on a batch of {args.pilot_batch}")
-    print(f"{'i':>3} {'sigma (calibrated)':>19} {'t':>9} {'sigma (karras)':>15}")
-    for i, (a, b) in enumerate(zip(np.asarray(g), k)):
-        t = float(sch.sigma_to_t(a)) if a > 0 else 0.0
-        print(f"{i:>3} {a:>19.6g} {t:>9.5f} {b:>15.6g}")
-    if args.save:
-        print(f"wrote {g.save(args.save)}")
-    return 0

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import ops
-from ._library import fused_step_op  # the fused op registered with torch.library (compile-safe)
+from .ops.library import fused_step_op  # the fused op registered with torch.library (compile-safe)
 from .errors import NonFiniteError
 from .grids import make_grid
 from .solvers import SOLVERS, STOCHASTIC, injects_noise

@@ -33,7 +33,8 @@ from typing import Callable
 
 import torch
 
-from thermosample import _reference, ops
+from thermosample import ops
+from thermosample.ops import reference as _reference
 
 # name -> (n_inputs, coeffs, noise, u, d): coefficients of a representative step (values do not matter
 # for speed, only which tensors are read).
@@ -63,8 +64,8 @@ def device_name(device: torch.device) -> str:
 def backend_fn(backend: str) -> Callable:
     """The backend's fused_step itself (ops.fused_step adds argument validation, ~20 us per call)."""
     if backend == "cpp":
-        from thermosample import _cpp
-        return _cpp.fused_step
+        from thermosample.ops import cpp
+        return cpp.fused_step
     if backend == "triton":
         from thermosample.kernels import fused_step as triton_fused_step
         return triton_fused_step.fused_step

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import torch
 
-from . import _reference
-from .errors import BackendUnavailableWarning
+from . import reference
+from ..errors import BackendUnavailableWarning
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -40,7 +40,7 @@ def triton_available() -> bool:
         return False
     try:
         import triton  # noqa: F401
-        from .kernels import fused_step  # noqa: F401
+        from ..kernels import fused_step  # noqa: F401
     except Exception:  # pragma: no cover - depends on the machine
         return False
     return True
@@ -48,8 +48,8 @@ def triton_available() -> bool:
 
 def cpp_available() -> bool:
     """True when the compiled CPU extension thermosample._C loaded."""
-    from . import _cpp
-    return _cpp.available()
+    from . import cpp
+    return cpp.available()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -166,12 +166,12 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     coeffs = [float(c) for c in coeffs]
     chosen = resolve_backend(backend, inputs[0].device)
     if chosen == "cpp":
-        from . import _cpp
-        return _cpp.fused_step(inputs, coeffs, **kwargs)
+        from . import cpp
+        return cpp.fused_step(inputs, coeffs, **kwargs)
     if chosen == "triton":
-        from .kernels import fused_step as triton_fused_step
+        from ..kernels import fused_step as triton_fused_step
         return triton_fused_step.fused_step(inputs, coeffs, **kwargs)
-    return _reference.fused_step_reference(inputs, coeffs, **kwargs)
+    return reference.fused_step_reference(inputs, coeffs, **kwargs)
 
 
 def randn(shape, *, seed: int, step: int, sample_offset: int = 0, dtype=torch.float32, device=None,

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import ops
+from .. import ops
 
 _UINT64 = 2 ** 64
 _INT64_MAX = 2 ** 63 - 1

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 try:
-    from . import _C  # type: ignore[attr-defined]
+    from .. import _C  # type: ignore[attr-defined]
     _LOAD_ERROR: Exception | None = None
 except Exception as exc:  # pragma: no cover - depends on the build
     _C = None

@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from . import toy
-from .calibrate import thermo_grid
-from .sampler import sample
-from .schedules import get_schedule
+from .. import toy
+from ..calibrate import thermo_grid
+from ..sampler import sample
+from ..schedules import get_schedule
 
 # (schedule, solver, grid, steps)
 DEFAULT_RUNS = [

@@ -51,7 +51,7 @@ def add_sample(sub):
 
     def run(args):
         import json
-        from . import bulk
+        from .. import bulk
         kwargs = {}
         for item in args.factory_arg:
             key, sep, value = item.partition("=")
@@ -102,8 +102,8 @@ def add_schedule(sub):
     p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save)")
 
     def run(args):
-        from . import calibrate
-        return calibrate.main(args)
+        from . import schedule
+        return schedule.main(args)
     p.set_defaults(func=run)
 
 

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .denoiser import Denoiser
-from .schedules import EDM
+from ..denoiser import Denoiser
+from ..schedules import EDM
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "digits.safetensors")
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits.safetensors")
 SHAPE = (1, 8, 8)
 
 
@@ -179,7 +179,7 @@ def save_grid_image(samples: torch.Tensor, path: str, nrow: int = 16) -> str:
 
 def main(args) -> int:
     """`thermosample train-digits`: train, save the weights, sample a grid image."""
-    from .sampler import sample
+    from ..sampler import sample
     start = time.perf_counter()
     train(steps=args.steps, seed=args.seed, path=args.out, threads=args.threads)
     print(f"trained in {time.perf_counter() - start:.0f} s; wrote {args.out}")

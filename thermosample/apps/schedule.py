@@ -1,0 +1,31 @@
+"""`thermosample schedule`: calibrate a time grid (ts.thermo_grid) for an embedded model, print and save it."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..calibrate import thermo_grid
+
+
+def main(args) -> int:
+    """`thermosample schedule`: calibrate a grid for the mixture oracle or the digits model and print it."""
+    from .. import grids, toy
+
+    if args.model == "digits":
+        from . import digits
+        den, shape = digits.load_denoiser(), digits.SHAPE
+    else:
+        mix = toy.default_mixture()
+        den, shape = mix.denoiser("condot"), (mix.dim,)
+    g = thermo_grid(den, args.steps, solver=args.solver, method=args.method, pilot_steps=args.pilot_steps,
+                    pilot_batch=args.pilot_batch, sample_shape=shape)
+    sch = den.schedule
+    k = np.append(grids.karras(args.steps, sch.sigma_min, sch.sigma_max), 0.0)
+    print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {args.solver}, method {args.method}; "
+          f"pilot: {g.meta['pilot_nfe']} evaluations on a batch of {args.pilot_batch}")
+    print(f"{'i':>3} {'sigma (calibrated)':>19} {'t':>9} {'sigma (karras)':>15}")
+    for i, (a, b) in enumerate(zip(np.asarray(g), k)):
+        t = float(sch.sigma_to_t(a)) if a > 0 else 0.0
+        print(f"{i:>3} {a:>19.6g} {t:>9.5f} {b:>15.6g}")
+    if args.save:
+        print(f"wrote {g.save(args.save)}")
+    return 0
