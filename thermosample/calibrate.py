@@ -41,11 +41,11 @@ import numpy as np
 import torch
 
 from .grids import validate_sigmas
+from .solvers import get_solver
 
 __all__ = ["ThermoGrid", "thermo_grid", "pilot", "density", "critical_density", "critical_weight", "switch_weight",
            "place"]
 
-ORDER = {"euler": 1, "ddim": 1, "euler_ancestral": 1, "euler_maruyama": 1, "heun": 2, "dpmpp_2m": 2}
 
 
 class ThermoGrid(np.ndarray):
@@ -320,8 +320,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if solver not in ORDER:
-        raise ValueError(f"solver must be one of {sorted(ORDER)}, got {solver!r}")
+    order = get_solver(solver).order
     if method not in ("blend", "error", "length"):
         raise ValueError(f"method must be 'blend', 'error' or 'length', got {method!r}")
     floor = _weight("floor", floor, 0.35 if solver == "heun" else 0.1)
@@ -345,11 +344,11 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     if steps == 1:
         sig = np.array([sch.sigma_max])
     else:
-        lam, rho = density(pilot_data, sch, method=method, order=ORDER[solver], floor=floor, critical=critical,
+        lam, rho = density(pilot_data, sch, method=method, order=order, floor=floor, critical=critical,
                            amplify=amplify, switch=switch)
         sig = np.exp(-place(lam, rho, steps))
         sig[0], sig[-1] = sch.sigma_max, sch.sigma_min
-    meta = {"method": method, "solver": solver, "order": ORDER[solver], "floor": floor,
+    meta = {"method": method, "solver": solver, "order": order, "floor": floor,
             "critical": float(critical), "switch": float(switch), "amplify": float(amplify), "steps": int(steps),
             "pilot_steps": int(len(pilot_data["sigma"])), "pilot_nfe": int(pilot_data["nfe"]),
             "pilot_seed": int(pilot_seed), "schedule": repr(sch)}

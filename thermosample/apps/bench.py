@@ -63,13 +63,7 @@ def device_name(device: torch.device) -> str:
 
 def backend_fn(backend: str) -> Callable:
     """The backend's fused_step itself (ops.fused_step adds argument validation, ~20 us per call)."""
-    if backend == "cpp":
-        from thermosample.ops import cpp
-        return cpp.fused_step
-    if backend == "triton":
-        from thermosample.kernels import fused_step as triton_fused_step
-        return triton_fused_step.fused_step
-    return _reference.fused_step_reference
+    return ops.implementation(backend)
 
 
 def _sync(device: torch.device) -> None:

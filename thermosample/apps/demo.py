@@ -18,6 +18,7 @@ from .. import toy
 from ..calibrate import thermo_grid
 from ..sampler import sample
 from ..schedules import get_schedule
+from ..solvers import injects_noise
 
 # (schedule, solver, grid, steps)
 DEFAULT_RUNS = [
@@ -75,7 +76,7 @@ def format_table(rows: list[dict]) -> str:
             f"{'err vs ODE':>10} {'sliced W2':>9} {'K':>8} {'S':>8} {'bound':>8} {'effic.':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        err = "   (SDE)" if r["solver"] in ("euler_maruyama", "euler_ancestral") else f"{r['error']:.2e}"
+        err = "   (SDE)" if injects_noise(r["solver"], {}) else f"{r['error']:.2e}"
         lines.append(f"{r['schedule']:<8} {r['solver']:<15} {r['grid']:<10} {r['steps']:>5} {r['nfe']:>4} "
                      f"{r['samples_per_s']:>10.0f} {err:>10} {r['sliced_w2']:>9.4f} {r['kinetic']:>8.3f} "
                      f"{r['entropy']:>8.2f} {r['speed_limit']:>8.3f} {r['efficiency']:>6.3f}")
@@ -128,7 +129,7 @@ def plot_rows(rows: list[dict], path: str) -> str:
     # One point per deterministic run: position = (NFE, error), colour = schedule, label = solver/grid.
     colours = {"condot": "tab:blue", "cosine": "tab:orange"}
     for r in rows:
-        if r["solver"] in ("euler_maruyama", "euler_ancestral"):
+        if injects_noise(r["solver"], {}):
             continue
         axes[1].scatter(r["nfe"], r["error"], color=colours.get(r["schedule"], "gray"))
         axes[1].annotate(f"{r['solver']}/{r['grid']}", (r["nfe"], r["error"]), fontsize=6,

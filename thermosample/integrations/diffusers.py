@@ -45,9 +45,9 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .. import ops
-from ..errors import NonFiniteError
+from ..run import Run
 from ..schedules import CondOT, DiscreteVP, EDM
+from ..solvers import ancestral_step, churn_sigma, heun_correction
 from ..thermo import ThermoReport
 
 __all__ = ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler", "ThermoHeunDiscreteScheduler",
@@ -56,8 +56,46 @@ __all__ = ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteSchedule
 _FLOW_T_MAX = 1.0 - 1e-6
 
 
+class _SchedulerRun(Run):
+    """The Run engine in a scheduler's coordinates: the pipeline evaluates the model, the scheduler hands
+    each fused op to `update` with `track_map` (its state X and model output o, not x_hat and D), and the
+    velocity is that of the training schedule at the scheduler's sigma (scalar, no grid table)."""
+
+    def __init__(self, scheduler, sigmas, seed, schedule):
+        super().__init__(None, sigmas, seed=seed, backend=scheduler.backend, track=True, schedule=schedule,
+                         solver=type(scheduler).__name__)
+        self.flow = scheduler._flow
+        self.flow_sigmas = getattr(scheduler.config, "use_flow_sigmas", False)
+
+    def _velocity_table(self, sigmas):
+        return {}
+
+    def tracked_velocity(self, sigma, track_map):
+        cx, kx, ko = track_map
+        if self.flow:  # x = (1 - t) y + t eps, t = sigma: nu = (x - D) / t
+            return sigma, (1.0 - kx) / sigma, -ko / sigma
+        t = float(self.schedule.sigma_to_t(self._sigma_hat(sigma)))
+        alpha, beta = self.schedule.velocity_coeffs(t)
+        return t, alpha * cx + beta * kx, beta * ko
+
+    def _sigma_hat(self, sigma):
+        return sigma / (1.0 - sigma) if self.flow_sigmas else sigma
+
+    def physical_m(self, sigma):
+        if self.flow:
+            return 1.0
+        return float(self.schedule.m(float(self.schedule.sigma_to_t(self._sigma_hat(sigma)))))
+
+    def temperature(self, t):
+        if self.flow:  # CondOT: T = t / (1 - t)
+            t = t.clamp(max=_FLOW_T_MAX)
+            return t / (1.0 - t)
+        return super().temperature(t)
+
+
 class _ThermoStep:
-    """Shared machinery: host copies of the grid, the host step index, tracked fused ops, the report."""
+    """Shared machinery: host copies of the grid, the host step index, and a Run that does the fused ops,
+    the tracking, the NaN check and the report."""
 
     def __init_subclass__(cls, **kwargs):
         # Pipelines inspect set_timesteps' parameters (timesteps=, sigmas=): show the peer's signature.
@@ -76,14 +114,12 @@ class _ThermoStep:
 
     # -- set-up ---------------------------------------------------------------------------------
     def set_timesteps(self, *args, **kwargs):
-        """diffusers' set_timesteps, then host float copies of sigmas/timesteps and a fresh ThermoReport."""
+        """diffusers' set_timesteps, then host float copies of sigmas/timesteps and a fresh Run."""
         super().set_timesteps(*args, **kwargs)
         self._sig = self.sigmas.detach().to("cpu", torch.float64).tolist()
         self._ts = self.timesteps.detach().to("cpu", torch.float64).tolist()
         self._seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-        self._thermo_schedule = self._make_thermo_schedule()
-        self._records, self._probes = [], []
-        self._ends = [None, None]
+        self._run = _SchedulerRun(self, self._sig, self._seed, self._make_thermo_schedule())
 
     def _make_thermo_schedule(self):
         if self._flow:
@@ -111,32 +147,16 @@ class _ThermoStep:
                           "ThermoReport)", stacklevel=3)
             self._warned = True
 
-    # -- tracked fused ops --------------------------------------------------------------------
-    def _velocity(self, sigma, cx, kx, ko):
-        """(t, alpha_eff, beta_eff, phys) so that nu = alpha_eff X + beta_eff o, physical x = phys X, for a
-        state X with x_hat = cx X and denoised D = kx X + ko o; `sigma` is the scheduler's sigma."""
-        sch = self._thermo_schedule
-        if self._flow:  # x = (1 - t) y + t eps, t = sigma: nu = (X - D) / t
-            t = sigma
-            return t, (1.0 - kx) / t, -ko / t, 1.0
-        sigma_hat = sigma / (1.0 - sigma) if getattr(self.config, "use_flow_sigmas", False) else sigma
-        t = float(sch.sigma_to_t(sigma_hat))
-        alpha, beta = sch.velocity_coeffs(t)
-        return t, alpha * cx + beta * kx, beta * ko, float(sch.m(t)) * cx
-
+    # -- fused ops through the Run ---------------------------------------------------------------
     def _fused(self, i, inputs, coeffs, noise=0.0, track=None):
-        """One fused op; `track` = (sigma, cx, kx, ko) records the rate of the evaluation at sigma."""
+        """One fused op; `track` = (sigma, cx, kx, ko) records the rate of the evaluation at sigma, for a
+        state X = inputs[0] with x_hat = cx X and denoised D = kx X + ko inputs[1]."""
+        self._run.backend = self.backend
         if track is None:
-            out, rate = ops.fused_step(inputs, coeffs, noise=noise, seed=self._seed, step=i, backend=self.backend)
-        else:
-            t, a, b, phys = self._velocity(*track)
-            out, rate = ops.fused_step(inputs, coeffs, noise=noise, seed=self._seed, step=i, track=True,
-                                       alpha=a, beta=b, u=0, d=1, backend=self.backend)
-            self._records.append((t, rate))
-            state = (phys, inputs[0])
-            self._ends = [self._ends[0] or state, state]
-        self._probes.append((i, rate))
-        return out
+            return self._run.update(inputs, coeffs, i, noise=noise)
+        sigma, cx, kx, ko = track
+        self._run.record_state(sigma, inputs[0], cx)
+        return self._run.update(inputs, coeffs, i, noise=noise, track_sigma=sigma, track_map=(cx, kx, ko))
 
     def _noise(self, i, shape, device, dtype, generator, coeff, inputs, coeffs):
         """Add `coeff` * noise: generator noise as an input (diffusers' numbers) or in-kernel Philox."""
@@ -150,26 +170,14 @@ class _ThermoStep:
 
     @property
     def thermo(self) -> ThermoReport | None:
-        """ThermoReport of the current run (None before the first fused step). One host sync."""
-        if not getattr(self, "_records", None):
+        """ThermoReport of the current run (None before the first fused step). One host sync; raises
+        thermosample.NonFiniteError if a model output or state was NaN/Inf."""
+        run = getattr(self, "_run", None)
+        if run is None or not run.eval_rates:
             return None
-        bad = ~torch.isfinite(torch.stack([r for _, r in self._probes]))
-        if bool(bad.any()):
-            op = int(torch.nonzero(bad.any(dim=1))[0])
-            raise NonFiniteError(f"non-finite value (NaN or Inf) in the model output or the state at step "
-                                 f"{self._probes[op][0]}", step=self._probes[op][0], sample=0)
-        t = torch.tensor([r[0] for r in self._records], dtype=torch.float64)
-        if self._flow:
-            temp = t.clamp(max=_FLOW_T_MAX) / (1.0 - t.clamp(max=_FLOW_T_MAX))  # CondOT: T = t / (1 - t)
-        else:
-            temp = torch.as_tensor(self._thermo_schedule.temperature(t.numpy()), dtype=torch.float64)
-        (p0, x0), (p1, x1) = self._ends
-        disp = None
-        if not self._stochastic():
-            disp = (p1 * x1.double() - p0 * x0.double()).reshape(x0.shape[0], -1).square().sum(dim=1)
-        return ThermoReport(t=t, rate=torch.stack([r for _, r in self._records]), temperature=temp,
-                            displacement=disp, schedule_name=getattr(self._thermo_schedule, "name", ""),
-                            solver=type(self).__name__)
+        run.check_finite()
+        run.stochastic = self._stochastic()
+        return run.report()
 
     def _stochastic(self):
         return False
@@ -213,9 +221,8 @@ class ThermoEulerDiscreteScheduler(_ThermoStep, EulerDiscreteScheduler):
         self._churned = getattr(self, "_churned", False) or s_churn > 0
         x, o = sample.to(torch.float32), model_output.to(torch.float32)
         s, s_next = self._sig[i], self._sig[i + 1]
-        gamma = min(s_churn / (len(self._sig) - 1), 2 ** 0.5 - 1) if s_tmin <= s <= s_tmax else 0.0
-        s_hat = s * (gamma + 1)
-        if gamma > 0:
+        s_hat = churn_sigma(s, len(self._sig) - 1, s_churn, s_tmin, s_tmax)
+        if s_hat > s:
             inputs, coeffs = [x], [1.0]
             noise = self._noise(i, o.shape, o.device, model_output.dtype, generator,
                                 s_noise * math.sqrt(s_hat ** 2 - s ** 2), inputs, coeffs)
@@ -251,8 +258,7 @@ class ThermoEulerAncestralDiscreteScheduler(_ThermoStep, EulerAncestralDiscreteS
             raise NotImplementedError("prediction_type not implemented yet: sample")
         kx, ko = self._x0_coeffs(s)
         denoised = self._fused(i, [x, o], [kx, ko], track=(s, 1.0, kx, ko))
-        up = math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2)
-        down = math.sqrt(max(s_next ** 2 - up ** 2, 0.0))
+        down, up = ancestral_step(s, s_next, 1.0)
         r = down / s
         inputs, coeffs = [x, denoised], [r, 1.0 - r]
         noise = self._noise(i, o.shape, o.device, model_output.dtype, generator, up, inputs, coeffs)
@@ -304,7 +310,7 @@ class ThermoHeunDiscreteScheduler(_ThermoStep, HeunDiscreteScheduler):
                 self.dt = s_next - s
         else:
             x0, d0, s0, s1 = self._first
-            a, b = (s1 - s0) / (2 * s0), (s1 - s0) / (2 * s1)  # x0 + (s1 - s0)/2 (d(x0, s0) + d(x, s1))
+            a, b = heun_correction(s0, s1)  # x0 + (s1 - s0)/2 (d(x0, s0) + d(x, s1))
             prev = self._fused(i, [x0, d0, x, denoised], [1.0 + a, -a, b, -b])
             self._first, self.dt = None, None
         self._step_index += 1

@@ -9,7 +9,7 @@ Every function keeps k-diffusion's signature and semantics: `model(x, sigma * s_
 denoiser D(x; sigma) in sigma coordinates, `sigmas` is a descending tensor ending in 0, `callback` gets
 the dict {'x', 'i', 'sigma', 'sigma_hat', 'denoised'} (sigma values as 0-d tensors, as k-diffusion
 passes them), and `noise_sampler(sigma, sigma_next)` is honoured where k-diffusion takes one. Each
-update runs as one thermosample fused op (ops.fused_step through sampler.Run).
+update runs as one thermosample fused op (through the Run engine, thermosample/run.py).
 
 Differences, all keyword-only additions or documented choices:
 
@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from .. import solvers as _solvers
-from ..sampler import Run
+from ..run import Run
 from ..schedules import EDM, Schedule, get_schedule
-from ..solvers import churn_step
+from ..solvers import linear_multistep_coeff  # noqa: F401  (k-diffusion's public name)
 
 __all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_lms",
            "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "get_sigmas_karras", "get_sigmas_exponential",
@@ -82,20 +82,6 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.):
     if not eta:
         return sigma_to, 0.
     return _solvers.ancestral_step(float(sigma_from), float(sigma_to), eta)
-
-
-def linear_multistep_coeff(order, t, i, j):
-    """Adams-Bashforth-type coefficient: integral over [t_i, t_i+1] of the Lagrange basis polynomial j
-    through the nodes t_i, t_i-1, ..., t_i-order+1 (exact, by polynomial integration)."""
-    if order - 1 > i:
-        raise ValueError(f'Order {order} too high for step {i}')
-    nodes = [float(t[i - k]) for k in range(order)]
-    poly = np.poly1d([1.0])
-    for k in range(order):
-        if k != j:
-            poly = poly * np.poly1d([1.0, -nodes[k]]) / (nodes[j] - nodes[k])
-    anti = np.polyint(poly)
-    return float(anti(float(t[i + 1])) - anti(float(t[i])))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,7 +138,7 @@ def _host_sigmas(sigmas) -> list[float]:
     return host
 
 
-def _run(solver, name, model, x, sigmas, extra_args, callback, disable, *, noise_sampler=None, seed=None,
+def _run(name, model, x, sigmas, extra_args, callback, disable, *, noise_sampler=None, seed=None,
          schedule=None, thermo=None, backend="auto", **options):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
@@ -167,7 +153,7 @@ def _run(solver, name, model, x, sigmas, extra_args, callback, disable, *, noise
                 callback=callback, progress=None, noise_sampler=noise_sampler, extra_args=extra_args,
                 solver=name, stochastic=_solvers.injects_noise(name, options), sigmas_tensor=sigmas_t,
                 disable=disable)
-    out = solver(run, x.contiguous(), host, **options)
+    out = _solvers.SOLVERS[name].fn(run, x.contiguous(), host, **options)
     run.check_finite(out)
     if thermo is not None:
         report = run.report()
@@ -178,75 +164,6 @@ def _run(solver, name, model, x, sigmas, extra_args, callback, disable, *, noise
     return out
 
 
-
-
-# --------------------------------------------------------------------------------------------------
-# Solvers not in thermosample.solvers (same style: host float coefficients, one fused op per update)
-# --------------------------------------------------------------------------------------------------
-def _dpm_2(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
-    """DPM-Solver-2 (Lu et al. 2022) as in k-diffusion: Euler to the geometric midpoint sigma, then a full
-    step with the midpoint derivative; Euler on the last step to 0; optional EDM churn."""
-    for i in run.steps():
-        s, s_next = sigmas[i], sigmas[i + 1]
-        x, s_hat = churn_step(run, x, i, sigmas, churn, s_tmin, s_tmax, s_noise)
-        denoised = run.denoise(x, s_hat)
-        run.callback(i, x, s, s_hat, denoised)
-        if s_next == 0:
-            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s_hat)
-            continue
-        s_mid = math.exp(0.5 * (math.log(s_hat) + math.log(s_next)))
-        r = s_mid / s_hat
-        x_mid = run.update([x, denoised], [r, 1.0 - r], i, track_sigma=s_hat)
-        denoised_mid = run.denoise(x_mid, s_mid)
-        c = (s_next - s_hat) / s_mid  # x + (s_next - s_hat) (x_mid - D_mid) / s_mid
-        x = run.update([x, x_mid, denoised_mid], [1.0, c, -c], i, track_sigma=s_mid, u=1, d=2)
-    return x
-
-
-def _lms(run, x, sigmas, order=4):
-    """Linear multistep (Adams-Bashforth in sigma) on the probability-flow ODE, order up to 4."""
-    ds = []
-    for i in run.steps():
-        s = sigmas[i]
-        denoised = run.denoise(x, s)
-        # d = (x - D) / s is kept for later steps; its evaluation's rate is reduced here.
-        d = run.update([x, denoised], [1.0 / s, -1.0 / s], i, track_sigma=s)
-        ds = (ds + [d])[-order:]
-        run.callback(i, x, s, s, denoised)
-        cur = min(i + 1, order)
-        coeffs = [linear_multistep_coeff(cur, sigmas, i, j) for j in range(cur)]
-        hist = list(reversed(ds))  # hist[j] is d at step i - j
-        x = run.update([x] + hist[:3], [1.0] + coeffs[:3], i)
-        if cur == 4:  # the fused op takes 4 inputs: the oldest derivative in a second pass
-            x = run.update([x, hist[3]], [1.0, coeffs[3]], i)
-    return x
-
-
-def _dpmpp_2m_sde(run, x, sigmas, eta=1.0, s_noise=1.0, solver_type="midpoint"):
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, k-diffusion's variant), data prediction, log-sigma steps."""
-    old, h_last = None, None
-    for i in run.steps():
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = run.denoise(x, s)
-        run.callback(i, x, s, s, denoised)
-        if s_next == 0:  # final denoising step: x = D
-            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s)
-        else:
-            h = math.log(s / s_next)
-            eh = eta * h
-            inputs, coeffs = [x, denoised], [s_next / s * math.exp(-eh), -math.expm1(-h - eh)]
-            if old is not None:
-                r = h_last / h
-                if solver_type == "heun":
-                    c = (-math.expm1(-h - eh) / (-h - eh) + 1.0) / r
-                else:
-                    c = 0.5 * -math.expm1(-h - eh) / r
-                inputs, coeffs = inputs + [old], [coeffs[0], coeffs[1] + c, -c]
-            noise = s_next * math.sqrt(-math.expm1(-2.0 * eh)) * s_noise if eta else 0.0
-            x = run.update(inputs, coeffs, i, noise=noise, noise_sigmas=(s, s_next), track_sigma=s)
-            h_last = h
-        old = denoised
-    return x
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +194,7 @@ def _doc(text):
 @_doc("Euler steps (Karras et al. 2022, Alg. 2 with Euler steps; churn knobs s_churn/s_tmin/s_tmax/s_noise).")
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., *, thermo=None, schedule=None, seed=None, backend="auto"):
-    return _run(_solvers.euler, "euler", model, x, sigmas, extra_args, callback, disable, seed=seed,
+    return _run("euler", model, x, sigmas, extra_args, callback, disable, seed=seed,
                 schedule=schedule, thermo=thermo, backend=backend, churn=s_churn,
                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
@@ -286,7 +203,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 @_doc("Ancestral sampling with Euler steps (k-diffusion): Euler to sigma_down, then sigma_up fresh noise.")
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                            noise_sampler=None, *, thermo=None, schedule=None, seed=None, backend="auto"):
-    return _run(_solvers.euler_ancestral, "euler_ancestral", model, x, sigmas, extra_args, callback, disable,
+    return _run("euler_ancestral", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
                 eta=eta, s_noise=s_noise)
 
@@ -295,7 +212,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 @_doc("EDM's Heun sampler (Karras et al. 2022, Alg. 2), Euler on the last step to 0; churn knobs.")
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float('inf'), s_noise=1., *, thermo=None, schedule=None, seed=None, backend="auto"):
-    return _run(_solvers.heun, "heun", model, x, sigmas, extra_args, callback, disable, seed=seed,
+    return _run("heun", model, x, sigmas, extra_args, callback, disable, seed=seed,
                 schedule=schedule, thermo=thermo, backend=backend, churn=s_churn,
                 s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
 
@@ -304,7 +221,7 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 @_doc("DPM-Solver-2 steps with EDM churn (Lu et al. 2022; Karras et al. 2022, Alg. 2).")
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., *, thermo=None, schedule=None, seed=None, backend="auto"):
-    return _run(_dpm_2, "dpm_2", model, x, sigmas, extra_args, callback, disable, seed=seed, schedule=schedule,
+    return _run("dpm_2", model, x, sigmas, extra_args, callback, disable, seed=seed, schedule=schedule,
                 thermo=thermo, backend=backend, churn=s_churn, s_tmin=s_tmin,
                 s_tmax=s_tmax, s_noise=s_noise)
 
@@ -313,9 +230,7 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 @_doc("Linear multistep (LMS) in sigma, order up to 4 (k-diffusion's sample_lms).")
 def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4, *, thermo=None,
                schedule=None, seed=None, backend="auto"):
-    if not isinstance(order, int) or not 1 <= order <= 4:
-        raise ValueError(f"order must be an int in 1..4, got {order!r}")
-    return _run(_lms, "lms", model, x, sigmas, extra_args, callback, disable, seed=seed, schedule=schedule,
+    return _run("lms", model, x, sigmas, extra_args, callback, disable, seed=seed, schedule=schedule,
                 thermo=thermo, backend=backend, order=order)
 
 
@@ -323,7 +238,7 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
 @_doc("DPM-Solver++(2M) (Lu et al. 2022), multistep 2nd order with data prediction.")
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None, *, thermo=None,
                     schedule=None, seed=None, backend="auto"):
-    return _run(_solvers.dpmpp_2m, "dpmpp_2m", model, x, sigmas, extra_args, callback, disable, seed=seed,
+    return _run("dpmpp_2m", model, x, sigmas, extra_args, callback, disable, seed=seed,
                 schedule=schedule, thermo=thermo, backend=backend)
 
 
@@ -333,8 +248,6 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                         noise_sampler=None, solver_type='midpoint', *, thermo=None, schedule=None, seed=None,
                         backend="auto"):
-    if solver_type not in {'heun', 'midpoint'}:
-        raise ValueError('solver_type must be \'heun\' or \'midpoint\'')
-    return _run(_dpmpp_2m_sde, "dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable,
+    return _run("dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
                 eta=eta, s_noise=s_noise, solver_type=solver_type)

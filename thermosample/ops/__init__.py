@@ -1,31 +1,81 @@
-"""The fused solver step: validation and backend dispatch.
+"""The fused solver step: argument validation, and dispatch through one backend table.
 
 Every solver step is `out = sum_k c_k in_k + c_z z` with a per-sample rate reduction (see
-_reference.py for the exact contract and the Philox noise stream). Three backends implement it:
+ops/reference.py for the exact contract and the Philox noise stream). `BACKENDS` below is the one place
+that knows the implementations: the dispatch here, the CLI, the benchmarks and the tests read it, so
+adding a backend is one `Backend` row plus its implementation module.
 
-- "torch":  thermosample._reference, any device (the oracle)
-- "cpp":    thermosample._C via thermosample._cpp, CPU tensors
-- "triton": thermosample.kernels.fused_step, CUDA tensors
-
-"auto" picks cpp on CPU and triton on CUDA; a missing backend falls back to torch with one warning.
+"auto" picks by device (`AUTO`); a missing backend falls back to torch with one warning.
 """
 from __future__ import annotations
 
 import functools
 import math
 import warnings
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
-from . import reference
 from ..errors import BackendUnavailableWarning
+from ..validate import check_seed, is_int as _is_int
+from . import reference
 
-BACKENDS = ("auto", "torch", "cpp", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_INPUTS = 4
 _UINT32 = 2 ** 32
-_UINT64 = 2 ** 64
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the fused op.
+
+    Attributes:
+        name: the `backend=` string.
+        devices: device types it runs on (None: any device).
+        available: () -> bool, computed lazily (imports happen on first use, never at `import thermosample`).
+        load: () -> fused_step(inputs, coeffs, *, noise, seed, step, sample_offset, track, alpha, beta, u, d,
+            out) with the contract of ops.reference.fused_step_reference; inputs arrive validated.
+        missing: what to tell a user whose backend is unavailable (it then falls back to torch).
+    """
+
+    name: str
+    devices: tuple[str, ...] | None
+    available: Callable[[], bool]
+    load: Callable[[], Callable]
+    missing: str = ""
+
+
+def _cpp_available() -> bool:
+    from . import cpp
+    return cpp.available()
+
+
+def _cpp_load():
+    from . import cpp
+    return cpp.fused_step
+
+
+def _triton_available() -> bool:
+    from . import triton
+    return triton.available()
+
+
+def _triton_load():
+    from . import triton
+    return triton.launcher()
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": Backend("torch", None, lambda: True, lambda: reference.fused_step_reference),
+    "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_load,
+                   "thermosample._C is not built; the 'cpp' backend falls back to 'torch' (reinstall with a C++ "
+                   "compiler present to get the fused CPU kernels)"),
+    "triton": Backend("triton", ("cuda",), _triton_available, _triton_load,
+                      "Triton is not available; the 'triton' backend falls back to 'torch'"),
+}
+AUTO = {"cpu": "cpp", "cuda": "triton"}        # device type -> backend of backend="auto" (else torch)
+BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)  # every valid `backend=` string
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,54 +83,29 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, BackendUnavailableWarning, stacklevel=3)
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    """True when Triton imports and a CUDA device is present (computed once, lazily)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-        from ..kernels import fused_step  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the machine
-        return False
-    return True
+    """True when Triton imports and a CUDA device is present (a broken kernel module raises instead)."""
+    return BACKENDS["triton"].available()
 
 
 def cpp_available() -> bool:
     """True when the compiled CPU extension thermosample._C loaded."""
-    from . import cpp
-    return cpp.available()
+    return BACKENDS["cpp"].available()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn a backend request into the backend that will run on `device`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    """Turn a backend request into the name of the backend that will run on `device`."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda":
-            backend = "triton"
-        elif device.type == "cpu":
-            backend = "cpp"
-        else:
-            return "torch"
-    if backend == "cpp":
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpp' runs on CPU tensors, got device {device}")
-        if not cpp_available():
-            _warn_once("thermosample._C is not built; the 'cpp' backend falls back to 'torch' "
-                       "(reinstall with a C++ compiler present to get the fused CPU kernels)")
-            return "torch"
-    if backend == "triton":
-        if device.type != "cuda":
-            raise ValueError(f"backend='triton' runs on CUDA tensors, got device {device}")
-        if not triton_available():
-            _warn_once("Triton is not available; the 'triton' backend falls back to 'torch'")
-            return "torch"
+        backend = AUTO.get(device.type, "torch")
+    entry = BACKENDS[backend]
+    if entry.devices is not None and device.type not in entry.devices:
+        raise ValueError(f"backend={backend!r} runs on {' or '.join(entry.devices)} tensors, got device {device}")
+    if not entry.available():
+        _warn_once(entry.missing)
+        return "torch"
     return backend
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d, out):
@@ -111,8 +136,7 @@ def validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, 
     for k, c in enumerate(list(coeffs) + [noise, alpha, beta]):
         if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c):
             raise TypeError(f"coefficients must be finite Python floats, got {c!r} (position {k})")
-    if not _is_int(seed) or not 0 <= seed < _UINT64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    check_seed(seed)
     if not _is_int(step) or not 0 <= step < _UINT32:
         raise ValueError(f"step must be an int in [0, 2**32), got {step!r}")
     if not _is_int(sample_offset) or sample_offset < 0 or sample_offset + first.shape[0] > _UINT32:
@@ -153,7 +177,7 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
         inputs: 1-4 tensors [B, ...] of one shape, dtype (float32/64, float16, bfloat16) and device.
         coeffs: Python floats, one per input.
         noise: coefficient of Philox normal noise keyed by (seed, sample_offset + b, step, element).
-        track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (THEORY.md §2); without
+        track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (docs/theory.md §2); without
             it rate[b] is 0, or NaN where out[b] holds a non-finite value.
         out: optional output tensor; may be one of the inputs (in-place update).
         backend: "auto" | "torch" | "cpp" | "triton".
@@ -164,14 +188,13 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     kwargs = dict(noise=float(noise), seed=seed, step=step, sample_offset=sample_offset, track=bool(track),
                   alpha=float(alpha), beta=float(beta), u=u, d=d, out=out)
     coeffs = [float(c) for c in coeffs]
-    chosen = resolve_backend(backend, inputs[0].device)
-    if chosen == "cpp":
-        from . import cpp
-        return cpp.fused_step(inputs, coeffs, **kwargs)
-    if chosen == "triton":
-        from ..kernels import fused_step as triton_fused_step
-        return triton_fused_step.fused_step(inputs, coeffs, **kwargs)
-    return reference.fused_step_reference(inputs, coeffs, **kwargs)
+    return implementation(resolve_backend(backend, inputs[0].device))(inputs, coeffs, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def implementation(name: str) -> Callable:
+    """The fused_step function of backend `name` (a key of BACKENDS), loaded once."""
+    return BACKENDS[name].load()
 
 
 def randn(shape, *, seed: int, step: int, sample_offset: int = 0, dtype=torch.float32, device=None,

@@ -20,14 +20,13 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..validate import UINT64 as _UINT64, check_seed
 
-_UINT64 = 2 ** 64
 _INT64_MAX = 2 ** 63 - 1
 
 
 def _seed_to_schema(seed: int) -> int:
-    if not ops._is_int(seed) or not 0 <= seed < _UINT64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    check_seed(seed)
     return seed - _UINT64 if seed > _INT64_MAX else seed
 
 
@@ -87,8 +86,8 @@ def fused_step_op(inputs: Sequence[Tensor], coeffs: Sequence[float], *, noise: f
     Args:
         inputs: 1-4 tensors [B, ...] of one shape, dtype and device.
         coeffs: Python floats, one per input.
-        noise, seed, step, sample_offset: Philox noise coefficient and stream key (_reference.py).
-        track, alpha, beta, u, d: rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (THEORY.md §2).
+        noise, seed, step, sample_offset: Philox noise coefficient and stream key (ops/reference.py).
+        track, alpha, beta, u, d: rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (docs/theory.md §2).
         out: None (a new tensor), one of `inputs` (updated in place: the cheap path for a sampler's
             state), or another tensor [B, ...] (filled with a copy of the result).
         backend: "auto" | "torch" | "cpp" | "triton".

@@ -1,0 +1,183 @@
+"""The run engine: one `Run` serves ts.sample, the k-diffusion wrappers and the diffusers schedulers.
+
+A solver (solvers.py) drives a Run through three calls: `denoise(x, sigma)` evaluates the model,
+`update(inputs, coeffs, i, ...)` is one fused op (the torch.library op: compile- and graph-safe) that
+also reduces the tracked evaluation's velocity, and `callback(...)`. After the loop `check_finite`
+raises NonFiniteError naming the first bad step and sample, and `report` builds the ThermoReport.
+
+The loop never reads a device value: coefficients are Python floats from the host sigma grid, rates stay
+on the device, and non-finite values are found from them once at the end (or every `check_every` steps).
+Entry points adapt a Run by subclassing its small hooks (`steps`, `callback`, `velocity`,
+`physical_m`, `temperature`) rather than copying the loop.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import torch
+
+from .errors import NonFiniteError
+from .ops.library import fused_step_op
+from .thermo import ThermoReport
+
+
+class Run:
+    """State of one sampling run: model evaluation, the fused update, tracking, callback and progress.
+
+    Args:
+        den: the denoiser, den(x_hat, sigma, **extra_args) -> D (None when the caller evaluates the model
+            itself, as a diffusers pipeline does).
+        sigmas: host list of floats, the descending noise levels of the run.
+        seed, sample_offset: key of the Philox noise stream.
+        backend: fused-op backend ("auto" | a key of ops.BACKENDS).
+        track: reduce the velocity of each evaluation and build a ThermoReport.
+        callback: k-diffusion-style callback(dict) or None; progress: tqdm bar (None: 50+ steps on a tty).
+        noise_sampler: noise_sampler(sigma, sigma_next) -> [B, ...] replacing the in-kernel noise.
+        extra_args: keyword arguments for every model call.
+        check_every: also check for NaN/Inf every this many steps (one sync each).
+        solver: the solver's name (progress bar, report); stochastic: whether the run leaves the ODE
+            (no pathwise speed limit then).
+        schedule: the physical schedule of the report (default den.schedule).
+    """
+
+    def __init__(self, den, sigmas, *, seed, sample_offset=0, backend="auto", track=True, callback=None,
+                 progress=None, noise_sampler=None, extra_args=None, check_every=None, solver="",
+                 stochastic=False, schedule=None):
+        self.den = den
+        self.schedule = schedule if schedule is not None else den.schedule
+        self.sigmas = sigmas
+        self.seed, self.sample_offset, self.backend = seed, sample_offset, backend
+        self.track = track
+        self.user_callback = callback
+        self.progress = progress
+        self.noise_sampler = noise_sampler
+        self.extra_args = extra_args or {}
+        self.check_every = check_every
+        self.solver = solver
+        self.stochastic = stochastic
+        self.nfe = 0
+        self.eval_t: list[float] = []
+        self.eval_rates: list[torch.Tensor] = []
+        self.probes: list[tuple[int, torch.Tensor]] = []  # (step, per-sample rate or NaN probe)
+        self.first_state = self.last_state = None           # (sigma, x, scale): physical x = m scale x
+        self._velocity = self._velocity_table(sigmas) if track else {}
+
+    def _velocity_table(self, sigmas) -> dict[float, tuple[float, float, float]]:
+        """(t, alpha, beta) of the velocity at each noise level of the grid, in one vectorised call:
+        per-step scalar schedule math (bisection for t) cost more host time than the fused step itself."""
+        pos = np.asarray([s for s in sigmas if s > 0], dtype=np.float64)
+        if not pos.size:
+            return {}
+        t = np.atleast_1d(self.schedule.sigma_to_t(pos))
+        a, b = (np.broadcast_to(np.asarray(c, dtype=np.float64), t.shape)
+                for c in self.schedule.velocity_coeffs(t))
+        return {float(k): (float(tk), float(ak), float(bk)) for k, tk, ak, bk in zip(pos, t, a, b)}
+
+    # -- what a solver calls ----------------------------------------------------------------------
+    def steps(self):
+        n = len(self.sigmas) - 1
+        show = self.progress if self.progress is not None else (n >= 50 and sys.stderr.isatty())
+        if show:
+            from tqdm.auto import tqdm
+            return tqdm(range(n), desc=f"thermosample {self.solver}", leave=False)
+        return range(n)
+
+    def denoise(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        d = self.den(x, sigma, **self.extra_args)
+        self.nfe += 1
+        self.record_state(sigma, x)
+        return d
+
+    def record_state(self, sigma: float, x: torch.Tensor, scale: float = 1.0) -> None:
+        """Remember the state at an evaluation (the first and the last feed the speed limit)."""
+        if self.first_state is None:
+            self.first_state = (sigma, x, scale)
+        self.last_state = (sigma, x, scale)
+
+    def update(self, inputs, coeffs, i, *, noise=0.0, noise_sigmas=None, track_sigma=None, u=0, d=1,
+               track_map=None, out=None):
+        """One fused step out = sum coeffs[k] inputs[k] + noise z.
+
+        `track_sigma` is the noise level of the evaluation whose velocity this update reduces, with
+        x_hat = inputs[u] and D = inputs[d]; `track_map` = (cx, kx, ko) instead says x_hat = cx inputs[u]
+        and D = kx inputs[u] + ko inputs[d] (a scheduler that holds the model output, not D).
+        """
+        if noise != 0.0 and self.noise_sampler is not None:
+            inputs = list(inputs) + [self.noise_sampler(*noise_sigmas)]
+            coeffs = list(coeffs) + [noise]
+            noise = 0.0
+        tracked = self.track and track_sigma is not None
+        alpha = beta = 0.0
+        if tracked:
+            t, alpha, beta = self.tracked_velocity(track_sigma, track_map)
+        out, rate = fused_step_op(inputs, coeffs, noise=noise, seed=self.seed, step=i,
+                                  sample_offset=self.sample_offset, track=tracked, alpha=alpha, beta=beta,
+                                  u=u, d=d, out=out, backend=self.backend)
+        if tracked:
+            self.eval_t.append(t)
+            self.eval_rates.append(rate)
+        self.probes.append((i, rate))
+        if self.check_every and (i + 1) % self.check_every == 0 and (len(self.probes) == 1 or self.probes[-2][0] != i):
+            self.check_finite()
+        return out
+
+    def callback(self, i, x, sigma, sigma_hat, denoised):
+        if self.user_callback is not None:
+            self.user_callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+
+    # -- physical coordinates (hooks an entry point may override) ---------------------------------
+    def velocity(self, sigma: float) -> tuple[float, float, float]:
+        """(t, alpha, beta) at noise level sigma: nu = alpha x_hat + beta D (cached over the grid)."""
+        hit = self._velocity.get(float(sigma))
+        if hit is None:                             # a level off the grid (EDM churn's sigma_hat)
+            t = float(self.schedule.sigma_to_t(sigma))
+            alpha, beta = self.schedule.velocity_coeffs(t)
+            hit = self._velocity[float(sigma)] = (t, float(alpha), float(beta))
+        return hit
+
+    def tracked_velocity(self, sigma: float, track_map=None) -> tuple[float, float, float]:
+        """(t, alpha, beta) of the rate reduced over the update's inputs (see `update`)."""
+        t, alpha, beta = self.velocity(sigma)
+        if track_map is not None:
+            cx, kx, ko = track_map
+            alpha, beta = alpha * cx + beta * kx, beta * ko
+        return t, alpha, beta
+
+    def physical_m(self, sigma: float) -> float:
+        """m(t) at noise level sigma: physical x = m x_hat."""
+        return float(self.schedule.m(self.schedule.sigma_to_t(sigma)))
+
+    def temperature(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self.schedule.temperature(t.numpy()), dtype=torch.float64)
+
+    # -- after the loop ---------------------------------------------------------------------------
+    def check_finite(self, samples: torch.Tensor | None = None) -> None:
+        """Raise NonFiniteError naming the first step and sample whose values are not finite (one sync)."""
+        if not self.probes:
+            return
+        bad = ~torch.isfinite(torch.stack([r for _, r in self.probes]))
+        if samples is not None:
+            tail = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
+            bad = torch.cat([bad, tail[None]])
+        if not bool(bad.any()):
+            return
+        op, b = divmod(int(torch.nonzero(bad.flatten())[0]), bad.shape[1])
+        step = self.probes[min(op, len(self.probes) - 1)][0]
+        raise NonFiniteError(
+            f"non-finite value (NaN or Inf) in the model output or the state at step {step} of "
+            f"{len(self.sigmas) - 1} (sigma={self.sigmas[step]:.6g}), sample {b + self.sample_offset}; "
+            "check the model, its dtype and the schedule's time convention", step=step,
+            sample=b + self.sample_offset)
+
+    def report(self) -> ThermoReport | None:
+        if not self.track or not self.eval_rates:
+            return None
+        t = torch.tensor(self.eval_t, dtype=torch.float64)
+        disp = None
+        if not self.stochastic:  # the pathwise speed limit holds for deterministic (ODE) trajectories only
+            (s0, x0, c0), (s1, x1, c1) = self.first_state, self.last_state
+            p0, p1 = self.physical_m(s0) * c0, self.physical_m(s1) * c1
+            disp = (p1 * x1.double() - p0 * x0.double()).reshape(x0.shape[0], -1).square().sum(dim=1)
+        return ThermoReport(t=t, rate=torch.stack(self.eval_rates), temperature=self.temperature(t),
+                            displacement=disp, schedule_name=getattr(self.schedule, "name", ""), solver=self.solver)

@@ -1,0 +1,109 @@
+"""Argument checks shared by the entry points (ts.sample, the fused op, the integrations), each written
+once: a bad argument gets a ValueError/TypeError naming it, before any model call or kernel runs."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+UINT64 = 2 ** 64
+
+
+def is_int(value) -> bool:
+    """A Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """The Philox seed: an int in [0, 2**64)."""
+    if not is_int(seed) or not 0 <= seed < UINT64:
+        raise ValueError(f"{name} must be an int in [0, 2**64), got {seed!r}")
+    return seed
+
+
+def check_noise(noise) -> torch.Tensor:
+    """An initial state x_T: a floating-point tensor [B, ...] with B >= 1."""
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+    if noise.dim() < 1 or noise.shape[0] < 1 or noise.numel() == 0:
+        raise ValueError(f"noise must have shape [B, ...] with B >= 1, got {tuple(noise.shape)}")
+    return noise
+
+
+def check_shape(shape) -> tuple[int, ...]:
+    """A sample shape (B, ...) of positive ints."""
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) < 1:
+        raise ValueError(f"shape must be a non-empty tuple of positive ints like (B, C, H, W), got {shape!r}")
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"shape must hold positive ints, got {shape!r}")
+    return tuple(int(n) for n in shape)
+
+
+def check_callable(value, name: str) -> None:
+    """None or a callable."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable (or None), got {type(value).__name__}")
+
+
+def check_extra_args(extra_args) -> dict:
+    """Keyword arguments for every model call: None or a dict."""
+    if extra_args is not None and not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict of keyword arguments for the model, got "
+                        f"{type(extra_args).__name__}")
+    return extra_args or {}
+
+
+_NONNEGATIVE_OPTIONS = ("churn", "eta", "s_noise", "s_tmin", "s_tmax")
+
+
+def check_solver_options(options: dict, defaults: dict | None = None) -> None:
+    """Numeric solver knobs are real numbers; churn, eta, s_noise and the churn window are >= 0 (s_tmax may
+    be inf). An option whose default is a string (e.g. solver_type) takes a string; its solver checks it."""
+    for name, value in options.items():
+        if defaults is not None and isinstance(defaults.get(name), str):
+            if not isinstance(value, str):
+                raise TypeError(f"solver option {name} must be a string, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"solver option {name} must be a real number, got {value!r}")
+        if math.isnan(value) or (math.isinf(value) and name != "s_tmax"):
+            raise ValueError(f"solver option {name} must be finite, got {value!r}")
+        if name in _NONNEGATIVE_OPTIONS and value < 0:
+            raise ValueError(f"solver option {name} must be >= 0, got {value!r}")
+
+
+def model_device(den) -> torch.device | None:
+    """The device of the wrapped model's first parameter (None when it has none)."""
+    params = getattr(getattr(den, "model", None), "parameters", None)
+    if callable(params):
+        p = next(iter(params()), None)
+        if p is not None:
+            return p.device
+    return None
+
+
+def sample_device(den, noise, device) -> torch.device:
+    """Where the samples live: noise's device, else `device`, else the model's, else CPU; refuses the meta
+    device, a `device` that contradicts `noise`, and a model on another device type than the samples."""
+    want = None
+    if device is not None:
+        try:
+            want = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must be a torch.device or a device string like 'cuda:0', got {device!r}") from exc
+    param_device = model_device(den)
+    dev = noise.device if noise is not None else (want or param_device or torch.device("cpu"))
+    if dev.type == "meta":
+        raise ValueError("sampling needs a device with data; got the meta device (noise= or device=)")
+    if noise is not None and want is not None and (
+            want.type != noise.device.type or want.index not in (None, noise.device.index)):
+        raise ValueError(f"device={device!r} but noise is on {noise.device}; pass one or make them agree")
+    if param_device is not None and param_device.type != dev.type:
+        raise ValueError(f"the model's parameters are on {param_device} but the samples would be on {dev}; "
+                         "move the model or pass noise/device on the same device")
+    return dev
