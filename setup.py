@@ -30,6 +30,9 @@ def get_extensions():
     if sys.platform.startswith("linux"):
         compile_args.append("-fopenmp")
         link_args.append("-fopenmp")
+    version = {}
+    with open(os.path.join("thermosample", "_version.py")) as f:
+        exec(f.read(), version)
     ext = Pybind11Extension(
         "thermosample._C",
         sources=sorted(os.path.join("csrc", f) for f in os.listdir("csrc") if f.endswith(".cpp")),
@@ -37,6 +40,7 @@ def get_extensions():
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         cxx_std=17,
+        define_macros=[("THERMOSAMPLE_VERSION", f'"{version["__version__"]}"')],
     )
     ext.optional = True  # a failed compile warns and leaves the torch backend in charge
     return [ext]

@@ -83,6 +83,7 @@ def main():
     try:
         import diffusers
         from diffusers import DDPMScheduler
+
         from thermosample.integrations import diffusers as td
         cfg = DDPMScheduler(num_train_timesteps=1000).config
         for peer_name, ours_name in (("EulerDiscreteScheduler", "ThermoEulerDiscreteScheduler"),

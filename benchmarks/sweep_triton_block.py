@@ -14,8 +14,8 @@ import os
 
 import torch
 
+from thermosample.apps.bench import ALPHA, BATCH, BETA, STEPS, Timer, device_name
 from thermosample.ops import reference as _reference
-from thermosample.apps.bench import STEPS, ALPHA, BETA, BATCH, Timer, device_name
 
 CANDIDATES = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8)]
 

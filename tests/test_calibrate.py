@@ -1,5 +1,4 @@
 """Calibrated time grids (thermosample/calibrate.py, THEORY.md §6)."""
-import math
 
 import numpy as np
 import pytest

@@ -6,9 +6,9 @@ import torch
 from torch.library import opcheck
 
 from thermosample import ops
+from thermosample.errors import BackendUnavailableWarning
 from thermosample.ops import reference as _reference
 from thermosample.ops.library import fused_step_op
-from thermosample.errors import BackendUnavailableWarning
 
 BACKENDS = ["torch", "auto"] + (["triton"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import thermosample as ts
-from thermosample.schedules import CondOT, Cosine, DiscreteVP, EDM, OU, Schedule, VE, VPLinear
+from thermosample.schedules import EDM, OU, VE, CondOT, Cosine, DiscreteVP, Schedule, VPLinear
 
 ALL = [CondOT(), Cosine(), VPLinear(), VE(), EDM(), OU(), DiscreteVP(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))]
 

@@ -6,13 +6,12 @@
     out.samples, out.thermo
 """
 from . import calibrate, grids, schedules, toy
+from ._version import __version__
 from .calibrate import ThermoGrid, thermo_grid
 from .denoiser import Denoiser
 from .errors import BackendUnavailableWarning, NonFiniteError
 from .sampler import SampleOutput, sample
 from .thermo import ThermoReport
-
-__version__ = "0.1.0"
 
 _LAZY_MODULES = ("distributed", "bulk")
 

@@ -76,7 +76,7 @@ class ThermoGrid(np.ndarray):
         return str(path)
 
     @classmethod
-    def load(cls, path) -> "ThermoGrid":
+    def load(cls, path) -> ThermoGrid:
         """Read a grid written by `save`."""
         with open(path) as f:
             blob = json.load(f)

@@ -36,8 +36,13 @@ import math
 import warnings
 
 import torch
-from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler)
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 from diffusers.schedulers.scheduling_dpmsolver_multistep import SchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
@@ -46,7 +51,7 @@ from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerO
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..run import Run
-from ..schedules import CondOT, DiscreteVP, EDM
+from ..schedules import EDM, CondOT, DiscreteVP
 from ..solvers import ancestral_step, churn_sigma, heun_correction
 from ..thermo import ThermoReport
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import sys
 
-import numpy as np
 import torch
 
 from .. import solvers as _solvers

@@ -18,7 +18,8 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import BackendUnavailableWarning
-from ..validate import check_seed, is_int as _is_int
+from ..validate import check_seed
+from ..validate import is_int as _is_int
 from . import reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -78,7 +79,7 @@ AUTO = {"cpu": "cpp", "cuda": "triton"}        # device type -> backend of backe
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)  # every valid `backend=` string
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(message: str) -> None:
     warnings.warn(message, BackendUnavailableWarning, stacklevel=3)
 
@@ -191,7 +192,7 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     return implementation(resolve_backend(backend, inputs[0].device))(inputs, coeffs, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def implementation(name: str) -> Callable:
     """The fused_step function of backend `name` (a key of BACKENDS), loaded once."""
     return BACKENDS[name].load()

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..validate import UINT64 as _UINT64, check_seed
+from ..validate import UINT64 as _UINT64
+from ..validate import check_seed
 
 _INT64_MAX = 2 ** 63 - 1
 

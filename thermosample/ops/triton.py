@@ -11,7 +11,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def installed() -> bool:
     """True when the `triton` package imports; a broken kernel module raises (not swallowed)."""
     try:
