@@ -1,4 +1,4 @@
-"""Speciation and symmetry breaking (THEORY.md §5) against closed forms."""
+"""Speciation and symmetry breaking (docs/theory.md §5) against closed forms."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Calibrated time grids (thermosample/calibrate.py, THEORY.md §6)."""
+"""Calibrated time grids (thermosample/calibrate.py, docs/theory.md §6)."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""THEORY.md §3-4 closed forms: kinetic cost, efficiency and the speed limit on exact-score oracles."""
+"""docs/theory.md §3-4 closed forms: kinetic cost, efficiency and the speed limit on exact-score oracles."""
 import math
 
 import pytest
@@ -12,7 +12,7 @@ MU, S0 = 1.5, 0.4
 
 
 def gaussian_rate(sch, t, mu=MU, s0=S0, d=1):
-    """E||nu||^2 for Gaussian data N(mu, s0^2 I_d) (THEORY.md §4), from the schedule's m, s."""
+    """E||nu||^2 for Gaussian data N(mu, s0^2 I_d) (docs/theory.md §4), from the schedule's m, s."""
     m, s, dm, ds = sch.m(t), sch.s(t), sch.dm(t), sch.ds(t)
     v = m * m * s0 * s0 + s * s
     dsqrt_v = (m * dm * s0 * s0 + s * ds) / math.sqrt(v)
@@ -60,7 +60,7 @@ def test_dirac_condot_straight_for_every_ode_solver(solver):
 def test_gaussian_kinetic_cost_matches_closed_form(sched, closed_form):
     sch = sched(t_min=1e-5, t_max=1 - 1e-5)
     quadrature = quad(lambda t: gaussian_rate(sch, t), sch.t_min, sch.t_max, limit=200)[0]
-    assert quadrature == pytest.approx(closed_form, abs=2e-4)  # the formula itself, THEORY.md §4
+    assert quadrature == pytest.approx(closed_form, abs=2e-4)  # the formula itself, docs/theory.md §4
     batch = 20000
     g = torch.Generator().manual_seed(3)
     y = MU + S0 * torch.randn(batch, 1, generator=g, dtype=torch.float64)

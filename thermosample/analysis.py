@@ -1,4 +1,4 @@
-"""Phase transitions of generative diffusion (THEORY.md §5): speciation and symmetry breaking.
+"""Phase transitions of generative diffusion (docs/theory.md §5): speciation and symmetry breaking.
 
 - `speciation_time`: t_S = (1/2) log Lambda for the Ornstein-Uhlenbeck process (Biroli, Bonnaire,
   de Bortoli, Mezard 2024), Lambda the largest eigenvalue of the data covariance; mapped to any

@@ -175,7 +175,7 @@ def critical_density(p: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """The pilot's critical-time density on its lambda nodes: rho_c ∝ sqrt(E_batch ||dD/dlambda||^2).
 
     The denoised estimate D moves fastest in lambda where the trajectories choose their mode (the
-    speciation / critical time, THEORY.md §5): before it D is near the data mean, after it near one
+    speciation / critical time, docs/theory.md §5): before it D is near the data mean, after it near one
     mode. Normalised to integrate to 1; None when D does not move (e.g. Dirac data)."""
     lam = -np.log(p["sigma"])
     D = p["D"]  # [J, B, n]
@@ -284,7 +284,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                 sample_shape: tuple | None = None, method: str = "error", floor: float | None = None,
                 critical: float | None = None, switch: float | None = None, amplify: float | None = None,
                 pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None) -> ThermoGrid:
-    """A time grid calibrated from a pilot run of `den` (THEORY.md §6).
+    """A time grid calibrated from a pilot run of `den` (docs/theory.md §6).
 
     Args:
         den: a `ts.Denoiser` (the model with its schedule).

@@ -1,4 +1,4 @@
-"""Noise schedules x_t = m(t) y + s(t) eps in physical time t (THEORY.md §1).
+"""Noise schedules x_t = m(t) y + s(t) eps in physical time t (docs/theory.md §1).
 
 A schedule gives m, s, their time derivatives, the temperature T(t) = m s d/dt(s/m), the sampler
 coordinate sigma_hat(t) = s/m and its inverse. All host arithmetic is float64 (numpy); every method
@@ -30,7 +30,7 @@ class Schedule:
 
     Args:
         t_min: smallest time the sampler evaluates the model at (> 0 where sigma(0) = 0, since the
-            entropy production diverges logarithmically at t -> 0 for sharp data, THEORY.md §2).
+            entropy production diverges logarithmically at t -> 0 for sharp data, docs/theory.md §2).
         t_max: the time sampling starts from (the prior is N(0, sigma_hat(t_max)^2 I) in x_hat).
     """
 
@@ -90,7 +90,7 @@ class Schedule:
         return _like(t, _arr(self.dm(t)) / _arr(self.m(t)))
 
     def velocity_coeffs(self, t):
-        """(alpha, beta) with physical velocity nu = alpha x_hat + beta D (THEORY.md §2)."""
+        """(alpha, beta) with physical velocity nu = alpha x_hat + beta D (docs/theory.md §2)."""
         m, sig = _arr(self.m(t)), _arr(self.sigma(t))
         k = m * _arr(self.dsigma(t)) / sig
         return _like(t, _arr(self.dm(t)) + k), _like(t, -k)
@@ -275,7 +275,7 @@ class EDM(Schedule):
 
 
 class OU(Schedule):
-    """Ornstein-Uhlenbeck process: m = e^{-t}, s = sqrt(1 - e^{-2t}) (THEORY.md §5; Biroli et al.)."""
+    """Ornstein-Uhlenbeck process: m = e^{-t}, s = sqrt(1 - e^{-2t}) (docs/theory.md §5; Biroli et al.)."""
 
     name = "ou"
     t_min, t_max = 1e-3, 8.0

@@ -1,4 +1,4 @@
-"""Thermodynamic accounting of a sampling run (THEORY.md §2-3; Ikeda et al., PRX 15, 031031 (2025)).
+"""Thermodynamic accounting of a sampling run (docs/theory.md §2-3; Ikeda et al., PRX 15, 031031 (2025)).
 
 The fused op reduces rate[e, b] = ||nu||^2 for every model evaluation e and sample b, where
 nu = alpha(t) x_hat + beta(t) D is the local mean (probability-flow) velocity in physical coordinates.

@@ -1,4 +1,4 @@
-"""Exact-score oracles (THEORY.md §4): Gaussian, Dirac and isotropic Gaussian-mixture data.
+"""Exact-score oracles (docs/theory.md §4): Gaussian, Dirac and isotropic Gaussian-mixture data.
 
 For data sum_k w_k N(mu_k, s_k^2 I) the denoiser is exact for every schedule:
 
@@ -139,7 +139,7 @@ def Dirac(point) -> GaussianMixture:
 
 def default_mixture(dim: int = 64, modes: int = 8, seed: int = 0) -> GaussianMixture:
     """The embedded demo problem: `modes` sharp, well-separated components of unequal width and weight,
-    standardised so that each coordinate has variance about 1 (the regime of THEORY.md §3)."""
+    standardised so that each coordinate has variance about 1 (the regime of docs/theory.md §3)."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(modes, dim, generator=g, dtype=torch.float64)
     stds = 0.06 + 0.08 * torch.rand(modes, generator=g, dtype=torch.float64)

@@ -4,7 +4,7 @@ Samples the mixture with several solvers, grids and schedules from the same nois
 steps, model evaluations, samples/s, RMS error against the converged ODE solution from the same noise,
 sliced W2 to the data distribution, kinetic cost K, entropy production S, the speed-limit bound and the
 efficiency. The headline (Ikeda et al. 2025): CondOT dissipates less than cosine for the same data.
-Rows with grid "calibrated" use `ts.thermo_grid` (a pilot-calibrated grid, THEORY.md §6) beside karras.
+Rows with grid "calibrated" use `ts.thermo_grid` (a pilot-calibrated grid, docs/theory.md §6) beside karras.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ DEFAULT_RUNS = [
     ("condot", "dpmpp_2m", "karras", 20),
     ("cosine", "dpmpp_2m", "karras", 20),
     ("condot", "dpmpp_2m", "karras", 10),
-    ("condot", "dpmpp_2m", "calibrated", 10),   # ts.thermo_grid: pilot-calibrated grid (THEORY.md §6)
+    ("condot", "dpmpp_2m", "calibrated", 10),   # ts.thermo_grid: pilot-calibrated grid (docs/theory.md §6)
     ("condot", "dpmpp_2m", "calibrated", 20),
     ("condot", "euler_maruyama", "logsnr", 100),
     ("cosine", "euler_maruyama", "logsnr", 100),
