@@ -6,7 +6,7 @@ every variant alike):
 - ours:     the fused op on this device's backend (cpp on CPU, triton on CUDA), tracking on and off;
             the backend function itself, without ops.fused_step's argument validation
 - eager:    the same math as plain eager torch expressions (linear combination + per-sample squared norm)
-- ref:      thermosample._reference.fused_step_reference (the oracle; slow for noise steps, capped in size)
+- ref:      thermosample.ops.reference.fused_step_reference (the oracle; slow for noise steps, capped in size)
 - compile:  torch.compile of the eager function, timed in a second pass beside ours ("x comp" compares
             the two from that pass; see bench_one for why)
 - copy:     dst.copy_(src) of one state; copy GB/s = 2 * state bytes / time
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend = "triton" if device.type == "cuda" else "cpp"
+    backend = ops.AUTO.get(device.type, "torch")
     chosen = ops.resolve_backend(backend, device)
     if chosen != backend:
         print(f"warning: backend {backend} unavailable, 'ours' is {chosen}", file=sys.stderr)
