@@ -29,8 +29,10 @@ struct StepArgs {
   int num_threads = 0;         // <= 0: the OpenMP default
 };
 
-// out = sum_k coeffs[k] inputs[k] + noise z;  rate[b] = sum (alpha in[u] + beta in[d])^2 (track) + sum 0 out.
-// Deterministic: fixed-size blocks reduce to per-block partials summed in a fixed order.
+// out = sum_k coeffs[k] inputs[k] + noise z;  rate[b] = sum (alpha in[u] + beta in[d])^2 (track) + sum 0 out,
+// out as stored (NaN where the stored out[b] is non-finite, an fp16/bf16 overflow to inf included).
+// Deterministic: fixed-size chunks (kPart) reduce in a fixed order; the chunk partials of a sample are
+// summed in double in chunk order, whatever the thread count, batch composition or alignment.
 void fused_step(const StepArgs& args);
 
 // Standard normals [count] for elements [first, first + count) of one sample (tests and debugging).

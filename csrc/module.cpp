@@ -11,6 +11,11 @@
 
 #include "fused_step.h"
 
+// The package version, passed by setup.py from thermosample/_version.py (the one place it is written).
+#ifndef THERMOSAMPLE_VERSION
+#define THERMOSAMPLE_VERSION "unknown"
+#endif
+
 namespace py = pybind11;
 namespace ts = thermosample;
 
@@ -26,6 +31,14 @@ void fused_step_py(const std::vector<uintptr_t>& inputs, const std::vector<doubl
   if (batch < 0 || numel < 0) throw std::invalid_argument("fused_step: negative size");
   if (track && (u < 0 || d < 0 || u >= int(inputs.size()) || d >= int(inputs.size())))
     throw std::invalid_argument("fused_step: u and d must index inputs");
+  // Raw addresses from Python: refuse a null one (ValueError) rather than crash. Empty samples (numel 0,
+  // whose tensors may have no storage) read and write nothing but the rate.
+  if (batch > 0 && rate == 0) throw std::invalid_argument("fused_step: rate is a null pointer");
+  if (batch > 0 && numel > 0) {
+    for (size_t k = 0; k < inputs.size(); ++k)
+      if (inputs[k] == 0) throw std::invalid_argument("fused_step: inputs[" + std::to_string(k) + "] is a null pointer");
+    if (out == 0) throw std::invalid_argument("fused_step: out is a null pointer");
+  }
   ts::StepArgs a;
   a.n_inputs = int(inputs.size());
   for (int k = 0; k < a.n_inputs; ++k) {
@@ -53,6 +66,7 @@ void fused_step_py(const std::vector<uintptr_t>& inputs, const std::vector<doubl
 
 void philox_normal_py(uintptr_t z, int64_t first, int64_t count, uint32_t sample, uint32_t step, uint64_t seed) {
   if (count < 0 || first < 0) throw std::invalid_argument("philox_normal: negative range");
+  if (count > 0 && z == 0) throw std::invalid_argument("philox_normal: z is a null pointer");
   py::gil_scoped_release release;
   ts::philox_normal(reinterpret_cast<float*>(z), first, count, sample, step, seed);
 }
@@ -61,7 +75,7 @@ void philox_normal_py(uintptr_t z, int64_t first, int64_t count, uint32_t sample
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "thermosample fused CPU kernels";
-  m.def("version", []() { return std::string("0.1.0"); });
+  m.def("version", []() { return std::string(THERMOSAMPLE_VERSION); });
   m.attr("FLOAT32") = int(ts::kFloat32);
   m.attr("FLOAT64") = int(ts::kFloat64);
   m.attr("FLOAT16") = int(ts::kFloat16);

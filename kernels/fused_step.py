@@ -6,8 +6,10 @@
 Exactly the contract of thermosample._reference.fused_step_reference (read its docstring for the Philox
 stream). Kernel + launcher in the style of the Triton tutorial 01-vector-add: the grid is
 (blocks per sample, samples); each program handles BLOCK elements of one sample, writes its slice of
-`out` and one partial sum of the rate into a [B, n_blocks] buffer; a fixed-order torch sum over the
-blocks makes the rate deterministic (no float atomics).
+`out` and one partial sum of the rate into a [B, n_blocks] buffer; a second small kernel sums each
+sample's partials in a fixed order (float64), so the rate is deterministic and independent of the batch
+(no float atomics, no torch .sum whose strategy depends on the shape). The rate reads `out` as stored:
+an fp16/bf16 overflow to inf on the store makes it NaN.
 
 Coefficients travel as the int64 bit patterns of Python floats (float64) and are bitcast in the kernel:
 Triton types a Python float argument as fp32, which would round the coefficients of a float64 step;
@@ -102,15 +104,34 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
         z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])   # [i, pair, cos|sin] -> 4i + ...
         acc += _coeff(noise, COMPUTE_DTYPE) * z.to(COMPUTE_DTYPE)
 
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    stored = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, stored, mask=mask)
 
-    # partial rate: squared velocity (THEORY.md §2) plus 0 * out, so a non-finite out poisons the rate
-    probe = acc * 0.0
+    # partial rate: squared velocity (THEORY.md §2) plus 0 * out as stored, so a non-finite out poisons
+    # the rate (an fp16/bf16 value that overflows to inf on the store included)
+    probe = stored.to(COMPUTE_DTYPE) * 0.0
     if TRACK:
         v = _coeff(alpha, COMPUTE_DTYPE) * _pick(U, x0, x1, x2, x3) + _coeff(beta, COMPUTE_DTYPE) * _pick(D, x0, x1, x2, x3)
         probe += v * v
     probe = tl.where(mask, probe, 0.0)
     tl.store(partial_ptr + pid_b * n_blocks + pid_n, tl.sum(probe, axis=0))
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, rate_ptr, n_blocks, PBLOCK: tl.constexpr):
+    # rate[b] = sum of the n_blocks partials of sample b, in float64, in an order fixed by n_blocks alone:
+    # lane j adds partials j, j + PBLOCK, ... in turn, then one tl.sum tree over the PBLOCK lanes. No
+    # atomics and no dependence on the batch (torch's .sum picks its strategy from the output count).
+    b = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, PBLOCK)
+    acc = tl.zeros([PBLOCK], dtype=tl.float64)
+    for start in range(0, n_blocks, PBLOCK):
+        i = start + lanes
+        acc += tl.load(partial_ptr + b * n_blocks + i, mask=i < n_blocks, other=0.0).to(tl.float64)
+    tl.store(rate_ptr + b, (tl.sum(acc, axis=0) + 0.0).to(tl.float32))
+
+
+_PBLOCK = 128                # lanes of _sum_partials_kernel
 
 
 def _block_size(numel: int) -> tuple[int, int]:
@@ -140,6 +161,13 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     Returns:
         (out [B, ...] in the inputs' dtype, rate [B] float32)
     """
+    # Kernels read raw memory: resolve conj/neg views (torch._neg_view) first; a no-op for plain tensors.
+    inputs = [t.resolve_conj().resolve_neg() if (t.is_neg() or t.is_conj()) else t for t in inputs]
+    if out is not None and (out.is_neg() or out.is_conj()):
+        result, rate = fused_step(inputs, coeffs, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+                                  track=track, alpha=alpha, beta=beta, u=u, d=d)
+        out.copy_(result)                      # copy_ honours the view's bit
+        return out, rate
     x0 = inputs[0]
     batch = x0.shape[0]
     numel = x0.numel() // batch
@@ -168,4 +196,6 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
         )
     if n_blocks == 1:                                   # one block per sample: its partial is the rate
         return out, partial.view(batch).to(torch.float32)
-    return out, partial.sum(dim=1).to(torch.float32)     # fixed-order sum over blocks: deterministic
+    rate = torch.empty(batch, dtype=torch.float32, device=x0.device)
+    _sum_partials_kernel[(batch,)](partial, rate, n_blocks, PBLOCK=_PBLOCK, num_warps=1)
+    return out, rate                                    # fixed-order sum over blocks: deterministic

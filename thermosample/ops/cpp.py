@@ -36,6 +36,15 @@ def _require() -> None:
                            "run `pip install --no-build-isolation -e .` with a C++ compiler present")
 
 
+def _lazy(t: torch.Tensor) -> bool:
+    """True for a view whose values differ from its memory by a lazy conj/neg bit."""
+    return t.is_neg() or t.is_conj()
+
+
+def _resolved(t: torch.Tensor) -> torch.Tensor:
+    return t.resolve_conj().resolve_neg() if _lazy(t) else t
+
+
 def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise: float = 0.0, seed: int = 0,
                step: int = 0, sample_offset: int = 0, track: bool = False, alpha: float = 0.0,
                beta: float = 0.0, u: int = 0, d: int = 1,
@@ -50,11 +59,21 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
         coeffs: one Python float per input.
         noise: coefficient of the Philox normal stream (0 draws none).
         track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2.
-        out: optional contiguous [B, ...] tensor written in place (may be one of the inputs).
+        out: optional contiguous [B, ...] tensor written in place (may be one of the inputs). Inputs
+            that are neg/conj views are resolved first; a neg/conj view `out` gets the values through
+            copy_.
     Returns:
         (out [B, ...], rate [B] float32)
     """
     _require()
+    # The kernel reads raw memory: a conj/neg view (torch._neg_view, x.conj()) stores its values with a
+    # lazy bit the pointer does not carry, so materialise it first (a no-op for ordinary tensors).
+    inputs = [_resolved(t) for t in inputs]
+    if out is not None and _lazy(out):
+        result, rate = fused_step(inputs, coeffs, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+                                  track=track, alpha=alpha, beta=beta, u=u, d=d)
+        out.copy_(result)                      # copy_ honours the view's bit
+        return out, rate
     x0 = inputs[0]
     code = _DTYPE_CODES.get(x0.dtype)
     if code is None:

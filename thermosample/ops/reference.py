@@ -7,7 +7,12 @@ The op (DESIGN.md, "the one idea"):
             = sum_e 0 * out[b, e]                (0, or NaN where out[b] is non-finite)  otherwise
 
 `rate` always propagates non-finite values, so the sampler can detect a NaN/Inf in the model output or
-the state from it at no extra memory traffic.
+the state from it at no extra memory traffic. The check reads out as stored, in the storage dtype: an
+fp16/bf16 result that is finite in the float32 arithmetic but overflows to inf on the store makes the
+rate NaN too (on the tracked rate as well: it is sum (nu^2 + 0 * out)).
+
+The reduction order is fixed by the element index alone (fixed_order_sum): rate bits do not depend on
+the thread count or on the other samples of the batch, on any backend.
 
 z is a standard normal stream, keyed by (seed, global sample index, step, element):
 
@@ -106,13 +111,45 @@ def fused_step_reference(inputs: Sequence[torch.Tensor], coeffs: Sequence[float]
         z = philox_normal(batch, flat[0].shape[1], seed=seed, step=step, sample_offset=sample_offset,
                           device=x0.device)
         acc = acc + noise * z.to(ct)
+    stored = acc.to(x0.dtype)                       # out as stored (fp16/bf16 may overflow to inf here)
+    probe = stored.to(ct) * 0                       # 0, or NaN where the stored out is non-finite
     if track:
-        rate = ((alpha * flat[u] + beta * flat[d]) ** 2).sum(dim=1) + (acc * 0).sum(dim=1)
-    else:
-        rate = (acc * 0).sum(dim=1)
-    result = acc.reshape(x0.shape).to(x0.dtype)
+        probe = (alpha * flat[u] + beta * flat[d]) ** 2 + probe
+    rate = fixed_order_sum(probe)
+    result = stored.reshape(x0.shape)
     if out is None:
         out = result
     else:
         out.copy_(result)
     return out, rate.to(torch.float32)
+
+
+RATE_CHUNK = 256     # elements per chunk partial of the rate (csrc/fused_step.cpp: kPart)
+
+
+def fixed_order_sum(x: torch.Tensor) -> torch.Tensor:
+    """Row sums of a [B, N] tensor in an order fixed by N alone: the same bits whatever the thread count,
+    the other rows of the batch or the device's reduction strategy (issue 13, item 7).
+
+    Each row is cut into chunks of RATE_CHUNK elements (the last one padded with +0); a chunk is summed
+    by a halving tree in x's dtype (r[i] += r[i + h], h = RATE_CHUNK/2 ... 1, as the C++ kernel does);
+    the chunk partials go to float64 and are summed by a pairwise halving tree (an odd count padded with
+    +0). Only element-wise adds are used, never torch's .sum(), whose split over threads varies.
+    Returns float64 [B] (x float64 or float32/16) with -0.0 normalised to +0.0.
+    """
+    batch, n = x.shape
+    pad = (-n) % RATE_CHUNK if n else RATE_CHUNK
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    x = x.reshape(batch, -1, RATE_CHUNK)
+    width = RATE_CHUNK
+    while width > 1:
+        width //= 2
+        x = x[..., :width] + x[..., width:]
+    parts = x[..., 0].to(torch.float64)
+    while parts.shape[1] > 1:
+        if parts.shape[1] % 2:
+            parts = torch.nn.functional.pad(parts, (0, 1))
+        half = parts.shape[1] // 2
+        parts = parts[:, :half] + parts[:, half:]
+    return parts[:, 0] + 0.0

@@ -1,0 +1,255 @@
+"""Issue 13, items 6, 7 and 14: the fused step's contract at its edges, on every backend.
+
+- item 6: rate[b] is NaN when out[b] holds a non-finite value *as stored* (an fp16/bf16 result that is
+  finite in the float32 compute but overflows to inf on the store included).
+- item 7: the rate is reduced in a fixed order: bit-identical for 1 vs 2 threads and for a sample alone
+  vs inside a batch of 3.
+- item 14: the raw pybind entry refuses null pointers (ValueError, no segfault) and every backend reads
+  negative-bit views (torch._neg_view) by value.
+
+The Triton launcher runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py): sizes stay small there.
+"""
+import importlib.util
+import math
+import pathlib
+
+import pytest
+import torch
+
+from thermosample import ops
+from thermosample.ops import cpp as _cpp, reference as _reference
+
+HAVE_CPP = _cpp.available()
+try:
+    import triton  # noqa: F401
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    HAVE_TRITON = False
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _triton_module():
+    try:
+        from thermosample.kernels import fused_step as module
+        return module
+    except ModuleNotFoundError:  # pragma: no cover - not installed: load the checkout's file
+        path = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "fused_step.py"
+        spec = importlib.util.spec_from_file_location("_ts_kernels_fused_step", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+
+def _step(backend):
+    """The backend's fused step, called directly (so triton runs interpreted on CPU tensors)."""
+    if backend == "torch":
+        return _reference.fused_step_reference
+    if backend == "cpp":
+        if not HAVE_CPP:
+            pytest.fail("thermosample._C is not built (pip install --no-build-isolation -e .)")
+        return _cpp.fused_step
+    if not HAVE_TRITON:
+        pytest.skip("triton is not installed")
+    return _triton_module().fused_step
+
+
+def _dev(backend):
+    return DEVICE if backend == "triton" else "cpu"
+
+
+BACKENDS = ["torch", "cpp", "triton"]
+
+
+@pytest.fixture
+def threads():
+    """Set torch's intra-op thread count for the test; restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+# ---- item 6: a stored non-finite value makes the sample's rate NaN --------------------------------------
+
+def _overflowing(dtype):
+    """(x, c): x finite in `dtype`, c * x finite in float32 but inf once stored in `dtype`."""
+    # bf16 has float32's exponent range: 2.005 * (bf16 max / 2) lies between bf16 max and float32 max
+    big, c = (40000.0, 2.0) if dtype == torch.float16 else (torch.finfo(torch.bfloat16).max / 2, 2.005)
+    x = torch.full((3, 37), 0.5, dtype=torch.float64)
+    x[1, 11] = big
+    x = x.to(dtype)
+    assert torch.isfinite(x).all() and torch.isfinite(x.float() * c).all()
+    assert torch.isinf((x.float() * c).to(dtype)[1, 11])
+    return x, c
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf * 0 in the interpreter
+@pytest.mark.parametrize("track", [False, True], ids=["notrack", "track"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflow_on_store_makes_the_rate_nan(backend, dtype, track):
+    step = _step(backend)
+    if backend == "triton" and dtype == torch.bfloat16 and DEVICE == "cpu":
+        # The interpreter casts float32 -> bfloat16 by truncation (see test_triton_backend.py), which never
+        # overflows a finite value: the case only exists compiled, on a GPU.
+        pytest.skip("the Triton interpreter truncates float32 -> bfloat16: no overflow on store")
+    x, c = _overflowing(dtype)
+    x = x.to(_dev(backend))
+    y = torch.full_like(x, 0.25)
+    kw = dict(track=track, alpha=1e-3, beta=0.5, u=0, d=1) if track else {}
+    out, rate = step([x, y], [c, 1.0], **kw)
+    assert torch.isinf(out[1, 11]), "the stored value overflows to inf"
+    rate = rate.cpu()
+    assert torch.isnan(rate[1]), f"{backend}: rate {rate.tolist()} for a sample holding inf"
+    assert torch.isfinite(rate[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_overflow_is_detected_through_ops_dispatch(backend):
+    x, c = _overflowing(torch.float16)
+    _, rate = ops.fused_step([x], [c], backend=backend)
+    assert torch.isnan(rate[1]) and torch.isfinite(rate[[0, 2]]).all()
+
+
+# ---- item 7: fixed reduction order ----------------------------------------------------------------------
+
+NUMEL = 100_003          # odd: a sample inside a batch does not start on a vector boundary
+
+
+def _case(dtype, numel=NUMEL, batch=3):
+    """Three inputs [batch, numel] with a wide spread of magnitudes (so a changed summation order shows)."""
+    g = torch.Generator().manual_seed(5)
+
+    def one(k):
+        x = torch.randn(batch, numel, generator=g, dtype=torch.float64)
+        return (x * torch.exp(torch.randn(batch, numel, generator=g, dtype=torch.float64)) * (1 + k)).to(dtype)
+    return [one(k) for k in range(3)]
+
+
+KW7 = dict(noise=0.3, seed=77, step=4, track=True, alpha=0.8, beta=-1.7, u=0, d=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_rate_independent_of_threads_and_batch(backend, dtype, threads):
+    step = _step(backend)
+    xs = _case(dtype)
+    coeffs = [0.7, -1.3, 0.45]
+    results = {}
+    for n in (1, 2):
+        threads(n)
+        results[n, "batch"] = step(xs, coeffs, **KW7)
+        for b in range(3):
+            results[n, b] = step([x[b:b + 1].clone() for x in xs], coeffs, sample_offset=b, **KW7)
+    out3, rate3 = results[1, "batch"]
+    for n in (1, 2):
+        out, rate = results[n, "batch"]
+        assert torch.equal(out, out3) and torch.equal(rate, rate3), f"batch of 3: {n} threads differ from 1"
+        for b in range(3):
+            out1, rate1 = results[n, b]
+            assert torch.equal(out1[0], out3[b]), f"sample {b} alone, {n} threads: out differs"
+            assert torch.equal(rate1[0], rate3[b]), (
+                f"sample {b} alone, {n} threads: rate {rate1[0].item()!r} vs {rate3[b].item()!r} in the batch")
+
+
+def test_torch_rate_is_accurate_and_close_to_cpp():
+    xs = _case(torch.float32)
+    coeffs = [0.7, -1.3, 0.45]
+    kw = dict(KW7, noise=0.0)
+    _, rate = _reference.fused_step_reference(xs, coeffs, **kw)
+    exact = ((0.8 * xs[0].double() - 1.7 * xs[2].double()) ** 2).sum(dim=1)
+    torch.testing.assert_close(rate.double(), exact, rtol=2e-6, atol=0)
+    if HAVE_CPP:
+        torch.testing.assert_close(_cpp.fused_step(xs, coeffs, **kw)[1].double(), exact, rtol=2e-6, atol=0)
+
+
+def test_triton_rate_independent_of_threads_and_batch(threads):
+    step = _step("triton")
+    xs = [x.to(DEVICE) for x in _case(torch.float32, numel=5003)]   # several blocks per sample
+    coeffs = [0.7, -1.3, 0.45]
+    threads(1)
+    out3, rate3 = step(xs, coeffs, **KW7)
+    threads(2)
+    out3b, rate3b = step(xs, coeffs, **KW7)
+    assert torch.equal(out3, out3b) and torch.equal(rate3, rate3b)
+    for b in range(3):
+        out1, rate1 = step([x[b:b + 1].clone() for x in xs], coeffs, sample_offset=b, **KW7)
+        assert torch.equal(out1[0], out3[b]) and torch.equal(rate1[0], rate3[b]), b
+
+
+# ---- item 14: raw entry points --------------------------------------------------------------------------
+
+def _raw_args(x, out, rate):
+    return dict(inputs=[x], coeffs=[1.0], out=out, rate=rate, batch=2, numel=8, dtype=0, noise=0.0, seed=0,
+                step=0, sample_offset=0, track=False, alpha=0.0, beta=0.0, u=0, d=0, num_threads=1)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="thermosample._C is not built")
+@pytest.mark.parametrize("null", ["input", "out", "rate"])
+def test_raw_entry_refuses_null_pointers(null):
+    x = torch.ones(2, 8)
+    out = torch.empty(2, 8)
+    rate = torch.empty(2)
+    ptrs = {"input": x.data_ptr(), "out": out.data_ptr(), "rate": rate.data_ptr()}
+    ptrs[null] = 0
+    with pytest.raises(ValueError, match="null"):
+        _cpp._C.fused_step(**_raw_args(ptrs["input"], ptrs["out"], ptrs["rate"]))
+    # a second input slot, and the Philox helper
+    with pytest.raises(ValueError, match="null"):
+        args = _raw_args(x.data_ptr(), out.data_ptr(), rate.data_ptr())
+        args.update(inputs=[x.data_ptr(), 0], coeffs=[1.0, 1.0])
+        _cpp._C.fused_step(**args)
+    with pytest.raises(ValueError, match="null"):
+        _cpp._C.philox_normal(0, 0, 16, 0, 0, 0)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="thermosample._C is not built")
+def test_raw_entry_still_accepts_empty_samples():
+    """numel 0 (a [B, 0] state has a null data pointer): nothing is read or written but the rate."""
+    rate = torch.full((2,), float("nan"))
+    args = _raw_args(0, 0, rate.data_ptr())
+    args.update(numel=0)
+    _cpp._C.fused_step(**args)
+    assert torch.equal(rate, torch.zeros(2))
+
+
+@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neg_view_inputs_are_read_by_value(backend, which):
+    step = _step(backend)
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(3, 2, 33, generator=g).to(_dev(backend)) for _ in range(2)]
+    xs[which] = torch._neg_view(xs[which])
+    assert xs[which].is_neg()
+    kw = dict(noise=0.5, seed=3, step=1, track=True, alpha=0.6, beta=-0.4, u=0, d=1)
+    out, rate = step(xs, [0.9, -0.35], **kw)
+    resolved = [x.resolve_neg().cpu() for x in xs]
+    want, want_rate = _reference.fused_step_reference(resolved, [0.9, -0.35], **kw)
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rate.cpu(), want_rate, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neg_view_out_is_written_by_value(backend):
+    step = _step(backend)
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(3, 40, generator=g).to(_dev(backend)) for _ in range(2)]
+    buf = torch.full_like(xs[0], math.nan)
+    out_view = torch._neg_view(buf)
+    out, rate = step(xs, [0.9, -0.35], out=out_view)
+    want, want_rate = _reference.fused_step_reference([x.cpu() for x in xs], [0.9, -0.35])
+    assert out is out_view
+    torch.testing.assert_close(out_view.cpu(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(buf.cpu(), -want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(rate.cpu(), want_rate)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="thermosample._C is not built")
+def test_neg_view_through_ops_dispatch_in_place():
+    g = torch.Generator().manual_seed(11)
+    x = torch._neg_view(torch.randn(2, 50, generator=g))
+    d = torch.randn(2, 50, generator=g)
+    want, want_rate = _reference.fused_step_reference([x.resolve_neg(), d], [1.0, 0.5], track=True,
+                                                      alpha=1.0, beta=-1.0, u=0, d=1)
+    out, rate = ops.fused_step([x, d], [1.0, 0.5], track=True, alpha=1.0, beta=-1.0, u=0, d=1, backend="cpp")
+    torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rate, want_rate, rtol=1e-6, atol=0)
