@@ -13,12 +13,14 @@ Entry points adapt a Run by subclassing its small hooks (`steps`, `callback`, `v
 from __future__ import annotations
 
 import sys
+import weakref
 
 import numpy as np
 import torch
 
 from .errors import NonFiniteError
 from .ops.library import fused_step_op
+from .ops.reference import fixed_order_sum
 from .thermo import ThermoReport
 
 
@@ -57,10 +59,17 @@ class Run:
         self.solver = solver
         self.stochastic = stochastic
         self.nfe = 0
-        self.eval_t: list[float] = []
-        self.eval_rates: list[torch.Tensor] = []
-        self.probes: list[tuple[int, torch.Tensor]] = []  # (step, per-sample rate or NaN probe)
+        # Every update's per-sample rate (or NaN probe) goes into one growing [rows, B] device buffer; the
+        # lists hold host ints only. Keeping a small tensor alive per step instead pinned the glibc heap
+        # between the freed states, so RSS grew by one state per step (issue 13).
+        self._rates: torch.Tensor | None = None
+        self._rows = 0
+        self.eval_t: list[float] = []            # physical time of each tracked evaluation
+        self.eval_rows: list[int] = []           # its row in the rate buffer
+        self.probes: list[int] = []              # solver step of each row
         self.first_state = self.last_state = None           # (sigma, x, scale): physical x = m scale x
+        self._outputs: list[weakref.ref] = []                # the model's recent outputs (buffer-reuse check)
+        self._copy_outputs = False
         self._velocity = self._velocity_table(sigmas) if track else {}
 
     def _velocity_table(self, sigmas) -> dict[float, tuple[float, float, float]]:
@@ -87,7 +96,21 @@ class Run:
         d = self.den(x, sigma, **self.extra_args)
         self.nfe += 1
         self.record_state(sigma, x)
-        return d
+        return self._own(d)
+
+    def _own(self, d: torch.Tensor) -> torch.Tensor:
+        """A model that returns the same buffer every call would overwrite the D that a Heun or multistep
+        solver still holds. The first output of a run is copied (one copy per run); an output whose memory
+        an earlier, still-alive output of the model shares reveals such a model, and from then on every
+        output is copied."""
+        if self._copy_outputs:
+            return d.clone()
+        alive = [r() for r in self._outputs if r() is not None]
+        reused = any(o is d or (o.numel() and o.data_ptr() == d.data_ptr()) for o in alive)
+        self._outputs = [weakref.ref(o) for o in alive[-3:]] + [weakref.ref(d)]
+        if reused:
+            self._copy_outputs = True
+        return d.clone() if reused or self.nfe == 1 else d
 
     def record_state(self, sigma: float, x: torch.Tensor, scale: float = 1.0) -> None:
         """Remember the state at an evaluation (the first and the last feed the speed limit)."""
@@ -104,7 +127,7 @@ class Run:
         and D = kx inputs[u] + ko inputs[d] (a scheduler that holds the model output, not D).
         """
         if noise != 0.0 and self.noise_sampler is not None:
-            inputs = list(inputs) + [self.noise_sampler(*noise_sigmas)]
+            inputs = list(inputs) + [self._sampled_noise(inputs[0], noise_sigmas)]
             coeffs = list(coeffs) + [noise]
             noise = 0.0
         tracked = self.track and track_sigma is not None
@@ -114,13 +137,45 @@ class Run:
         out, rate = fused_step_op(inputs, coeffs, noise=noise, seed=self.seed, step=i,
                                   sample_offset=self.sample_offset, track=tracked, alpha=alpha, beta=beta,
                                   u=u, d=d, out=out, backend=self.backend)
+        row = self._store(rate)
         if tracked:
             self.eval_t.append(t)
-            self.eval_rates.append(rate)
-        self.probes.append((i, rate))
-        if self.check_every and (i + 1) % self.check_every == 0 and (len(self.probes) == 1 or self.probes[-2][0] != i):
+            self.eval_rows.append(row)
+        self.probes.append(i)
+        if self.check_every and (i + 1) % self.check_every == 0 and (len(self.probes) == 1 or self.probes[-2] != i):
             self.check_finite()
         return out
+
+    def _sampled_noise(self, like: torch.Tensor, sigmas) -> torch.Tensor:
+        """The user's noise_sampler(sigma, sigma_next), checked: a floating tensor of the state's shape."""
+        z = self.noise_sampler(*sigmas)
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            kind = type(z).__name__ if not isinstance(z, torch.Tensor) else f"{z.dtype} tensor"
+            raise TypeError(f"noise_sampler must return a floating-point torch.Tensor, got a {kind}")
+        if z.shape != like.shape:
+            raise ValueError(f"noise_sampler returned shape {tuple(z.shape)}; expected the state's {tuple(like.shape)}")
+        if z.device != like.device:
+            raise ValueError(f"noise_sampler returned a tensor on {z.device}; the state is on {like.device}")
+        return z if z.dtype == like.dtype else z.to(like.dtype)
+
+    def _store(self, rate: torch.Tensor) -> int:
+        """Copy one update's rate [B] into the buffer (doubling it when full); returns its row."""
+        if self._rates is None:
+            self._rates = rate.new_empty((max(8, 3 * len(self.sigmas)), rate.shape[0]))
+        elif self._rows == self._rates.shape[0]:
+            grown = self._rates.new_empty((2 * self._rows, self._rates.shape[1]))
+            grown[:self._rows].copy_(self._rates)
+            self._rates = grown
+        self._rates[self._rows].copy_(rate)
+        self._rows += 1
+        return self._rows - 1
+
+    @property
+    def eval_rates(self) -> torch.Tensor:
+        """[E, B] rates of the tracked evaluations, in order (a view-free copy of their rows)."""
+        if not self.eval_rows:
+            return torch.empty(0)
+        return self._rates[torch.tensor(self.eval_rows, device=self._rates.device)]
 
     def callback(self, i, x, sigma, sigma_hat, denoised):
         if self.user_callback is not None:
@@ -156,14 +211,14 @@ class Run:
         """Raise NonFiniteError naming the first step and sample whose values are not finite (one sync)."""
         if not self.probes:
             return
-        bad = ~torch.isfinite(torch.stack([r for _, r in self.probes]))
+        bad = ~torch.isfinite(self._rates[:self._rows])
         if samples is not None:
             tail = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)
             bad = torch.cat([bad, tail[None]])
         if not bool(bad.any()):
             return
         op, b = divmod(int(torch.nonzero(bad.flatten())[0]), bad.shape[1])
-        step = self.probes[min(op, len(self.probes) - 1)][0]
+        step = self.probes[min(op, len(self.probes) - 1)]
         raise NonFiniteError(
             f"non-finite value (NaN or Inf) in the model output or the state at step {step} of "
             f"{len(self.sigmas) - 1} (sigma={self.sigmas[step]:.6g}), sample {b + self.sample_offset}; "
@@ -171,13 +226,14 @@ class Run:
             sample=b + self.sample_offset)
 
     def report(self) -> ThermoReport | None:
-        if not self.track or not self.eval_rates:
+        if not self.track or not self.eval_rows:
             return None
         t = torch.tensor(self.eval_t, dtype=torch.float64)
         disp = None
         if not self.stochastic:  # the pathwise speed limit holds for deterministic (ODE) trajectories only
             (s0, x0, c0), (s1, x1, c1) = self.first_state, self.last_state
             p0, p1 = self.physical_m(s0) * c0, self.physical_m(s1) * c1
-            disp = (p1 * x1.double() - p0 * x0.double()).reshape(x0.shape[0], -1).square().sum(dim=1)
-        return ThermoReport(t=t, rate=torch.stack(self.eval_rates), temperature=self.temperature(t),
+            # fixed-order sum: the same bits whatever the thread count or batch (issue 13, item 7)
+            disp = fixed_order_sum((p1 * x1.double() - p0 * x0.double()).reshape(x0.shape[0], -1).square())
+        return ThermoReport(t=t, rate=self.eval_rates, temperature=self.temperature(t),
                             displacement=disp, schedule_name=getattr(self.schedule, "name", ""), solver=self.solver)

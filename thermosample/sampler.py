@@ -13,7 +13,8 @@ from .grids import make_grid
 from .run import Run
 from .solvers import check_options, get_solver
 from .thermo import ThermoReport
-from .validate import check_callable, check_extra_args, check_noise, check_seed, check_shape, sample_device
+from .validate import (check_callable, check_extra_args, check_noise, check_sample_offset, check_seed, check_shape,
+                       sample_device)
 
 # Philox step id of the initial noise; solver steps use their index i (one noise draw per step).
 INIT_NOISE_STEP = 0xFFFFFFFF
@@ -34,7 +35,7 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
            grid="karras", seed: int = 0, sample_offset: int = 0, backend: str = "auto", track: bool = True,
            progress: bool | None = None, callback=None, dtype: torch.dtype = torch.float32, device=None,
            check_every: int | None = None, noise_sampler=None, extra_args: dict | None = None,
-           cuda_graph: bool = False,
+           cuda_graph: bool = False, grad: bool = False,
            **solver_options) -> SampleOutput:
     """Generate samples by integrating the reverse-time ODE/SDE of a denoiser.
 
@@ -61,12 +62,22 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
         cuda_graph: capture the whole loop in one CUDA graph and replay it (CUDA only; the model must
             be capturable; no callback/noise_sampler/check_every). The graph is cached per
             configuration, so repeated calls with new `noise` of the same shape only replay it.
+        grad: run the model with autograd as the caller has it (for guidance or training through the
+            sampler). By default sampling runs under torch.no_grad(), as k-diffusion and diffusers do:
+            no graph is kept alive across steps and the samples do not require grad.
         **solver_options: the solver's options (ts.solvers.SOLVERS[solver].options), e.g.
             churn/s_tmin/s_tmax/s_noise (euler, heun, dpm_2), eta (ddim, euler_ancestral, dpmpp_2m_sde),
             order (lms), solver_type (dpmpp_2m_sde).
     Returns:
         SampleOutput(samples, thermo, sigmas, nfe). Raises NonFiniteError if the run produced NaN/Inf.
     """
+    with torch.set_grad_enabled(torch.is_grad_enabled() and bool(grad)):
+        return _sample(den, shape, noise, steps, solver, grid, seed, sample_offset, backend, track, progress,
+                       callback, dtype, device, check_every, noise_sampler, extra_args, cuda_graph, solver_options)
+
+
+def _sample(den, shape, noise, steps, solver, grid, seed, sample_offset, backend, track, progress, callback, dtype,
+            device, check_every, noise_sampler, extra_args, cuda_graph, solver_options) -> SampleOutput:
     if not callable(den) or not hasattr(den, "schedule"):
         raise TypeError("den must be a thermosample.Denoiser (a callable with a .schedule); "
                         "wrap your model with ts.Denoiser(model, schedule, prediction=...)")
@@ -75,6 +86,7 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
                                     or check_every < 1):
         raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
     check_seed(seed)
+    check_sample_offset(sample_offset)
     check_options(solver, solver_options)
     check_callable(callback, "callback")
     check_callable(noise_sampler, "noise_sampler")
@@ -87,6 +99,7 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
     if noise is not None:
         check_noise(noise)
     dev = sample_device(den, noise, device)
+    check_sample_offset(sample_offset, batch=noise.shape[0] if noise is not None else check_shape(shape)[0])
     if noise is not None:
         state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
         x = noise.to(state_dtype).contiguous()

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+UINT32 = 2 ** 32
 UINT64 = 2 ** 64
 
 
@@ -20,6 +21,30 @@ def check_seed(seed, name: str = "seed") -> int:
     if not is_int(seed) or not 0 <= seed < UINT64:
         raise ValueError(f"{name} must be an int in [0, 2**64), got {seed!r}")
     return seed
+
+
+def check_sample_offset(sample_offset, batch: int = 1) -> int:
+    """The global index of the first sample: an int >= 0 with sample_offset + batch <= 2**32 (the Philox
+    sample counter is 32 bits wide)."""
+    if not is_int(sample_offset) or sample_offset < 0:
+        raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+    if sample_offset + batch > UINT32:
+        raise ValueError(f"sample_offset + batch size must be <= 2**32 (the Philox sample counter), got "
+                         f"{sample_offset} + {batch}")
+    return sample_offset
+
+
+def real_number(value, name: str) -> float:
+    """A finite real number as a Python float (ValueError for NaN, Inf or an int too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got an int of {len(str(value))} digits") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
 
 
 def check_noise(noise) -> torch.Tensor:
@@ -69,10 +94,11 @@ def check_solver_options(options: dict, defaults: dict | None = None) -> None:
             if not isinstance(value, str):
                 raise TypeError(f"solver option {name} must be a string, got {value!r}")
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"solver option {name} must be a real number, got {value!r}")
-        if math.isnan(value) or (math.isinf(value) and name != "s_tmax"):
-            raise ValueError(f"solver option {name} must be finite, got {value!r}")
+        if name == "s_tmax" and isinstance(value, float) and value == math.inf:
+            continue
+        if name == "order" and not is_int(value):    # lms: the solver names the valid range
+            raise TypeError(f"solver option order must be an int, got {value!r}")
+        value = real_number(value, f"solver option {name}")
         if name in _NONNEGATIVE_OPTIONS and value < 0:
             raise ValueError(f"solver option {name} must be >= 0, got {value!r}")
 
@@ -98,6 +124,9 @@ def sample_device(den, noise, device) -> torch.device:
             raise ValueError(f"device must be a torch.device or a device string like 'cuda:0', got {device!r}") from exc
     param_device = model_device(den)
     dev = noise.device if noise is not None else (want or param_device or torch.device("cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {dev} was asked for but CUDA is not available (torch {torch.__version__}); "
+                         "sample on device='cpu' or install a CUDA build of torch")
     if dev.type == "meta":
         raise ValueError("sampling needs a device with data; got the meta device (noise= or device=)")
     if noise is not None and want is not None and (

@@ -178,7 +178,7 @@ class _ThermoStep:
         """ThermoReport of the current run (None before the first fused step). One host sync; raises
         thermosample.NonFiniteError if a model output or state was NaN/Inf."""
         run = getattr(self, "_run", None)
-        if run is None or not run.eval_rates:
+        if run is None or not run.eval_rows:
             return None
         run.check_finite()
         run.stochastic = self._stochastic()

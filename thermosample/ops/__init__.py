@@ -135,7 +135,7 @@ def validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, 
     if first.dim() < 1 or first.shape[0] < 1:
         raise ValueError(f"inputs must have shape [B, ...] with B >= 1, got {tuple(first.shape)}")
     for k, c in enumerate(list(coeffs) + [noise, alpha, beta]):
-        if not isinstance(c, (int, float)) or isinstance(c, bool) or not math.isfinite(c):
+        if not isinstance(c, (int, float)) or isinstance(c, bool) or not _finite(c):
             raise TypeError(f"coefficients must be finite Python floats, got {c!r} (position {k})")
     check_seed(seed)
     if not _is_int(step) or not 0 <= step < _UINT32:
@@ -158,6 +158,13 @@ def validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, 
             if not same and _overlaps(t, out):
                 raise ValueError(f"out partially overlaps inputs[{k}]; pass a separate tensor or the input itself")
     return tuple(t if t.is_contiguous() else t.contiguous() for t in inputs)
+
+
+def _finite(value) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:          # an int too large for a float (10**400)
+        return False
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
