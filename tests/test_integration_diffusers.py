@@ -137,3 +137,20 @@ def test_step_never_reads_the_device(unet, monkeypatch):
 def test_import_thermosample_does_not_import_diffusers():
     code = "import sys, thermosample; assert 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("cls", ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler",
+                                 "ThermoDPMSolverMultistepScheduler"])
+def test_fp16_latents_that_overflow_are_reported(cls):
+    """The step runs in float32 and the latent goes back to fp16: an overflow there is a non-finite state
+    (issue 13, item 6) and `thermo` raises instead of reporting a finite run."""
+    import thermosample as ts
+    sch = getattr(TD, cls).from_config(BASE)
+    sch.set_timesteps(4)
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.float16)
+    huge = torch.full((2, 3, 4, 4), 6.0e4, dtype=torch.float16)
+    for t in sch.timesteps[:2]:
+        x = sch.step(huge, t, x).prev_sample
+    assert x.dtype == torch.float16 and not torch.isfinite(x).all()
+    with pytest.raises(ts.NonFiniteError):
+        sch.thermo

@@ -158,6 +158,13 @@ class Run:
             raise ValueError(f"noise_sampler returned a tensor on {z.device}; the state is on {like.device}")
         return z if z.dtype == like.dtype else z.to(like.dtype)
 
+    def probe(self, i: int, x: torch.Tensor) -> None:
+        """Record whether each sample of a tensor made outside the fused op is finite (checked with the
+        rates at the end of the run: NaN where a sample is not finite)."""
+        finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
+        self._store(torch.where(finite, 0.0, float("nan")).to(torch.float32))
+        self.probes.append(i)
+
     def _store(self, rate: torch.Tensor) -> int:
         """Copy one update's rate [B] into the buffer (doubling it when full); returns its row."""
         if self._rates is None:

@@ -163,6 +163,16 @@ class _ThermoStep:
         self._run.record_state(sigma, inputs[0], cx)
         return self._run.update(inputs, coeffs, i, noise=noise, track_sigma=sigma, track_map=(cx, kx, ko))
 
+    def _stored(self, i, prev, dtype):
+        """prev in the pipeline's dtype; a cast to fp16/bf16 that overflows is probed, so that `thermo`
+        raises NonFiniteError for it as for any non-finite state (the fused op saw the float32 value)."""
+        if prev.dtype == dtype:
+            return prev
+        prev = prev.to(dtype)
+        if prev.element_size() < 4:
+            self._run.probe(i, prev)
+        return prev
+
     def _noise(self, i, shape, device, dtype, generator, coeff, inputs, coeffs):
         """Add `coeff` * noise: generator noise as an input (diffusers' numbers) or in-kernel Philox."""
         if generator is None:
@@ -237,7 +247,7 @@ class ThermoEulerDiscreteScheduler(_ThermoStep, EulerDiscreteScheduler):
             kx, ko = self._x0_coeffs(s)
         denoised = self._fused(i, [x, o], [kx, ko], track=(s_hat, 1.0, kx, ko))
         r = s_next / s_hat
-        prev = self._fused(i, [x, denoised], [r, 1.0 - r]).to(model_output.dtype)
+        prev = self._stored(i, self._fused(i, [x, denoised], [r, 1.0 - r]), model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev, denoised
@@ -267,7 +277,7 @@ class ThermoEulerAncestralDiscreteScheduler(_ThermoStep, EulerAncestralDiscreteS
         r = down / s
         inputs, coeffs = [x, denoised], [r, 1.0 - r]
         noise = self._noise(i, o.shape, o.device, model_output.dtype, generator, up, inputs, coeffs)
-        prev = self._fused(i, inputs, coeffs, noise=noise).to(model_output.dtype)
+        prev = self._stored(i, self._fused(i, inputs, coeffs, noise=noise), model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev, denoised
@@ -408,7 +418,7 @@ class ThermoDPMSolverMultistepScheduler(_ThermoStep, DPMSolverMultistepScheduler
         prev = self._fused(i, inputs, coeffs, noise=noise)
         if self.lower_order_nums < c.solver_order:
             self.lower_order_nums += 1
-        prev = prev.to(model_output.dtype)
+        prev = self._stored(i, prev, model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return (prev,)
@@ -443,7 +453,7 @@ class ThermoFlowMatchEulerDiscreteScheduler(_ThermoStep, FlowMatchEulerDiscreteS
         i = self._index(timestep)
         x, o = sample.to(torch.float32), model_output.to(torch.float32)
         s, s_next = self._sig[i], self._sig[i + 1]
-        prev = self._fused(i, [x, o], [1.0, s_next - s], track=(s, 1.0, 1.0, -s)).to(model_output.dtype)
+        prev = self._stored(i, self._fused(i, [x, o], [1.0, s_next - s], track=(s, 1.0, 1.0, -s)), model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return (prev,)
