@@ -149,8 +149,7 @@ def test_fp16_latents_that_overflow_are_reported(cls):
     sch.set_timesteps(4)
     x = torch.zeros(2, 3, 4, 4, dtype=torch.float16)
     huge = torch.full((2, 3, 4, 4), 6.0e4, dtype=torch.float16)
-    for t in sch.timesteps[:2]:
-        x = sch.step(huge, t, x).prev_sample
+    x = sch.step(huge, sch.timesteps[0], x).prev_sample     # finite in float32, inf once stored as fp16
     assert x.dtype == torch.float16 and not torch.isfinite(x).all()
     with pytest.raises(ts.NonFiniteError):
         sch.thermo
