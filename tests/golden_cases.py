@@ -145,8 +145,11 @@ def calibrate_cases() -> dict:
     out = {}
     for solver, steps in (("dpmpp_2m", 8), ("euler", 10), ("heun", 6)):
         grid = ts.thermo_grid(mix.denoiser("condot"), steps, solver=solver, sample_shape=(7,), pilot_batch=16,
-                              backend="torch")
+                              backend="torch", method="error")
         out[f"calibrate/{solver}/{steps}"] = torch.as_tensor(grid.copy())
+    grid = ts.thermo_grid(mix.denoiser("vp"), 8, solver="dpmpp_2m", sample_shape=(7,), pilot_batch=16, ref_steps=32,
+                          backend="torch")
+    out["calibrate/select/dpmpp_2m/8"] = torch.as_tensor(grid.copy())
     return out
 
 

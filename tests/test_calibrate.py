@@ -17,7 +17,7 @@ def mixture_pilot():
 
 def test_grid_shape_endpoints_and_sample_accepts_it(mixture_pilot, tmp_path):
     mix, den, pil = mixture_pilot
-    g = ts.thermo_grid(den, 10, solver="dpmpp_2m", pilot_data=pil)
+    g = ts.thermo_grid(den, 10, solver="dpmpp_2m", pilot_data=pil, method="error")
     assert isinstance(g, np.ndarray) and g.shape == (11,) and g.dtype == np.float64
     assert g[-1] == 0 and np.all(np.diff(g) < 0)
     assert g[0] == pytest.approx(den.schedule.sigma_max) and g[-2] == pytest.approx(den.schedule.sigma_min)
@@ -38,11 +38,54 @@ def test_pilot_is_cheap_and_grid_independent_of_final_seed():
     calls = []
     inner = den.model
     den.model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]
-    g1 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,))
+    g1 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error")
     assert len(calls) <= 24 and max(calls) <= 64  # a few dozen evaluations on a small batch (32 + twins)
-    g2 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,))
+    g2 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error")
     assert np.array_equal(np.asarray(g1), np.asarray(g2))  # fixed pilot seed: no dependence on anything else
     assert g1.meta["pilot_nfe"] == len(calls) // 2
+
+
+def test_select_states_its_cost_and_reuses_its_pilot():
+    """method="select" (the default for deterministic solvers): the evaluations it spends are the ones its
+    metadata states, a second call with grid.pilot spends only the candidate runs, and the result is the
+    candidate with the smallest measured error."""
+    mix = toy.default_mixture()
+    den = mix.denoiser("condot")
+    calls = []
+    inner = den.model
+    den.model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]
+    g = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), solver="dpmpp_2m", ref_steps=64)
+    assert g.meta["method"] == "select" and len(calls) == g.meta["calibration_nfe"]
+    assert len(calls) == 24 + 64 + len(calibrate.CANDIDATES) * 12
+    errors = g.meta["candidate_errors"]
+    assert set(errors) == set(calibrate.CANDIDATES) and errors[g.meta["chosen"]] == min(errors.values())
+    calls.clear()
+    h = ts.thermo_grid(den, 12, solver="euler", pilot_data=g.pilot, candidates=("karras", "logsnr"))
+    assert len(calls) == 2 * 12 == h.meta["calibration_nfe"] and h.meta["chosen"] in ("karras", "logsnr")
+    fixed = grids.make_grid(h.meta["chosen"], 12, den.schedule)
+    np.testing.assert_array_equal(np.asarray(h), fixed)
+    with pytest.raises(ValueError, match="stochastic"):
+        ts.thermo_grid(den, 12, solver="euler_ancestral", pilot_data=g.pilot, method="select")
+    with pytest.raises(ValueError, match="candidates must be"):
+        ts.thermo_grid(den, 12, pilot_data=g.pilot, candidates=("karras", "bogus"))
+
+
+def test_jump_grid_is_the_cheapest_path():
+    """The dynamic programme against brute force on a hand-built reference whose jump costs are known."""
+    sig = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
+    gen = torch.Generator().manual_seed(0)
+    ref = {"ref_sigma": sig, "ref_x": torch.randn(6, 3, 5, generator=gen), "ref_D": torch.randn(6, 3, 5, generator=gen)}
+    x, d = ref["ref_x"].double(), ref["ref_D"].double()
+
+    def cost(j, k):
+        r = sig[k] / sig[j]
+        return float((r * x[j] + (1 - r) * d[j] - x[k]).square().sum(-1).mean())
+
+    import itertools
+    for steps in (2, 3, 4):
+        best = min(itertools.combinations(range(1, 5), steps - 2),
+                   key=lambda mid: sum(cost(a, b) for a, b in zip((0,) + mid, mid + (5,))))
+        np.testing.assert_array_equal(calibrate.jump_grid(ref, steps), sig[[0, *best, 5]])
 
 
 def test_uniform_density_gives_the_logsnr_grid(mixture_pilot):
@@ -75,7 +118,7 @@ def test_calibrated_grid_beats_karras_on_the_mixture(mixture_pilot):
         x = ts.sample(den, shape, steps=20, solver="dpmpp_2m", grid=grid, seed=5, track=False).samples
         return float((x.double() - ref).square().mean().sqrt())
 
-    cal = ts.thermo_grid(den, 20, solver="dpmpp_2m", pilot_data=pil)
+    cal = ts.thermo_grid(den, 20, solver="dpmpp_2m", pilot_data=pil, method="error")
     e = err(cal)
     assert e < 0.8 * err("karras")
     # with the critical-time density it beats every fixed grid by far (0.007 vs 0.13 for "uniform", the
@@ -93,8 +136,8 @@ def test_critical_density_marks_the_speciation_time(mixture_pilot):
     peak = lam[np.argmax(rc)]
     assert -3.0 < peak < 1.0, peak
     near = lambda g: int(np.sum(np.abs(-np.log(np.asarray(g)[:-1]) - peak) < 1.0))
-    g0 = ts.thermo_grid(den, 20, pilot_data=pil, critical=0.0)
-    g1 = ts.thermo_grid(den, 20, pilot_data=pil)
+    g0 = ts.thermo_grid(den, 20, pilot_data=pil, critical=0.0, method="error")
+    g1 = ts.thermo_grid(den, 20, pilot_data=pil, method="error")
     assert g1.meta["critical"] == pytest.approx(0.15) and near(g1) > near(g0)
     assert calibrate.critical_weight(6) == 0.0 and calibrate.critical_weight(10) == pytest.approx(0.3)
     assert calibrate.critical_weight(20) == pytest.approx(0.15)
@@ -185,19 +228,36 @@ def test_switch_term_moves_density_before_the_critical_time(mixture_pilot, monke
         _, r0 = calibrate.density(pil, sch, method, switch=0.0)
         _, r1 = calibrate.density(pil, sch, method, switch=1.0)
         assert mass_before(r1) > gain * mass_before(r0), method
-    g0 = ts.thermo_grid(den, 20, pilot_data=pil, switch=0.0)
-    g1 = ts.thermo_grid(den, 20, pilot_data=pil)
+    g0 = ts.thermo_grid(den, 20, pilot_data=pil, switch=0.0, method="error")
+    g1 = ts.thermo_grid(den, 20, pilot_data=pil, method="error")
     assert g1.meta["switch"] == 1.0 and g0.meta["switch"] == 0.0
     before = lambda g: int(np.sum(-np.log(np.asarray(g)[:-1]) < lam[peak]))
     assert before(g1) > before(g0)
     assert ts.thermo_grid(den, 20, pilot_data=pil, method="length", switch=1.0).meta["switch"] == 0.0
     no_spread = {k: v for k, v in pil.items() if k != "spread"}
-    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(den, 20, pilot_data=no_spread)), np.asarray(g0))
+    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(den, 20, pilot_data=no_spread, method="error")), np.asarray(g0))
     single = dict(pil, spread=np.zeros_like(pil["spread"]))  # a one-trajectory pilot has no spread
-    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(den, 20, pilot_data=single)), np.asarray(g0))
+    np.testing.assert_array_equal(np.asarray(ts.thermo_grid(den, 20, pilot_data=single, method="error")), np.asarray(g0))
     with pytest.raises(ValueError, match="spread"):
         calibrate.density(dict(pil, spread=pil["spread"][:-1]), sch, switch=1.0)
     monkeypatch.setattr(calibrate, "critical_density", lambda p: None)
     np.testing.assert_array_equal(calibrate.density(pil, sch, switch=2.0)[1], calibrate.density(pil, sch, switch=0.0)[1])
     assert calibrate.switch_weight(6) == 0.0 and calibrate.switch_weight(20) == calibrate.switch_weight(50) == 1.0
     assert calibrate.switch_weight(13) == pytest.approx(0.5)
+
+
+def test_float32_model_calibrates_in_its_dtype():
+    """A float32 nn.Module (the common case) gets a float32 pilot on its device: no float64 matmul error."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    seen = []
+
+    def model(x, t):
+        seen.append(x.dtype)
+        return net(x) * 0.1
+    model.parameters = net.parameters
+    den = ts.Denoiser(model, ts.schedules.EDM(), prediction="eps", time="sigma")
+    for method in ("select", "error"):
+        g = ts.thermo_grid(den, 6, sample_shape=(4,), pilot_batch=4, pilot_steps=8, ref_steps=16, method=method)
+        assert g.shape == (7,) and np.all(np.isfinite(np.asarray(g)))
+    assert set(seen) == {torch.float32}

@@ -1,8 +1,16 @@
 """Time grids calibrated from a pilot run of the model itself (docs/theory.md §6).
 
-`thermo_grid(den, steps, solver=...)` runs one pilot and returns a `ThermoGrid`: a float64 numpy array
-of descending sigmas ending in 0, with `.meta`, `save(path)` / `ThermoGrid.load(path)`, that
+`thermo_grid(den, steps, solver=...)` returns a `ThermoGrid`: a float64 numpy array of descending sigmas
+ending in 0, with `.meta`, `.pilot` (reusable), `save(path)` / `ThermoGrid.load(path)`, that
 `ts.sample(..., grid=...)` accepts like any explicit grid.
+
+Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
+batch to convergence (DPM-Solver++(2M), 128 log-sigma steps), then `select` runs the solver on every
+candidate grid (karras, logsnr, kl_optimal, uniform, the dynamic-programming `jump_grid`, and the
+thermodynamic "length" and "error" densities below) and keeps the one closest to the converged samples:
+on the pilot's distribution it is never worse than the best fixed grid. Its cost is stated in
+`grid.meta["calibration_nfe"]`. The methods below are the candidates' densities (and the default for
+stochastic solvers, which have no converged solution to compare with).
 
 The pilot (`pilot`) integrates the probability-flow ODE once: DPM-Solver++(2M) on `pilot_steps` (24)
 sigmas uniform in log sigma, `pilot_batch` (32) trajectories, each beside a twin started 1e-6 away in
@@ -117,13 +125,16 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     grid = np.append(sig, 0.0)
     saved, sep, spread = [], [], []
     b = int(shape[0])
+    dtype, device = pilot_dtype_device(den)
     # Each trajectory gets a twin started eps away: the twins ride in the same model call (no extra
     # evaluation), and their separation measures how the flow amplifies an error made at each noise level.
+    # In float32 (a float32 model) the twins start further apart, so that rounding does not swamp them.
+    eps = 1e-6 if dtype == torch.float64 else 1e-3
     g = torch.Generator().manual_seed(int(pilot_seed))
     z = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
     dz = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
-    dz *= 1e-6 * math.sqrt(dz[0].numel()) / dz.reshape(b, -1).norm(dim=1).reshape((b,) + (1,) * (dz.dim() - 1))
-    x_t = torch.cat([z, z + dz]) * float(sig[0])
+    dz *= eps * math.sqrt(dz[0].numel()) / dz.reshape(b, -1).norm(dim=1).reshape((b,) + (1,) * (dz.dim() - 1))
+    x_t = (torch.cat([z, z + dz]) * float(sig[0])).to(device=device, dtype=dtype)
 
     def keep(info):
         d = info["denoised"].detach().double().reshape(2 * b, -1).cpu()
@@ -141,6 +152,16 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     r = np.interp(t, t_eval[order], rate[order])
     return {"sigma": sig, "t": t, "D": torch.stack(saved).numpy(), "rate": r, "nfe": out.nfe,
             "log_sep": torch.stack(sep).numpy(), "spread": np.asarray(spread)}
+
+
+def pilot_dtype_device(den) -> tuple[torch.dtype, torch.device]:
+    """The state dtype and device of a pilot: the model's device; float64 unless the model has parameters
+    of a narrower dtype (a float32 or half model gets a float32 state, as ts.sample gives it)."""
+    params = getattr(getattr(den, "model", None), "parameters", None)
+    p = next(iter(params()), None) if callable(params) else None
+    if p is None:
+        return torch.float64, torch.device("cpu")
+    return (torch.float64 if p.dtype == torch.float64 else torch.float32), p.device
 
 
 def _smooth(y: np.ndarray, passes: int = 1) -> np.ndarray:
@@ -280,10 +301,131 @@ def switch_weight(steps: int) -> float:
     return float(min(1.0, max(0.0, (steps - 6) / 14.0)))
 
 
+# --------------------------------------------------------------------------------------------------
+# Selection by measured error (method="select", the default for deterministic solvers)
+# --------------------------------------------------------------------------------------------------
+CANDIDATES = ("karras", "logsnr", "kl_optimal", "uniform", "jump", "length", "error")
+
+
+def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend: str = "auto",
+              keep_dims: int = 1024) -> dict:
+    """A converged reference solve of the pilot batch: DPM-Solver++(2M) on `ref_steps` sigmas uniform in
+    log sigma (NFE = ref_steps), from noise of its own seed.
+
+    Returns a dict: ref_sigma [N] (its positive sigmas), ref_t [N], ref_rate [N] (batch-mean E||nu||^2 at
+    each node), ref_x / ref_D [N, B, m] float32 (the state and denoised estimate at each node, on at most
+    `keep_dims` fixed coordinates of each sample, scaled so that squared norms estimate the full ones),
+    ref_noise [B, ...] (the initial state) and ref_final [B, ...] (the converged samples), ref_nfe.
+    """
+    from .grids import logsnr
+    from .sampler import sample
+
+    if isinstance(ref_steps, bool) or not isinstance(ref_steps, int) or ref_steps < 8:
+        raise ValueError(f"ref_steps must be an int >= 8, got {ref_steps!r}")
+    sch = den.schedule
+    dtype, device = pilot_dtype_device(den)
+    b = int(shape[0])
+    n = int(np.prod(shape[1:]))
+    g = torch.Generator().manual_seed(int(pilot_seed) + 1)   # not the twins pilot's noise
+    keep = None if n <= keep_dims else torch.randperm(n, generator=g)[:keep_dims].sort().values
+    scale = 1.0 if keep is None else math.sqrt(n / keep_dims)
+    sig = logsnr(ref_steps, sch.sigma_min, sch.sigma_max)
+    x_t = (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * float(sig[0])).to(device=device,
+                                                                                        dtype=dtype)
+    xs, ds = [], []
+
+    def record(info):
+        for src, dst in ((info["x"], xs), (info["denoised"], ds)):
+            v = src.detach().reshape(b, -1)
+            v = v if keep is None else v[:, keep.to(v.device)]
+            dst.append((v.double() * scale).float().cpu())
+
+    out = sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="dpmpp_2m", seed=int(pilot_seed), backend=backend,
+                 track=True, callback=record, progress=False)
+    rate = out.thermo.rate.double().mean(1).cpu().numpy()
+    return {"ref_sigma": sig, "ref_t": np.asarray(sch.sigma_to_t(sig), dtype=np.float64), "ref_rate": rate,
+            "ref_x": torch.stack(xs), "ref_D": torch.stack(ds), "ref_noise": x_t.cpu(),
+            "ref_final": out.samples.cpu(), "ref_nfe": out.nfe}
+
+
+def jump_grid(ref: dict, steps: int) -> np.ndarray:
+    """The `steps` positive sigmas (from the reference's nodes) whose one-step jumps stay closest to the
+    reference trajectory: a jump from node j to node k is a DDIM/Euler step from the reference state with
+    the reference D, costing E||x_jump - x_ref(k)||^2; dynamic programming minimises the sum over the
+    steps - 1 jumps from sigma_max to sigma_min (Chen et al., ICML 2024, "On the trajectory regularity of
+    ODE-based diffusion sampling"). Uses no model evaluation."""
+    sig = ref["ref_sigma"]
+    x, d = ref["ref_x"].double(), ref["ref_D"].double()
+    n = len(sig)
+    if steps == 1:
+        return sig[:1].copy()
+    if steps >= n:
+        return sig.copy()
+    cost = np.full((n, n), np.inf)
+    for j in range(n - 1):
+        r = torch.as_tensor(sig[j + 1:] / sig[j], dtype=torch.float64)[:, None, None]
+        jump = r * x[j] + (1.0 - r) * d[j]
+        cost[j, j + 1:] = (jump - x[j + 1:]).square().sum(-1).mean(-1).numpy()
+    best = np.full(n, np.inf)
+    best[0] = 0.0
+    back = []
+    for _ in range(steps - 1):                     # best[k]: cheapest path to node k with this many jumps
+        total = best[:, None] + cost
+        back.append(np.argmin(total, axis=0))
+        best = total[back[-1], np.arange(n)]
+    path = [n - 1]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return sig[np.asarray(path[::-1])]
+
+
+def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: dict | None, order: int):
+    from . import grids
+    sch = den.schedule
+    if name in grids.GRIDS:
+        return grids.make_grid(name, steps, sch)[:-1]
+    if name == "jump":
+        return jump_grid(ref, steps)
+    if name == "length":
+        p = {"sigma": ref["ref_sigma"], "t": ref["ref_t"], "rate": ref["ref_rate"]}
+        lam, rho = density(p, sch, method="length", floor=0.1)
+    elif name == "error":
+        lam, rho = density(pilot_data, sch, method="error", order=order, floor=0.35 if solver == "heun" else 0.1,
+                           critical=0.0 if solver == "heun" else critical_weight(steps), switch=switch_weight(steps))
+    else:
+        raise ValueError(f"candidates must name grids in {CANDIDATES}, got {name!r}")
+    sig = np.exp(-place(lam, rho, steps))
+    sig[0], sig[-1] = sch.sigma_max, sch.sigma_min
+    return sig
+
+
+def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None, candidates=CANDIDATES,
+           backend: str = "auto", solver_options: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Run `solver` with `steps` steps on each candidate grid from the reference's noise and keep the grid
+    whose samples are closest (RMS) to the reference's converged ones. Costs len(candidates) x NFE model
+    evaluations on the pilot batch. Returns (positive sigmas [steps], {candidate: RMS error})."""
+    from .sampler import sample
+
+    order = get_solver(solver).order
+    target = ref["ref_final"].double()
+    errors, grids_ = {}, {}
+    for name in candidates:
+        if steps == 1 and name != candidates[0]:
+            continue
+        sig = _candidate(name, den, steps, solver, ref, pilot_data, order)
+        out = sample(den, noise=ref["ref_noise"], grid=np.append(sig, 0.0), solver=solver, backend=backend,
+                     track=False, progress=False, **(solver_options or {}))
+        err = float((out.samples.cpu().double() - target).square().mean().sqrt())
+        errors[name], grids_[name] = (err if math.isfinite(err) else math.inf), sig
+    best = min(errors, key=lambda k: (errors[k], list(candidates).index(k)))
+    return grids_[best], errors
+
+
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = 32,
-                sample_shape: tuple | None = None, method: str = "error", floor: float | None = None,
+                sample_shape: tuple | None = None, method: str | None = None, floor: float | None = None,
                 critical: float | None = None, switch: float | None = None, amplify: float | None = None,
-                pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None) -> ThermoGrid:
+                pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None,
+                ref_steps: int = 128, candidates=None, solver_options: dict | None = None) -> ThermoGrid:
     """A time grid calibrated from a pilot run of `den` (docs/theory.md §6).
 
     Args:
@@ -294,7 +436,15 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         pilot_batch: pilot batch size B.
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
             the denoiser exposes `sample_shape`.
-        method: "error" (default: equidistributed global error, the solver's local truncation error
+        method: "select" (the default for deterministic solvers): solve the pilot batch once to convergence
+            (`reference`, `ref_steps` evaluations), then run `solver` on every grid of `candidates` (the
+            fixed grids karras, logsnr, kl_optimal, uniform; "jump", the dynamic-programming grid of
+            `jump_grid`; "length" and "error", the thermodynamic densities below) and keep the one whose
+            samples are closest to the converged ones. On the pilot's distribution the result is never
+            worse than the best fixed grid. Cost: ref_steps + (pilot_steps if "error" is a candidate) +
+            len(candidates) x NFE model evaluations on the pilot batch, all reusable through `pilot_data`
+            except the candidate runs; `grid.meta` records each candidate's error.
+            "error" (the default for stochastic solvers: equidistributed global error, the solver's local truncation error
             times the amplification: the flow's, measured by the pilot's twin trajectories, plus the
             mode-switch term of `switch`), "length" (equal
             thermodynamic length, Sivak & Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt)
@@ -314,15 +464,30 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         amplify: exponent of the twins' amplification factor in the error density (None: 1).
         pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
         backend: fused-op backend for the pilot.
-        pilot_data: a pilot dict from `pilot(...)` to reuse (then no model evaluation is spent).
+        pilot_data: a pilot dict to reuse (`grid.pilot` of an earlier call, or `pilot(...)` and/or
+            `reference(...)` merged): then only what it lacks is computed.
+        ref_steps: evaluations of the converged reference solve (method "select").
+        candidates: the grids "select" chooses among (default CANDIDATES).
+        solver_options: options of `solver` for the candidate runs (e.g. {"order": 3}).
     Returns:
-        ThermoGrid [steps + 1], descending from sigma_max to sigma_min, then 0.
+        ThermoGrid [steps + 1], descending from sigma_max to sigma_min, then 0; `.pilot` holds the pilot
+        data for reuse.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    order = get_solver(solver).order
-    if method not in ("blend", "error", "length"):
-        raise ValueError(f"method must be 'blend', 'error' or 'length', got {method!r}")
+    spec = get_solver(solver)
+    order = spec.order
+    if method is None:
+        method = "error" if spec.injects_noise(solver_options or {}) else "select"
+    if method not in ("select", "blend", "error", "length"):
+        raise ValueError(f"method must be 'select', 'blend', 'error' or 'length', got {method!r}")
+    candidates = tuple(CANDIDATES if candidates is None else candidates)
+    if method == "select":
+        if spec.injects_noise(solver_options or {}):
+            raise ValueError(f"method='select' compares against the converged ODE solution: {solver!r} with these "
+                             "options is stochastic; use method='error'")
+        if not candidates or any(c not in CANDIDATES for c in candidates):
+            raise ValueError(f"candidates must be a non-empty subset of {CANDIDATES}, got {candidates!r}")
     floor = _weight("floor", floor, 0.35 if solver == "heun" else 0.1)
     if not floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
@@ -331,17 +496,33 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     amplify = _weight("amplify", amplify, 1.0)
     if not 0.0 <= critical <= 1.0 - floor:
         raise ValueError(f"critical must lie in [0, 1 - floor], got {critical!r}")
-    if pilot_data is None:
+    pilot_data = dict(pilot_data or {})
+    spent = 0
+    needs_twins = method != "select" or "error" in candidates
+    needs_ref = method == "select"
+    if (needs_twins and "D" not in pilot_data) or (needs_ref and "ref_final" not in pilot_data):
         if sample_shape is None:
             sample_shape = getattr(den, "sample_shape", None)
         if sample_shape is None:
             raise ValueError("thermo_grid needs sample_shape=(...) (the shape of one sample) for the pilot run")
         if isinstance(pilot_batch, bool) or not isinstance(pilot_batch, int) or pilot_batch < 2:
             raise ValueError(f"pilot_batch must be an int >= 2, got {pilot_batch!r}")
-        pilot_data = pilot(den, (pilot_batch, *tuple(sample_shape)), pilot_steps=pilot_steps,
-                           pilot_seed=pilot_seed, backend=backend)
+        shape = (pilot_batch, *tuple(sample_shape))
+        if needs_twins and "D" not in pilot_data:
+            pilot_data.update(pilot(den, shape, pilot_steps=pilot_steps, pilot_seed=pilot_seed, backend=backend))
+            spent += int(pilot_data["nfe"])
+        if needs_ref and "ref_final" not in pilot_data:
+            pilot_data.update(reference(den, shape, ref_steps=ref_steps, pilot_seed=pilot_seed, backend=backend))
+            spent += int(pilot_data["ref_nfe"])
     sch = den.schedule
-    if steps == 1:
+    extra = {}
+    if method == "select":
+        sig, errors = select(den, int(steps), solver, pilot_data, pilot_data if needs_twins else None, candidates,
+                             backend=backend, solver_options=solver_options)
+        spent += len(errors) * spec.evaluations(int(steps))
+        chosen = min(errors, key=errors.get)
+        extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"]))}
+    elif steps == 1:
         sig = np.array([sch.sigma_max])
     else:
         lam, rho = density(pilot_data, sch, method=method, order=order, floor=floor, critical=critical,
@@ -350,6 +531,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         sig[0], sig[-1] = sch.sigma_max, sch.sigma_min
     meta = {"method": method, "solver": solver, "order": order, "floor": floor,
             "critical": float(critical), "switch": float(switch), "amplify": float(amplify), "steps": int(steps),
-            "pilot_steps": int(len(pilot_data["sigma"])), "pilot_nfe": int(pilot_data["nfe"]),
-            "pilot_seed": int(pilot_seed), "schedule": repr(sch)}
-    return ThermoGrid(np.append(sig, 0.0), meta)
+            "pilot_steps": int(len(pilot_data["sigma"])) if "sigma" in pilot_data else 0,
+            "pilot_nfe": int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0)),
+            "calibration_nfe": spent, "pilot_seed": int(pilot_seed), "schedule": repr(sch), **extra}
+    grid = ThermoGrid(np.append(sig, 0.0), meta)
+    grid.pilot = pilot_data
+    return grid
