@@ -88,10 +88,11 @@ def cloning(den, shape, times, classify, steps: int = 100, seed: int = 0, backen
     phi = []
     for t in np.asarray(times, dtype=np.float64).reshape(-1):
         s_t = float(sch.sigma(float(t)))
-        pre = sample(den, shape, steps=steps, solver="euler_maruyama", grid=_sde_grid(sch.sigma_max, s_t, steps, sch.sigma_min),
-                     seed=seed, backend=backend, track=False).samples
-        ends = [sample(den, noise=pre, solver="euler_maruyama", grid=_sde_grid(s_t, 0.0, steps, sch.sigma_min), seed=seed + k,
-                       backend=backend, track=False).samples for k in (1, 2)]
+        head, tail = _sde_grid(sch.sigma_max, s_t, steps, sch.sigma_min), _sde_grid(s_t, 0.0, steps, sch.sigma_min)
+        pre = sample(den, shape, steps=steps, solver="euler_maruyama", grid=head, seed=seed, backend=backend,
+                     track=False).samples
+        ends = [sample(den, noise=pre, solver="euler_maruyama", grid=tail, seed=seed + k, backend=backend,
+                       track=False).samples for k in (1, 2)]
         a, b = (torch.as_tensor(np.asarray(classify(e))) for e in ends)
         phi.append(float((a == b).double().mean()))
     return np.asarray(phi)

@@ -444,11 +444,11 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             worse than the best fixed grid. Cost: ref_steps + (pilot_steps if "error" is a candidate) +
             len(candidates) x NFE model evaluations on the pilot batch, all reusable through `pilot_data`
             except the candidate runs; `grid.meta` records each candidate's error.
-            "error" (the default for stochastic solvers: equidistributed global error, the solver's local truncation error
-            times the amplification: the flow's, measured by the pilot's twin trajectories, plus the
-            mode-switch term of `switch`), "length" (equal
-            thermodynamic length, Sivak & Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt)
-            or "blend" (mean of the two densities).
+            "error" (the default for stochastic solvers): equidistributed global error, the solver's local
+            truncation error times the amplification (the flow's, measured by the pilot's twin
+            trajectories, plus the mode-switch term of `switch`); "length": equal thermodynamic length
+            (Sivak & Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt); "blend": the mean of
+            the two densities.
         floor: weight of a uniform-in-log-sigma density mixed into the calibrated one. None (default):
             0.1, or 0.35 for Heun (see `critical`).
         critical: weight of the critical-time density (where the pilot's denoised estimates move fastest,

@@ -90,7 +90,8 @@ def headline(rows: list[dict]) -> str:
         if r["schedule"] != "condot":
             continue
         for q in rows:
-            if q["schedule"] == "cosine" and (q["solver"], q["grid"], q["steps"]) == (r["solver"], r["grid"], r["steps"]):
+            same_run = (q["solver"], q["grid"], q["steps"]) == (r["solver"], r["grid"], r["steps"])
+            if q["schedule"] == "cosine" and same_run:
                 pairs.append((r["kinetic"], q["kinetic"]))
     if not pairs:
         return ""
