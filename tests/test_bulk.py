@@ -71,7 +71,8 @@ def test_sigkill_mid_shard_then_resume_is_byte_identical(reference, tmp_path):
 
 @pytest.mark.parametrize("crash_at", [1, 2, 3, 4, 7])
 def test_crash_at_any_atomic_write_is_recovered(reference, tmp_path, monkeypatch, crash_at):
-    """Simulate a kill at the n-th os.replace (shard or manifest): the temp file stays, nothing else."""
+    """Simulate a kill at the n-th os.replace (shard or manifest): the temp file stays (a killed process does
+    not clean up, so the run's own cleanup is switched off here), nothing else; the rerun removes it."""
     real = os.replace
     count = {"n": 0}
 
@@ -84,10 +85,11 @@ def test_crash_at_any_atomic_write_is_recovered(reference, tmp_path, monkeypatch
             raise Killed()
         return real(src, dst)
     monkeypatch.setattr(bulk.os, "replace", flaky)
+    monkeypatch.setattr(bulk, "_discard", lambda path: None)
     with pytest.raises(Killed):
         bulk.sample_to_disk(SPEC, out=str(tmp_path), factory_kwargs={"delay": 0.05}, **JOB)
     monkeypatch.setattr(bulk.os, "replace", real)
-    assert any(".tmp-" in f for f in os.listdir(tmp_path)), "the simulated kill left no temporary file"
+    assert any(f.endswith(bulk.TMP_SUFFIX) for f in os.listdir(tmp_path)), "the simulated kill left no temporary file"
     if crash_at == 1:  # killed before even the manifest existed
         assert not (tmp_path / "manifest.json").exists()
     bulk.sample_to_disk(SPEC, out=str(tmp_path), factory_kwargs={"delay": 0.05}, **JOB)
@@ -116,7 +118,7 @@ def test_refuses_to_resume_a_different_configuration(reference, tmp_path, change
     with pytest.raises(ConfigMismatchError) as info:
         bulk.sample_to_disk(SPEC, out=str(out), **job)
     assert "different configuration" in str(info.value)
-    assert os.listdir(out) == ["manifest.json"]
+    assert sorted(os.listdir(out)) == [bulk.LOCK, "manifest.json"]
 
 
 def test_denoiser_object_needs_model_id_and_it_is_hashed(tmp_path):
@@ -127,11 +129,16 @@ def test_denoiser_object_needs_model_id_and_it_is_hashed(tmp_path):
 
 
 def test_nonfinite_shard_writes_nothing(tmp_path):
+    with pytest.raises(ts.NonFiniteError):  # NaN at once: the trial step raises before the folder exists
+        bulk.sample_to_disk(NaNModel(), 6, 3, str(tmp_path / "never"), model_id="bad", sample_shape=(2,),
+                            steps=3, backend="torch")
+    assert not (tmp_path / "never").exists()
+
     class Bad:
         schedule = toy_factory().schedule
 
-        def __call__(self, x, sigma, **kw):
-            return torch.full_like(x, float("nan"))
+        def __call__(self, x, sigma, **kw):  # NaN for the shards (batch 3), not for the trial step (batch 1)
+            return torch.full_like(x, float("nan")) if x.shape[0] == 3 else torch.zeros_like(x)
     with pytest.raises(ts.NonFiniteError):
         bulk.sample_to_disk(Bad(), 6, 3, str(tmp_path), model_id="bad", sample_shape=(2,), steps=3, backend="torch")
     assert not any(f.startswith("shard_") for f in os.listdir(tmp_path))
@@ -155,6 +162,13 @@ def test_weights_load_with_safetensors_and_weights_only(tmp_path):
     with pytest.raises(Exception) as info:
         bulk.load_weights(str(tmp_path / "evil.pt"))
     assert "weights_only" in str(info.value) or "Unsupported" in str(info.value)
+
+
+class NaNModel:
+    schedule = toy_factory().schedule
+
+    def __call__(self, x, sigma, **kw):
+        return torch.full_like(x, float("nan"))
 
 
 class Exploit:

@@ -20,6 +20,8 @@ CASES = {  # name -> (n, sample kwargs)
     "euler": (N, dict(steps=6, solver="euler", seed=7)),
     "ancestral": (N, dict(steps=6, solver="euler_ancestral", seed=8, sample_offset=1000)),
     "heun-fewer-than-ranks": (1, dict(steps=4, solver="heun", seed=9)),
+    # the idle rank must not sample one index past the end of the 32-bit counter range (issue 13, item 13)
+    "idle-rank-at-the-last-index": (1, dict(steps=3, solver="euler", seed=10, sample_offset=2 ** 32 - 1)),
 }
 
 

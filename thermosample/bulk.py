@@ -5,14 +5,21 @@
 
 The job is cut into shards of `batch` consecutive global sample indices; shard k holds the samples
 k*batch .. min((k+1)*batch, n) - 1, sampled with `sample_offset = k*batch`, so its content depends only on
-the configuration, never on which run, process or rank produced it. Each shard is written to a temporary
-file, fsynced and renamed with os.replace (atomic), so a shard file that exists is complete. The manifest
-(manifest.json, written the same way) records the configuration, its hash, the seed and the shards done.
-A rerun with the same configuration skips the shards on disk and produces exactly the files an
-uninterrupted run would have; a rerun with a different configuration is refused (ConfigMismatchError).
+the configuration, never on which run, process or rank produced it. Each shard is written to a fresh
+temporary file (tempfile.mkstemp: unpredictable name, O_EXCL), fsynced and renamed with os.replace (atomic),
+so a shard file that exists is complete. A shard's safetensors metadata names its job (the configuration
+hash) and its sample range; the manifest (manifest.json, written the same way) records the configuration,
+its hash, the seed, the shards done and the sha256 of each.
+
+One run at a time: the run holds an exclusive flock on `out/.thermosample.lock` (OutputLockedError for a
+second one). Everything that needs no disk (arguments, model, one model call) is checked before the folder
+is created. A rerun with the same configuration verifies the shards on disk (metadata, and sha256 where the
+manifest has one), skips the good ones and recomputes the others, producing exactly the files an
+uninterrupted run would have; a different configuration, or a shard of another job, is refused
+(ConfigMismatchError). See docs/reliability.md for the exact promises.
 
 Under torchrun (torch.distributed initialised) the shards are dealt round-robin to the ranks: rank r writes
-shards r, r + world, ...; rank 0 owns the manifest.
+shards r, r + world, ...; rank 0 holds the lock and owns the manifest.
 
 The model factory `MODULE:FACTORY` is imported and called as `FACTORY(**factory_kwargs)` (plus
 `weights=PATH` when given); it returns a `ts.Denoiser` or a `(model, schedule)` pair (wrapped with
@@ -21,10 +28,17 @@ prediction="eps"), or a dict of Denoiser keyword arguments. Weights are loaded w
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import hashlib
 import importlib
 import json
 import os
+import re
+import stat
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -32,17 +46,30 @@ import numpy as np
 import torch
 
 from .denoiser import Denoiser
+from .grids import make_grid
 from .sampler import sample as _sample
+from .solvers import SOLVERS
 
 __all__ = ["sample_to_disk", "load_shards", "load_weights", "build_denoiser", "BulkResult",
-           "ConfigMismatchError", "MANIFEST", "FORMAT_VERSION"]
+           "ConfigMismatchError", "OutputLockedError", "MANIFEST", "LOCK", "FORMAT_VERSION"]
 
 MANIFEST = "manifest.json"
+LOCK = ".thermosample.lock"
+TMP_SUFFIX = ".thermosample-tmp"
 FORMAT_VERSION = 1
+MAX_SAMPLES = 2 ** 32  # a sample's global index keys the 32-bit Philox counter
+MANIFEST_EVERY_S = 10.0  # single process: the manifest is refreshed at most this often (and at the end)
+
+# The temporary files this module creates: ".<target>.<random>.thermosample-tmp" (see _atomic_write).
+_LEFTOVER = re.compile(r"\.(manifest\.json|shard_\d{6,}\.safetensors)\.[A-Za-z0-9_]+" + re.escape(TMP_SUFFIX))
 
 
 class ConfigMismatchError(ValueError):
-    """The output directory holds a manifest written for a different configuration."""
+    """The output directory holds a manifest or a shard written for a different configuration."""
+
+
+class OutputLockedError(ValueError):
+    """Another run holds the output directory (its lock file is locked)."""
 
 
 @dataclass
@@ -60,14 +87,19 @@ class BulkResult:
 # ---------------------------------------------------------------------------------------------------
 def load_weights(path: str, map_location="cpu") -> dict:
     """A state dict from `path` without unpickling code: .safetensors via safetensors, anything else via
-    torch.load(weights_only=True)."""
+    torch.load(weights_only=True). Raises ValueError for a missing, unreadable or unsafe file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"weights file {path!r} does not exist")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device=str(map_location))
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            return load_file(path, device=str(map_location))
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # garbage, truncated, or a pickle that carries code (refused, never run)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"cannot load the weights file {path!r} (safetensors, or torch.load with "
+                         f"weights_only=True): {first}") from exc
 
 
 def _file_sha256(path: str) -> str:
@@ -85,6 +117,9 @@ def build_denoiser(spec: str, weights: str | None = None, **factory_kwargs) -> D
         spec: "package.module:function".
         weights: optional path passed to the factory as `weights=`.
         **factory_kwargs: further keyword arguments for the factory.
+    Raises:
+        ValueError when the module or factory is missing or the factory fails (e.g. weights lacking a tensor);
+        TypeError when it returns something else than a model.
     """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
         raise ValueError(f"model must be 'MODULE:FACTORY' (e.g. 'thermosample.toy:toy_factory'), got {spec!r}")
@@ -98,7 +133,12 @@ def build_denoiser(spec: str, weights: str | None = None, **factory_kwargs) -> D
         raise ValueError(f"{mod_name!r} has no callable {fn_name!r}")
     if weights is not None:
         factory_kwargs["weights"] = weights
-    made = factory(**factory_kwargs)
+    try:
+        made = factory(**factory_kwargs)
+    except ValueError:
+        raise
+    except Exception as exc:  # e.g. KeyError for weights missing a tensor: a bad input, not a crash
+        raise ValueError(f"the model factory {spec!r} failed: {type(exc).__name__}: {exc}") from exc
     if isinstance(made, Denoiser) or (callable(made) and hasattr(made, "schedule")):
         return made
     if isinstance(made, dict):
@@ -110,8 +150,31 @@ def build_denoiser(spec: str, weights: str | None = None, **factory_kwargs) -> D
 
 
 # ---------------------------------------------------------------------------------------------------
-# Atomic files
+# Files: lock, atomic writes, shard headers, manifest
 # ---------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(out: str):
+    """Hold an exclusive, non-blocking flock on out/LOCK for the duration (released when the fd closes,
+    also when the process dies). The lock file is never removed: unlinking it would let two runs lock
+    two different files of the same name."""
+    path = os.path.join(out, LOCK)
+    try:  # O_NOFOLLOW: a symlink planted at the lock's name is refused, not followed
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symlink; remove it (thermosample creates its lock file itself)") from exc
+        raise
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputLockedError(f"{out} is in use by another thermosample run (it holds {path}); wait for "
+                                    "it to finish or use another directory") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -125,15 +188,50 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@functools.lru_cache(maxsize=None)
+def _umask() -> int:
+    """The process umask (read once: reading it means setting it, briefly)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _discard(path: str) -> None:
+    """Remove a temporary file this run created (quietly: it may already be gone)."""
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
 def _atomic_write(path: str, data: bytes) -> None:
-    """Write `data` to `path` so that a reader sees either the old file or all of the new one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """Write `data` to `path` so that a reader sees either the old file or all of the new one.
+
+    The temporary file is made by mkstemp in the target folder: an unpredictable name opened with O_EXCL,
+    so neither an existing file nor a planted symlink is ever written through. Only it is removed on failure.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; shards get the usual permissions
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _discard(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _remove_leftovers(out: str, names) -> None:
+    """Remove the temporary files of a killed run: only regular files named exactly as `_atomic_write`
+    names them (called under the lock, so no live run owns them)."""
+    for name in names:
+        if _LEFTOVER.fullmatch(name):
+            path = os.path.join(out, name)
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.remove(path)
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -154,6 +252,22 @@ def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
     return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
 
+def _shard_header(path: str) -> dict | None:
+    """The safetensors header of a complete file at `path`; None when it is missing, truncated or not
+    safetensors. Reads the header only (the data are covered by the manifest's sha256)."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            length = int.from_bytes(f.read(8), "little")
+            if not 0 < length <= min(size - 8, 1 << 24):
+                return None
+            header = json.loads(f.read(length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+        return header if 8 + length + max(ends, default=0) == size else None
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+
+
 def shard_name(k: int) -> str:
     """File name of shard k."""
     return f"shard_{k:06d}.safetensors"
@@ -164,36 +278,72 @@ def _config_hash(config: dict) -> str:
 
 
 def _read_manifest(out: str) -> dict | None:
+    """The manifest of `out` (None when there is none); ValueError when it is not a thermosample manifest."""
     path = os.path.join(out, MANIFEST)
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable thermosample manifest: {exc}") from exc
+    ok = (isinstance(manifest, dict) and manifest.get("format") == "thermosample.bulk"
+          and isinstance(manifest.get("config"), dict) and isinstance(manifest.get("config_hash"), str)
+          and isinstance(manifest.get("num_shards"), int) and isinstance(manifest.get("sha256", {}), dict))
+    if not ok:
+        raise ValueError(f"{path} is not a thermosample manifest (expected a JSON object written by "
+                         "thermosample.bulk); move it away or use another directory")
+    return manifest
 
 
-def _shard_ok(path: str) -> bool:
-    """True when `path` is a complete shard (it was renamed into place, so it parses)."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            return "samples" in f.keys()
-    except Exception:
-        return False
-
-
-def _write_manifest(out: str, config: dict, num_shards: int) -> list:
-    done = [k for k in range(num_shards) if _shard_ok(os.path.join(out, shard_name(k)))]
+def _write_manifest(out: str, config: dict, num_shards: int, sums: dict) -> None:
+    """Write the manifest: `sums` maps each shard done to the sha256 of its file."""
+    done = sorted(sums)
     manifest = {"format": "thermosample.bulk", "version": FORMAT_VERSION, "config": config,
                 "config_hash": _config_hash(config), "seed": config["seed"], "n": config["n"],
                 "batch": config["batch"], "num_shards": num_shards, "done": done,
-                "complete": len(done) == num_shards}
+                "sha256": {str(k): sums[k] for k in done}, "complete": len(done) == num_shards}
     _atomic_write(os.path.join(out, MANIFEST), (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
-    return done
+
+
+_SHARD_NAME = re.compile(r"shard_(\d{6,})\.safetensors")
+
+
+def _verify_shards(out: str, names, config: dict, known: dict, mine) -> dict:
+    """{k: sha256} of the shards with `mine(k)` true whose file (among `names`, a listing of `out`) is a good
+    shard of this job. Work is bounded by the files present, not by the number of shards in the job.
+
+    A file that does not parse, holds another sample range or shape, or differs from the checksum `known`
+    (from the manifest) is left out, to be recomputed. A parseable shard of another job (another config
+    hash) raises ConfigMismatchError: it may be someone's data, and it is never taken for this job's.
+    Work: one header read per shard file present, plus its sha256.
+    """
+    want_hash, n, batch = _config_hash(config), config["n"], config["batch"]
+    num_shards = -(-n // batch)
+    good = {}
+    for name in sorted(names):
+        match = _SHARD_NAME.fullmatch(name)
+        k = int(match.group(1)) if match else -1
+        if not (0 <= k < num_shards and mine(k)) or name != shard_name(k):
+            continue
+        path = os.path.join(out, name)
+        header = _shard_header(path)
+        if header is None:
+            continue  # an incomplete or damaged file: recompute
+        meta = header.get("__metadata__") or {}
+        if meta.get("config_hash") != want_hash:
+            raise ConfigMismatchError(f"{path} is a shard of a different configuration (or not a thermosample "
+                                      "shard); move it away or use a new directory")
+        start, count = k * batch, min(batch, n - k * batch)
+        samples = header.get("samples") or {}
+        if (meta.get("shard"), meta.get("start"), meta.get("count")) != (str(k), str(start), str(count)) \
+                or samples.get("shape") != [count, *config["sample_shape"]] \
+                or ("rate" in header) != config["track"]:
+            continue  # this job's shard under the wrong name, or damaged: recompute
+        digest = _file_sha256(path)
+        if known.get(k, digest) == digest:
+            good[k] = digest
+    return good
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -205,38 +355,72 @@ def _positive_int(name, v):
     return int(v)
 
 
+def _check_out(out) -> str:
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a directory path, got {type(out).__name__}")
+    out = os.fspath(out)
+    if not out:
+        raise ValueError("out must be a directory path, got an empty string")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"out={out!r} exists and is not a directory")
+    return out
+
+
+def _check_sampling(den, sample_shape, steps, solver, grid, seed, backend, track, solver_options) -> None:
+    """Fail on a bad argument before anything touches the disk (a manifest written for a typo would pin
+    the folder to it): the solver, steps and grid (against the schedule), the seed, then one sampler call
+    on one sample and one step, which runs the sampler's own checks (options, backend, the model's output)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+    _positive_int("steps", steps)
+    make_grid(grid, steps, den.schedule)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+    try:
+        _sample(den, (1, *sample_shape), steps=1, solver=solver, seed=int(seed), backend=backend, track=track,
+                progress=False, **solver_options)
+    except (ValueError, TypeError, ArithmeticError):  # bad argument, or NonFiniteError: as they are
+        raise
+    except Exception as exc:  # e.g. the model rejects the sample shape
+        raise ValueError(f"a trial step on one sample of shape {tuple(sample_shape)} failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
+
+
 def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, steps: int = 20,
                    solver: str = "euler", grid="karras", seed: int = 0, backend: str = "auto",
                    track: bool = True, model_id: str | None = None, weights: str | None = None,
                    factory_kwargs: dict | None = None, solver_options: dict | None = None,
-                   progress: bool = False, max_shards: int | None = None) -> BulkResult:
+                   progress: bool | None = None, max_shards: int | None = None) -> BulkResult:
     """Sample n samples into shard files under `out`, resuming whatever an earlier run left.
 
     Args:
         model: "MODULE:FACTORY" (see `build_denoiser`) or a `ts.Denoiser`. With a Denoiser object pass a
             `model_id` naming it (e.g. checkpoint hash): it enters the configuration hash, which is how a
             rerun knows it is the same job.
-        n: total number of samples (global indices 0..n-1).
+        n: total number of samples (global indices 0..n-1), at most 2**32.
         batch: samples per shard (and per model batch); shard k = indices [k*batch, (k+1)*batch) ∩ [0, n).
-        out: output directory (created). Holds manifest.json and shard_%06d.safetensors files with
-            "samples" [b, *sample_shape] and, with track, "rate" [E, b] and "t" [E].
+        out: output directory (created). Holds manifest.json, the lock file .thermosample.lock and
+            shard_%06d.safetensors files with "samples" [b, *sample_shape] and, with track, "rate" [E, b]
+            and "t" [E].
         sample_shape: shape of one sample, e.g. (3, 32, 32); default: the factory's `sample_shape`
             attribute on the Denoiser, else (dim,) of the toy factory — required otherwise.
         steps, solver, grid, seed, backend, track: as `ts.sample`; grid may be a name or a list of sigmas.
         weights: weights file passed to the factory; its sha256 enters the configuration hash.
         factory_kwargs: keyword arguments for the factory (JSON-serialisable).
         solver_options: e.g. {"eta": 1.0} for ddim.
+        progress: a tqdm bar over the shards (None: shown when stderr is a terminal, on rank 0).
         max_shards: stop after writing this many shards (None: all), e.g. to spread a job over time.
     Returns:
         BulkResult(out, num_shards, written, skipped).
     Raises:
-        ConfigMismatchError when `out` holds a manifest for a different configuration; ValueError/TypeError
-        for bad arguments; NonFiniteError when a shard produced NaN/Inf (nothing is written for it).
+        ValueError/TypeError for bad arguments, before the folder is created; OutputLockedError when
+        another run holds `out`; ConfigMismatchError when `out` holds a manifest or a shard of a different
+        configuration; NonFiniteError when a shard produced NaN/Inf (nothing is written for it).
     """
     n, batch = _positive_int("n", n), _positive_int("batch", batch)
-    if not isinstance(out, (str, os.PathLike)):
-        raise TypeError(f"out must be a directory path, got {type(out).__name__}")
-    out = os.fspath(out)
+    if n > MAX_SAMPLES:
+        raise ValueError(f"n must be <= 2**32 (a sample's global index keys the 32-bit noise counter), got {n}")
+    out = _check_out(out)
     factory_kwargs = dict(factory_kwargs or {})
     solver_options = dict(solver_options or {})
     if isinstance(model, str):
@@ -270,58 +454,76 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
         json.dumps(config)
     except TypeError as exc:
         raise TypeError(f"the configuration must be JSON-serialisable (factory_kwargs, solver_options): {exc}") from exc
+    _check_sampling(den, sample_shape, steps, solver, grid, seed, backend, track, solver_options)
 
     rank, world = _rank_world()
     num_shards = -(-n // batch)
-    os.makedirs(out, exist_ok=True)
-    manifest = _read_manifest(out)
-    if manifest is not None and manifest.get("config_hash") != _config_hash(config):
-        old = manifest.get("config", {})
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        raise ConfigMismatchError(f"{out} holds samples of a different configuration (differs in {diff}); "
-                                  "use a new directory or the original settings")
-    if rank == 0:
-        _clean_temporaries(out)
-        if manifest is None:
-            _write_manifest(out, config, num_shards)
-    _barrier()
+    mine = range(rank, num_shards, world)
+    with contextlib.ExitStack() as stack:
+        def prepare():
+            """Lock (rank 0), check the manifest, verify this rank's shards: {k: sha256} of the good ones."""
+            os.makedirs(out, exist_ok=True)
+            if rank == 0:
+                stack.enter_context(_locked(out))
+            manifest = _read_manifest(out)
+            if manifest is not None and manifest["config_hash"] != _config_hash(config):
+                old = manifest["config"]
+                diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+                raise ConfigMismatchError(f"{out} holds samples of a different configuration (differs in {diff}); "
+                                          "use a new directory or the original settings")
+            names = os.listdir(out)  # the one directory listing: no per-shard scan afterwards
+            if rank == 0:
+                _remove_leftovers(out, names)
+            known = {int(k): v for k, v in (manifest or {}).get("sha256", {}).items()}
+            return _verify_shards(out, names, config, known, lambda k: k % world == rank)
+        sums = _collective(prepare)
+        skipped = sorted(sums)
 
-    written, skipped = [], []
-    for k in range(rank, num_shards, world):
-        path = os.path.join(out, shard_name(k))
-        if _shard_ok(path):
-            skipped.append(k)
-            continue
-        if max_shards is not None and len(written) >= max_shards:
-            break
-        start = k * batch
-        size = min(batch, n - start)
-        res = _sample(den, (size, *sample_shape), steps=steps, solver=solver, grid=grid, seed=seed,
-                      sample_offset=start, backend=backend, track=track, progress=progress, **solver_options)
-        tensors = {"samples": res.samples.detach().cpu().contiguous()}
-        if res.thermo is not None:
-            tensors["rate"] = res.thermo.rate.detach().cpu().contiguous()
-            tensors["t"] = res.thermo.t.detach().cpu().contiguous()
-        meta = {"shard": str(k), "start": str(start), "count": str(size), "seed": str(seed),
-                "config_hash": _config_hash(config)}
-        _atomic_write(path, _safetensors_bytes(tensors, meta))
-        written.append(k)
-        if world == 1:
-            _write_manifest(out, config, num_shards)
-    _barrier()
-    if rank == 0:
-        _write_manifest(out, config, num_shards)
+        def work():
+            """Sample and write this rank's missing shards; O(1) bookkeeping per shard."""
+            from tqdm import tqdm
+            written, last = [], time.monotonic()
+            if rank == 0:
+                _write_manifest(out, config, num_shards, sums)
+            show = progress if progress is not None else (rank == 0 and sys.stderr.isatty())
+            with tqdm(total=len(mine), initial=len(sums), unit="shard", desc=os.path.basename(out) or out,
+                      disable=not show, dynamic_ncols=True) as bar:
+                for k in mine:
+                    if k in sums:
+                        continue
+                    if max_shards is not None and len(written) >= max_shards:
+                        break
+                    start = k * batch
+                    size = min(batch, n - start)
+                    res = _sample(den, (size, *sample_shape), steps=steps, solver=solver, grid=grid, seed=seed,
+                                  sample_offset=start, backend=backend, track=track, progress=False,
+                                  **solver_options)
+                    tensors = {"samples": res.samples.detach().cpu().contiguous()}
+                    if res.thermo is not None:
+                        tensors["rate"] = res.thermo.rate.detach().cpu().contiguous()
+                        tensors["t"] = res.thermo.t.detach().cpu().contiguous()
+                    meta = {"shard": str(k), "start": str(start), "count": str(size), "seed": str(seed),
+                            "config_hash": _config_hash(config)}
+                    data = _safetensors_bytes(tensors, meta)
+                    _atomic_write(os.path.join(out, shard_name(k)), data)
+                    sums[k] = hashlib.sha256(data).hexdigest()
+                    written.append(k)
+                    bar.update(1)
+                    if world == 1 and time.monotonic() - last > MANIFEST_EVERY_S:
+                        _write_manifest(out, config, num_shards, sums)
+                        last = time.monotonic()
+            return written
+        written = _collective(work)
+
+        def finish():
+            """Rank 0 writes the final manifest; with several ranks it first verifies and checksums the
+            other ranks' shards from disk (once, at the end)."""
+            if rank == 0:
+                if world > 1:
+                    sums.update(_verify_shards(out, os.listdir(out), config, {}, lambda k: k % world != 0))
+                _write_manifest(out, config, num_shards, sums)
+        _collective(finish)
     return BulkResult(out=out, num_shards=num_shards, written=written, skipped=skipped)
-
-
-def _clean_temporaries(out: str) -> None:
-    """Remove temporary files a killed run left behind (never a completed shard)."""
-    for name in os.listdir(out):
-        if ".tmp-" in name:
-            try:
-                os.remove(os.path.join(out, name))
-            except OSError:  # pragma: no cover - raced with another process
-                pass
 
 
 def _rank_world() -> tuple[int, int]:
@@ -334,31 +536,65 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _barrier() -> None:
-    if _rank_world()[1] > 1:
-        import torch.distributed as dist
-        dist.barrier()
+def _collective(fn):
+    """Run `fn` on every rank; when it fails on any rank, raise on all of them (the failing rank its own
+    error) instead of leaving the others waiting at the next collective. Single process: just `fn()`."""
+    rank, world = _rank_world()
+    if world == 1:
+        return fn()
+    import torch.distributed as dist
+    from .distributed import _status_device
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as exc:
+        error = exc
+    failed = torch.zeros(world, dtype=torch.int64, device=_status_device(None))
+    failed[rank] = error is not None
+    dist.all_reduce(failed)
+    if error is not None:
+        raise error
+    bad = [r for r, f in enumerate(failed.tolist()) if f]
+    if bad:
+        raise RuntimeError(f"sample_to_disk failed on rank(s) {bad}; see their error")
+    return result
 
 
 def load_shards(out: str, *, require_complete: bool = True) -> dict:
     """Read a bulk output directory back: {"samples": [n, ...], "rate": [E, n] (if tracked), "t": [E]}.
 
-    Raises ValueError when shards are missing and `require_complete` (the default).
+    Only the shards the manifest lists as done are read, each checked against the manifest's sha256.
+    Raises ValueError for a shard that is missing or differs from its checksum, and when shards are missing
+    and `require_complete` (the default).
     """
     manifest = _read_manifest(out)
     if manifest is None:
         raise ValueError(f"{out} has no {MANIFEST}")
-    from safetensors.torch import load_file
-    parts, missing = [], []
-    for k in range(manifest["num_shards"]):
-        path = os.path.join(out, shard_name(k))
-        if _shard_ok(path):
-            parts.append(load_file(path))
-        else:
-            missing.append(k)
-    if missing and require_complete:
+    from safetensors.torch import load as load_bytes
+    sums = {int(k): v for k, v in manifest.get("sha256", {}).items()}
+    num_shards = manifest["num_shards"]
+    if require_complete and len(sums) < num_shards:
+        missing = []
+        for k in range(num_shards):  # the first few, not all of them
+            if k not in sums:
+                missing.append(k)
+                if len(missing) > 10:
+                    break
         raise ValueError(f"{out} is missing shard(s) {missing[:10]}{'...' if len(missing) > 10 else ''}; "
                          "rerun the same command to resume")
+    parts = []
+    for k in sorted(sums):
+        path = os.path.join(out, shard_name(k))
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ValueError(f"{path} is listed as done in {MANIFEST} but cannot be read ({exc}); rerun the "
+                             "same command to recompute it") from exc
+        if hashlib.sha256(data).hexdigest() != sums[k]:
+            raise ValueError(f"{path} is corrupt: its sha256 differs from the one in {MANIFEST}; rerun the same "
+                             "command to recompute it")
+        parts.append(load_bytes(data))
     result = {"samples": torch.cat([p["samples"] for p in parts]) if parts else None}
     if parts and "rate" in parts[0]:
         result["rate"] = torch.cat([p["rate"] for p in parts], dim=1)

@@ -86,9 +86,10 @@ def sample(den, shape, *, sample_offset: int = 0, group=None, gather: bool = Tru
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     n = int(shape[0])
     counts = [b - a for a, b in (shard_range(n, r, world) if r < n else (0, 0) for r in range(world))]
-    start = shard_range(n, rank, world)[0] if rank < n else n
-    # A rank without samples (N < world) runs one sample past the end and discards it: every rank then has
-    # tensors of the same layout to gather.
+    # A rank without samples (N < world) samples the last index again and discards it: every rank then has
+    # tensors of the same layout to gather, and no rank asks for an index past the end (which may be past
+    # the 32-bit counter range when sample_offset + N == 2**32).
+    start = shard_range(n, rank, world)[0] if rank < n else n - 1
     local = max(counts[rank], 1)
     out, error = None, None
     try:

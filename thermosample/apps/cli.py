@@ -1,13 +1,67 @@
-"""Command line: `thermosample demo | bench | ...`. Each verb is one `add_<verb>` function below."""
+"""Command line: `thermosample demo | bench | ...`. Each verb is one `add_<verb>` function below.
+
+Bad input is reported as one line `thermosample VERB: error: ...` on stderr with exit status 2, never a
+traceback: argparse errors (see `_Parser`), the `type=` checks below, and the ValueError/TypeError/OSError a
+verb raises (see `main`).
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage error on one line (the usage itself is in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _shape(text: str) -> tuple:
+    """argparse type: the shape of one sample, 'C,H,W' of ints >= 1."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1 like 3,32,32, got {text!r}")
+    return shape
+
+
+def _key_value(text: str) -> tuple:
+    """argparse type: KEY=VALUE, the value parsed as JSON, else kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _solver(text: str) -> str:
+    """argparse type: a solver name of thermosample.solvers."""
+    from ..solvers import SOLVERS
+    if text not in SOLVERS:
+        raise argparse.ArgumentTypeError(f"unknown solver {text!r}; one of {', '.join(sorted(SOLVERS))}")
+    return text
 
 
 def add_demo(sub):
     p = sub.add_parser("demo", help="sample the embedded Gaussian-mixture oracle and print the thermodynamics table")
-    p.add_argument("--batch", type=int, default=1024, help="samples per run (default 1024)")
+    p.add_argument("--batch", type=_positive_int, default=1024, help="samples per run (default 1024)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
     p.add_argument("--plot", metavar="PNG", help="write the dissipation profile and accuracy figure")
@@ -32,45 +86,34 @@ def add_bench(sub):
 def add_sample(sub):
     p = sub.add_parser("sample", help="sample N samples to shard files in DIR, resumable (thermosample.bulk)")
     p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="factory returning a ts.Denoiser, e.g. thermosample.bulk:toy_factory")
+                   help="factory returning a ts.Denoiser, e.g. thermosample.toy:toy_factory")
     p.add_argument("--weights", metavar="PATH", help="weights for the factory (.safetensors or a torch file, "
                    "loaded with weights_only=True)")
-    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="keyword argument for the factory (VALUE parsed as JSON, else a string); repeatable")
-    p.add_argument("--n", type=int, required=True, help="total number of samples")
-    p.add_argument("--batch", type=int, required=True, help="samples per shard and per model batch")
+    p.add_argument("--n", type=_positive_int, required=True, help="total number of samples (at most 2**32)")
+    p.add_argument("--batch", type=_positive_int, required=True, help="samples per shard and per model batch")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (manifest.json + shards)")
-    p.add_argument("--shape", metavar="C,H,W", help="shape of one sample (default: the factory's)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--solver", default="euler")
+    p.add_argument("--shape", metavar="C,H,W", type=_shape, help="shape of one sample (default: the factory's)")
+    p.add_argument("--steps", type=_positive_int, default=20)
+    p.add_argument("--solver", default="euler", type=_solver)
     p.add_argument("--grid", default="karras")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
     p.add_argument("--eta", type=float, help="eta of ddim / euler_ancestral")
     p.add_argument("--no-track", action="store_true", help="do not store the per-sample rates")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar over the shards (default: when stderr is a terminal)")
 
     def run(args):
-        import json
         from .. import bulk
-        kwargs = {}
-        for item in args.factory_arg:
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise SystemExit(f"--factory-arg expects KEY=VALUE, got {item!r}")
-            try:
-                kwargs[key] = json.loads(value)
-            except ValueError:
-                kwargs[key] = value
-        shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
         options = {} if args.eta is None else {"eta": args.eta}
-        try:
-            res = bulk.sample_to_disk(args.model, args.n, args.batch, args.out, sample_shape=shape,
-                                      steps=args.steps, solver=args.solver, grid=args.grid, seed=args.seed,
-                                      backend=args.backend, track=not args.no_track, weights=args.weights,
-                                      factory_kwargs=kwargs, solver_options=options)
-        except (ValueError, TypeError) as exc:  # bad input: one clear line, no traceback
-            print(f"thermosample sample: error: {exc}", file=sys.stderr)
-            return 2
+        # sample_to_disk checks every argument (and runs one trial step) before it creates the folder
+        res = bulk.sample_to_disk(args.model, args.n, args.batch, args.out, sample_shape=args.shape,
+                                  steps=args.steps, solver=args.solver, grid=args.grid, seed=args.seed,
+                                  backend=args.backend, track=not args.no_track, weights=args.weights,
+                                  factory_kwargs=dict(args.factory_arg), solver_options=options,
+                                  progress=args.progress)
         print(f"{res.out}: {res.num_shards} shards, {len(res.written)} written, {len(res.skipped)} already done")
     p.set_defaults(func=run)
 
@@ -94,11 +137,11 @@ def add_schedule(sub):
     p = sub.add_parser("schedule", help="calibrate a time grid from a pilot run (ts.thermo_grid), save and print it")
     p.add_argument("--model", default="mixture", choices=["mixture", "digits"],
                    help="the embedded Gaussian-mixture oracle (CondOT) or the shipped digits model")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--solver", default="dpmpp_2m")
+    p.add_argument("--steps", type=_positive_int, default=10)
+    p.add_argument("--solver", default="dpmpp_2m", type=_solver)
     p.add_argument("--method", default="error", choices=["error", "length", "blend"])
-    p.add_argument("--pilot-steps", type=int, default=24)
-    p.add_argument("--pilot-batch", type=int, default=32)
+    p.add_argument("--pilot-steps", type=_positive_int, default=24)
+    p.add_argument("--pilot-batch", type=_positive_int, default=32)
     p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save)")
 
     def run(args):
@@ -115,12 +158,18 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:  # the benchmark parses its own options (see `thermosample bench --help`)
         from . import bench
         return int(bench.main(argv[1:]) or 0)
-    parser = argparse.ArgumentParser(prog="thermosample", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="thermosample", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in VERBS:
         add(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from ..errors import NonFiniteError
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError, NonFiniteError) as exc:  # bad input, disk or model: one line
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"thermosample {args.verb}: error: {message}", file=sys.stderr)
+        return 1 if isinstance(exc, NonFiniteError) else 2
 
 
 if __name__ == "__main__":
