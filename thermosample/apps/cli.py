@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from ..ops import BACKEND_CHOICES  # the backend table: adding a backend adds its --backend choice
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with its usage error on one line (the usage itself is in --help)."""
@@ -63,7 +65,8 @@ def add_demo(sub):
     p = sub.add_parser("demo", help="sample the embedded Gaussian-mixture oracle and print the thermodynamics table")
     p.add_argument("--batch", type=_positive_int, default=1024, help="samples per run (default 1024)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--plot", metavar="PNG", help="write the dissipation profile and accuracy figure")
     p.add_argument("--json", metavar="PATH", help="write the table as JSON")
 
@@ -99,7 +102,8 @@ def add_sample(sub):
     p.add_argument("--solver", default="euler", type=_solver)
     p.add_argument("--grid", default="karras")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"])
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--eta", type=float, help="eta of ddim / euler_ancestral")
     p.add_argument("--no-track", action="store_true", help="do not store the per-sample rates")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
