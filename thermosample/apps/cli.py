@@ -1,4 +1,5 @@
-"""Command line: `thermosample demo | bench | ...`. Each verb is one `add_<verb>` function below.
+"""Command line: `thermosample demo | bench | sample | schedule | train-digits`. Each verb is one
+`add_<verb>` function below.
 
 Bad input is reported as one line `thermosample VERB: error: ...` on stderr with exit status 2, never a
 traceback: argparse errors (see `_Parser`), the `type=` checks below, and the ValueError/TypeError/OSError a
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..ops import BACKEND_CHOICES  # the backend table: adding a backend adds its --backend choice
@@ -61,10 +63,46 @@ def _solver(text: str) -> str:
     return text
 
 
+DESCRIPTION = """Fast, measurable diffusion sampling: fused solver steps with thermodynamic accounting.
+
+  thermosample demo                          sample a Gaussian-mixture oracle; print accuracy and dissipation
+  thermosample sample --model M:F --n N ...  sample N samples of your model to resumable shard files
+  thermosample schedule --model M:F ...      calibrate a time grid for your model (save it, pass it to sample)
+  thermosample bench                         fused-step kernel micro-benchmark
+  thermosample train-digits                  train the small digits model used in the examples
+
+MODULE:FACTORY names a function returning a ts.Denoiser (module looked up from the current directory too),
+e.g. thermosample.toy:toy_factory. `thermosample VERB --help` lists a verb's options."""
+
+
+def _grid(text: str):
+    """argparse type: a grid name, or a JSON file written by ThermoGrid.save (`thermosample schedule --save`)."""
+    from ..grids import GRIDS
+    if text in GRIDS:
+        return text
+    if text.endswith(".json"):
+        from ..calibrate import ThermoGrid
+        try:
+            return [float(s) for s in ThermoGrid.load(text)]
+        except (OSError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(f"cannot read the grid file {text!r}: {exc}") from None
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(GRIDS)} or a grid .json file, got {text!r}")
+
+
+def _add_model_arguments(p, required: bool):
+    p.add_argument("--model", required=required, metavar="MODULE:FACTORY",
+                   help="factory returning a ts.Denoiser, e.g. thermosample.toy:toy_factory (the module may live "
+                        "in the current directory)")
+    p.add_argument("--weights", metavar="PATH", help="weights for the factory (.safetensors or a torch file, "
+                   "loaded with weights_only=True)")
+    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="keyword argument for the factory (VALUE parsed as JSON, else a string); repeatable")
+
+
 def add_demo(sub):
     p = sub.add_parser("demo", help="sample the embedded Gaussian-mixture oracle and print the thermodynamics table")
     p.add_argument("--batch", type=_positive_int, default=1024, help="samples per run (default 1024)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="Philox seed of the noise (default 0)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--plot", metavar="PNG", help="write the dissipation profile and accuracy figure")
@@ -88,20 +126,18 @@ def add_bench(sub):
 
 def add_sample(sub):
     p = sub.add_parser("sample", help="sample N samples to shard files in DIR, resumable (thermosample.bulk)")
-    p.add_argument("--model", required=True, metavar="MODULE:FACTORY",
-                   help="factory returning a ts.Denoiser, e.g. thermosample.toy:toy_factory")
-    p.add_argument("--weights", metavar="PATH", help="weights for the factory (.safetensors or a torch file, "
-                   "loaded with weights_only=True)")
-    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
-                   help="keyword argument for the factory (VALUE parsed as JSON, else a string); repeatable")
+    _add_model_arguments(p, required=True)
     p.add_argument("--n", type=_positive_int, required=True, help="total number of samples (at most 2**32)")
     p.add_argument("--batch", type=_positive_int, required=True, help="samples per shard and per model batch")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (manifest.json + shards)")
     p.add_argument("--shape", metavar="C,H,W", type=_shape, help="shape of one sample (default: the factory's)")
-    p.add_argument("--steps", type=_positive_int, default=20)
-    p.add_argument("--solver", default="euler", type=_solver)
-    p.add_argument("--grid", default="karras")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_positive_int, default=20,
+                   help="solver steps (model evaluations: steps, 2 steps - 1 for heun/dpm_2; default 20)")
+    p.add_argument("--solver", default="euler", type=_solver, help="solver name (default euler; see docs)")
+    p.add_argument("--grid", default="karras", type=_grid,
+                   help="karras | logsnr | kl_optimal | uniform, or a grid .json from `thermosample schedule "
+                        "--save` (default karras)")
+    p.add_argument("--seed", type=int, default=0, help="Philox seed: sample i depends only on (seed, i) (default 0)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--eta", type=float, help="eta of ddim / euler_ancestral")
@@ -124,29 +160,39 @@ def add_sample(sub):
 
 def add_train_digits(sub):
     p = sub.add_parser("train-digits", help="train the small digits score model (sklearn digits, EDM preconditioning)")
-    p.add_argument("--steps", type=int, default=4000, help="optimiser steps (default 4000)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    p.add_argument("--out", default=None, help="weights path (default: the packaged thermosample/data/digits.safetensors)")
-    p.add_argument("--png", default="docs/digits.png", help="sample grid image ('' to skip)")
+    p.add_argument("--steps", type=_positive_int, default=4000, help="optimiser steps (default 4000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batches (default 0)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--out", default="digits.safetensors",
+                   help="weights path (default ./digits.safetensors; the shipped weights are never overwritten)")
+    p.add_argument("--png", default="digits.png", help="sample grid image (default ./digits.png; '' to skip)")
 
     def run(args):
         from . import digits
-        args.out = args.out or digits.WEIGHTS
+        if os.path.abspath(args.out) == os.path.abspath(digits.WEIGHTS):
+            raise ValueError(f"--out {args.out} is the shipped weights file, which stays read-only; pick another path")
         return digits.main(args)
     p.set_defaults(func=run)
 
 
 def add_schedule(sub):
     p = sub.add_parser("schedule", help="calibrate a time grid from a pilot run (ts.thermo_grid), save and print it")
-    p.add_argument("--model", default="mixture", choices=["mixture", "digits"],
-                   help="the embedded Gaussian-mixture oracle (CondOT) or the shipped digits model")
-    p.add_argument("--steps", type=_positive_int, default=10)
-    p.add_argument("--solver", default="dpmpp_2m", type=_solver)
-    p.add_argument("--method", default="error", choices=["error", "length", "blend"])
-    p.add_argument("--pilot-steps", type=_positive_int, default=24)
-    p.add_argument("--pilot-batch", type=_positive_int, default=32)
-    p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save)")
+    p.add_argument("--model", default="mixture", metavar="mixture|digits|MODULE:FACTORY",
+                   help="the embedded Gaussian-mixture oracle (default), the shipped digits model, or your factory "
+                        "returning a ts.Denoiser (module looked up from the current directory too)")
+    p.add_argument("--weights", metavar="PATH", help="weights for the factory")
+    p.add_argument("--factory-arg", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="keyword argument for the factory (VALUE parsed as JSON, else a string); repeatable")
+    p.add_argument("--shape", metavar="C,H,W", type=_shape,
+                   help="shape of one sample (default: the factory's sample_shape)")
+    p.add_argument("--steps", type=_positive_int, default=10, help="solver steps of the grid (default 10)")
+    p.add_argument("--solver", default="dpmpp_2m", type=_solver, help="the solver the grid is for (default dpmpp_2m)")
+    p.add_argument("--method", default=None, choices=["select", "error", "length", "blend"],
+                   help="calibration method (default: select for deterministic solvers, error for stochastic)")
+    p.add_argument("--pilot-steps", type=_positive_int, default=24, help="evaluations of the twin pilot (default 24)")
+    p.add_argument("--pilot-batch", type=_positive_int, default=32, help="pilot batch size (default 32)")
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="fused-op backend (default auto)")
+    p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save); pass it to `sample --grid`")
 
     def run(args):
         from . import schedule
@@ -162,11 +208,15 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:  # the benchmark parses its own options (see `thermosample bench --help`)
         from . import bench
         return int(bench.main(argv[1:]) or 0)
-    parser = _Parser(prog="thermosample", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="verb", required=True)
+    parser = _Parser(prog="thermosample", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .._version import __version__
+    parser.add_argument("--version", action="version", version=f"thermosample {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for add in VERBS:
         add(sub)
     args = parser.parse_args(argv)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # --model MODULE:FACTORY from the current directory
+        sys.path.insert(0, os.getcwd())
     from ..errors import NonFiniteError
     try:
         return int(args.func(args) or 0)

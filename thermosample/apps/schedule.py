@@ -1,4 +1,5 @@
-"""`thermosample schedule`: calibrate a time grid (ts.thermo_grid) for an embedded model, print and save it."""
+"""`thermosample schedule`: calibrate a time grid (ts.thermo_grid) for an embedded model or the user's own
+(`--model MODULE:FACTORY`), print it beside karras and save it for `thermosample sample --grid`."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,15 +14,24 @@ def main(args) -> int:
     if args.model == "digits":
         from . import digits
         den, shape = digits.load_denoiser(), digits.SHAPE
-    else:
+    elif args.model == "mixture":
         mix = toy.default_mixture()
         den, shape = mix.denoiser("condot"), (mix.dim,)
-    g = thermo_grid(den, args.steps, solver=args.solver, method=args.method, pilot_steps=args.pilot_steps,
-                    pilot_batch=args.pilot_batch, sample_shape=shape)
+    else:
+        from ..bulk import build_denoiser
+        den = build_denoiser(args.model, getattr(args, "weights", None), **dict(getattr(args, "factory_arg", [])))
+        shape = getattr(args, "shape", None) or getattr(den, "sample_shape", None)
+        if shape is None:
+            raise ValueError("pass --shape C,H,W (the shape of one sample): the factory's denoiser has no sample_shape")
+    g = thermo_grid(den, args.steps, solver=args.solver, method=getattr(args, "method", None),
+                    pilot_steps=args.pilot_steps, pilot_batch=args.pilot_batch, sample_shape=tuple(shape),
+                    backend=getattr(args, "backend", "auto"))
     sch = den.schedule
     k = np.append(grids.karras(args.steps, sch.sigma_min, sch.sigma_max), 0.0)
-    print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {args.solver}, method {args.method}; "
-          f"pilot: {g.meta['pilot_nfe']} evaluations on a batch of {args.pilot_batch}")
+    chosen = f" (chose {g.meta['chosen']})" if "chosen" in g.meta else ""
+    print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {args.solver}, method "
+          f"{g.meta['method']}{chosen}; calibration: {g.meta['calibration_nfe']} model evaluations on a batch of "
+          f"{args.pilot_batch}")
     print(f"{'i':>3} {'sigma (calibrated)':>19} {'t':>9} {'sigma (karras)':>15}")
     for i, (a, b) in enumerate(zip(np.asarray(g), k)):
         t = float(sch.sigma_to_t(a)) if a > 0 else 0.0
