@@ -233,7 +233,10 @@ void dispatch_inputs(const StepArgs& a) {
     case 2: return dispatch_flags<Code, 2>(a);
     case 3: return dispatch_flags<Code, 3>(a);
     case 4: return dispatch_flags<Code, 4>(a);
+    case 5: return dispatch_flags<Code, 5>(a);
+    case 6: return dispatch_flags<Code, 6>(a);
   }
+  static_assert(kMaxInputs == 6, "dispatch_inputs must list every input count up to kMaxInputs");
 }
 
 }  // namespace

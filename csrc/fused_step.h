@@ -8,11 +8,11 @@ namespace thermosample {
 // Storage dtype codes, shared with thermosample/_cpp.py.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-constexpr int kMaxInputs = 4;
+constexpr int kMaxInputs = 6;
 
 struct StepArgs {
-  const void* inputs[kMaxInputs] = {nullptr, nullptr, nullptr, nullptr};  // each [batch, numel], contiguous
-  double coeffs[kMaxInputs] = {0, 0, 0, 0};
+  const void* inputs[kMaxInputs] = {};  // each [batch, numel], contiguous (unused slots null)
+  double coeffs[kMaxInputs] = {};
   int n_inputs = 0;
   void* out = nullptr;         // [batch, numel]; may equal one of `inputs` exactly (in-place)
   float* rate = nullptr;       // [batch]

@@ -26,7 +26,8 @@ void fused_step_py(const std::vector<uintptr_t>& inputs, const std::vector<doubl
                    uint32_t step, uint32_t sample_offset, bool track, double alpha, double beta, int u, int d,
                    int num_threads) {
   if (inputs.empty() || inputs.size() > size_t(ts::kMaxInputs) || coeffs.size() != inputs.size())
-    throw std::invalid_argument("fused_step: need 1 to 4 inputs and one coefficient per input");
+    throw std::invalid_argument("fused_step: need 1 to " + std::to_string(ts::kMaxInputs) +
+                                " inputs and one coefficient per input");
   if (dtype < ts::kFloat32 || dtype > ts::kBFloat16) throw std::invalid_argument("fused_step: bad dtype code");
   if (batch < 0 || numel < 0) throw std::invalid_argument("fused_step: negative size");
   if (track && (u < 0 || d < 0 || u >= int(inputs.size()) || d >= int(inputs.size())))

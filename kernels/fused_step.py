@@ -40,7 +40,7 @@ def _coeff(bits, COMPUTE_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _pick(K: tl.constexpr, x0, x1, x2, x3):
+def _pick(K: tl.constexpr, x0, x1, x2, x3, x4, x5):
     # inputs[K] for a compile-time K (the solver names which inputs hold x_hat and D)
     if K == 1:
         return x1
@@ -48,6 +48,10 @@ def _pick(K: tl.constexpr, x0, x1, x2, x3):
         return x2
     if K == 3:
         return x3
+    if K == 4:
+        return x4
+    if K == 5:
+        return x5
     return x0
 
 
@@ -61,10 +65,10 @@ def _box_muller(a, c):
     return radius * tl.cos(theta), radius * tl.sin(theta)
 
 
-@triton.jit(do_not_specialize=["c0", "c1", "c2", "c3", "noise", "alpha", "beta", "seed", "step",
+@triton.jit(do_not_specialize=["c0", "c1", "c2", "c3", "c4", "c5", "noise", "alpha", "beta", "seed", "step",
                                "sample_offset"])
-def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
-                       c0, c1, c2, c3, noise, alpha, beta,
+def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, x5_ptr, out_ptr, partial_ptr,
+                       c0, c1, c2, c3, c4, c5, noise, alpha, beta,
                        seed, step, sample_offset, numel, n_blocks,
                        N_INPUTS: tl.constexpr, HAS_NOISE: tl.constexpr, TRACK: tl.constexpr,
                        U: tl.constexpr, D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
@@ -80,6 +84,8 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
     x1 = x0
     x2 = x0
     x3 = x0
+    x4 = x0
+    x5 = x0
     if N_INPUTS > 1:
         x1 = tl.load(x1_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         acc += _coeff(c1, COMPUTE_DTYPE) * x1
@@ -89,6 +95,12 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
     if N_INPUTS > 3:
         x3 = tl.load(x3_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
         acc += _coeff(c3, COMPUTE_DTYPE) * x3
+    if N_INPUTS > 4:
+        x4 = tl.load(x4_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        acc += _coeff(c4, COMPUTE_DTYPE) * x4
+    if N_INPUTS > 5:
+        x5 = tl.load(x5_ptr + offs, mask=mask, other=0.0).to(COMPUTE_DTYPE)
+        acc += _coeff(c5, COMPUTE_DTYPE) * x5
 
     # + noise * z, z from Philox4x32-10 with counter (e >> 2, sample_offset + b, step, 0), key = seed.
     # One Philox call yields the normals of 4 consecutive elements (two Box-Muller pairs), so the block
@@ -111,7 +123,8 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, out_ptr, partial_ptr,
     # the rate (an fp16/bf16 value that overflows to inf on the store included)
     probe = stored.to(COMPUTE_DTYPE) * 0.0
     if TRACK:
-        v = _coeff(alpha, COMPUTE_DTYPE) * _pick(U, x0, x1, x2, x3) + _coeff(beta, COMPUTE_DTYPE) * _pick(D, x0, x1, x2, x3)
+        v = (_coeff(alpha, COMPUTE_DTYPE) * _pick(U, x0, x1, x2, x3, x4, x5)
+             + _coeff(beta, COMPUTE_DTYPE) * _pick(D, x0, x1, x2, x3, x4, x5))
         probe += v * v
     probe = tl.where(mask, probe, 0.0)
     tl.store(partial_ptr + pid_b * n_blocks + pid_n, tl.sum(probe, axis=0))
@@ -132,6 +145,7 @@ def _sum_partials_kernel(partial_ptr, rate_ptr, n_blocks, PBLOCK: tl.constexpr):
 
 
 _PBLOCK = 128                # lanes of _sum_partials_kernel
+_MAX_INPUTS = 6              # pointer and coefficient slots of _fused_step_kernel (ops.MAX_INPUTS)
 
 
 def _block_size(numel: int) -> tuple[int, int]:
@@ -152,7 +166,7 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     """One fused solver step in Triton; same contract as _reference.fused_step_reference.
 
     Args:
-        inputs: 1-4 contiguous tensors [B, ...] of one shape, dtype and device (validated by ops.py).
+        inputs: 1-6 contiguous tensors [B, ...] of one shape, dtype and device (validated by ops.py).
         coeffs: one Python float per input.
         noise: coefficient of the in-kernel Philox normal noise (0 draws none).
         seed, step, sample_offset: Philox stream key (seed < 2**64) and counters.
@@ -180,15 +194,15 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
                           device=x0.device)
     # The kernel indexes flat contiguous memory, so the tensors go in as they are (no reshape): the
     # launch costs host time that small states (a latent of a few hundred KB) are bound by.
-    ptrs = list(inputs) + [x0] * (4 - len(inputs))     # unused pointers: never loaded
-    c = [_bits(v) for v in coeffs] + [0] * (4 - len(coeffs))
+    ptrs = list(inputs) + [x0] * (_MAX_INPUTS - len(inputs))     # unused pointers: never loaded
+    c = [_bits(v) for v in coeffs] + [0] * (_MAX_INPUTS - len(coeffs))
     has_noise = float(noise) != 0.0
     for b0 in range(0, batch, _MAX_GRID_Y):
         b1 = min(batch, b0 + _MAX_GRID_Y)
         chunk = (lambda t: t) if batch <= _MAX_GRID_Y else (lambda t, b0=b0, b1=b1: t[b0:b1])
         _fused_step_kernel[(n_blocks, b1 - b0)](
             *(chunk(t) for t in ptrs), chunk(out), chunk(partial),
-            c[0], c[1], c[2], c[3], _bits(noise), _bits(alpha), _bits(beta),
+            *c, _bits(noise), _bits(alpha), _bits(beta),
             seed, step, sample_offset + b0, numel, n_blocks,
             N_INPUTS=len(inputs), HAS_NOISE=has_noise, TRACK=bool(track),
             U=int(u) if track else 0, D=int(d) if track else 0,

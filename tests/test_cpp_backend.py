@@ -18,9 +18,10 @@ if not _cpp.available():
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(b, n) for b in (1, 7, 64) for n in (1, 7, 1023, 4099)] + [(b, 3, 5, 7) for b in (1, 7, 64)]
-COEFFS = [0.7, -1.3, 0.45, 2.1]
+COEFFS = [0.7, -1.3, 0.45, 2.1, -0.35, 1.0 / 3.0]          # one per input, up to ops.MAX_INPUTS (6)
 # (n_inputs, track, noise, u, d)
-FLAGS = [(n, track, noise, n - 1, 0) for n in (1, 2, 3, 4) for track in (False, True) for noise in (0.0, 0.6)]
+FLAGS = [(n, track, noise, n - 1, 0) for n in (1, 2, 3, 4, 5, 6) for track in (False, True) for noise in (0.0, 0.6)]
+FLAGS += [(n, True, noise, 4, n - 1) for n in (5, 6) for noise in (0.0, 0.6)]   # the new slots as u and as d
 
 
 def make_inputs(shape, dtype, n, seed=0):
@@ -79,7 +80,7 @@ def test_matches_reference(dtype, shape, flags, poisoned):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
 def test_in_place_aliasing_an_input(dtype, n):
     for k in range(n):
         inputs = make_inputs((7, 4099), dtype, n, seed=k)

@@ -253,3 +253,60 @@ def test_neg_view_through_ops_dispatch_in_place():
     out, rate = ops.fused_step([x, d], [1.0, 0.5], track=True, alpha=1.0, beta=-1.0, u=0, d=1, backend="cpp")
     torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(rate, want_rate, rtol=1e-6, atol=0)
+
+
+# ---- issue 12: the op takes up to ops.MAX_INPUTS = 6 inputs on every backend ----------------------------
+
+def test_max_inputs_is_six_everywhere():
+    assert ops.MAX_INPUTS == 6
+    if HAVE_TRITON:
+        assert _triton_module()._MAX_INPUTS == ops.MAX_INPUTS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_six_inputs_match_the_reference_and_seven_are_refused(backend):
+    step = _step(backend)
+    g = torch.Generator().manual_seed(12)
+    xs = [torch.randn(3, 5, 7, generator=g, dtype=torch.float64).to(_dev(backend)) for _ in range(6)]
+    coeffs = [0.5, -1.25, 0.75, 2.0, -0.375, 1.0 / 3.0]
+    kw = dict(noise=0.25, seed=21, step=3, track=True, alpha=0.6, beta=-0.4, u=4, d=5)
+    out, rate = step(xs, coeffs, out=torch.full_like(xs[0], math.nan), **kw)
+    want, want_rate = _reference.fused_step_reference([x.cpu() for x in xs], coeffs, **kw)
+    exact = sum(c * x.cpu() for c, x in zip(coeffs, xs))
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-12, atol=1e-6)          # z: float32 on every backend
+    assert ((out.cpu() - exact) / 0.25).abs().max() < 6                          # the noise is a standard normal
+    torch.testing.assert_close(rate.cpu(), want_rate, rtol=1e-6, atol=0)
+    exact_rate = ((0.6 * xs[4].cpu() - 0.4 * xs[5].cpu()) ** 2).reshape(3, -1).sum(1).float()
+    torch.testing.assert_close(rate.cpu(), exact_rate, rtol=1e-6, atol=0)
+    if backend != "triton":                                      # ops dispatch refuses 7 before any kernel
+        with pytest.raises(ValueError, match="1 to 6"):
+            ops.fused_step(xs + [xs[0]], coeffs + [1.0], backend=backend)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="thermosample._C is not built")
+def test_raw_entry_refuses_seven_inputs():
+    x, out, rate = torch.ones(2, 8), torch.empty(2, 8), torch.empty(2)
+    args = _raw_args(x.data_ptr(), out.data_ptr(), rate.data_ptr())
+    args.update(inputs=[x.data_ptr()] * 7, coeffs=[1.0] * 7)
+    with pytest.raises(ValueError, match="1 to 6 inputs"):
+        _cpp._C.fused_step(**args)
+    args.update(inputs=[x.data_ptr()] * 6, coeffs=[1.0] * 6)
+    _cpp._C.fused_step(**args)
+    assert torch.equal(out, torch.full((2, 8), 6.0))
+
+
+def test_six_inputs_through_the_library_op():
+    from thermosample.ops.library import fused_step_op
+    g = torch.Generator().manual_seed(13)
+    xs = [torch.randn(2, 9, generator=g) for _ in range(6)]
+    coeffs = [1.0, -0.5, 0.25, -0.125, 0.0625, -0.03125]
+    want, want_rate = _reference.fused_step_reference(xs, coeffs, track=True, alpha=1.0, beta=0.5, u=5, d=3)
+    xs_in = [x.clone() for x in xs]
+    out, rate = fused_step_op(xs_in, coeffs, track=True, alpha=1.0, beta=0.5, u=5, d=3, out=xs_in[5],
+                              backend="torch")
+    assert out is xs_in[5]
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(rate, want_rate, rtol=0, atol=0)
+    compiled_in = [x.clone() for x in xs]
+    out2, rate2 = torch.ops.thermosample.fused_step(compiled_in, coeffs, 0.0, 0, 0, 0, True, 1.0, 0.5, 5, 3, "torch")
+    assert torch.equal(out2, want) and torch.equal(rate2, want_rate)

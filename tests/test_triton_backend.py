@@ -34,7 +34,7 @@ def _load_kernels():
 fs = _load_kernels()
 
 SHAPES = [(1, 1), (7, 1), (1, 7), (7, 7), (7, 1023), (1, 257), (3, 4099), (7, 3, 5, 7), (2, 3, 9, 11)]
-COEFFS = [0.75, -1.0 / 3.0, 2.5, -0.125]
+COEFFS = [0.75, -1.0 / 3.0, 2.5, -0.125, 1.0 / 7.0, -0.6]     # one per input, up to 6 (ops.MAX_INPUTS)
 KW = dict(seed=0x1234_5678_9ABC, step=11, sample_offset=5, alpha=0.3, beta=-1.1)
 
 
@@ -47,7 +47,8 @@ def _inputs(shape, dtype, n, gen):
 
 
 def _kwargs(n, track, noise):
-    return dict(KW, noise=0.7 if noise else 0.0, track=track, u=0, d=n - 1)
+    # 5 and 6 inputs track the new slots (u = n - 2, d = n - 1: x3/x4 and x4/x5 through _pick)
+    return dict(KW, noise=0.7 if noise else 0.0, track=track, u=0 if n <= 4 else n - 2, d=n - 1)
 
 
 def _magnitude(xs, coeffs, noise, z):
@@ -66,7 +67,7 @@ def _noise_like(x, kw):
 
 @pytest.mark.parametrize("noise", [False, True], ids=["ode", "noise"])
 @pytest.mark.parametrize("track", [False, True], ids=["notrack", "track"])
-@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_matches_reference_full_precision(dtype, shape, n, track, noise, poisoned):
@@ -90,7 +91,7 @@ def test_matches_reference_full_precision(dtype, shape, n, track, noise, poisone
 
 
 @pytest.mark.parametrize("noise", [False, True], ids=["ode", "noise"])
-@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 6])
 @pytest.mark.parametrize("shape", [(1, 1), (7, 7), (7, 1023), (1, 257), (3, 4099), (7, 3, 5, 7)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_error_bounded_by_torch(dtype, shape, n, noise, poisoned):
@@ -149,14 +150,14 @@ def test_sample_noise_independent_of_batch():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-@pytest.mark.parametrize("k", [0, 1, 2])
-def test_in_place_out_aliasing_an_input(dtype, k):
+@pytest.mark.parametrize("n,k", [(3, 0), (3, 1), (3, 2), (6, 4), (6, 5)])
+def test_in_place_out_aliasing_an_input(dtype, n, k):
     gen = torch.Generator().manual_seed(k)
-    xs = _inputs((7, 2, 257), dtype, 3, gen)
-    kw = _kwargs(3, True, True)
-    ref, ref_rate = _reference.fused_step_reference([x.clone() for x in xs], COEFFS[:3], **kw)
+    xs = _inputs((7, 2, 257), dtype, n, gen)
+    kw = _kwargs(n, True, True)
+    ref, ref_rate = _reference.fused_step_reference([x.clone() for x in xs], COEFFS[:n], **kw)
     target = xs[k]
-    out, rate = fs.fused_step(xs, COEFFS[:3], out=target, **kw)
+    out, rate = fs.fused_step(xs, COEFFS[:n], out=target, **kw)
     assert out.data_ptr() == target.data_ptr()
     noisy = kw["noise"] * _noise_like(xs[0], kw).abs().clamp_min(1.0).reshape(ref.shape)
     tol = 4 * torch.finfo(dtype).eps * (ref.double().abs() + 1) + 4 * EPS32 * noisy

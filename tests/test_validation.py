@@ -138,7 +138,7 @@ CASES = [
     # --- the fused op (the C++ / Triton boundary) ------------------------------------------------------
     ("op-inputs-tensor", lambda: ops.fused_step(X, [1.0]), TypeError, "inputs"),
     ("op-inputs-empty", lambda: ops.fused_step([], []), ValueError, "inputs"),
-    ("op-too-many-inputs", lambda: ops.fused_step([X] * 5, [1.0] * 5), ValueError, "inputs"),
+    ("op-too-many-inputs", lambda: ops.fused_step([X] * 7, [1.0] * 7), ValueError, "inputs"),
     ("op-int-input", lambda: ops.fused_step([X.long()], [1.0]), TypeError, "dtype"),
     ("op-mixed-dtype", lambda: ops.fused_step([X, X.double()], [1.0, 1.0]), ValueError, "inputs[1]"),
     ("op-shape-mismatch", lambda: ops.fused_step([X, X[:2]], [1.0, 1.0]), ValueError, "inputs[1]"),

@@ -223,6 +223,222 @@ def dpmpp_2m_sde(run, x, sigmas, eta=1.0, s_noise=1.0, solver_type="midpoint"):
 
 
 # --------------------------------------------------------------------------------------------------
+# Third-order and predictor-corrector multistep solvers (issue 12): UniPC, DPM-Solver++(3M), iPNDM, DEIS.
+# Each step is one fused update (iPNDM's 4th order: two) over the state and the kept model outputs.
+# --------------------------------------------------------------------------------------------------
+def _check_order(name, value, low, high):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
+    return int(value)
+
+
+def unipc_rhos(h, rks, variant, corrector):
+    """(B(h), rhos) of a UniPC step of order p = len(rks) (Zhao et al. 2023, Alg. 2/3; data prediction):
+    rks are the ratios (lambda_k - lambda_0) / h of the kept outputs, ending with 1; B(h) = h' (bh1) or
+    expm1(h') (bh2) with h' = -h. The predictor UniP-p solves the (p-1) x (p-1) system (rho = 1/2 at
+    p = 2), the corrector UniC-p the p x p one (rho = 1/2 at p = 1), as diffusers' UniPCMultistepScheduler."""
+    hh = -h
+    h_phi_k = math.expm1(hh) / hh - 1.0
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    p = len(rks)
+    b, factorial = [], 1
+    for k in range(1, p + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    R = np.array([[r ** k for r in rks] for k in range(p)], dtype=np.float64)
+    if corrector:
+        rhos = [0.5] if p == 1 else list(np.linalg.solve(R, np.array(b)))
+    else:
+        rhos = [] if p == 1 else [0.5] if p == 2 else list(np.linalg.solve(R[:-1, :-1], np.array(b[:-1])))
+    return b_h, [float(r) for r in rhos]
+
+
+def unipc(run, x, sigmas, order=2, variant="bh2"):
+    """UniPC (Zhao et al. 2023), data prediction, B(h) variant "bh1" or "bh2", as diffusers'
+    UniPCMultistepScheduler(solver_order=order, solver_type=variant, lower_order_final=True): UniP-p
+    multistep predictor in lambda = -log sigma with lower-order warm start and a first-order last step,
+    and the UniC corrector, which refines the state at sigma_i with the model output at sigma_i (no extra
+    evaluation).
+
+    The corrected state x_c_i = x_i + Delta_i, where x_i is the predicted state the model was evaluated at
+    and Delta_i is a combination of the kept model outputs (the corrector and the predictor that made x_i
+    share the r x and (1 - r) D terms). So one fused update per step takes x_i to x_{i+1} = UniP(x_c_i)
+    over x_i and up to four outputs, and tracks the evaluation (x_i, D_i); x_c_i is never stored."""
+    order = _check_order("order", order, 1, 3)
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    n = len(sigmas) - 1
+    outs = []                # model outputs, newest first
+    p_prev = None            # order of the previous predictor (the corrector's order, as diffusers)
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = run.denoise(x, s)
+        run.callback(i, x, s, s, denoised)
+        outs = ([denoised] + outs)[:order + 1]
+        coeffs = {"x": 1.0}  # over x (the evaluated state) and outs[age]
+        if p_prev is not None:  # UniC: x_c = x + Delta, redoing the step sigmas[i - 1] -> s just taken
+            p_c = p_prev
+            h = math.log(sigmas[i - 1] / s)
+            rks = [math.log(sigmas[i - 1] / sigmas[i - 1 - k]) / h for k in range(1, p_c)] + [1.0]
+            b_h, rho_c = unipc_rhos(h, rks, variant, corrector=True)
+            _, rho_p = unipc_rhos(h, rks, variant, corrector=False)
+            # Delta = -B_h [sum_k (rho_c[k] - rho_p[k]) (D_{age k+1} - D_{age 1}) / rk + rho_c[-1] (D_0 - D_1)]
+            for k in range(1, p_c):
+                w = -b_h * (rho_c[k - 1] - rho_p[k - 1]) / rks[k - 1]
+                coeffs[k + 1] = coeffs.get(k + 1, 0.0) + w
+                coeffs[1] = coeffs.get(1, 0.0) - w
+            coeffs[0] = coeffs.get(0, 0.0) - b_h * rho_c[-1]
+            coeffs[1] = coeffs.get(1, 0.0) + b_h * rho_c[-1]
+        # UniP-p from x_c to s_next (lower-order warm start and last step, as diffusers)
+        p = min(order, n - i, i + 1)
+        r = s_next / s
+        step = {key: r * c for key, c in coeffs.items()}
+        step[0] = step.get(0, 0.0) + (1.0 - r)
+        if p > 1:
+            h = math.log(s / s_next)
+            rks = [math.log(s / sigmas[i - k]) / h for k in range(1, p)] + [1.0]
+            b_h, rho_p = unipc_rhos(h, rks, variant, corrector=False)
+            for k in range(1, p):
+                w = -b_h * rho_p[k - 1] / rks[k - 1]
+                step[k] = step.get(k, 0.0) + w
+                step[0] -= w
+        ages = sorted(key for key in step if key != "x")
+        x = run.update([x] + [outs[a] for a in ages], [step["x"]] + [step[a] for a in ages], i, track_sigma=s,
+                       u=0, d=1 + ages.index(0))
+        p_prev = p
+    return x
+
+
+def dpmpp_3m_sde(run, x, sigmas, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde; Lu et al. 2022): third-order multistep in
+    h = log(sigma / sigma_next) with data prediction, 1st then 2nd order to warm up, x = D on the step to 0;
+    eta > 0 adds sigma_next sqrt(1 - exp(-2 eta h)) s_noise fresh noise per step (in-kernel Philox, or
+    noise_sampler(sigma, sigma_next) when given)."""
+    old, h_old = [], []  # the previous model outputs and step sizes, newest first
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = run.denoise(x, s)
+        run.callback(i, x, s, s, denoised)
+        if s_next == 0:  # final denoising step
+            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s)
+        else:
+            h = math.log(s / s_next)
+            he = h * (eta + 1.0)
+            inputs, coeffs = [x, denoised], [math.exp(-he), -math.expm1(-he)]
+            phi_2 = math.expm1(-he) / he + 1.0
+            if len(old) >= 2:
+                r0, r1 = h_old[0] / h, h_old[1] / h
+                # x += phi_2 d1 - phi_3 d2, d1 = d10 + (d10 - d11) r0 / (r0 + r1), d2 = (d10 - d11) / (r0 + r1),
+                # d10 = (D - D1) / r0, d11 = (D1 - D2) / r1
+                phi_3 = phi_2 / he - 0.5
+                a = phi_2 * (1.0 + r0 / (r0 + r1)) - phi_3 / (r0 + r1)   # on d10
+                b = -phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1)          # on d11
+                inputs += [old[0], old[1]]
+                coeffs = [coeffs[0], coeffs[1] + a / r0, -a / r0 + b / r1, -b / r1]
+            elif old:
+                r = h_old[0] / h
+                inputs += [old[0]]
+                coeffs = [coeffs[0], coeffs[1] + phi_2 / r, -phi_2 / r]
+            noise = s_next * math.sqrt(-math.expm1(-2.0 * h * eta)) * s_noise if eta else 0.0
+            x = run.update(inputs, coeffs, i, noise=noise, noise_sigmas=(s, s_next), track_sigma=s)
+            h_old = [h] + h_old[:1]
+        old = [denoised] + old[:1]
+    return x
+
+
+def dpmpp_3m(run, x, sigmas):
+    """DPM-Solver++(3M), deterministic (Lu et al. 2022): dpmpp_3m_sde with eta = 0, the same numbers as
+    diffusers' DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3,
+    solver_type="heun", lower_order_final=False)."""
+    return dpmpp_3m_sde(run, x, sigmas, eta=0.0, s_noise=1.0)
+
+
+IPNDM_COEFFS = ((1.0,), (3.0 / 2.0, -1.0 / 2.0), (23.0 / 12.0, -16.0 / 12.0, 5.0 / 12.0),
+                (55.0 / 24.0, -59.0 / 24.0, 37.0 / 24.0, -9.0 / 24.0))
+
+
+def ipndm(run, x, sigmas, max_order=4):
+    """Improved PNDM (Zhang & Chen 2023, iPNDM; Chen et al.'s diff-sampler): Adams-Bashforth on
+    dx/dsigma = (x - D) / sigma with the fixed coefficients of equal steps, order min(max_order, i + 1)
+    (lower-order warm start), x = D on the step to 0. Orders 1-3 are one fused update over the kept
+    (x, D) pairs; order 4 reads eight tensors, so the oldest derivative goes in a second pass."""
+    max_order = _check_order("max_order", max_order, 1, 4)
+    kept = []  # (x_j, D_j, sigma_j), newest first
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = run.denoise(x, s)
+        run.callback(i, x, s, s, denoised)
+        kept = ([(x, denoised, s)] + kept)[:max_order]
+        if s_next == 0:
+            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s)
+            continue
+        inputs, coeffs = [], []
+        for c, (x_j, d_j, s_j) in zip(IPNDM_COEFFS[len(kept) - 1], kept):
+            w = (s_next - s) * c / s_j  # x' = x + (s_next - s) sum_j c_j (x_j - D_j) / s_j
+            inputs += [x_j, d_j]
+            coeffs += [w, -w]
+        coeffs[0] += 1.0
+        new = run.update(inputs[:6], coeffs[:6], i, track_sigma=s)
+        if len(inputs) > 6:
+            new = run.update([new] + inputs[6:], [1.0] + coeffs[6:], i)
+        x = new
+    return x
+
+
+def deis_coeffs(nodes, s_next):
+    """DEIS tAB coefficients (Zhang & Chen 2023, "logrho"): c_j = integral from nodes[0] to s_next of the
+    Lagrange basis polynomial j in log(rho) through log(nodes), d rho; x' = x + sum_j c_j eps_j.
+
+    With v = log(rho / nodes[0]), rho = nodes[0] e^v, and integral of P(v) e^v dv = e^v sum_m (-1)^m P^(m)(v)."""
+    v = [math.log(s / nodes[0]) for s in nodes]
+    end = math.log(s_next / nodes[0])
+    out = []
+    for j in range(len(nodes)):
+        poly = np.poly1d([1.0])
+        for k in range(len(nodes)):
+            if k != j:
+                poly = poly * np.poly1d([1.0, -v[k]]) / (v[j] - v[k])
+        anti, term, sign = np.poly1d([0.0]), poly, 1.0
+        while True:
+            anti = anti + sign * term
+            if term.order == 0:
+                break
+            term, sign = term.deriv(), -sign
+        out.append(nodes[0] * (math.exp(end) * float(anti(end)) - float(anti(0.0))))
+    return out
+
+
+def deis(run, x, sigmas, order=3):
+    """DEIS tAB (Zhang & Chen 2023), as diffusers' DEISMultistepScheduler(solver_order=order,
+    algorithm_type="deis"): x_hat' = x_hat + sum_j c_j eps_j with eps_j = (x_j - D_j) / sigma_j, the
+    outputs extrapolated by a Lagrange polynomial in log sigma (deis_coeffs); lower-order warm start, and
+    (as diffusers) 1st/2nd order on the last two steps of a run of fewer than 15 steps; x = D on a step
+    to 0. One fused update over up to three (x, D) pairs."""
+    order = _check_order("order", order, 1, 3)
+    n = len(sigmas) - 1
+    kept = []  # (x_j, D_j, sigma_j), newest first
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = run.denoise(x, s)
+        run.callback(i, x, s, s, denoised)
+        kept = ([(x, denoised, s)] + kept)[:order]
+        if s_next == 0:
+            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s)
+            continue
+        p = len(kept)
+        if n < 15:
+            p = min(p, n - i)  # 2 on the last but one step, 1 on the last
+        inputs, coeffs = [], []
+        for c, (x_j, d_j, s_j) in zip(deis_coeffs([k[2] for k in kept[:p]], s_next), kept):
+            inputs += [x_j, d_j]
+            coeffs += [c / s_j, -c / s_j]
+        coeffs[0] += 1.0
+        x = run.update(inputs, coeffs, i, track_sigma=s)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
 # The solver table
 # --------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -269,6 +485,12 @@ SOLVERS: dict[str, Solver] = {
     "heun": Solver(heun, order=2, evals_per_step=2, noise="churn"),
     "dpm_2": Solver(dpm_2, order=2, evals_per_step=2, noise="churn"),
     "dpmpp_2m": Solver(dpmpp_2m, order=2),
+    "unipc": Solver(unipc, order=3),                     # default order=2: UniP-2 + UniC-2, 3rd order
+    # The peers' 3M formula is 2nd order: its D2 is h^2 D''/2 where phi_3 needs h^2 D'' (order tests)
+    "dpmpp_3m": Solver(dpmpp_3m, order=2),
+    "dpmpp_3m_sde": Solver(dpmpp_3m_sde, order=2, noise="eta"),
+    "ipndm": Solver(ipndm, order=4),
+    "deis": Solver(deis, order=3),
     "lms": Solver(lms, order=4),
     "ddim": Solver(ddim, order=1, noise="eta"),
     "euler_ancestral": Solver(euler_ancestral, order=1, noise="eta"),
@@ -302,3 +524,146 @@ def injects_noise(solver: str, options: dict) -> bool:
 def evaluations(solver: str, steps: int, sigmas_end_in_zero: bool = True) -> int:
     """Model evaluations (NFE) a solver spends on `steps` steps."""
     return SOLVERS[solver].evaluations(steps, sigmas_end_in_zero)
+
+
+# --------------------------------------------------------------------------------------------------
+# k-diffusion's remaining ancestral / SDE solvers (issue 12 item 1, issue 14 item 1). Their rows are added
+# to SOLVERS at the end of this file (a row must follow the function it names).
+# --------------------------------------------------------------------------------------------------
+def dpm_2_ancestral(run, x, sigmas, eta=1.0, s_noise=1.0):
+    """DPM-Solver-2 ancestral (k-diffusion's sample_dpm_2_ancestral): a DPM-Solver-2 step (Lu et al. 2022)
+    from sigma to sigma_down through the geometric midpoint, then sigma_up fresh noise. A step whose
+    sigma_down is 0 is a single Euler step to D and, as in k-diffusion, adds no noise."""
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = run.denoise(x, s)
+        run.callback(i, x, s, s, denoised)
+        down, up = ancestral_step(s, s_next, eta)
+        if down == 0:  # Euler to sigma_down = 0: x + (0 - s) (x - D) / s = D
+            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s)
+            continue
+        s_mid = math.exp(0.5 * (math.log(s) + math.log(down)))
+        r = s_mid / s
+        x_mid = run.update([x, denoised], [r, 1.0 - r], i, track_sigma=s)
+        denoised_mid = run.denoise(x_mid, s_mid)
+        c = (down - s) / s_mid  # x + (sigma_down - s) (x_mid - D_mid) / s_mid, then + sigma_up z
+        x = run.update([x, x_mid, denoised_mid], [1.0, c, -c], i, noise=s_noise * up, noise_sigmas=(s, s_next),
+                       track_sigma=s_mid, u=1, d=2)
+    return x
+
+
+def dpmpp_2s_ancestral(run, x, sigmas, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(2S) ancestral (k-diffusion's sample_dpmpp_2s_ancestral; Lu et al. 2022): a
+    single-step 2nd-order data-prediction step in log sigma from sigma to sigma_down (midpoint
+    r = 1/2), then sigma_up fresh noise (none on the step to 0)."""
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = run.denoise(x, s)
+        run.callback(i, x, s, s, denoised)
+        down, up = ancestral_step(s, s_next, eta)
+        noise = s_noise * up if s_next > 0 else 0.0
+        if down == 0:  # Euler to sigma_down = 0 (x = D), then the noise
+            x = run.update([x, denoised], [0.0, 1.0], i, noise=noise, noise_sigmas=(s, s_next), track_sigma=s)
+            continue
+        h = math.log(s / down)                  # t_next - t with t = -log sigma
+        s_mid = s * math.exp(-0.5 * h)          # sigma at t + h / 2
+        x_mid = run.update([x, denoised], [math.exp(-0.5 * h), -math.expm1(-0.5 * h)], i, track_sigma=s)
+        denoised_mid = run.denoise(x_mid, s_mid)
+        # x' = (sigma_down / s) x - expm1(-h) D_mid (+ noise); x_mid (coefficient 0) is read for the rate.
+        x = run.update([x, x_mid, denoised_mid], [down / s, 0.0, -math.expm1(-h)], i, noise=noise,
+                       noise_sigmas=(s, s_next), track_sigma=s_mid, u=1, d=2)
+    return x
+
+
+def _splitmix64(v: int) -> int:
+    """SplitMix64's finaliser (Steele et al. 2014): a well-mixed 64-bit key derived from v."""
+    m = 0xFFFFFFFFFFFFFFFF
+    z = (v + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def _update_second_stream(run, *args, **kwargs):
+    """run.update drawing its in-kernel noise from the run's second Philox stream, keyed by
+    (splitmix64(seed), sample, step, element) instead of (seed, ...): a step that needs two independent
+    noise draws (dpmpp_sde) takes the second one from here. Deterministic in (seed, sample, step), so
+    batch-, backend- and graph-independent like the first stream."""
+    seed = run.seed
+    run.seed = _splitmix64(seed)
+    try:
+        return run.update(*args, **kwargs)
+    finally:
+        run.seed = seed
+
+
+def dpmpp_sde_sigma_mid(s: float, s_next: float, r: float) -> float:
+    """dpmpp_sde's intermediate noise level sigma^(1 - r) sigma_next^r (at t + r h, t = -log sigma)."""
+    return s * math.exp(-r * math.log(s / s_next))
+
+
+def dpmpp_sde(run, x, sigmas, eta=1.0, s_noise=1.0, r=0.5):
+    """DPM-Solver++ SDE (k-diffusion's sample_dpmpp_sde; Lu et al. 2022): per step an ancestral
+    data-prediction step to the intermediate sigma_s = sigma^(1-r) sigma_next^r, a second evaluation there,
+    and an ancestral step to sigma_next with D_d = (1 - 1/(2r)) D + 1/(2r) D_s; Euler on the step to 0.
+
+    Noise: with a noise_sampler, exactly k-diffusion's calls (sigma, sigma_s) then (sigma, sigma_next).
+    Without one, the in-kernel Philox stream with the joint law of k-diffusion's default Brownian tree
+    (transform sigma -> sigma): the two normalised increments of a step, over [sigma_s, sigma] and
+    [sigma_next, sigma], are standard normals with correlation rho = sqrt((sigma - sigma_s) /
+    (sigma - sigma_next)); the second is rho z_1 + sqrt(1 - rho^2) z', with z_1 read back from the
+    intermediate state and z' from the run's second Philox stream. Steps are independent, as the tree's
+    increments over disjoint intervals are."""
+    if isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not 0 < r <= 1:
+        raise ValueError(f"r must be a number in (0, 1], got {r!r}")
+    r = float(r)
+    fac = 1.0 / (2.0 * r)
+    for i in run.steps():
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = run.denoise(x, s)
+        run.callback(i, x, s, s, denoised)
+        if s_next == 0:  # Euler to 0: x = D
+            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s)
+            continue
+        s_mid = dpmpp_sde_sigma_mid(s, s_next, r)
+        # Step 1: ancestral data-prediction step s -> s_mid.
+        down1, up1 = ancestral_step(s, s_mid, eta)
+        q1, n1 = down1 / s, s_noise * up1
+        x_mid = run.update([x, denoised], [q1, 1.0 - q1], i, noise=n1, noise_sigmas=(s, s_mid), track_sigma=s)
+        denoised_mid = run.denoise(x_mid, s_mid)
+        # Step 2: ancestral step s -> s_next with D_d = (1 - fac) D + fac D_mid.
+        down2, up2 = ancestral_step(s, s_next, eta)
+        q2, n2 = down2 / s, s_noise * up2
+        c_d, c_mid = (1.0 - q2) * (1.0 - fac), (1.0 - q2) * fac
+        if run.noise_sampler is None and n1 != 0 and n2 != 0:
+            # Brownian-tree correlation: z_1 = (x_mid - q1 x - (1 - q1) D) / n1 is the first step's noise.
+            rho = math.sqrt((s - s_mid) / (s - s_next))
+            k = n2 * rho / n1
+            x = _update_second_stream(run, [x, denoised, x_mid, denoised_mid],
+                                      [q2 - k * q1, c_d - k * (1.0 - q1), k, c_mid], i,
+                                      noise=n2 * math.sqrt(max(0.0, 1.0 - rho * rho)), noise_sigmas=(s, s_next),
+                                      track_sigma=s_mid, u=2, d=3)
+            continue
+        if c_d == 0.0:  # r = 1/2: D drops out
+            inputs, coeffs, u, d = [x, x_mid, denoised_mid], [q2, 0.0, c_mid], 1, 2
+        else:
+            inputs, coeffs, u, d = [x, denoised, x_mid, denoised_mid], [q2, c_d, 0.0, c_mid], 2, 3
+        if n2 != 0 and run.noise_sampler is not None and len(inputs) + 1 > _max_inputs():
+            x = run.update(inputs, coeffs, i, track_sigma=s_mid, u=u, d=d)  # the sampled noise in a second pass
+            x = run.update([x], [1.0], i, noise=n2, noise_sigmas=(s, s_next))
+        else:
+            x = run.update(inputs, coeffs, i, noise=n2, noise_sigmas=(s, s_next), track_sigma=s_mid, u=u, d=d)
+    return x
+
+
+def _max_inputs() -> int:
+    """The fused op's input slots (ops.MAX_INPUTS); a sampled noise tensor takes one."""
+    from .ops import MAX_INPUTS
+    return MAX_INPUTS
+
+
+SOLVERS.update({
+    "dpm_2_ancestral": Solver(dpm_2_ancestral, order=2, evals_per_step=2, noise="eta"),
+    "dpmpp_2s_ancestral": Solver(dpmpp_2s_ancestral, order=2, evals_per_step=2, noise="eta"),
+    "dpmpp_sde": Solver(dpmpp_sde, order=2, evals_per_step=2, noise="eta"),
+})

@@ -15,10 +15,19 @@ Differences, all keyword-only additions or documented choices:
 
 - Noise. Where no `noise_sampler` is given (and for the churn noise of euler/heun/dpm_2), the noise is
   standard normal from thermosample's in-kernel Philox stream instead of `torch.randn_like` (or the
-  Brownian tree of `sample_dpmpp_2m_sde`): the same distribution (i.i.d. N(0, 1) per step; a Brownian
-  tree's normalised increments over disjoint intervals are exactly that), not the same numbers. Its seed
-  is `seed=` or, by default, one draw from torch's default CPU generator, so `torch.manual_seed` still
-  makes runs reproducible. Pass `noise_sampler` to get k-diffusion's exact numbers.
+  Brownian tree of `sample_dpmpp_sde`, `sample_dpmpp_2m_sde`, `sample_dpmpp_3m_sde`): the same
+  distribution (i.i.d. N(0, 1) per step; a Brownian tree's normalised increments over disjoint intervals
+  are exactly that; `sample_dpmpp_sde`'s two overlapping increments per step get the tree's correlation),
+  not the same numbers. Its seed is `seed=` or, by default, one draw from torch's default CPU generator,
+  so `torch.manual_seed` still makes runs reproducible. The draw happens only when the run uses the
+  stream: with a `noise_sampler` (and no churn), or a deterministic run, torch's global generator is left
+  untouched. Pass `noise_sampler` (e.g. `default_noise_sampler(x)` or `BrownianTreeNoiseSampler(...)`,
+  both exported here) to get k-diffusion's exact numbers.
+- `sample_dpm_fast` and `sample_dpm_adaptive` (DPM-Solver with k-diffusion's own step-size logic, which
+  reads the error on the host every step) delegate to k-diffusion itself: same numbers, no fused op, no
+  thermo report; they need k-diffusion installed and say how to install it otherwise.
+- `BrownianTreeNoiseSampler` is k-diffusion's own class (it needs k-diffusion and torchsde);
+  `default_noise_sampler(x)` is defined here (torch.randn_like(x) per call, as k-diffusion's).
 - `thermo=`: pass a list (the ThermoReport is appended) or a dict (keys "report" and "nfe" are set) to
   receive the run's thermodynamic report. Only then are rates tracked.
 - `schedule=`: the thermosample Schedule used to map sigma to physical time for the report. Default EDM
@@ -31,8 +40,12 @@ Differences, all keyword-only additions or documented choices:
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
+import os
 import sys
+import types
 
 import torch
 
@@ -41,9 +54,12 @@ from ..run import Run
 from ..schedules import EDM, Schedule, get_schedule
 from ..solvers import linear_multistep_coeff  # noqa: F401  (k-diffusion's public name)
 
-__all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_lms",
-           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "get_sigmas_karras", "get_sigmas_exponential",
-           "append_zero", "to_d", "get_ancestral_step", "linear_multistep_coeff"]
+__all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
+           "sample_lms", "sample_dpm_fast", "sample_dpm_adaptive", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "get_sigmas_karras",
+           "get_sigmas_exponential", "get_sigmas_polyexponential", "get_sigmas_vp", "append_zero", "to_d",
+           "get_ancestral_step", "linear_multistep_coeff", "default_noise_sampler",
+           "BrownianTreeNoiseSampler"]  # noqa: F822  (k-diffusion's own, through the module __getattr__)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +86,20 @@ def get_sigmas_exponential(n, sigma_min, sigma_max, device='cpu'):
     return append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, device=device).exp())
 
 
+def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1., device='cpu'):
+    """[n + 1] sigmas polynomial in log sigma: log sigma = ramp^rho (log sigma_max - log sigma_min) +
+    log sigma_min with ramp from 1 to 0 (rho = 1: exponential), then 0."""
+    ramp = torch.linspace(1, 0, n, device=device) ** rho
+    return append_zero(torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min)))
+
+
+def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device='cpu'):
+    """[n + 1] sigmas of the continuous VP SDE (Song et al. 2021), sigma(t) = sqrt(exp(beta_d t^2 / 2 +
+    beta_min t) - 1) at n times equally spaced from 1 to eps_s, then 0."""
+    t = torch.linspace(1, eps_s, n, device=device)
+    return append_zero(torch.sqrt(torch.exp(beta_d * t ** 2 / 2 + beta_min * t) - 1))
+
+
 def to_d(x, sigma, denoised):
     """Karras ODE derivative (x - D) / sigma; x, denoised [B, ...], sigma a scalar or [B]."""
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
@@ -81,6 +111,55 @@ def get_ancestral_step(sigma_from, sigma_to, eta=1.):
     if not eta:
         return sigma_to, 0.
     return _solvers.ancestral_step(float(sigma_from), float(sigma_to), eta)
+
+
+# --------------------------------------------------------------------------------------------------
+# Noise samplers, and k-diffusion itself for what this module delegates
+# --------------------------------------------------------------------------------------------------
+def default_noise_sampler(x):
+    """k-diffusion's default: noise_sampler(sigma, sigma_next) -> torch.randn_like(x) (global generator)."""
+    return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+_INSTALL_PEER = "pip install --no-deps k-diffusion torchsde torchdiffeq trampoline"
+
+
+@functools.cache
+def _peer():
+    """k-diffusion's own sampling module, for what this drop-in delegates: `k_diffusion.sampling` when the
+    package imports, else its sampling.py loaded from the installed package with a one-function stand-in
+    for k_diffusion.utils (the package's __init__ imports torchvision, which a CPU-only install may lack)."""
+    try:
+        import k_diffusion.sampling as peer
+        return peer
+    except Exception:  # noqa: BLE001  not installed, or its package import fails (torchvision, skimage, ...)
+        pass
+    try:
+        spec = importlib.util.find_spec("k_diffusion")
+    except (ImportError, ValueError):
+        spec = None
+    path = os.path.join(spec.submodule_search_locations[0], "sampling.py") if spec and spec.origin else None
+    if path is None or not os.path.exists(path):
+        raise ImportError(f"this function delegates to k-diffusion, which is not installed: {_INSTALL_PEER}")
+    pkg, utils = types.ModuleType("_thermosample_kd"), types.ModuleType("_thermosample_kd.utils")
+    pkg.__path__ = []
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    pkg.utils = utils
+    sys.modules.update({"_thermosample_kd": pkg, "_thermosample_kd.utils": utils})
+    loader = importlib.util.spec_from_file_location("_thermosample_kd.sampling", path)
+    peer = importlib.util.module_from_spec(loader)
+    try:
+        loader.loader.exec_module(peer)
+    except ImportError as exc:
+        raise ImportError(f"k-diffusion's sampling module needs {exc.name}: {_INSTALL_PEER}") from exc
+    return peer
+
+
+def __getattr__(name):
+    """k-diffusion's BrownianTreeNoiseSampler, re-exported from k-diffusion itself (it needs torchsde)."""
+    if name == "BrownianTreeNoiseSampler":
+        return _peer().BrownianTreeNoiseSampler
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,13 +180,17 @@ class _KDenoiser:
 class _KRun(Run):
     """Run with k-diffusion's conventions: tensor sigmas in callbacks and noise samplers, tqdm `disable`."""
 
-    def __init__(self, *args, sigmas_tensor, disable, **kwargs):
+    def __init__(self, *args, sigmas_tensor, disable, noise_tensors=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sigmas_tensor, self.disable = sigmas_tensor, disable
         self._as_tensor = {v: sigmas_tensor[k] for k, v in reversed(list(enumerate(self.sigmas)))}
         if self.noise_sampler is not None:
-            user = self.noise_sampler
-            self.noise_sampler = lambda a, b: user(self._tensor(a), self._tensor(b))
+            user, table = self.noise_sampler, noise_tensors or {}
+
+            def sampler(a, b):  # the tensors k-diffusion would pass (a Brownian tree reads them exactly)
+                queue = table.get((a, b))
+                return user(*queue.pop(0)) if queue else user(self._tensor(a), self._tensor(b))
+            self.noise_sampler = sampler
 
     def _tensor(self, value):
         t = self._as_tensor.get(value)
@@ -137,21 +220,43 @@ def _host_sigmas(sigmas) -> list[float]:
     return host
 
 
+def _dpmpp_sde_noise_tensors(host, sigmas_t, r) -> dict:
+    """(sigma, sigma_next) host pair -> queue of the 0-d tensor pairs k-diffusion's sample_dpmpp_sde passes
+    its noise sampler for it, in call order: it round-trips sigma through t = -log sigma in the sigmas'
+    dtype, so a Brownian tree (whose increments are rough in time) is queried at exactly its points."""
+    table = {}
+    for i in range(len(host) - 1):
+        if host[i + 1] == 0:
+            continue
+        t, t_next = sigmas_t[i].log().neg(), sigmas_t[i + 1].log().neg()
+        s = t + (t_next - t) * r
+        s_mid = _solvers.dpmpp_sde_sigma_mid(host[i], host[i + 1], r)
+        table.setdefault((host[i], s_mid), []).append((t.neg().exp(), s.neg().exp()))
+        table.setdefault((host[i], host[i + 1]), []).append((t.neg().exp(), t_next.neg().exp()))
+    return table
+
+
 def _run(name, model, x, sigmas, extra_args, callback, disable, *, noise_sampler=None, seed=None,
-         schedule=None, thermo=None, backend="auto", **options):
+         schedule=None, thermo=None, backend="auto", noise_tensors=None, **options):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"x must be a floating-point torch.Tensor, got {type(x).__name__}")
     if thermo is not None and not isinstance(thermo, (list, dict)):
         raise TypeError(f"thermo must be a list or a dict to receive the ThermoReport, got {type(thermo).__name__}")
-    if seed is None:  # one draw from torch's default CPU generator: torch.manual_seed keeps runs reproducible
-        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    stochastic = _solvers.injects_noise(name, options)
+    if seed is None:
+        # One draw from torch's default CPU generator (torch.manual_seed keeps runs reproducible), made only
+        # when the Philox stream is used: a noise_sampler supplies all noise but churn's, and a
+        # deterministic run draws none; then the global generator is left as k-diffusion would find it.
+        uses_stream = stochastic and (noise_sampler is None or options.get("churn", 0.0) > 0)
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if uses_stream else 0
     sigmas_t = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float32)
     host = _host_sigmas(sigmas_t)
     den = _KDenoiser(model, get_schedule(schedule) if schedule is not None else EDM())
     run = _KRun(den, host, seed=seed, sample_offset=0, backend=backend, track=thermo is not None,
                 callback=callback, progress=None, noise_sampler=noise_sampler, extra_args=extra_args,
-                solver=name, stochastic=_solvers.injects_noise(name, options), sigmas_tensor=sigmas_t,
-                disable=disable)
+                solver=name, stochastic=stochastic, sigmas_tensor=sigmas_t,
+                disable=disable,
+                noise_tensors=noise_tensors(host, sigmas_t) if noise_tensors and noise_sampler is not None else None)
     out = _solvers.SOLVERS[name].fn(run, x.contiguous(), host, **options)
     run.check_finite(out)
     if thermo is not None:
@@ -250,3 +355,69 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return _run("dpmpp_2m_sde", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
                 eta=eta, s_noise=s_noise, solver_type=solver_type)
+
+
+@torch.no_grad()
+@_doc("Ancestral sampling with DPM-Solver-2 steps (k-diffusion's sample_dpm_2_ancestral): DPM-Solver-2 to "
+      "sigma_down through the geometric midpoint, then sigma_up fresh noise.")
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, *, thermo=None, schedule=None, seed=None, backend="auto"):
+    return _run("dpm_2_ancestral", model, x, sigmas, extra_args, callback, disable,
+                noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
+                eta=eta, s_noise=s_noise)
+
+
+@torch.no_grad()
+@_doc("Ancestral sampling with DPM-Solver++(2S) second-order steps (Lu et al. 2022; k-diffusion's "
+      "sample_dpmpp_2s_ancestral).")
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                              noise_sampler=None, *, thermo=None, schedule=None, seed=None, backend="auto"):
+    return _run("dpmpp_2s_ancestral", model, x, sigmas, extra_args, callback, disable,
+                noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
+                eta=eta, s_noise=s_noise)
+
+
+@torch.no_grad()
+@_doc("DPM-Solver++ SDE (Lu et al. 2022; k-diffusion's sample_dpmpp_sde), intermediate point r. Default "
+      "noise: Philox normals with the joint law of k-diffusion's Brownian-tree increments (two correlated "
+      "draws per step, independent across steps); pass noise_sampler=BrownianTreeNoiseSampler(...) for its "
+      "exact numbers.")
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                     noise_sampler=None, r=1 / 2, *, thermo=None, schedule=None, seed=None, backend="auto"):
+    return _run("dpmpp_sde", model, x, sigmas, extra_args, callback, disable,
+                noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
+                eta=eta, s_noise=s_noise, r=r,
+                noise_tensors=lambda host, sig: _dpmpp_sde_noise_tensors(host, sig, float(r)))
+
+
+@torch.no_grad()
+@_doc("DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde), multistep 3rd order with data prediction; "
+      "default noise: i.i.d. Philox normals (the distribution of k-diffusion's Brownian-tree increments).")
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, *, thermo=None, schedule=None, seed=None, backend="auto"):
+    return _run("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, disable,
+                noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
+                eta=eta, s_noise=s_noise)
+
+
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
+                    s_noise=1., noise_sampler=None):
+    """DPM-Solver-Fast (Lu et al. 2022): delegates to k-diffusion's own sample_dpm_fast (not the fused op,
+    no ThermoReport), so the numbers and noise draws are k-diffusion's. Needs k-diffusion installed."""
+    return _peer().sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=extra_args, callback=callback,
+                                   disable=disable, eta=eta, s_noise=s_noise, noise_sampler=noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callback=None, disable=None, order=3,
+                        rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0., icoeff=1., dcoeff=0., accept_safety=0.81,
+                        eta=0., s_noise=1., noise_sampler=None, return_info=False):
+    """DPM-Solver-12/-23 with adaptive step size (Lu et al. 2022): delegates to k-diffusion's own
+    sample_dpm_adaptive (its accept/reject decision reads the error on the host every step, which the fused
+    loop never does; no ThermoReport). Needs k-diffusion installed."""
+    return _peer().sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=extra_args, callback=callback,
+                                       disable=disable, order=order, rtol=rtol, atol=atol, h_init=h_init,
+                                       pcoeff=pcoeff, icoeff=icoeff, dcoeff=dcoeff, accept_safety=accept_safety,
+                                       eta=eta, s_noise=s_noise, noise_sampler=noise_sampler,
+                                       return_info=return_info)

@@ -23,7 +23,7 @@ from ..validate import is_int as _is_int
 from . import reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-MAX_INPUTS = 4
+MAX_INPUTS = 6                 # csrc/fused_step.h kMaxInputs, kernels/fused_step.py _MAX_INPUTS
 _UINT32 = 2 ** 32
 
 
@@ -182,7 +182,7 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     """One fused solver step: out = sum_k coeffs[k] inputs[k] + noise z, with the per-sample rate.
 
     Args:
-        inputs: 1-4 tensors [B, ...] of one shape, dtype (float32/64, float16, bfloat16) and device.
+        inputs: 1-6 tensors [B, ...] of one shape, dtype (float32/64, float16, bfloat16) and device.
         coeffs: Python floats, one per input.
         noise: coefficient of Philox normal noise keyed by (seed, sample_offset + b, step, element).
         track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (docs/theory.md §2); without

@@ -55,7 +55,7 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     kernel read or write out of bounds is re-checked here.
 
     Args:
-        inputs: 1 to 4 contiguous CPU tensors [B, ...] (float32, float64, float16, bfloat16).
+        inputs: 1 to 6 contiguous CPU tensors [B, ...] (float32, float64, float16, bfloat16).
         coeffs: one Python float per input.
         noise: coefficient of the Philox normal stream (0 draws none).
         track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2.

@@ -85,7 +85,7 @@ def fused_step_op(inputs: Sequence[Tensor], coeffs: Sequence[float], *, noise: f
     """The fused solver step (ops.fused_step) through the torch.library ops: compile- and graph-safe.
 
     Args:
-        inputs: 1-4 tensors [B, ...] of one shape, dtype and device.
+        inputs: 1-6 tensors [B, ...] of one shape, dtype and device.
         coeffs: Python floats, one per input.
         noise, seed, step, sample_offset: Philox noise coefficient and stream key (ops/reference.py).
         track, alpha, beta, u, d: rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (docs/theory.md §2).

@@ -92,7 +92,7 @@ def fused_step_reference(inputs: Sequence[torch.Tensor], coeffs: Sequence[float]
     """The fused solver step in eager PyTorch (see module docstring). Inputs are validated by ops.py.
 
     Args:
-        inputs: 1 to 4 tensors [B, ...] of one shape, dtype and device.
+        inputs: 1 to 6 tensors [B, ...] of one shape, dtype and device.
         coeffs: one Python float per input.
         noise: coefficient of the in-kernel Philox normal noise (0 draws none).
         track: reduce ||alpha * inputs[u] + beta * inputs[d]||^2 per sample.
