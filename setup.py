@@ -50,6 +50,6 @@ setup(
     packages=["thermosample", "thermosample.ops", "thermosample.apps", "thermosample.integrations",
               "thermosample.kernels"],
     package_dir={"thermosample.kernels": "kernels"},
-    package_data={"thermosample": ["data/*"]},
+    package_data={"thermosample": ["data/*", "py.typed"]},
     ext_modules=get_extensions(),
 )

@@ -9,6 +9,14 @@ coefficients, so no device value is read:
     v:         D = (m^2 x_hat - s o) / (m^2 + s^2)            (v = m eps - s y; Salimans & Ho 2022)
     score:     D = x_hat + (s^2 / m) o                        (o = grad_x log p_t(x))
     velocity:  D = (s' m x_hat - s o) / (s' m - s m')         (o = dx/dt = m' y + s' eps; flow matching)
+
+diffusers' `prediction_type` names are accepted as aliases (PREDICTION_ALIASES): "epsilon" = "eps",
+"v_prediction" = "v", "sample" = "x0", "flow_prediction" = "velocity" (diffusers' flow-matching models
+predict noise - sample = dx/dt along x = (1 - t) sample + t noise, i.e. "velocity" under CondOT).
+
+Precision: the sampler state stays float32 (or float64) and all its arithmetic runs in it; a model whose
+parameters are float16/bfloat16 (`model.half()`) gets its input x and time cast to its parameter dtype,
+and its output is cast back to the state's dtype before the denoised estimate is formed.
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import torch
 from .schedules import DiscreteVP, Schedule, get_schedule
 
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
+PREDICTION_ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
 TIME_CONVENTIONS = ("t", "sigma", "index")
 
 
@@ -29,7 +38,8 @@ class Denoiser:
     Args:
         model: callable `model(x, time, **kwargs)` -> tensor shaped like x.
         schedule: the Schedule the model was trained with (or a name: "condot", "cosine", ...).
-        prediction: what the model outputs: "eps" | "x0" | "v" | "score" | "velocity".
+        prediction: what the model outputs: "eps" | "x0" | "v" | "score" | "velocity", or diffusers' name
+            for it: "epsilon" | "v_prediction" | "sample" | "flow_prediction" (stored as the short name).
         time: what the model takes as its time argument: "t" (physical time, times `time_scale`,
             e.g. 1000 for continuous VP models trained on t * 1000), "sigma" (sigma_hat), "index"
             (fractional training index of a DiscreteVP schedule, as DDPM models need), or a callable
@@ -38,14 +48,19 @@ class Denoiser:
         scale_input: feed the model x = m(t) x_hat (True, the physical state) or x_hat (False, as
             EDM/k-diffusion denoisers expect).
         model_kwargs: fixed keyword arguments for every call (class labels, text embeddings, ...).
+
+    A model with float16/bfloat16 parameters receives x and the time [B] in that dtype; its output is cast
+    back to the state's dtype (float32 or float64), in which every sampler computation stays.
     """
 
     def __init__(self, model: Callable, schedule: Schedule | str, prediction: str = "eps", time="t",
                  time_scale: float = 1.0, scale_input: bool = True, model_kwargs: dict | None = None):
         if not callable(model):
             raise TypeError(f"model must be callable, got {type(model).__name__}")
+        prediction = PREDICTION_ALIASES.get(prediction, prediction) if isinstance(prediction, str) else prediction
         if prediction not in PREDICTIONS:
-            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+            raise ValueError(f"prediction must be one of {PREDICTIONS} (or diffusers' "
+                             f"{tuple(PREDICTION_ALIASES)}), got {prediction!r}")
         if not (callable(time) or time in TIME_CONVENTIONS):
             raise ValueError(f"time must be one of {TIME_CONVENTIONS} or a callable, got {time!r}")
         self.schedule = get_schedule(schedule)
@@ -92,6 +107,10 @@ class Denoiser:
         den = ds * m - s * dm
         return c_in, ds * m / den, -s / den
 
+    def coeffs(self, sigma: float) -> tuple[float, float, float, float]:
+        """(t, c_in, a, b) at noise level sigma (host floats, cached): D = a x_hat + b model(c_in x_hat, time(t))."""
+        return self._coeffs(float(sigma))
+
     def _coeffs(self, sigma: float) -> tuple[float, float, float, float]:
         """(t, c_in, a, b) at sigma, cached: a sampling run asks for the same few dozen levels every time,
         and the schedule's inverse (a bisection) costs more host time than a small state's step."""
@@ -113,15 +132,33 @@ class Denoiser:
         sigma = float(sigma)
         if not math.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"sigma must be a finite positive float, got {sigma}")
-        t, c_in, a, b = self._coeffs(sigma)
+        return self.evaluate(x_hat, sigma, self._coeffs(sigma), **kwargs)
+
+    def evaluate(self, x_hat: torch.Tensor, sigma: float, coeffs: tuple[float, float, float, float],
+                 **kwargs) -> torch.Tensor:
+        """D(x_hat; sigma) [B, ...] with the coefficients `coeffs` = self.coeffs(sigma) already looked up
+        (a compiled loop passes them from a host table, so no schedule maths is traced)."""
+        t, c_in, a, b = coeffs
         x_in = x_hat * c_in if c_in != 1.0 else x_hat
-        time = torch.full((x_hat.shape[0],), self.model_time(t, sigma), dtype=x_hat.dtype, device=x_hat.device)
+        in_dtype = self.model_dtype() or x_hat.dtype
+        if x_in.dtype != in_dtype:
+            x_in = x_in.to(in_dtype)
+        time = torch.full((x_hat.shape[0],), self.model_time(t, sigma), dtype=in_dtype, device=x_hat.device)
         out = self.model(x_in, time, **self.model_kwargs, **kwargs)
         check_model_output(out, x_hat)
         out = out.to(x_hat.dtype)
         if a == 0.0 and b == 1.0:
             return out
         return torch.add(x_hat * a, out, alpha=b) if a != 0.0 else out * b
+
+    def model_dtype(self) -> torch.dtype | None:
+        """The floating dtype of the model's first parameter (None for a model without parameters, such
+        as a plain function): the dtype its input and time are cast to."""
+        params = getattr(self.model, "parameters", None)
+        if not callable(params):
+            return None
+        p = next(iter(params()), None)
+        return p.dtype if isinstance(p, torch.Tensor) and p.is_floating_point() else None
 
     def __repr__(self) -> str:
         return f"Denoiser({type(self.model).__name__}, {self.schedule!r}, prediction={self.prediction!r})"

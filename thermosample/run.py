@@ -185,8 +185,12 @@ class Run:
         return self._rates[torch.tensor(self.eval_rows, device=self._rates.device)]
 
     def callback(self, i, x, sigma, sigma_hat, denoised):
+        """k-diffusion's dict: 'sigma' and 'sigma_hat' are 0-d tensors on the state's device and in its dtype
+        (a fill, no host-device copy, so nothing syncs); 'sigma_float' / 'sigma_hat_float' keep the exact
+        host floats of the grid."""
         if self.user_callback is not None:
-            self.user_callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma_hat, "denoised": denoised})
+            self.user_callback({"x": x, "i": i, "sigma": x.new_full((), sigma), "sigma_hat": x.new_full((), sigma_hat),
+                                "denoised": denoised, "sigma_float": float(sigma), "sigma_hat_float": float(sigma_hat)})
 
     # -- physical coordinates (hooks an entry point may override) ---------------------------------
     def velocity(self, sigma: float) -> tuple[float, float, float]:

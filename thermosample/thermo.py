@@ -101,26 +101,54 @@ class ThermoReport:
         return {"kinetic": self.kinetic_mean, "entropy": self.entropy_mean, "speed_limit": self.speed_limit,
                 "efficiency": self.efficiency, "evaluations": int(self.t.numel())}
 
-    def plot(self, path, label: str | None = None):
-        """Write a PNG of the dissipation profile: rate ||nu||^2 and rate / T against physical time."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    def plot(self, path=None, *, ax=None, label: str | None = None, dpi: int = 120):
+        """Draw the dissipation profile: rate E||nu||^2 and entropy rate E||nu||^2 / T against physical time.
+
+        Uses matplotlib's object API only (matplotlib.figure.Figure): it never calls pyplot and never
+        switches the backend, so it is safe in notebooks, GUIs and scripts alike.
+
+        Args:
+            path: if given, also save the figure there (PNG, SVG, PDF: by the extension).
+            ax: None (a new Figure with both panels), one matplotlib Axes (the rate panel only, drawn into
+                it, e.g. to overlay several runs) or a pair of Axes (rate, entropy rate).
+            label: legend label of this run's curves (a legend is drawn when given).
+            dpi: resolution of the saved file.
+        Returns:
+            the matplotlib Figure drawn into.
+        Raises:
+            ModuleNotFoundError with the install hint when matplotlib is missing (pip install
+            'thermosample[plot]').
+        """
+        from .validate import import_optional
+        Figure = import_optional("matplotlib.figure", "plot", "ThermoReport.plot").Figure
 
         t, r = self.profile()
         temp = np.interp(t, self.t.numpy()[::-1], self.temperature.numpy()[::-1]) \
             if self.t.numel() > 1 else self.temperature.numpy()
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        if ax is None:
+            fig = Figure(figsize=(9, 3.4))
+            axes = list(fig.subplots(1, 2))
+            axes[0].set_title(f"speed cost  K = {self.kinetic_mean:.4g}")
+            axes[1].set_title(f"entropy rate  S = {self.entropy_mean:.4g}")
+        else:
+            axes = list(ax) if isinstance(ax, (list, tuple, np.ndarray)) else [ax]
+            if not 1 <= len(axes) <= 2 or not all(hasattr(a, "plot") and hasattr(a, "figure") for a in axes):
+                raise TypeError(f"ax must be a matplotlib Axes or a pair of Axes, got {ax!r}")
+            fig = axes[0].figure
         axes[0].plot(t, r, marker=".", label=label)
-        axes[0].set(xlabel="t", ylabel="E ||nu||^2", title=f"speed cost  K = {self.kinetic_mean:.4g}")
-        axes[1].semilogy(t, r / temp, marker=".", label=label)
-        axes[1].set(xlabel="t", ylabel="E ||nu||^2 / T", title=f"entropy rate  S = {self.entropy_mean:.4g}")
-        for ax in axes:
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        axes[0].set(xlabel="t", ylabel="E ||nu||^2")
+        if len(axes) > 1:
+            axes[1].semilogy(t, r / temp, marker=".", label=label)
+            axes[1].set(xlabel="t", ylabel="E ||nu||^2 / T")
+        for a in axes:
+            a.grid(alpha=0.3)
+            if label is not None:
+                a.legend()
+        if ax is None:
+            fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=dpi)
+        return fig
 
     def __repr__(self) -> str:
         if self.t.numel() == 0:

@@ -17,10 +17,61 @@ def is_int(value) -> bool:
 
 
 def check_seed(seed, name: str = "seed") -> int:
-    """The Philox seed: an int in [0, 2**64)."""
+    """The Philox seed: an int in [0, 2**64) (a Python int or a NumPy integer such as np.int64 /
+    np.uint64), returned as a Python int."""
+    if isinstance(seed, np.integer):
+        seed = int(seed)
     if not is_int(seed) or not 0 <= seed < UINT64:
         raise ValueError(f"{name} must be an int in [0, 2**64), got {seed!r}")
-    return seed
+    return int(seed)
+
+
+def seed_from_generator(generator) -> int:
+    """The Philox seed drawn from a torch.Generator: one uniform 64-bit draw,
+    ``torch.empty((), dtype=torch.int64, device=generator.device).random_(-2**63, None, generator=generator)``
+    read as an unsigned int. Reproducible (the same generator state gives the same seed) and it advances
+    the generator by one draw, so successive calls with one generator give different samples, as with
+    torch's own sampling functions. A CUDA generator costs one host sync, before any model call."""
+    if not isinstance(generator, torch.Generator):
+        kind = "a list of generators" if isinstance(generator, (list, tuple)) else type(generator).__name__
+        raise TypeError(f"generator must be one torch.Generator, got {kind}; thermosample keys the noise of "
+                        "sample i by (seed, i), so one generator (one seed) serves the whole batch")
+    draw = torch.empty((), dtype=torch.int64, device=generator.device).random_(-2 ** 63, None, generator=generator)
+    return int(draw) % UINT64
+
+
+def resolve_seed(seed, generator, default: int = 0) -> int:
+    """The run's Philox seed from `seed=` and `generator=` (the rule of ts.sample):
+
+    - `seed` given: that seed (an int or NumPy integer in [0, 2**64));
+    - `generator` given: one 64-bit draw from it (`seed_from_generator`);
+    - neither: `default` (0);
+    - both: ValueError, since they would disagree.
+    """
+    if generator is not None:
+        if seed is not None:
+            raise ValueError("pass seed= or generator=, not both (with a generator the seed is one draw from it)")
+        return seed_from_generator(generator)
+    return check_seed(default if seed is None else seed)
+
+
+def import_optional(module: str, extra: str, feature: str):
+    """Import an optional dependency (e.g. "matplotlib.figure"); when its package is not installed, raise a
+    ModuleNotFoundError that names the feature and the install command (pip install 'thermosample[extra]')
+    instead of a bare one from deep inside the call."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = module.split(".")[0]
+        if exc.name not in (None, top, module) and not str(exc.name).startswith(top + "."):
+            raise                                  # the package is there; something it needs is not
+        raise ModuleNotFoundError(f"{feature} needs the optional package {top!r}: pip install "
+                                  f"'thermosample[{extra}]' (or pip install {PIP_NAMES.get(top, top)})",
+                                  name=top) from exc
+
+
+PIP_NAMES = {"sklearn": "scikit-learn", "k_diffusion": "k-diffusion"}
 
 
 def check_sample_offset(sample_offset, batch: int = 1) -> int:
