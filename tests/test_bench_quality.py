@@ -1,8 +1,12 @@
-"""benchmarks/bench_quality.py's statistics: the problem selector and the paired bootstrap interval."""
+"""benchmarks/bench_quality.py: the problem selector, the paired bootstrap interval, the peers' mapping and a
+reduced --quick run (JSON structure, peers in the same table, every deterministic solver of the table)."""
 import importlib.util
+import json
+import math
 import pathlib
 
 import numpy as np
+import pytest
 
 _path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 _spec = importlib.util.spec_from_file_location("_bench_quality", _path)
@@ -11,22 +15,84 @@ _spec.loader.exec_module(bq)
 
 
 def test_selector_matches_tokens_not_prefixes():
-    names = [p[0] for p in bq.problems(select=["d2"])]
+    names = [p.name for p in bq.problems(select=["d2"])]
     assert names == ["mix-d2-k5-wide/condot"]                      # not d256
-    names = [p[0] for p in bq.problems(select=["vp", "mix-d64-k8-sharp/condot"])]
+    names = [p.name for p in bq.problems(select=["vp", "mix-d64-k8-sharp/condot"])]
     assert sorted(names) == ["mix-d16-k3-vsharp/vp", "mix-d64-k8-sharp/condot"]
 
 
+def test_problem_sets():
+    """At least six default problems (the digits model among them), a disjoint held-out set with its own
+    seeds, and a three-problem quick set."""
+    default = [p.name for p in bq.problems()]
+    held = [p.name for p in bq.problems(heldout=True)]
+    assert len(default) >= 6 and "digits-8x8/edm" in default
+    assert len(held) >= 4 and not set(default) & set(held)
+    assert not set(bq.qp.DEFAULT_SEEDS) & set(bq.qp.HELDOUT_SEEDS) and len(bq.qp.DEFAULT_SEEDS) >= 4
+    assert len(bq.problems(quick=True)) == 3
+
+
 def test_bootstrap_interval_covers_the_population_ratio():
-    """Per-sample squared errors with known means: calibrated 1.0, fixed grids 4.0 and 2.25, so the
-    population ratio of RMS errors is sqrt(1 / 2.25) = 2/3; the 90% interval must contain it and shrink
-    with more samples."""
+    """Per-sample squared errors with known means: a 1.0 vs b 2.25 (ratio of RMS 2/3), and the min over a
+    set {4.0, 2.25}; the 90% interval must contain the ratio and shrink with more samples."""
     rng = np.random.default_rng(1)
     widths = []
     for n in (400, 6400):
-        cal = rng.exponential(1.0, n)
-        fixed = {"a": rng.exponential(4.0, n), "b": rng.exponential(2.25, n)}
-        lo, hi = bq.bootstrap_ratio(cal, fixed)
+        a = rng.exponential(1.0, n)
+        fixed = {"x": rng.exponential(4.0, n), "y": rng.exponential(2.25, n)}
+        lo, hi = bq.bootstrap_ratio(a, fixed)
         assert lo < 2 / 3 < hi, (n, lo, hi)
+        lo2, hi2 = bq.bootstrap_ratio(a, fixed["y"])
+        assert lo2 < 2 / 3 < hi2, (n, lo2, hi2)
         widths.append(hi - lo)
     assert widths[1] < 0.5 * widths[0]
+
+
+def test_steps_within_budget():
+    assert bq.steps_within(lambda n: 2 * n - 1, 6) == 3
+    assert bq.steps_within(lambda n: n, 10) == 10
+
+
+def test_quick_run_json(tmp_path):
+    """A reduced --quick run (two mixtures, NFE 6 and 10) through main(): every deterministic solver of
+    thermosample's table and the peers are in the JSON rows, the NFE counts fit the budget, and the summary
+    pairs the best thermosample configuration with the best peer."""
+    pytest.importorskip("diffusers")
+    out = tmp_path / "q.json"
+    rc = bq.main(["--quick", "--problems", "d2,d8", "--budgets", "6,10", "--json", str(out),
+                  "--out", str(tmp_path / "q.txt"), "--plot", str(tmp_path / "q.png")])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert set(doc) >= {"meta", "summary", "acceptance", "rows", "calibrated_vs_karras"}
+    rows = doc["rows"]
+    assert {r["problem"] for r in rows} == {"mix-d2-k5-wide/condot", "mix-d8-k3-narrow/edm"}
+    for r in rows:
+        assert set(r) >= {"problem", "method", "config", "grid", "budget", "nfe", "error", "seed_errors", "batch"}
+        assert r["nfe"] <= r["budget"]
+        assert len(r["seed_errors"]) == 2 or r.get("failed")
+    ts_solvers = {r["solver"] for r in rows if r["method"] == "thermosample"}
+    want = {n for n in bq.ts_solvers.SOLVERS if not bq.ts_solvers.injects_noise(n, {})}
+    assert ts_solvers == want
+    assert {r["grid"] for r in rows if r["method"] == "thermosample"} >= {"karras", "logsnr", "calibrated"}
+    peer_names = {r["config"] for r in rows if r["method"] == "peer"}
+    assert any(p.startswith("diffusers:unipc") for p in peer_names)
+    assert any(p.startswith("diffusers:deis") for p in peer_names)
+    if bq.peers.load_k_diffusion() is not None:
+        assert "kd:dpmpp_3m_sde(eta0)" in peer_names
+    for r in rows:  # the peers' NFE equals their step count (multistep: one evaluation per step)
+        if r["method"] == "peer" and r["config"].startswith("diffusers:"):
+            assert r["nfe"] == r["steps"] == r["budget"]
+    assert all(not r.get("failed") for r in rows if r["method"] == "peer"), [r for r in rows if r.get("failed")]
+    summ = doc["summary"]
+    assert len(summ) == 4
+    for s in summ:
+        assert s["best_peer"] in peer_names and "best_ours" in s
+        assert math.isclose(s["ratio"], s["best_ours_error"] / s["best_peer_error"], rel_tol=1e-9)
+        lo, hi = s["ratio_ci90"]
+        assert lo <= hi
+    assert any(line.split()[0] in ("PASS", "FAIL", "SKIP") for line in doc["acceptance"])
+    # the mapping check: every peer converges on the Gaussian (error at 40 steps at most half that at 10)
+    chk = doc["meta"]["mapping_check"]["errors"]
+    assert chk and all(v[-1] < 0.5 * v[0] for v in chk.values()), chk
+    assert (tmp_path / "q.txt").read_text().count("best thermosample") >= 1
+    assert (tmp_path / "q.png").stat().st_size > 0
