@@ -261,3 +261,33 @@ def test_float32_model_calibrates_in_its_dtype():
         g = ts.thermo_grid(den, 6, sample_shape=(4,), pilot_batch=4, pilot_steps=8, ref_steps=16, method=method)
         assert g.shape == (7,) and np.all(np.isfinite(np.asarray(g)))
     assert set(seen) == {torch.float32}
+
+
+def test_auto_picks_solver_and_grid_on_the_pilot_and_sample_follows_it():
+    """solver="auto" (solvers.recommended): thermo_grid runs every solver of AUTO_CHOICES on every candidate
+    grid and keeps the closest pair; ts.sample(solver="auto", grid=that grid) runs exactly that solver."""
+    from thermosample import solvers
+    mix = toy.default_mixture(dim=8, modes=3, seed=2)
+    den = mix.denoiser("edm")
+    calls = []
+    inner = den.model
+    den.model = lambda x, t: (calls.append(1), inner(x, t))[1]
+    g = ts.thermo_grid(den, 8, solver="auto", sample_shape=(mix.dim,), ref_steps=32, pilot_batch=16)
+    meta = g.meta
+    assert meta["auto"] and (meta["solver"], meta["solver_options"]) in [(n, o) for n, o in solvers.AUTO_CHOICES]
+    errors = meta["candidate_errors"]
+    assert len(errors) == len(solvers.AUTO_CHOICES) * len(calibrate.CANDIDATES)
+    label = meta["solver"] + "".join(f",{k}={v}" for k, v in sorted(meta["solver_options"].items()))
+    assert errors[f"{label}@{meta['chosen']}"] == min(errors.values())
+    assert len(calls) == meta["calibration_nfe"] == 24 + 32 + len(errors) * 8
+    auto = ts.sample(den, (6, mix.dim), steps=8, solver="auto", grid=g, seed=1)
+    same = ts.sample(den, (6, mix.dim), steps=8, solver=meta["solver"], grid=g, seed=1, **meta["solver_options"])
+    assert torch.equal(auto.samples, same.samples)
+    plain = ts.sample(den, (6, mix.dim), steps=8, solver="auto", grid="logsnr", seed=1)
+    fallback = ts.sample(den, (6, mix.dim), steps=8, solver=solvers.AUTO_FALLBACK[0], grid="logsnr", seed=1,
+                         **solvers.AUTO_FALLBACK[1])
+    assert torch.equal(plain.samples, fallback.samples)
+    assert solvers.recommended(10) == {"solver": "auto", "grid": "calibrated", "steps": 10}
+    assert solvers.evaluations("auto", 10) == 10
+    with pytest.raises(ValueError, match="needs method='select'"):
+        ts.thermo_grid(den, 8, solver="auto", method="error", pilot_data=g.pilot)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from .grids import validate_sigmas
-from .solvers import get_solver
+from .solvers import AUTO_CHOICES, AUTO_NAME, get_solver
 
 __all__ = ["ThermoGrid", "thermo_grid", "pilot", "density", "critical_density", "critical_weight", "switch_weight",
            "place"]
@@ -431,7 +431,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     Args:
         den: a `ts.Denoiser` (the model with its schedule).
         steps: solver steps of the final run; the grid holds steps sigmas plus a final 0 ([steps + 1]).
-        solver: the solver the grid is for (sets the order p of the error density).
+        solver: the solver the grid is for (sets the order p of the error density), or "auto": method
+            "select" runs every solver of solvers.AUTO_CHOICES on every candidate grid and keeps the pair
+            closest to the converged solution (meta "solver", "solver_options"); ts.sample(solver="auto",
+            grid=this grid) then runs that solver (the recommended configuration, solvers.recommended).
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
         pilot_batch: pilot batch size B.
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
@@ -475,7 +478,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    spec = get_solver(solver)
+    auto = solver == AUTO_NAME
+    if auto and method not in (None, "select"):
+        raise ValueError("solver='auto' chooses the solver by measured error: it needs method='select'")
+    spec = get_solver(AUTO_CHOICES[0][0] if auto else solver)
     order = spec.order
     if method is None:
         method = "error" if spec.injects_noise(solver_options or {}) else "select"
@@ -517,11 +523,23 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     sch = den.schedule
     extra = {}
     if method == "select":
-        sig, errors = select(den, int(steps), solver, pilot_data, pilot_data if needs_twins else None, candidates,
-                             backend=backend, solver_options=solver_options)
-        spent += len(errors) * spec.evaluations(int(steps))
-        chosen = min(errors, key=errors.get)
+        choices = AUTO_CHOICES if auto else ((solver, dict(solver_options or {})),)
+        best = None
+        errors = {}
+        for name, opts in choices:
+            sig_c, errs = select(den, int(steps), name, pilot_data, pilot_data if needs_twins else None, candidates,
+                                 backend=backend, solver_options=opts)
+            spent += len(errs) * get_solver(name).evaluations(int(steps))
+            label = name + "".join(f",{k}={v}" for k, v in sorted(opts.items()))
+            errors.update({(f"{label}@{g}" if auto else g): e for g, e in errs.items()})
+            g_best = min(errs, key=errs.get)
+            if best is None or errs[g_best] < best[0]:
+                best = (errs[g_best], name, opts, g_best, sig_c)
+        _, solver, solver_options, chosen, sig = best
+        order = get_solver(solver).order
         extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"]))}
+        if auto:
+            extra.update(auto=True, solver_options=dict(solver_options))
     elif steps == 1:
         sig = np.array([sch.sigma_max])
     else:

@@ -18,7 +18,7 @@ from . import ops
 from .graphs import GRAPHS
 from .grids import make_grid
 from .run import Run
-from .solvers import check_options, get_solver
+from .solvers import AUTO_NAME, check_options, get_solver, resolve_auto
 from .thermo import ThermoReport
 from .validate import (
     check_callable,
@@ -63,8 +63,11 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
         noise: instead of shape, the initial x_hat [B, ...] already scaled to the first sigma
             (k-diffusion convention).
         steps: number of solver steps (model evaluations: steps, or 2 steps - 1 for "heun" and "dpm_2").
-        solver: a name in ts.solvers.SOLVERS: "euler" | "heun" | "dpm_2" | "dpmpp_2m" | "lms" | "ddim" |
-            "euler_ancestral" | "dpmpp_2m_sde" | "euler_maruyama".
+        solver: a name in ts.solvers.SOLVERS (deterministic: "euler", "heun", "dpm_2", "dpmpp_2m", "dpmpp_3m",
+            "unipc", "deis", "ipndm", "lms", "ddim"; stochastic: "euler_ancestral", "dpm_2_ancestral",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama"), or
+            "auto": the recommended configuration (ts.solvers.recommended): the solver a
+            `ts.thermo_grid(den, steps, solver="auto")` grid chose on its pilot, else UniPC.
         grid: "karras" | "uniform" | "logsnr" | "kl_optimal" | a descending sequence/tensor of sigmas.
         seed: seed of the Philox noise stream (initial noise and the stochastic solvers' noise): an int or
             NumPy integer in [0, 2**64); default 0. Sample i depends only on (seed, sample_offset + i).
@@ -116,6 +119,9 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
     if not callable(den) or not hasattr(den, "schedule"):
         raise TypeError("den must be a thermosample.Denoiser (a callable with a .schedule); "
                         "wrap your model with ts.Denoiser(model, schedule, prediction=...)")
+    if solver == AUTO_NAME:   # the recommended configuration: the calibrated grid's choice (solvers.recommended)
+        solver, chosen = resolve_auto(grid)
+        solver_options = {**chosen, **solver_options}
     spec = get_solver(solver)
     if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)
                                     or check_every < 1):

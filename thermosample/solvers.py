@@ -522,8 +522,42 @@ def injects_noise(solver: str, options: dict) -> bool:
 
 
 def evaluations(solver: str, steps: int, sigmas_end_in_zero: bool = True) -> int:
-    """Model evaluations (NFE) a solver spends on `steps` steps."""
+    """Model evaluations (NFE) a solver spends on `steps` steps ("auto": one per step, as all its choices)."""
+    if solver == AUTO_NAME:
+        return steps
     return SOLVERS[solver].evaluations(steps, sigmas_end_in_zero)
+
+
+# --------------------------------------------------------------------------------------------------
+# solver="auto": the recommended configuration
+# --------------------------------------------------------------------------------------------------
+AUTO_NAME = "auto"
+# The solvers "auto" chooses among on a calibration pilot (thermo_grid(solver="auto")): one model
+# evaluation per step each, the strongest of the table on benchmarks/bench_quality.py's default problems.
+AUTO_CHOICES = (("unipc", {"order": 3}), ("unipc", {}), ("ipndm", {}), ("deis", {}), ("deis", {"order": 2}),
+                ("dpmpp_3m", {}))
+AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC default (bh2, order 2)
+
+
+def recommended(nfe: int) -> dict:
+    """The configuration to take for `nfe` model evaluations (5-50) without reading the theory:
+
+        grid = ts.thermo_grid(den, nfe, solver="auto", sample_shape=...)   # pilot picks solver and grid
+        out = ts.sample(den, shape, steps=nfe, solver="auto", grid=grid)
+
+    `thermo_grid(solver="auto")` runs each solver of AUTO_CHOICES on each candidate grid of its pilot
+    (calibrate.select) and keeps the pair closest to the converged solution; `ts.sample(solver="auto")`
+    reads the choice from the grid's metadata."""
+    return {"solver": AUTO_NAME, "grid": "calibrated", "steps": int(nfe)}
+
+
+def resolve_auto(grid) -> tuple[str, dict]:
+    """(solver, options) that solver="auto" runs with `grid`: the choice a ThermoGrid of
+    thermo_grid(solver="auto") records, else AUTO_FALLBACK."""
+    meta = getattr(grid, "meta", None) or {}
+    if meta.get("auto") and meta.get("solver") in SOLVERS:
+        return meta["solver"], dict(meta.get("solver_options") or {})
+    return AUTO_FALLBACK[0], dict(AUTO_FALLBACK[1])
 
 
 # --------------------------------------------------------------------------------------------------

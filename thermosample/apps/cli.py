@@ -57,8 +57,8 @@ def _key_value(text: str) -> tuple:
 
 def _solver(text: str) -> str:
     """argparse type: a solver name of thermosample.solvers."""
-    from ..solvers import SOLVERS
-    if text not in SOLVERS:
+    from ..solvers import AUTO_NAME, SOLVERS
+    if text not in SOLVERS and text != AUTO_NAME:
         raise argparse.ArgumentTypeError(f"unknown solver {text!r}; one of {', '.join(sorted(SOLVERS))}")
     return text
 
@@ -83,7 +83,7 @@ def _grid(text: str):
     if text.endswith(".json"):
         from ..calibrate import ThermoGrid
         try:
-            return [float(s) for s in ThermoGrid.load(text)]
+            return ThermoGrid.load(text)     # with its metadata: solver "auto" reads the solver it chose
         except (OSError, ValueError) as exc:
             raise argparse.ArgumentTypeError(f"cannot read the grid file {text!r}: {exc}") from None
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(GRIDS)} or a grid .json file, got {text!r}")
@@ -133,7 +133,8 @@ def add_sample(sub):
     p.add_argument("--shape", metavar="C,H,W", type=_shape, help="shape of one sample (default: the factory's)")
     p.add_argument("--steps", type=_positive_int, default=20,
                    help="solver steps (model evaluations: steps, 2 steps - 1 for heun/dpm_2; default 20)")
-    p.add_argument("--solver", default="euler", type=_solver, help="solver name (default euler; see docs)")
+    p.add_argument("--solver", default="euler", type=_solver,
+                   help="solver name (default euler), or auto: the solver a `schedule --solver auto` grid chose")
     p.add_argument("--grid", default="karras", type=_grid,
                    help="karras | logsnr | kl_optimal | uniform, or a grid .json from `thermosample schedule "
                         "--save` (default karras)")
@@ -148,9 +149,14 @@ def add_sample(sub):
     def run(args):
         from .. import bulk
         options = {} if args.eta is None else {"eta": args.eta}
+        solver = args.solver
+        if solver == "auto":   # the recommended configuration: the solver a grid of `schedule --solver auto` chose
+            from ..solvers import resolve_auto
+            solver, chosen = resolve_auto(args.grid)
+            options = {**chosen, **options}
         # sample_to_disk checks every argument (and runs one trial step) before it creates the folder
         res = bulk.sample_to_disk(args.model, args.n, args.batch, args.out, sample_shape=args.shape,
-                                  steps=args.steps, solver=args.solver, grid=args.grid, seed=args.seed,
+                                  steps=args.steps, solver=solver, grid=args.grid, seed=args.seed,
                                   backend=args.backend, track=not args.no_track, weights=args.weights,
                                   factory_kwargs=dict(args.factory_arg), solver_options=options,
                                   progress=args.progress)
@@ -186,7 +192,8 @@ def add_schedule(sub):
     p.add_argument("--shape", metavar="C,H,W", type=_shape,
                    help="shape of one sample (default: the factory's sample_shape)")
     p.add_argument("--steps", type=_positive_int, default=10, help="solver steps of the grid (default 10)")
-    p.add_argument("--solver", default="dpmpp_2m", type=_solver, help="the solver the grid is for (default dpmpp_2m)")
+    p.add_argument("--solver", default="dpmpp_2m", type=_solver,
+                   help="the solver the grid is for (default dpmpp_2m), or auto: choose solver and grid on the pilot")
     p.add_argument("--method", default=None, choices=["select", "error", "length", "blend"],
                    help="calibration method (default: select for deterministic solvers, error for stochastic)")
     p.add_argument("--pilot-steps", type=_positive_int, default=24, help="evaluations of the twin pilot (default 24)")

@@ -29,7 +29,10 @@ def main(args) -> int:
     sch = den.schedule
     k = np.append(grids.karras(args.steps, sch.sigma_min, sch.sigma_max), 0.0)
     chosen = f" (chose {g.meta['chosen']})" if "chosen" in g.meta else ""
-    print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {args.solver}, method "
+    solver = g.meta["solver"] + (" " + str(g.meta["solver_options"]) if g.meta.get("solver_options") else "")
+    if g.meta.get("auto"):
+        solver += " (chosen by solver auto)"
+    print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {solver}, method "
           f"{g.meta['method']}{chosen}; calibration: {g.meta['calibration_nfe']} model evaluations on a batch of "
           f"{args.pilot_batch}")
     print(f"{'i':>3} {'sigma (calibrated)':>19} {'t':>9} {'sigma (karras)':>15}")
