@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import thermosample as ts
 from thermosample import bulk
 from thermosample.bulk import ConfigMismatchError
 
@@ -219,3 +220,12 @@ def test_a_failed_write_removes_its_own_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         bulk.sample_to_disk(SPEC, out=str(tmp_path), **JOB)
     assert sorted(f for f in os.listdir(tmp_path) if f != bulk.LOCK) == ["manifest.json", bulk.shard_name(0)]
+
+
+def test_numpy_integer_seed(tmp_path):
+    """A NumPy integer seed (as ts.sample takes) is stored as a plain int and gives ts.sample's samples."""
+    import numpy as np
+    res = ts.bulk.sample_to_disk("thermosample.toy:toy_factory", 4, 2, str(tmp_path / "o"), steps=3, seed=np.int64(5))
+    assert res.num_shards == 2
+    data = ts.bulk.load_shards(str(tmp_path / "o"))
+    assert torch.equal(data["samples"], ts.sample(ts.toy.toy_factory(), (4, 8), steps=3, seed=5).samples)

@@ -188,7 +188,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _umask() -> int:
     """The process umask (read once: reading it means setting it, briefly)."""
     mask = os.umask(0o022)
@@ -447,6 +447,8 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
         grid = [float(s) for s in (grid.tolist() if hasattr(grid, "tolist") else grid)]
     if max_shards is not None:
         max_shards = _positive_int("max_shards", max_shards)
+    if isinstance(seed, np.integer):       # a NumPy integer seed is stored (JSON) and used as a plain int
+        seed = int(seed)
     config = {"model": ident, "n": n, "batch": batch, "sample_shape": list(sample_shape), "steps": steps,
               "solver": solver, "grid": grid, "seed": seed, "backend": backend, "track": bool(track),
               "solver_options": solver_options, "format_version": FORMAT_VERSION}
@@ -543,6 +545,7 @@ def _collective(fn):
     if world == 1:
         return fn()
     import torch.distributed as dist
+
     from .distributed import _status_device
     error, result = None, None
     try:
