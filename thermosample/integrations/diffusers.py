@@ -23,7 +23,7 @@ sigmas=)`, the timestep/sigma grids for every spacing option, `init_noise_sigma`
   thermosample.NonFiniteError if a model output or state was NaN/Inf). Physical coordinates are those
   of the training schedule: DiscreteVP(alphas_cumprod) for the VP schedulers, CondOT (rectified flow)
   for flow matching.
-- config options whose step thermosample does not implement (e.g. DPM-Solver order 3, thresholding,
+- config options whose step thermosample does not implement (e.g. thresholding, learned variances,
   per-token timesteps) fall back to diffusers' own `step` with one warning; those steps are not fused
   and not in the report.
 
@@ -35,28 +35,45 @@ import inspect
 import math
 import warnings
 
+import numpy as np
 import torch
 from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
+
+# diffusers' pipeline loader resolves a saved component as getattr(<its module>, "SchedulerMixin") to find
+# its load method (model_index.json names this module as the Thermo schedulers' library): keep the
+# SchedulerMixin / ConfigMixin imports here even though nothing below uses them by name.
+from diffusers.configuration_utils import ConfigMixin  # noqa: F401
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_dpmsolver_multistep import SchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..run import Run
 from ..schedules import EDM, CondOT, DiscreteVP
-from ..solvers import ancestral_step, churn_sigma, heun_correction
+from ..solvers import ancestral_step, churn_sigma, deis_coeffs, heun_correction, linear_multistep_coeff, unipc_rhos
 from ..thermo import ThermoReport
 
 __all__ = ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler", "ThermoHeunDiscreteScheduler",
-           "ThermoDPMSolverMultistepScheduler", "ThermoFlowMatchEulerDiscreteScheduler"]
+           "ThermoDPMSolverMultistepScheduler", "ThermoFlowMatchEulerDiscreteScheduler",
+           "ThermoUniPCMultistepScheduler", "ThermoDDIMScheduler", "ThermoDDPMScheduler",
+           "ThermoDEISMultistepScheduler", "ThermoLMSDiscreteScheduler"]
 
 _FLOW_T_MAX = 1.0 - 1e-6
 
@@ -121,8 +138,14 @@ class _ThermoStep:
     def set_timesteps(self, *args, **kwargs):
         """diffusers' set_timesteps, then host float copies of sigmas/timesteps and a fresh Run."""
         super().set_timesteps(*args, **kwargs)
+        self._host_grid()
+
+    def _host_grid(self):
         self._sig = self.sigmas.detach().to("cpu", torch.float64).tolist()
         self._ts = self.timesteps.detach().to("cpu", torch.float64).tolist()
+        self._new_run()
+
+    def _new_run(self):
         self._seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         self._run = _SchedulerRun(self, self._sig, self._seed, self._make_thermo_schedule())
 
@@ -334,35 +357,79 @@ class ThermoHeunDiscreteScheduler(_ThermoStep, HeunDiscreteScheduler):
         return HeunDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
 
 
-class ThermoDPMSolverMultistepScheduler(_ThermoStep, DPMSolverMultistepScheduler):
-    """DPMSolverMultistepScheduler, DPM-Solver++(2M) and SDE-DPM-Solver++(2M) (Lu et al. 2022), on the fused op.
+class _VPMultistep:
+    """Shared by the multistep VP schedulers (DPM-Solver, UniPC, DEIS): the state is the physical x = alpha x_hat
+    (or the flow state with use_flow_sigmas), (alpha_t, sigma_t) from a host sigma as diffusers'
+    `_sigma_to_alpha_sigma_t`, and the x0 prediction D = kx x + ko o of each prediction type."""
 
-    Fused: algorithm_type "dpmsolver++" / "sde-dpmsolver++", solver_order 1 or 2, solver_type "midpoint",
-    no thresholding; other configs use diffusers' step (one warning).
+    def _make_thermo_schedule(self):
+        return CondOT() if getattr(self.config, "use_flow_sigmas", False) else super()._make_thermo_schedule()
+
+    def scale_model_input(self, sample, *args, **kwargs):
+        """Identity (these solvers work on the physical state)."""
+        return sample
+
+    def _alpha_sigma(self, s):
+        if getattr(self.config, "use_flow_sigmas", False):
+            return 1.0 - s, s
+        a = 1.0 / math.sqrt(s * s + 1.0)
+        return a, s * a
+
+    def _lam(self, s):
+        a, g = self._alpha_sigma(s)
+        return math.log(a) - math.log(g)
+
+    def _x0_map(self, s):
+        a, g = self._alpha_sigma(s)
+        p = self.config.prediction_type
+        maps = {"epsilon": (1.0 / a, -g / a), "sample": (0.0, 1.0), "v_prediction": (a, -g),
+                "flow_prediction": (1.0, -s)}
+        if p not in maps:
+            raise ValueError(f"prediction_type given as {p} must be one of `epsilon`, `sample`, `v_prediction`, or "
+                             "`flow_prediction`")
+        return maps[p]
+
+    def _convert(self, i, x, o):
+        """D = kx x + ko o at sigmas[i], one fused op that also records the evaluation's rate."""
+        s = self._sig[i]
+        kx, ko = self._x0_map(s)
+        return self._fused(i, [x, o], [kx, ko], track=(s, 1.0 / self._alpha_sigma(s)[0], kx, ko)), kx, ko
+
+
+def _merge(terms):
+    """[(tensor, coeff)] -> (inputs, coeffs), one slot per distinct tensor (by identity), zero terms dropped
+    (the first term, the state, is always kept so that the output has its shape and dtype)."""
+    inputs, coeffs = [], []
+    for k, (t, c) in enumerate(terms):
+        for j, u in enumerate(inputs):
+            if u is t:
+                coeffs[j] += c
+                break
+        else:
+            if c != 0.0 or k == 0:
+                inputs.append(t)
+                coeffs.append(c)
+    return inputs, coeffs
+
+
+class ThermoDPMSolverMultistepScheduler(_VPMultistep, _ThermoStep, DPMSolverMultistepScheduler):
+    """DPMSolverMultistepScheduler, DPM-Solver++(1/2/3M) and SDE-DPM-Solver++(1/2/3M) (Lu et al. 2022), on the
+    fused op.
+
+    Fused: algorithm_type "dpmsolver++" / "sde-dpmsolver++", solver_order 1, 2 or 3, solver_type "midpoint" or
+    "heun", no thresholding; other configs use diffusers' step (one warning). Each step is two fused ops: the
+    x0 prediction (tracked) and the update over x and up to three kept predictions (+ the noise).
     """
 
     def _fusable(self):
         c = self.config
         if c.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
             return f"algorithm_type={c.algorithm_type!r}"
-        if c.solver_order not in (1, 2) or c.solver_type != "midpoint":
+        if c.solver_order not in (1, 2, 3) or c.solver_type not in ("midpoint", "heun"):
             return f"solver_order={c.solver_order}, solver_type={c.solver_type!r}"
-        if c.thresholding or c.variance_type is not None:
+        if c.thresholding or c.variance_type in ("learned", "learned_range"):
             return "thresholding / learned variance"
         return None
-
-    def _make_thermo_schedule(self):
-        return CondOT() if self.config.use_flow_sigmas else super()._make_thermo_schedule()
-
-    def scale_model_input(self, sample, *args, **kwargs):
-        """Identity (DPM-Solver works on the physical state)."""
-        return sample
-
-    def _alpha_sigma(self, s):
-        if self.config.use_flow_sigmas:
-            return 1.0 - s, s
-        a = 1.0 / math.sqrt(s * s + 1.0)
-        return a, s * a
 
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         """One multistep DPM-Solver++ update in lambda = log(alpha / sigma).
@@ -382,34 +449,50 @@ class ThermoDPMSolverMultistepScheduler(_ThermoStep, DPMSolverMultistepScheduler
         i = self._index(timestep)
         n = len(self._ts)
         final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
+        second = i == n - 2 and c.lower_order_final and n < 15
         x, o = sample.to(torch.float32), model_output.to(torch.float32)
         s, s_next = self._sig[i], self._sig[i + 1]
         a_s, sg_s = self._alpha_sigma(s)
-        p = c.prediction_type
-        kx, ko = {"epsilon": (1.0 / a_s, -sg_s / a_s), "sample": (0.0, 1.0), "v_prediction": (a_s, -sg_s),
-                  "flow_prediction": (1.0, -s)}[p]
-        denoised = self._fused(i, [x, o], [kx, ko], track=(s, 1.0 / a_s, kx, ko))
+        denoised, _, _ = self._convert(i, x, o)
         self.model_outputs = list(self.model_outputs[1:]) + [denoised]
         sde = c.algorithm_type == "sde-dpmsolver++"
-        order = 1 if (c.solver_order == 1 or self.lower_order_nums < 1 or final) else 2
+        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
+            order = 1
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or second:
+            order = 2
+        else:
+            order = 3
         a_t, sg_t = self._alpha_sigma(s_next)
         inputs, coeffs, noise = [x, denoised], [0.0, 1.0], 0.0  # sigma_t = 0: x = D
         if sde and generator is not None and variance_noise is None:
             variance_noise = randn_tensor(o.shape, generator=generator, device=o.device, dtype=torch.float32)
-        if sg_t > 0:
-            lam = lambda a, g: math.log(a) - math.log(g)  # noqa: E731
-            h = lam(a_t, sg_t) - lam(a_s, sg_s)
+        h = self._lam(s_next) - self._lam(s) if sg_t > 0 else math.inf
+        if h == 0:  # a repeated final sigma (karras + "sigma_min"): no step (diffusers: x, or NaN at order 3)
+            inputs, coeffs = [x], [1.0]
+        elif sg_t > 0:
+            em = math.expm1(-2.0 * h) if sde else math.expm1(-h)
             if sde:
-                cx, cd = sg_t / sg_s * math.exp(-h), a_t * -math.expm1(-2.0 * h)
-                cz = sg_t * math.sqrt(-math.expm1(-2.0 * h))
+                cx, cd, cz = sg_t / sg_s * math.exp(-h), a_t * -em, sg_t * math.sqrt(-em)
+                c1_heun = a_t * (-em / (-2.0 * h) + 1.0)
+                c2 = a_t * ((-em - 2.0 * h) / (2.0 * h) ** 2 - 0.5)          # + c2 D2
             else:
-                cx, cd, cz = sg_t / sg_s, -a_t * math.expm1(-h), 0.0
-            inputs, coeffs = [x, denoised], [cx, cd]
-            if order == 2:  # (second_last only matters for solver_order 3, not fused)
-                a_1, sg_1 = self._alpha_sigma(self._sig[i - 1])
-                r0 = (lam(a_s, sg_s) - lam(a_1, sg_1)) / h
-                k = 0.5 * cd / r0  # midpoint: 0.5 * coeff * D1, D1 = (m0 - m1) / r0
-                inputs, coeffs = inputs + [self.model_outputs[-2]], [cx, cd + k, -k]
+                cx, cd, cz = sg_t / sg_s, -a_t * em, 0.0
+                c1_heun = a_t * (em / h + 1.0)
+                c2 = -a_t * ((em + h) / h ** 2 - 0.5)                        # - (...) D2
+            terms = [(x, cx), (denoised, cd)]
+            ms = self.model_outputs
+            if order == 2:
+                r0 = (self._lam(s) - self._lam(self._sig[i - 1])) / h
+                c1 = 0.5 * cd if c.solver_type == "midpoint" else c1_heun   # on D1 = (m0 - m1) / r0
+                terms += [(ms[-1], c1 / r0), (ms[-2], -c1 / r0)]
+            elif order == 3:
+                lam1, lam2 = self._lam(self._sig[i - 1]), self._lam(self._sig[i - 2])
+                r0, r1 = (self._lam(s) - lam1) / h, (lam1 - lam2) / h
+                # D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1), D1_0 = (m0-m1)/r0, D1_1 = (m1-m2)/r1
+                w0 = c1_heun * (1.0 + r0 / (r0 + r1)) + c2 / (r0 + r1)      # on D1_0
+                w1 = -c1_heun * r0 / (r0 + r1) - c2 / (r0 + r1)             # on D1_1
+                terms += [(ms[-1], w0 / r0), (ms[-2], -w0 / r0 + w1 / r1), (ms[-3], -w1 / r1)]
+            inputs, coeffs = _merge(terms)
             if sde:
                 if variance_noise is not None:
                     inputs, coeffs = inputs + [variance_noise.to(o.device, torch.float32)], coeffs + [cz]
@@ -458,3 +541,388 @@ class ThermoFlowMatchEulerDiscreteScheduler(_ThermoStep, FlowMatchEulerDiscreteS
         if not return_dict:
             return (prev,)
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
+
+
+class ThermoUniPCMultistepScheduler(_VPMultistep, _ThermoStep, UniPCMultistepScheduler):
+    """UniPCMultistepScheduler (Zhao et al. 2023; UniP-p predictor + UniC corrector, B(h) "bh1"/"bh2",
+    solver_order 1-3, predict_x0=True) on the fused op.
+
+    Each step is two fused ops: the x0 prediction (tracked) and one update that applies the UniC corrector
+    at sigma_i and the UniP predictor to sigma_i+1 together, over the state and up to four kept predictions.
+    The corrected state is kept as a combination (never stored): when `sample` is the tensor the previous
+    step returned it is sample + Delta (the corrector minus the predictor that made it, as
+    thermosample.solvers.unipc); otherwise (a pipeline that edits the latents between steps) it is diffusers'
+    own UniC over `last_sample`, which is materialised then (one op). `last_sample` reads it materialised.
+    A final step to sigma = 0 is x = D for bh1 too (diffusers' bh1 gives NaN there: B(h) = -inf).
+    Not fused (diffusers' step, one warning): predict_x0=False, thresholding, solver_p.
+    """
+
+    def _host_grid(self):
+        super()._host_grid()
+        self._kept = []
+
+    @property
+    def last_sample(self):
+        xc = self.__dict__.get("_xc")
+        if xc is None:
+            return None
+        if len(xc) > 1 or xc[0][1] != 1.0:
+            inputs, coeffs = _merge(xc)
+            self._xc = [(self._fused(self._step_index or 0, inputs, coeffs), 1.0)]
+        return self._xc[0][0]
+
+    @last_sample.setter
+    def last_sample(self, value):
+        self._xc = None if value is None else [(value, 1.0)]
+        self._returned = None
+
+    def _fusable(self):
+        c = self.config
+        if not self.predict_x0:
+            return "predict_x0=False"
+        if c.thresholding:
+            return "thresholding"
+        if self.solver_p is not None:
+            return "solver_p"
+        if c.solver_order not in (1, 2, 3) or c.solver_type not in ("bh1", "bh2"):
+            return f"solver_order={c.solver_order}, solver_type={c.solver_type!r}"
+        return None
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        """UniC at sigma_i (when enabled) and UniP-p to sigma_i+1, one fused update.
+
+        Args:
+            model_output: [B, C, H, W] epsilon, v, sample or flow prediction; sample: [B, C, H, W] physical x.
+        """
+        reason = self._fusable()
+        if reason:
+            self._fallback(f"{reason} is not fused")
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+        c = self.config
+        i = self._index(timestep)
+        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        s = self._sig[i]
+        a_s, g_s = self._alpha_sigma(s)
+        m, _, _ = self._convert(i, x, o)
+        old = getattr(self, "_kept", [])       # x0 predictions, newest first
+        use_corrector = i > 0 and (i - 1) not in self.disable_corrector and self._xc is not None
+        terms = [(x, 1.0)]
+        if use_corrector:
+            p_c, s_p = self.this_order, self._sig[i - 1]
+            h = self._lam(s) - self._lam(s_p)
+            rks = [(self._lam(self._sig[i - 1 - k]) - self._lam(s_p)) / h for k in range(1, p_c)] + [1.0]
+            b_h, rho_c = unipc_rhos(h, rks, c.solver_type, corrector=True)
+            if sample is self._returned:   # x_c = x + (UniC - UniP) over the kept predictions
+                _, rho_p = unipc_rhos(h, rks, c.solver_type, corrector=False)
+                rho_p = rho_p + [0.0] * (p_c - 1 - len(rho_p))
+                diff = [rc - rp for rc, rp in zip(rho_c[:-1], rho_p)]
+            else:                           # diffusers' UniC from last_sample
+                terms = [(self.last_sample, g_s / self._alpha_sigma(s_p)[1]), (old[0], -a_s * math.expm1(-h))]
+                diff = rho_c[:-1]
+            for k in range(1, p_c):
+                w = -a_s * b_h * diff[k - 1] / rks[k - 1]
+                terms += [(old[k], w), (old[0], -w)]
+            terms += [(m, -a_s * b_h * rho_c[-1]), (old[0], a_s * b_h * rho_c[-1])]
+        self._kept = ([m] + old)[:c.solver_order]
+        for k in range(c.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+            self.timestep_list[k] = self.timestep_list[k + 1]
+        self.model_outputs[-1], self.timestep_list[-1] = m, timestep
+        n = len(self._ts)
+        order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
+        self.this_order = p = min(order, self.lower_order_nums + 1)
+        self._xc = terms
+        s_t = self._sig[i + 1]
+        a_t, g_t = self._alpha_sigma(s_t)
+        if g_t == 0:      # h = inf: x = D (order 1; higher orders have rk = 0 there)
+            step = [(x, 0.0), (m, 1.0)]
+        else:
+            h = self._lam(s_t) - self._lam(s)
+            step = [(t, c_ * g_t / g_s) for t, c_ in terms] + [(m, -a_t * math.expm1(-h))]
+            if p > 1:
+                rks = [(self._lam(self._sig[i - k]) - self._lam(s)) / h for k in range(1, p)] + [1.0]
+                b_h, rho_p = unipc_rhos(h, rks, c.solver_type, corrector=False)
+                for k in range(1, p):
+                    w = -a_t * b_h * rho_p[k - 1] / rks[k - 1]
+                    step += [(self._kept[k], w), (m, -w)]
+        inputs, coeffs = _merge(step)
+        prev = self._stored(i, self._fused(i, inputs, coeffs), model_output.dtype)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        self._returned = prev
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+
+class ThermoDEISMultistepScheduler(_VPMultistep, _ThermoStep, DEISMultistepScheduler):
+    """DEISMultistepScheduler (Zhang & Chen 2023, tAB "logrho", orders 1-3) on the fused op: the noise
+    prediction eps (tracked, one op) and x_t = alpha_t (x / alpha_s + sum_j c_j eps_j) (one op), the c_j
+    from thermosample.solvers.deis_coeffs in rho = sigma / alpha. Thresholding uses diffusers' step."""
+
+    def _fusable(self):
+        c = self.config
+        if c.algorithm_type != "deis" or c.solver_type != "logrho":
+            return f"algorithm_type={c.algorithm_type!r}, solver_type={c.solver_type!r}"
+        if c.thresholding:
+            return "thresholding"
+        if c.solver_order not in (1, 2, 3):
+            return f"solver_order={c.solver_order}"
+        return None
+
+    def step(self, model_output, timestep, sample, return_dict=True):
+        """One multistep DEIS update.
+
+        Args:
+            model_output: [B, C, H, W] epsilon, v, sample or flow prediction; sample: [B, C, H, W] physical x.
+        """
+        reason = self._fusable()
+        if reason:
+            self._fallback(f"{reason} is not fused")
+            return super().step(model_output, timestep, sample, return_dict=return_dict)
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+        c = self.config
+        i = self._index(timestep)
+        n = len(self._ts)
+        final = i == n - 1 and c.lower_order_final and n < 15
+        second = i == n - 2 and c.lower_order_final and n < 15
+        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        s, s_t = self._sig[i], self._sig[i + 1]
+        a_s, g_s = self._alpha_sigma(s)
+        kx, ko = self._x0_map(s)
+        # eps = (x - alpha x0) / sigma, x0 = kx x + ko o; the rate is that of x0
+        eps = self._fused(i, [x, o], [(1.0 - a_s * kx) / g_s, -a_s * ko / g_s], track=(s, 1.0 / a_s, kx, ko))
+        self.model_outputs = list(self.model_outputs[1:]) + [eps]
+        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
+            order = 1
+        elif c.solver_order == 2 or self.lower_order_nums < 2 or second:
+            order = 2
+        else:
+            order = 3
+        a_t, g_t = self._alpha_sigma(s_t)
+        rhos = [self._rho(self._sig[i - k]) for k in range(order)]
+        cs = deis_coeffs(rhos, self._rho(s_t))
+        terms = [(x, a_t / a_s)] + [(self.model_outputs[-1 - k], a_t * cs[k]) for k in range(order)]
+        inputs, coeffs = _merge(terms)
+        prev = self._stored(i, self._fused(i, inputs, coeffs), model_output.dtype)
+        if self.lower_order_nums < c.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        if not return_dict:
+            return (prev,)
+        return SchedulerOutput(prev_sample=prev)
+
+    def _rho(self, s):
+        a, g = self._alpha_sigma(s)
+        return g / a
+
+
+class ThermoLMSDiscreteScheduler(_ThermoStep, LMSDiscreteScheduler):
+    """LMSDiscreteScheduler (linear multistep in sigma, order <= 4) on the fused op: the x0 prediction
+    (tracked), the derivative (x - x0) / sigma kept for later steps, and x + sum_j c_j d_j over up to four
+    derivatives (one op); the c_j are thermosample.solvers.linear_multistep_coeff (exact polynomial
+    integrals; diffusers integrates the same polynomials with scipy's quad)."""
+
+    def step(self, model_output, timestep, sample, order=4, return_dict=True):
+        """One linear multistep update of order min(order, step + 1).
+
+        Args:
+            model_output: [B, C, H, W] epsilon, v or sample; sample: [B, C, H, W] x_hat; order: 1-4.
+        """
+        if not self.is_scale_input_called:
+            warnings.warn("The `scale_model_input` function should be called before `step` to ensure correct "
+                          "denoising. See `StableDiffusionPipeline` for a usage example.", stacklevel=2)
+        if not isinstance(order, int) or not 1 <= order <= 4:
+            raise ValueError(f"order must be an int in 1..4, got {order!r}")
+        i = self._index(timestep)
+        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        s = self._sig[i]
+        kx, ko = self._x0_coeffs(s)
+        denoised = self._fused(i, [x, o], [kx, ko], track=(s, 1.0, kx, ko))
+        self.derivatives.append(self._fused(i, [x, denoised], [1.0 / s, -1.0 / s]))
+        if len(self.derivatives) > order:
+            self.derivatives.pop(0)
+        p = min(i + 1, order)
+        coeffs = [linear_multistep_coeff(p, self._sig, i, j) for j in range(p)]
+        hist = list(reversed(self.derivatives))[:p]
+        prev = self._stored(i, self._fused(i, [x] + hist, [1.0] + coeffs), model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev, denoised
+        return LMSDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+
+
+class _TimestepScheduler:
+    """DDIM/DDPM: diffusers keeps no sigma grid and indexes alphas_cumprod by the timestep value. The host grid
+    is the VP sigma of each timestep (+ the final one); the step reads the timestep on the host when it is a
+    number or a CPU tensor (diffusers' semantics, any order), else follows a host counter (a GPU timestep)."""
+
+    def _final_alpha(self):
+        return np.float32(1.0)
+
+    def _host_grid(self):
+        self._ac = self.alphas_cumprod.detach().to("cpu", torch.float32).numpy()
+        self._ts = [int(t) for t in self.timesteps.detach().cpu().tolist()]
+        self._sig = [self._sigma_of(self._ac[t]) for t in self._ts] + [self._sigma_of(self._final_alpha())]
+        self._host_i = None
+        self._new_run()
+
+    @staticmethod
+    def _sigma_of(a):
+        a = float(a)
+        return math.sqrt((1.0 - a) / a) if a < 1.0 else 0.0
+
+    def _host_timestep(self, timestep):
+        """(index into the host grid, timestep value); no device read."""
+        if getattr(self, "_run", None) is None:
+            self._host_grid()
+        nxt = self._host_i if self._host_i is not None else (getattr(self, "_begin_index", None) or 0)
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            i = min(nxt, len(self._ts) - 1)
+            t = self._ts[i]
+        else:
+            t = int(timestep)
+            hits = [k for k, v in enumerate(self._ts) if v == t]
+            i = hits[0] if hits else min(nxt, len(self._ts) - 1)
+        self._host_i = i + 1
+        return i, t
+
+    def _x0_eps(self, a_t):
+        """sqrt(a), sqrt(1 - a) (float32, as diffusers) and the maps x0 = kx x + ko o, eps = ex x + eo o."""
+        b_t = np.float32(1.0) - a_t
+        ra, rb = float(np.sqrt(a_t)), float(np.sqrt(b_t))
+        p = self.config.prediction_type
+        if p == "epsilon":
+            return ra, rb, (1.0 / ra, -rb / ra), (0.0, 1.0)
+        if p == "sample":
+            return ra, rb, (0.0, 1.0), (1.0 / rb, -ra / rb)
+        if p == "v_prediction":
+            return ra, rb, (ra, -rb), (rb, ra)
+        raise ValueError(f"prediction_type given as {p} must be one of `epsilon`, `sample`, or `v_prediction`")
+
+    def _predict_x0(self, i, t, x, o):
+        ra, rb, (kx, ko), e = self._x0_eps(self._ac[t])
+        x0 = self._fused(i, [x, o], [kx, ko], track=(self._sig[i], 1.0 / ra, kx, ko))
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        return x0, ra, rb, (kx, ko), e
+
+    def scale_model_input(self, sample, *args, **kwargs):
+        return sample
+
+
+class ThermoDDIMScheduler(_TimestepScheduler, _ThermoStep, DDIMScheduler):
+    """DDIMScheduler (Song et al. 2021; eta = 0 deterministic, eta > 0 with fresh noise) on the fused op: the x0
+    prediction (tracked, clipped as diffusers' clip_sample) and x' = sqrt(a') x0 + sqrt(1 - a' - std^2) eps
+    + std z in one op. Noise: `variance_noise` or `generator` give diffusers' numbers; with neither it is
+    in-kernel Philox noise. Thresholding uses diffusers' step."""
+
+    def _final_alpha(self):
+        return np.float32(self.final_alpha_cumprod)
+
+    def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+             variance_noise=None, return_dict=True):
+        """One DDIM step from `timestep` to timestep - num_train_timesteps // num_inference_steps.
+
+        Args:
+            model_output: [B, C, H, W] epsilon, v or sample; sample: [B, C, H, W] physical x; eta: noise
+            weight (0: DDIM, 1: DDPM-like); use_clipped_model_output: eps re-derived from the clipped x0;
+            generator / variance_noise: diffusers' noise (not both).
+        """
+        if self.config.thresholding:
+            self._fallback("thresholding is not fused")
+            return super().step(model_output, timestep, sample, eta=eta,
+                                use_clipped_model_output=use_clipped_model_output, generator=generator,
+                                variance_noise=variance_noise, return_dict=return_dict)
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        i, t = self._host_timestep(timestep)
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        a_prev = self._ac[prev_t] if prev_t >= 0 else self._final_alpha()
+        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x0, ra, rb, _, (ex, eo) = self._predict_x0(i, t, x, o)
+        a_t = self._ac[t]
+        one = np.float32(1.0)
+        variance = ((one - a_prev) / (one - a_t)) * (one - a_t / a_prev)
+        std = np.float32(eta) * np.sqrt(variance)
+        direction = float(np.sqrt(one - a_prev - std * std))
+        if use_clipped_model_output:   # eps = (x - sqrt(a) x0) / sqrt(1 - a)
+            terms = [(x0, float(np.sqrt(a_prev)) - direction * ra / rb), (x, direction / rb)]
+        else:
+            terms = [(x0, float(np.sqrt(a_prev))), (x, direction * ex), (o, direction * eo)]
+        inputs, coeffs = _merge(terms)
+        noise = 0.0
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            self._eta_used = True
+            if variance_noise is not None:
+                inputs, coeffs = inputs + [variance_noise.to(o.device, torch.float32)], coeffs + [float(std)]
+            else:
+                noise = self._noise(i, o.shape, o.device, model_output.dtype, generator, float(std), inputs, coeffs)
+        prev = self._stored(i, self._fused(i, inputs, coeffs, noise=noise), model_output.dtype)
+        if not return_dict:
+            return prev, x0
+        return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _stochastic(self):
+        return getattr(self, "_eta_used", False)
+
+
+class ThermoDDPMScheduler(_TimestepScheduler, _ThermoStep, DDPMScheduler):
+    """DDPMScheduler (Ho et al. 2020, the ancestral step) on the fused op: the x0 prediction (tracked, clipped as
+    diffusers' clip_sample) and x' = c0 x0 + c_x x + std z in one op. variance_type "fixed_small",
+    "fixed_small_log" and "fixed_large" are fused; "learned", "learned_range", "fixed_large_log" and
+    thresholding use diffusers' step (one warning). With a `generator` the noise is diffusers' draw; without
+    one, in-kernel Philox noise."""
+
+    def _fusable(self):
+        if self.config.thresholding:
+            return "thresholding"
+        if self.variance_type not in ("fixed_small", "fixed_small_log", "fixed_large"):
+            return f"variance_type={self.variance_type!r}"
+        return None
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        """One ancestral DDPM step from `timestep` to the previous timestep of the grid.
+
+        Args:
+            model_output: [B, C, H, W] epsilon, v or sample; sample: [B, C, H, W] physical x; generator:
+            diffusers' noise.
+        """
+        reason = self._fusable()
+        if reason:
+            self._fallback(f"{reason} is not fused")
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        i, t = self._host_timestep(timestep)
+        prev_t = self._ts[i + 1] if (t in self._ts and i + 1 < len(self._ts)) else (-1 if t in self._ts else t - 1)
+        one = np.float32(1.0)
+        a_t = self._ac[t]
+        a_prev = self._ac[prev_t] if prev_t >= 0 else one
+        b_t, b_prev = one - a_t, one - a_prev
+        cur_alpha = a_t / a_prev
+        cur_beta = one - cur_alpha
+        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x0, *_ = self._predict_x0(i, t, x, o)
+        c0 = float((np.sqrt(a_prev) * cur_beta) / b_t)
+        cx = float(np.sqrt(cur_alpha) * b_prev / b_t)
+        inputs, coeffs, noise = [x0, x], [c0, cx], 0.0
+        if t > 0:
+            variance = max((b_prev / b_t) * cur_beta, np.float32(1e-20))
+            std = {"fixed_small": lambda: np.sqrt(variance),
+                   "fixed_small_log": lambda: np.exp(np.float32(0.5) * np.log(variance)),
+                   "fixed_large": lambda: np.sqrt(cur_beta)}[self.variance_type]()
+            noise = self._noise(i, o.shape, o.device, model_output.dtype, generator, float(std), inputs, coeffs)
+        prev = self._stored(i, self._fused(i, inputs, coeffs, noise=noise), model_output.dtype)
+        if not return_dict:
+            return prev, x0
+        return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+    def _stochastic(self):
+        return True
