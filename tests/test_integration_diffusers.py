@@ -27,7 +27,7 @@ def unet():
                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
 
 
-BASE = dict(DDPMScheduler(num_train_timesteps=1000).config)
+BASE = {k: v for k, v in DDPMScheduler(num_train_timesteps=1000).config.items() if not k.startswith("_")}
 
 
 def close(a, b, rel=1e-5):
