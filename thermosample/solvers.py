@@ -22,6 +22,16 @@ import numpy as np
 from .validate import check_solver_options
 
 
+def _host_constant(fn):
+    """Host maths (NumPy) on Python floats: under ts.sample(compile=True) torch.compile treats its result as
+    a constant instead of tracing NumPy, so lms/unipc/deis compile with fullgraph=True."""
+    try:
+        import torch
+        return torch.compiler.assume_constant_result(fn)
+    except (ImportError, AttributeError):     # an older torch: plain function
+        return fn
+
+
 def churn_sigma(s: float, steps: int, churn: float, s_tmin: float, s_tmax: float) -> float:
     """EDM's raised noise level s_hat = s (1 + gamma), gamma = min(churn / steps, sqrt 2 - 1) inside the
     window [s_tmin, s_tmax] (Karras et al. 2022, Alg. 2 line 4)."""
@@ -158,6 +168,7 @@ def dpm_2(run, x, sigmas, churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     return x
 
 
+@_host_constant
 def linear_multistep_coeff(order, t, i, j):
     """Adams-Bashforth-type coefficient: integral over [t_i, t_i+1] of the Lagrange basis polynomial j
     through the nodes t_i, t_i-1, ..., t_i-order+1 (exact, by polynomial integration)."""
@@ -232,6 +243,7 @@ def _check_order(name, value, low, high):
     return int(value)
 
 
+@_host_constant
 def unipc_rhos(h, rks, variant, corrector):
     """(B(h), rhos) of a UniPC step of order p = len(rks) (Zhao et al. 2023, Alg. 2/3; data prediction):
     rks are the ratios (lambda_k - lambda_0) / h of the kept outputs, ending with 1; B(h) = h' (bh1) or
@@ -386,6 +398,7 @@ def ipndm(run, x, sigmas, max_order=4):
     return x
 
 
+@_host_constant
 def deis_coeffs(nodes, s_next):
     """DEIS tAB coefficients (Zhang & Chen 2023, "logrho"): c_j = integral from nodes[0] to s_next of the
     Lagrange basis polynomial j in log(rho) through log(nodes), d rho; x' = x + sum_j c_j eps_j.

@@ -37,6 +37,12 @@ import warnings
 
 import numpy as np
 import torch
+
+from ..validate import import_optional
+
+# diffusers is optional: without it, an install hint instead of a bare ModuleNotFoundError
+import_optional("diffusers", "diffusers", "thermosample.integrations.diffusers")
+
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
