@@ -25,10 +25,8 @@ count, and the run is refused if the two disagree).
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import sys
-import types
 import warnings
 
 import numpy as np
@@ -60,20 +58,8 @@ def load_k_diffusion():
     if _KD is not None:
         return _KD or None
     try:
-        spec0 = importlib.util.find_spec("k_diffusion")
-        if spec0 is None:
-            raise ImportError("k-diffusion not installed")
-        path = spec0.submodule_search_locations[0] + "/sampling.py"
-        pkg, utils = types.ModuleType("_kd_bench"), types.ModuleType("_kd_bench.utils")
-        pkg.__path__ = []
-        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-        pkg.utils = utils
-        sys.modules.update({"_kd_bench": pkg, "_kd_bench.utils": utils})
-        spec = importlib.util.spec_from_file_location("_kd_bench.sampling", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["_kd_bench.sampling"] = mod
-        spec.loader.exec_module(mod)
-        _KD = mod
+        from thermosample.integrations.k_diffusion import _peer
+        _KD = _peer()        # k-diffusion's own sampling module (from its file where its package import fails)
     except Exception as exc:  # noqa: BLE001 - the peers are optional
         print(f"(k-diffusion peers unavailable: {exc})", file=sys.stderr)
         _KD = False

@@ -6,8 +6,6 @@ k-diffusion, torchsde or torchdiffeq is not installed.
 """
 import importlib.util
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -19,22 +17,7 @@ if importlib.util.find_spec("k_diffusion") is None:
 
 from thermosample.integrations import k_diffusion as T  # noqa: E402
 
-
-def _load_peer():
-    path = importlib.util.find_spec("k_diffusion").submodule_search_locations[0] + "/sampling.py"
-    pkg, utils = types.ModuleType("_kd_peer"), types.ModuleType("_kd_peer.utils")
-    pkg.__path__ = []
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    sys.modules.update({"_kd_peer": pkg, "_kd_peer.utils": utils})
-    spec = importlib.util.spec_from_file_location("_kd_peer.sampling", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_kd_peer.sampling"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-K = _load_peer()
+K = T._peer()   # k-diffusion's own sampling module (loaded from its file: no torchvision here)
 MU = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
 
 

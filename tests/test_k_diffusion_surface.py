@@ -8,11 +8,9 @@ with k-diffusion's parameters first. Parity tests feed both sides the same noise
 the peer skip when k-diffusion (or torchsde / torchdiffeq, which its sampling.py imports) is missing; the
 ts.sample and import-without-k-diffusion tests always run.
 """
-import importlib.util
 import inspect
 import subprocess
 import sys
-import types
 import warnings
 
 import pytest
@@ -28,20 +26,10 @@ MIX = ts.toy.GaussianMixture(torch.tensor([[1.0, -2.0, 0.5, 0.0, 1.5, -1.0, 0.3]
 
 
 def _load_peer():
-    for dep in ("torchsde", "torchdiffeq", "k_diffusion"):
-        if importlib.util.find_spec(dep) is None:
-            return None
-    path = importlib.util.find_spec("k_diffusion").submodule_search_locations[0] + "/sampling.py"
-    pkg, utils = types.ModuleType("_kd_surface"), types.ModuleType("_kd_surface.utils")
-    pkg.__path__ = []
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    sys.modules.update({"_kd_surface": pkg, "_kd_surface.utils": utils})
-    spec = importlib.util.spec_from_file_location("_kd_surface.sampling", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["_kd_surface.sampling"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    try:
+        return T._peer()      # k-diffusion's own sampling module (from its file where its package import fails)
+    except ImportError:
+        return None
 
 
 _PEER = _load_peer()
