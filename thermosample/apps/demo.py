@@ -19,6 +19,7 @@ from ..calibrate import thermo_grid
 from ..sampler import sample
 from ..schedules import get_schedule
 from ..solvers import injects_noise
+from ..validate import import_optional
 
 # (schedule, solver, grid, steps)
 DEFAULT_RUNS = [
@@ -129,11 +130,10 @@ def calibrated_line(rows: list[dict]) -> str:
 
 
 def plot_rows(rows: list[dict], path: str) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    # a Figure of its own (no pyplot state, the user's matplotlib backend untouched)
+    figure = import_optional("matplotlib.figure", "plot", "thermosample demo --plot")
+    fig = figure.Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for r in rows:
         if r["solver"] != "dpmpp_2m" or r["grid"] != "karras" or r["steps"] != 20:
             continue
@@ -158,7 +158,6 @@ def plot_rows(rows: list[dict], path: str) -> str:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..denoiser import Denoiser
 from ..schedules import EDM
+from ..validate import import_optional
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "digits.safetensors")
 SHAPE = (1, 8, 8)
@@ -27,14 +28,14 @@ SHAPE = (1, 8, 8)
 
 def load_data() -> torch.Tensor:
     """The digits as float32 [1797, 1, 8, 8] in [-1, 1]."""
-    from sklearn.datasets import load_digits
+    load_digits = import_optional("sklearn.datasets", "digits", "the digits data").load_digits
     x = load_digits().data.astype(np.float32) / 16.0 * 2.0 - 1.0
     return torch.from_numpy(x).reshape(-1, *SHAPE)
 
 
 def load_labels() -> np.ndarray:
     """The digit labels [1797] (ints 0..9)."""
-    from sklearn.datasets import load_digits
+    load_digits = import_optional("sklearn.datasets", "digits", "the digits data").load_digits
     return load_digits().target
 
 
@@ -163,9 +164,7 @@ def load_denoiser(path: str = WEIGHTS) -> Denoiser:
 
 def save_grid_image(samples: torch.Tensor, path: str, nrow: int = 16) -> str:
     """Write samples [B, 1, 8, 8] in [-1, 1] as a grid PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    image = import_optional("matplotlib.image", "plot", "saving the digits grid image")
 
     x = samples.detach().float().cpu().clamp(-1, 1).reshape(-1, 8, 8).numpy()
     rows = math.ceil(x.shape[0] / nrow)
@@ -173,7 +172,7 @@ def save_grid_image(samples: torch.Tensor, path: str, nrow: int = 16) -> str:
     for i, img in enumerate(x):
         r, c = divmod(i, nrow)
         canvas[1 + r * 9:1 + r * 9 + 8, 1 + c * 9:1 + c * 9 + 8] = img
-    plt.imsave(path, np.kron(canvas, np.ones((6, 6))), cmap="gray_r", vmin=-1, vmax=1)
+    image.imsave(path, np.kron(canvas, np.ones((6, 6))), cmap="gray_r", vmin=-1, vmax=1)
     return path
 
 
