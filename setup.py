@@ -22,7 +22,10 @@ def get_extensions():
     compile_args = ["-O0", "-g"] if debug else ["-O3", "-fno-math-errno"]
     # The fused step is memory-bound, but the in-kernel Philox noise and the fp16 conversions are not:
     # target the build machine's vector ISA (AVX2/AVX-512) unless THERMOSAMPLE_MARCH says otherwise
-    # (e.g. THERMOSAMPLE_MARCH=x86-64-v3 for a portable wheel, THERMOSAMPLE_MARCH= for the default).
+    # (e.g. THERMOSAMPLE_MARCH=x86-64-v2 or x86-64 for a portable wheel, THERMOSAMPLE_MARCH= for the
+    # default). The noise loop does not depend on it: csrc/noise_avx2.cpp and csrc/noise_avx512.cpp are
+    # compiled for their ISA by target attributes/pragmas whatever -march is, and csrc/noise.cpp picks
+    # one at run time from the CPU's features (THERMOSAMPLE_CPU=avx512|avx2|generic forces one).
     march = os.environ.get("THERMOSAMPLE_MARCH", "native")
     if march and not debug and sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
         compile_args += [f"-march={march}", "-mprefer-vector-width=512"]

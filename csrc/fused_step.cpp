@@ -21,6 +21,7 @@
 #include <cstring>
 #include <vector>
 
+#include "noise.h"
 #include "philox.h"
 
 namespace thermosample {
@@ -164,11 +165,12 @@ double step_block(const StepArgs& a, int64_t b, int64_t e0, int64_t len, float* 
   el.cz = C(a.noise);
   el.out = static_cast<S*>(a.out) + base;
   const uint32_t sample = a.sample_offset + uint32_t(b);
+  const NormalsFn normals = noise_path().fn;   // avx512 / avx2 / generic, chosen once per process (noise.h)
 
   double total = 0.0;
   for (int64_t s = 0; s < len; s += kSub) {
     const int64_t n = std::min(kSub, len - s);
-    if (Noise) philox_normals(zbuf, uint64_t(e0 + s) >> 2, int((n + 3) >> 2), sample, a.step, a.seed);
+    if (Noise) normals(zbuf, uint64_t(e0 + s) >> 2, int((n + 3) >> 2), sample, a.step, a.seed);
     for (int64_t p0 = 0; p0 < n; p0 += kPart) {
       const int64_t m = std::min(kPart, n - p0);
       const int64_t q = s + p0;
@@ -262,7 +264,7 @@ void philox_normal(float* z, int64_t first, int64_t count, uint32_t sample, uint
   while (e < end) {
     const int64_t q0 = e >> 2, lead = e & 3;
     const int64_t n = std::min<int64_t>(kSub - lead, end - e);
-    philox_normals(buf, uint64_t(q0), int((lead + n + 3) >> 2), sample, step, seed);
+    noise_path().fn(buf, uint64_t(q0), int((lead + n + 3) >> 2), sample, step, seed);
     std::memcpy(z + (e - first), buf + lead, size_t(n) * sizeof(float));
     e += n;
   }

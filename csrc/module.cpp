@@ -5,11 +5,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "fused_step.h"
+#include "noise.h"
 
 // The package version, passed by setup.py from thermosample/_version.py (the one place it is written).
 #ifndef THERMOSAMPLE_VERSION
@@ -76,6 +78,7 @@ void philox_normal_py(uintptr_t z, int64_t first, int64_t count, uint32_t sample
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "thermosample fused CPU kernels";
+  ts::noise_path();   // pick the noise path (CPU features, THERMOSAMPLE_CPU) once, at load
   m.def("version", []() { return std::string(THERMOSAMPLE_VERSION); });
   m.attr("FLOAT32") = int(ts::kFloat32);
   m.attr("FLOAT64") = int(ts::kFloat64);
@@ -89,4 +92,25 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_normal", &philox_normal_py, py::arg("z"), py::arg("first"), py::arg("count"), py::arg("sample"),
         py::arg("step"), py::arg("seed"),
         "Standard normals (float32) of one sample's Philox stream, elements [first, first + count).");
+  m.def("cpu_path", []() { return std::string(ts::noise_path().name); },
+        "The CPU path generating the in-kernel noise: 'avx512', 'avx2' or 'generic' (chosen once per process "
+        "from the CPU's features, or forced by THERMOSAMPLE_CPU=avx512|avx2|generic|scalar).");
+  m.def("cpu_path_requested", []() { return std::string(ts::noise_path().requested); },
+        "THERMOSAMPLE_CPU as read when the path was chosen ('' when unset).");
+  m.def("philox_words", [](uintptr_t r, uint64_t q0, int64_t nquads, uint32_t sample, uint32_t step, uint64_t seed) {
+        if (nquads < 0) throw std::invalid_argument("philox_words: negative count");
+        if (nquads > 0 && r == 0) throw std::invalid_argument("philox_words: r is a null pointer");
+        uint32_t* out = reinterpret_cast<uint32_t*>(r);
+        py::gil_scoped_release release;
+        for (int64_t i = 0; i < nquads; i += 512) {
+          const int n = int(std::min<int64_t>(512, nquads - i));
+          ts::noise_path().words(out + 4 * i, q0 + uint64_t(i), n, sample, step, seed);
+        }
+      }, py::arg("r"), py::arg("q0"), py::arg("nquads"), py::arg("sample"), py::arg("step"), py::arg("seed"),
+      "Raw Philox4x32-10 words (uint32 [nquads, 4]) of quads q0 .. q0 + nquads - 1 from the active CPU path.");
+  m.def("cpu_paths", []() {
+        const char* names[8];
+        const int n = ts::available_noise_paths(names, 8);
+        return std::vector<std::string>(names, names + n);
+      }, "The noise paths this build and CPU can run, best first.");
 }

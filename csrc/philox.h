@@ -8,6 +8,7 @@
 //
 // The integer part is bit-exact. log and sincos are branch-free float32 polynomials (Cephes logf/sinf/
 // cosf, within a few ulp of libm) so that the loops over a block of quads vectorise (`omp simd`).
+// noise_avx2.cpp hand-vectorises the same arithmetic for AVX2; noise.h picks the path at run time.
 #pragma once
 
 #include <cstdint>
@@ -110,6 +111,21 @@ static inline void box_muller(uint32_t a, uint32_t c, float& z_even, float& z_od
 }
 
 constexpr int kMaxQuads = 512;  // quads per philox_normals call (2048 normals)
+
+// The Philox words of quads q0 .. q0 + nquads - 1 of one sample: r[4 i + k] = r_k of quad q0 + i (tests).
+static inline void philox_words(uint32_t* __restrict r, uint64_t q0, int nquads, uint32_t sample, uint32_t step,
+                                uint64_t seed) {
+  const uint32_t k0 = uint32_t(seed), k1 = uint32_t(seed >> 32);
+#pragma omp simd
+  for (int i = 0; i < nquads; ++i) {
+    uint64_t c0 = uint32_t(q0 + uint64_t(i)), c1 = sample, c2 = step, c3 = 0;
+    philox4x32_10(c0, c1, c2, c3, k0, k1);
+    r[4 * i] = uint32_t(c0);
+    r[4 * i + 1] = uint32_t(c1);
+    r[4 * i + 2] = uint32_t(c2);
+    r[4 * i + 3] = uint32_t(c3);
+  }
+}
 
 // Normals for elements [4 * q0, 4 * (q0 + nquads)) of one sample into z[0 .. 4 * nquads), nquads <=
 // kMaxQuads. Two vector loops: Philox on 64-bit lanes into planar words, then Box-Muller on float lanes

@@ -3,9 +3,16 @@
 `fused_step` wraps `_C.fused_step`: it allocates `out` (unless given) and `rate` with torch and passes raw
 data pointers, sizes and a dtype code to the C++ kernel (csrc/fused_step.cpp), which runs without the GIL
 on torch's intra-op thread count.
+
+The in-kernel noise runs on one of several CPU paths chosen at run time from the CPU's features
+(csrc/noise.h): "avx512", "avx2" or "generic" (the portable loops at the build's -march). `cpu_path()` says
+which; the environment variable THERMOSAMPLE_CPU=avx512|avx2|generic|scalar|auto, read once when the
+extension loads, forces one (a path this CPU lacks falls back to the best one, with a warning here).
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -28,6 +35,32 @@ def available() -> bool:
 
 def version() -> str | None:
     return getattr(_C, "version", lambda: None)() if _C is not None else None
+
+
+def cpu_path() -> str | None:
+    """The CPU path of the in-kernel noise: "avx512", "avx2" or "generic"; None without the extension."""
+    fn = getattr(_C, "cpu_path", None)
+    return fn() if fn is not None else None
+
+
+def cpu_paths() -> list[str]:
+    """The noise paths this build and CPU can run, best first (empty without the extension)."""
+    fn = getattr(_C, "cpu_paths", None)
+    return list(fn()) if fn is not None else []
+
+
+def _check_requested_path() -> None:
+    """Warn once when THERMOSAMPLE_CPU names a path that is not the one running (unknown or unsupported)."""
+    want = os.environ.get("THERMOSAMPLE_CPU", "")
+    if not want or want == "auto" or not available():
+        return
+    active = cpu_path()
+    if active is not None and active != {"scalar": "generic"}.get(want, want):
+        warnings.warn(f"THERMOSAMPLE_CPU={want!r}: not available here (paths: {cpu_paths()}); "
+                      f"the in-kernel noise runs on {active!r}", RuntimeWarning, stacklevel=2)
+
+
+_check_requested_path()
 
 
 def _require() -> None:
