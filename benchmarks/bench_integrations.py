@@ -110,7 +110,8 @@ def main():
                 tp.append(timed(peer, dev))
                 to.append(timed(ours, dev))
             rows.append({"case": name, "peer_s": min(tp), "thermosample_s": min(to), "speedup": min(tp) / min(to)})
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    cpu_name = platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name
     print(f"device: {dev} ({device_name}), threads={torch.get_num_threads()}, state {tuple(args.shape)} float32, "
           f"{STEPS} steps, 1x1-conv model, best of {args.repeats}")
     print(f"{'case':48s} {'peer ms':>10s} {'ours ms':>10s} {'speedup':>8s}")

@@ -3,8 +3,8 @@
 1. `ts.bulk.sample_to_disk` with the toy model, batch 1, --shards shards (default 2000): time per shard
    for each quarter of the job (flat = O(1) work per shard; it used to grow with the shards on disk), then
    a resume over the finished folder (verifies every shard: header and sha256) and `load_shards`.
-2. `ts.sample` for --steps steps (default 1000) on a 2 MB state with a one-multiply model, per solver: RSS growth over the run,
-   after a short warm-up run (flat = no per-step allocation that the heap keeps).
+2. `ts.sample` for --steps steps (default 1000) on a 2 MB state with a one-multiply model, per solver: RSS
+   growth over the run, after a short warm-up run (flat = no per-step allocation that the heap keeps).
 
 Prints a table and writes JSON (default benchmarks/out/soak.json). About a minute on 2 CPU cores.
 

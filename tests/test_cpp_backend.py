@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from thermosample import ops
-from thermosample.ops import cpp as _cpp, reference as _reference
+from thermosample.ops import cpp as _cpp
+from thermosample.ops import reference as _reference
 
 if not _cpp.available():
     raise RuntimeError(f"thermosample._C is not built (run `pip install --no-build-isolation -e .`): "

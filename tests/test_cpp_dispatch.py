@@ -138,7 +138,7 @@ def test_paths_agree_with_each_other(tmp_path):
     zs = {p: run_child(p, tmp_path)[1] for p in _cpp.cpu_paths()}
     base = zs["generic"]
     for p, z in zs.items():
-        torch.testing.assert_close(z, base, rtol=2e-6, atol=2e-6, msg=lambda m: f"{p} vs generic: {m}")
+        torch.testing.assert_close(z, base, rtol=2e-6, atol=2e-6, msg=lambda m, p=p: f"{p} vs generic: {m}")
         ulp = (z.view(torch.int32).long() - base.view(torch.int32).long()).abs().max().item()
         assert ulp <= 16, f"{p} vs generic: {ulp} ulp"
 

@@ -152,4 +152,4 @@ def test_fp16_latents_that_overflow_are_reported(cls):
     x = sch.step(huge, sch.timesteps[0], x).prev_sample     # finite in float32, inf once stored as fp16
     assert x.dtype == torch.float16 and not torch.isfinite(x).all()
     with pytest.raises(ts.NonFiniteError):
-        sch.thermo
+        _ = sch.thermo

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from thermosample import ops
-from thermosample.ops import cpp as _cpp, reference as _reference
+from thermosample.ops import cpp as _cpp
+from thermosample.ops import reference as _reference
 
 HAVE_CPP = _cpp.available()
 try:

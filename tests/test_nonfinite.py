@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import thermosample as ts
-from thermosample.toy import toy_factory
 from thermosample.errors import NonFiniteError
+from thermosample.toy import toy_factory
 
 BACKENDS = ["torch"] + (["cpp"] if ts.ops.cpp_available() else [])
 
