@@ -146,8 +146,10 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
         raise ValueError("pass shape or noise, not both")
     if noise is not None:
         check_noise(noise)
+    else:
+        shape = check_shape(shape)
     dev = sample_device(den, noise, device)
-    check_sample_offset(sample_offset, batch=noise.shape[0] if noise is not None else check_shape(shape)[0])
+    check_sample_offset(sample_offset, batch=(noise.shape if noise is not None else shape)[0])
     if noise is None and dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64 (the state dtype), got {dtype}")
     seed = resolve_seed(seed, generator)       # after the other checks: a bad call draws nothing from a generator
@@ -155,7 +157,6 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
         state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
         x = noise.to(state_dtype).contiguous()
     else:
-        shape = check_shape(shape)
         x = ops.randn(shape, seed=seed, step=INIT_NOISE_STEP, sample_offset=sample_offset, dtype=dtype,
                       device=dev, backend=backend) * float(sigmas[0])
 

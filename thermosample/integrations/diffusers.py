@@ -395,6 +395,26 @@ class _VPMultistep:
                              "`flow_prediction`")
         return maps[p]
 
+    def _require_timesteps(self):
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+
+    def _multistep_order(self, final, second):
+        """diffusers' order of this step: lower-order warm start, and 1st/2nd order on `final`/`second`."""
+        c = self.config
+        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or second:
+            return 2
+        return 3
+
+    def _finish(self, prev, return_dict):
+        """Advance the warm-start count and the step index; diffusers' output form."""
+        if self.lower_order_nums < self.config.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
     def _convert(self, i, x, o):
         """D = kx x + ko o at sigmas[i], one fused op that also records the evaluation's rate."""
         s = self._sig[i]
@@ -449,8 +469,7 @@ class ThermoDPMSolverMultistepScheduler(_VPMultistep, _ThermoStep, DPMSolverMult
             self._fallback(f"{reason} is not fused")
             return super().step(model_output, timestep, sample, generator=generator,
                                 variance_noise=variance_noise, return_dict=return_dict)
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+        self._require_timesteps()
         c = self.config
         i = self._index(timestep)
         n = len(self._ts)
@@ -462,12 +481,7 @@ class ThermoDPMSolverMultistepScheduler(_VPMultistep, _ThermoStep, DPMSolverMult
         denoised, _, _ = self._convert(i, x, o)
         self.model_outputs = list(self.model_outputs[1:]) + [denoised]
         sde = c.algorithm_type == "sde-dpmsolver++"
-        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
-            order = 1
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or second:
-            order = 2
-        else:
-            order = 3
+        order = self._multistep_order(final, second)
         a_t, sg_t = self._alpha_sigma(s_next)
         inputs, coeffs, noise = [x, denoised], [0.0, 1.0], 0.0  # sigma_t = 0: x = D
         if sde and generator is not None and variance_noise is None:
@@ -504,14 +518,8 @@ class ThermoDPMSolverMultistepScheduler(_VPMultistep, _ThermoStep, DPMSolverMult
                     inputs, coeffs = inputs + [variance_noise.to(o.device, torch.float32)], coeffs + [cz]
                 else:
                     noise = cz
-        prev = self._fused(i, inputs, coeffs, noise=noise)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
-        prev = self._stored(i, prev, model_output.dtype)
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        prev = self._stored(i, self._fused(i, inputs, coeffs, noise=noise), model_output.dtype)
+        return self._finish(prev, return_dict)
 
     def _stochastic(self):
         return self.config.algorithm_type == "sde-dpmsolver++"
@@ -604,8 +612,7 @@ class ThermoUniPCMultistepScheduler(_VPMultistep, _ThermoStep, UniPCMultistepSch
         if reason:
             self._fallback(f"{reason} is not fused")
             return super().step(model_output, timestep, sample, return_dict=return_dict)
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+        self._require_timesteps()
         c = self.config
         i = self._index(timestep)
         x, o = sample.to(torch.float32), model_output.to(torch.float32)
@@ -655,13 +662,8 @@ class ThermoUniPCMultistepScheduler(_VPMultistep, _ThermoStep, UniPCMultistepSch
                     step += [(self._kept[k], w), (m, -w)]
         inputs, coeffs = _merge(step)
         prev = self._stored(i, self._fused(i, inputs, coeffs), model_output.dtype)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
         self._returned = prev
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return self._finish(prev, return_dict)
 
 
 class ThermoDEISMultistepScheduler(_VPMultistep, _ThermoStep, DEISMultistepScheduler):
@@ -689,8 +691,7 @@ class ThermoDEISMultistepScheduler(_VPMultistep, _ThermoStep, DEISMultistepSched
         if reason:
             self._fallback(f"{reason} is not fused")
             return super().step(model_output, timestep, sample, return_dict=return_dict)
-        if self.num_inference_steps is None:
-            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
+        self._require_timesteps()
         c = self.config
         i = self._index(timestep)
         n = len(self._ts)
@@ -703,24 +704,14 @@ class ThermoDEISMultistepScheduler(_VPMultistep, _ThermoStep, DEISMultistepSched
         # eps = (x - alpha x0) / sigma, x0 = kx x + ko o; the rate is that of x0
         eps = self._fused(i, [x, o], [(1.0 - a_s * kx) / g_s, -a_s * ko / g_s], track=(s, 1.0 / a_s, kx, ko))
         self.model_outputs = list(self.model_outputs[1:]) + [eps]
-        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
-            order = 1
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or second:
-            order = 2
-        else:
-            order = 3
+        order = self._multistep_order(final, second)
         a_t, g_t = self._alpha_sigma(s_t)
         rhos = [self._rho(self._sig[i - k]) for k in range(order)]
         cs = deis_coeffs(rhos, self._rho(s_t))
         terms = [(x, a_t / a_s)] + [(self.model_outputs[-1 - k], a_t * cs[k]) for k in range(order)]
         inputs, coeffs = _merge(terms)
         prev = self._stored(i, self._fused(i, inputs, coeffs), model_output.dtype)
-        if self.lower_order_nums < c.solver_order:
-            self.lower_order_nums += 1
-        self._step_index += 1
-        if not return_dict:
-            return (prev,)
-        return SchedulerOutput(prev_sample=prev)
+        return self._finish(prev, return_dict)
 
     def _rho(self, s):
         a, g = self._alpha_sigma(s)
