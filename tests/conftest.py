@@ -18,3 +18,13 @@ def nan_like(t: torch.Tensor) -> torch.Tensor:
 @pytest.fixture
 def poisoned():
     return nan_like
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """A tiny randomly initialised diffusers UNet2DModel (offline), seeded the same in every module."""
+    diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()

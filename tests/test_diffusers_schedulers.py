@@ -9,20 +9,12 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
 import diffusers  # noqa: E402
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
 
 from thermosample.integrations import diffusers as TD  # noqa: E402
 
 # without "_use_default_values": from_config would drop the overrides of keys listed there (DDPM defaults)
 BASE = {k: v for k, v in DDPMScheduler(num_train_timesteps=1000).config.items() if not k.startswith("_")}
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
 
 
 def rel_err(a, b):

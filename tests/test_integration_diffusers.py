@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
 import diffusers  # noqa: E402
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDPMPipeline, DDPMScheduler  # noqa: E402
 
 from thermosample.integrations import diffusers as TD  # noqa: E402
 
@@ -17,14 +17,6 @@ PAIRS = {"euler": ("EulerDiscreteScheduler", "ThermoEulerDiscreteScheduler"),
          "euler_a": ("EulerAncestralDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler"),
          "heun": ("HeunDiscreteScheduler", "ThermoHeunDiscreteScheduler"),
          "dpmpp_2m": ("DPMSolverMultistepScheduler", "ThermoDPMSolverMultistepScheduler")}
-
-
-@pytest.fixture(scope="module")
-def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                       layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4).eval()
 
 
 BASE = {k: v for k, v in DDPMScheduler(num_train_timesteps=1000).config.items() if not k.startswith("_")}

@@ -18,20 +18,7 @@ if importlib.util.find_spec("k_diffusion") is None:
 from thermosample.integrations import k_diffusion as T  # noqa: E402
 
 K = T._peer()   # k-diffusion's own sampling module (loaded from its file: no torchvision here)
-MU = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(0))
-
-
-def model(x, sigma, shift=0.0):
-    """A smooth nonlinear denoiser: Gaussian posterior mean around MU plus a small tanh term."""
-    s = sigma.view(-1, 1, 1, 1)
-    return (x + 0.5 * s ** 2 * (MU + shift)) / (1 + 0.5 * s ** 2) + 0.1 * torch.tanh(x)
-
-
-def close(a, b, rel=1e-5):
-    assert a.shape == b.shape and a.dtype == b.dtype
-    err, scale = (a - b).abs().max().item(), a.abs().max().item()
-    assert err <= rel * scale, f"max error {err:.3g} > {rel} * {scale:.3g}"
-
+from kdiff_common import close, model  # noqa: E402
 
 SIGMAS = K.get_sigmas_karras(12, 0.02, 80.0)
 X0 = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(1)) * SIGMAS[0]
