@@ -84,10 +84,7 @@ class GraphCache:
 
         `make_run()` builds a fresh Run of the same configuration (for the warm-up)."""
         key = graph_key(run, x, options)
-        entry = self.entries.get(key)
-        if entry is not None and entry.den is not run.den:   # cannot happen while the entry holds den
-            del self.entries[key]
-            entry = None
+        entry = self.entries.get(key)     # id(den) in the key is this den's: the entry holds a reference to it
         if entry is None:
             static_x = x.clone()
             static_args = {k: v.clone() for k, v in run.extra_args.items() if isinstance(v, torch.Tensor)}
