@@ -56,12 +56,20 @@ def test_select_states_its_cost_and_reuses_its_pilot():
     den.model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]
     g = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), solver="dpmpp_2m", ref_steps=64)
     assert g.meta["method"] == "select" and len(calls) == g.meta["calibration_nfe"]
-    assert len(calls) == 24 + 64 + len(calibrate.CANDIDATES) * 12
+    assert len(calls) == 24 + 64 + len(calibrate.DEFAULT_CANDIDATES) * 12
     errors = g.meta["candidate_errors"]
-    assert set(errors) == set(calibrate.CANDIDATES) and errors[g.meta["chosen"]] == min(errors.values())
+    assert list(errors) == list(calibrate.DEFAULT_CANDIDATES) == ["karras", "error"]
+    # karras (the default) is kept unless "error" measures below MARGIN times its error
+    assert g.meta["chosen"] == ("error" if errors["error"] < calibrate.MARGIN * errors["karras"] else "karras")
+    # the stated error is the RMS distance of a plain ts.sample run on that grid from the converged reference
+    again = ts.sample(den, noise=g.pilot["ref_noise"], grid=np.asarray(g), solver="dpmpp_2m", track=False)
+    rms = float((again.samples.double() - g.pilot["ref_final"].double()).square().mean().sqrt())
+    assert rms == pytest.approx(errors[g.meta["chosen"]], rel=1e-9)
     calls.clear()
-    h = ts.thermo_grid(den, 12, solver="euler", pilot_data=g.pilot, candidates=("karras", "logsnr"))
-    assert len(calls) == 2 * 12 == h.meta["calibration_nfe"] and h.meta["chosen"] in ("karras", "logsnr")
+    h = ts.thermo_grid(den, 12, solver="euler", pilot_data=g.pilot, candidates=("karras", "logsnr"), margin=1.0)
+    assert len(calls) == 2 * 12 == h.meta["calibration_nfe"]
+    errs = h.meta["candidate_errors"]
+    assert errs[h.meta["chosen"]] == min(errs.values())   # margin 1: the plain minimum
     fixed = grids.make_grid(h.meta["chosen"], 12, den.schedule)
     np.testing.assert_array_equal(np.asarray(h), fixed)
     with pytest.raises(ValueError, match="stochastic"):
@@ -264,8 +272,9 @@ def test_float32_model_calibrates_in_its_dtype():
 
 
 def test_auto_picks_solver_and_grid_on_the_pilot_and_sample_follows_it():
-    """solver="auto" (solvers.recommended): thermo_grid runs every solver of AUTO_CHOICES on every candidate
-    grid and keeps the closest pair; ts.sample(solver="auto", grid=that grid) runs exactly that solver."""
+    """solver="auto" (solvers.recommended): thermo_grid measures the two candidates of
+    solvers.auto_candidates on the pilot and keeps the default unless the alternative is clearly better;
+    ts.sample(solver="auto", grid=that grid) runs exactly that solver."""
     from thermosample import solvers
     mix = toy.default_mixture(dim=8, modes=3, seed=2)
     den = mix.denoiser("edm")
@@ -274,11 +283,13 @@ def test_auto_picks_solver_and_grid_on_the_pilot_and_sample_follows_it():
     den.model = lambda x, t: (calls.append(1), inner(x, t))[1]
     g = ts.thermo_grid(den, 8, solver="auto", sample_shape=(mix.dim,), ref_steps=32, pilot_batch=16)
     meta = g.meta
-    assert meta["auto"] and (meta["solver"], meta["solver_options"]) in [(n, o) for n, o in solvers.AUTO_CHOICES]
+    plan = solvers.auto_candidates(8)
+    assert meta["auto"] and (meta["solver"], meta["solver_options"], meta["chosen"]) in plan
     errors = meta["candidate_errors"]
-    assert len(errors) == len(solvers.AUTO_CHOICES) * len(calibrate.CANDIDATES)
-    label = meta["solver"] + "".join(f",{k}={v}" for k, v in sorted(meta["solver_options"].items()))
-    assert errors[f"{label}@{meta['chosen']}"] == min(errors.values())
+    labels = [n + "".join(f",{k}={v}" for k, v in sorted(o.items())) + "@" + gr for n, o, gr in plan]
+    assert list(errors) == labels
+    keep_default = errors[labels[1]] >= calibrate.MARGIN * errors[labels[0]]
+    assert (meta["solver"], meta["solver_options"], meta["chosen"]) == plan[0 if keep_default else 1]
     assert len(calls) == meta["calibration_nfe"] == 24 + 32 + len(errors) * 8
     auto = ts.sample(den, (6, mix.dim), steps=8, solver="auto", grid=g, seed=1)
     same = ts.sample(den, (6, mix.dim), steps=8, solver=meta["solver"], grid=g, seed=1, **meta["solver_options"])
@@ -291,3 +302,25 @@ def test_auto_picks_solver_and_grid_on_the_pilot_and_sample_follows_it():
     assert solvers.evaluations("auto", 10) == 10
     with pytest.raises(ValueError, match="needs method='select'"):
         ts.thermo_grid(den, 8, solver="auto", method="error", pilot_data=g.pilot)
+
+
+@pytest.mark.parametrize("clear_winner", [0, 1])
+def test_auto_leaves_its_default_only_for_a_clear_difference(monkeypatch, clear_winner):
+    """A plan whose default is far worse than its alternative (Euler on a uniform-in-sigma grid against
+    third-order UniPC in log sigma) is overruled by the pilot; the same pair the other way round is not."""
+    from thermosample import solvers
+    good, bad = ("unipc", {"order": 3}, "logsnr"), ("euler", {}, "uniform")
+    default, alternative = (bad, good) if clear_winner else (good, bad)
+    monkeypatch.setattr(solvers, "AUTO_PLAN", ((None, default, alternative),))
+    mix = toy.default_mixture(dim=8, modes=3, seed=2)
+    g = ts.thermo_grid(mix.denoiser("edm"), 8, solver="auto", sample_shape=(mix.dim,), ref_steps=32,
+                       pilot_batch=16)
+    assert (g.meta["solver"], g.meta["solver_options"], g.meta["chosen"]) == good
+
+
+def test_prefer_default_needs_a_clear_difference():
+    assert calibrate.prefer_default([1.0, 0.7]) == 0           # 0.7 is not below 0.6 x 1.0
+    assert calibrate.prefer_default([1.0, 0.5]) == 1
+    assert calibrate.prefer_default([1.0, 0.5, 0.4]) == 2      # the best of the others
+    assert calibrate.prefer_default([1.0, 0.9], margin=1.0) == 1
+    assert calibrate.prefer_default([float("inf"), 3.0]) == 1  # a diverged default is always left

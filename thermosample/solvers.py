@@ -545,11 +545,31 @@ def evaluations(solver: str, steps: int, sigmas_end_in_zero: bool = True) -> int
 # solver="auto": the recommended configuration
 # --------------------------------------------------------------------------------------------------
 AUTO_NAME = "auto"
-# The solvers "auto" chooses among on a calibration pilot (thermo_grid(solver="auto")): one model
-# evaluation per step each, the strongest of the table on benchmarks/bench_quality.py's default problems.
-AUTO_CHOICES = (("unipc", {"order": 3}), ("unipc", {}), ("ipndm", {}), ("deis", {}), ("deis", {"order": 2}),
-                ("dpmpp_3m", {}))
+# The candidates of solver="auto" (thermo_grid(solver="auto")): for each band of step counts a default
+# (solver, options, grid) and one alternative, all with one model evaluation per step. The pilot measures
+# both and leaves the default only when the alternative's error on it is below calibrate.MARGIN (0.6)
+# times the default's. Why a default and a margin rather than the best of many: a pilot of 32 samples
+# cannot see the rare samples that dominate a large batch's RMS error (those an early error sends to
+# another mode). Taking the best of 42 (solver, grid) pairs by pilot error met issue 12's accuracy bar
+# in 22 of 36 cells of benchmarks/bench_quality.py; these defaults were the best or nearly the best pair
+# on its default problems (docs/calibration.md §7, benchmarks/bench_selection.py). "jump" (the
+# dynamic-programming grid of one-step DDIM jumps) is Euler's own optimal grid; "error" is the
+# calibrated error density for the solver's order.
+AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
+    (7, ("euler", {}, "jump"), ("deis", {}, "error")),
+    (14, ("ipndm", {}, "error"), ("unipc", {}, "error")),
+    (34, ("unipc", {}, "error"), ("ipndm", {}, "error")),
+    (None, ("unipc", {"order": 3}, "error"), ("unipc", {}, "error")),
+)
 AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC default (bh2, order 2)
+
+
+def auto_candidates(steps: int) -> tuple[tuple[str, dict, str], ...]:
+    """The (solver, options, grid) candidates solver="auto" measures for `steps` steps, default first."""
+    for last, default, alternative in AUTO_PLAN:
+        if last is None or steps <= last:
+            return default, alternative
+    raise AssertionError("AUTO_PLAN ends with an open band")
 
 
 def recommended(nfe: int) -> dict:
@@ -558,9 +578,9 @@ def recommended(nfe: int) -> dict:
         grid = ts.thermo_grid(den, nfe, solver="auto", sample_shape=...)   # pilot picks solver and grid
         out = ts.sample(den, shape, steps=nfe, solver="auto", grid=grid)
 
-    `thermo_grid(solver="auto")` runs each solver of AUTO_CHOICES on each candidate grid of its pilot
-    (calibrate.select) and keeps the pair closest to the converged solution; `ts.sample(solver="auto")`
-    reads the choice from the grid's metadata."""
+    `thermo_grid(solver="auto")` measures the two candidates of `auto_candidates(nfe)` on its pilot
+    (calibrate.select) and keeps the default unless the alternative's pilot error is below
+    calibrate.MARGIN times the default's; `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
     return {"solver": AUTO_NAME, "grid": "calibrated", "steps": int(nfe)}
 
 
