@@ -1,0 +1,183 @@
+"""How well a small pilot chooses a solver and grid: selection rules of thermo_grid measured by simulation.
+
+For every problem of benchmarks/quality_problems.py (DEFAULT, or HELDOUT with --heldout) and budget NFE in
+(6, 10, 20, 50), this runs each candidate (solver, grid) once on the benchmark's whole batch (all noise
+seeds pooled, float32, the same converged reference as bench_quality.py) and keeps every sample's squared
+error. A pilot of B samples is then simulated by drawing B of those samples (--draws times): a rule sees
+only the pilot's errors, measured against the pilot's own reference (calibrate.reference: UniPC-3 on 128
+log-sigma steps), picks a candidate, and is scored by that candidate's error on the whole batch relative
+to the best peer's (read from bench_quality's saved JSON, which must come from the same seeds). So one run
+compares rules with no pilot luck in the comparison: "pass" is the fraction of draws that meet issue 12's
+bar (<= 0.8 x the best peer at NFE 10 and 20, <= 1.0 x at 6 and 50).
+
+Rules:
+* best-of-42: the smallest pilot error over the six solvers of the previous solver="auto" (UniPC 2/3,
+  iPNDM, DEIS 2/3, DPM-Solver++(3M)) on all seven candidate grids;
+* plan, margin 1: solvers.auto_candidates (default and alternative), the smaller pilot error;
+* plan, margin 0.6: the same, leaving the default only below calibrate.MARGIN x its pilot error (what
+  solver="auto" does);
+and for the single-solver calibrated grid (every one-evaluation-per-step deterministic solver): karras
+against "error" with margin 1 and 0.6, scored by how often the choice is worse than karras on the whole
+batch by more than its paired-bootstrap 90% interval.
+
+    python benchmarks/bench_selection.py [--heldout] [--problems d16,d8] [--pilot 32] [--draws 200]
+
+Prints a table and writes JSON (benchmarks/out/bench_selection[_heldout].json). About 10 minutes on two
+cores (the candidate runs), then seconds for the rules.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import bench_quality as bq  # noqa: E402
+import quality_problems as qp  # noqa: E402
+
+import thermosample as ts  # noqa: E402
+from thermosample import calibrate as cal  # noqa: E402
+from thermosample import solvers as S  # noqa: E402
+from thermosample.grids import logsnr  # noqa: E402
+
+BUDGETS = (6, 10, 20, 50)
+OLD_AUTO = (("unipc", {"order": 3}), ("unipc", {}), ("ipndm", {}), ("deis", {}), ("deis", {"order": 2}),
+            ("dpmpp_3m", {}))
+
+
+def label(name, opts):
+    return bq.label(name, opts)
+
+
+def collect(prob, seeds, log=print) -> dict:
+    """{(budget, solver label, grid): [2, N] float64 (squared error per sample vs the converged reference,
+    and vs the pilot-style UniPC-3 128-step reference)}."""
+    t0 = time.perf_counter()
+    den = prob.make()
+    sch = den.schedule
+    x_t = bq.initial_noise((prob.batch, *prob.shape), seeds, sch.sigma_max)
+    n = x_t.shape[0]
+    ref, _ = bq.reference(den, x_t, 400)
+    sig = logsnr(128, sch.sigma_min, sch.sigma_max)
+    quick_ref = ts.sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="unipc", order=3,
+                          track=False).samples.double()
+    pilot = {}
+    pilot.update(cal.pilot(den, (32, *prob.shape)))
+    pilot.update(cal.reference(den, (32, *prob.shape)))
+    configs = [(lab, name, o) for lab, name, o in bq.ts_configs()
+               if S.SOLVERS[name].evals_per_step == 1 and name != "ddim"]   # ddim is euler here
+    out = {}
+    noise = x_t.float()
+    for budget in BUDGETS:
+        for lab, name, opts in configs:
+            order = S.get_solver(name).order
+            for g in cal.CANDIDATES:
+                sig_c = cal._candidate(g, den, budget, name, pilot, pilot, order)
+                y = ts.sample(den, noise=noise, grid=np.append(sig_c, 0.0), solver=name, track=False,
+                              **opts).samples.double()
+                sq = [(y - r).reshape(n, -1).square().mean(1).numpy() for r in (ref, quick_ref)]
+                out[(budget, lab, g)] = np.nan_to_num(np.stack(sq), nan=1e30, posinf=1e30)
+    log(f"  {prob.name}: {len(out)} candidate runs on {n} samples in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng):
+    """Fraction of simulated pilots whose choice meets the bar, and the median ratio to the best peer."""
+    A = np.stack([errs[k] for k in keys])                      # [C, 2, N]
+    truth = np.sqrt(A[:, 0].mean(1))
+    ratios = []
+    for _ in range(draws):
+        idx = rng.choice(A.shape[2], pilot_b, replace=False)
+        pe = np.sqrt(A[:, 1, idx].mean(1))
+        c = cal.prefer_default(list(pe), margin)
+        ratios.append(truth[c] / peer)
+    ratios = np.asarray(ratios)
+    return float((ratios <= bq.BAR[budget]).mean()), float(np.median(ratios))
+
+
+def karras_check(errs, solver, budget, pilot_b, draws, margin, rng):
+    """Expected number (over simulated pilots) of choices worse than karras beyond the 90% interval."""
+    ka, er = errs[(budget, solver, "karras")][0], errs[(budget, solver, "error")][0]
+    w = rng.poisson(1.0, size=(200, ka.size))
+    lower = float(np.quantile(np.sqrt((w @ er) / np.maximum(w @ ka, 1e-300)), 0.05))
+    worse = 0
+    for _ in range(draws):
+        idx = rng.choice(ka.size, pilot_b, replace=False)
+        pe = [np.sqrt(errs[(budget, solver, g)][1, idx].mean()) for g in ("karras", "error")]
+        worse += cal.prefer_default(pe, margin) == 1 and lower > 1.0
+    return worse / draws, float(np.sqrt(er.mean() / ka.mean()))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--heldout", action="store_true")
+    ap.add_argument("--problems", default="")
+    ap.add_argument("--pilot", type=int, default=32)
+    ap.add_argument("--draws", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the oracles' small matmuls gain "
+                    "nothing from more, and other jobs on the machine stall spinning OpenMP workers)")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    suffix = "_heldout" if args.heldout else ""
+    peers_json = os.path.join(HERE, "results", f"bench_quality_peers{suffix}.json")
+    summary = json.load(open(peers_json))["summary"]
+    best_peer = {(s["problem"], s["budget"]): s["best_peer_error"] for s in summary}
+    seeds = qp.HELDOUT_SEEDS if args.heldout else qp.DEFAULT_SEEDS
+    probs = qp.select(qp.HELDOUT if args.heldout else qp.DEFAULT, [t for t in args.problems.split(",") if t])
+    rng = np.random.default_rng(0)
+    rules = {"best-of-42": None, "plan, margin 1": 1.0, f"plan, margin {cal.MARGIN}": cal.MARGIN}
+    rows, karras_rows = [], []
+    print(f"bench_selection: {'HELD-OUT' if args.heldout else 'default'} problems, pilot {args.pilot} samples, "
+          f"{args.draws} simulated pilots per cell")
+    for prob in probs:
+        if not any(p == prob.name for p, _ in best_peer):
+            print(f"  ({prob.name}: not in {peers_json}; skipped)")
+            continue
+        errs = collect(prob, seeds)
+        for budget in BUDGETS:
+            peer = best_peer[(prob.name, budget)]
+            row = {"problem": prob.name, "budget": budget}
+            for rule, margin in rules.items():
+                if margin is None:
+                    keys = [(budget, label(n, o), g) for n, o in OLD_AUTO for g in cal.CANDIDATES]
+                    margin = 1.0
+                else:
+                    keys = [(budget, label(n, o), g) for n, o, g in S.auto_candidates(budget)]
+                row[rule] = simulate(errs, keys, peer, budget, args.pilot, args.draws, margin, rng)
+            rows.append(row)
+            for lab in sorted({k[1] for k in errs}):
+                for margin in (1.0, cal.MARGIN):
+                    worse, full = karras_check(errs, lab, budget, args.pilot, args.draws // 4, margin, rng)
+                    karras_rows.append({"problem": prob.name, "budget": budget, "solver": lab, "margin": margin,
+                                        "worse_than_karras": worse, "error_grid_vs_karras": full})
+    names = list(rules)
+    print(f"\n{'problem':30s} {'NFE':>4s} " + " ".join(f"{n + ' pass / median':>32s}" for n in names))
+    for r in rows:
+        cells = " ".join(f"{r[n][0]:17.2f} / {r[n][1]:8.3f}    " for n in names)
+        print(f"{r['problem']:30s} {r['budget']:4d} {cells}")
+    print("\nexpected cells meeting the bar (sum of pass fractions) out of", len(rows))
+    for n in names:
+        print(f"  {n:24s} {sum(r[n][0] for r in rows):6.2f}")
+    print("\nsingle-solver calibrated grid (karras first, then 'error'): expected choices worse than karras "
+          "beyond the 90% interval, over", len(karras_rows) // 2, "(problem, solver, NFE)")
+    for margin in (1.0, cal.MARGIN):
+        sel = [r for r in karras_rows if r["margin"] == margin]
+        print(f"  margin {margin}: {sum(r['worse_than_karras'] for r in sel):.1f}")
+    out = args.out or os.path.join(HERE, "out", f"bench_selection{suffix}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"heldout": args.heldout, "pilot": args.pilot, "draws": args.draws, "margin": cal.MARGIN,
+                   "rows": rows, "karras": karras_rows}, f, indent=1)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
