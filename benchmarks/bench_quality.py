@@ -416,17 +416,18 @@ def bootstrap_ratio(sq_a, sq_b, reps: int = 1000, seed: int = 0) -> tuple[float,
 
 
 def _key(r):
-    return r["config"] if r["method"] != "thermosample" else f"{r['config']}@{r['grid']}"
+    return r["config"] if r["method"] == "peer" else f"{r['config']}@{r['grid']}"
 
 
 def summarize(rows):
-    """Per (problem, budget): best thermosample configuration, best peer, their ratio with a bootstrap
-    interval, and the recommended configuration's ratio to the best peer."""
+    """Per (problem, budget): best thermosample configuration (any solver on any grid, or the recommended
+    one), best peer, their ratio with a bootstrap interval, and the recommended configuration's ratio to
+    the best peer."""
     out = []
     for p in dict.fromkeys(r["problem"] for r in rows):
         for b in sorted({r["budget"] for r in rows if r["problem"] == p}):
             rs = [r for r in rows if r["problem"] == p and r["budget"] == b and math.isfinite(r["error"])]
-            ours = [r for r in rs if r["method"] == "thermosample"]
+            ours = [r for r in rs if r["method"] in ("thermosample", "recommended")]
             peer = [r for r in rs if r["method"] == "peer"]
             rec = [r for r in rs if r["method"] == "recommended"]
             s = {"problem": p, "budget": b}
@@ -576,7 +577,7 @@ def plot(rows, summary, path):
                                                                                       "dpmpp_2m@calibrated"}
         for k in [k for k in dict.fromkeys(_key(r) for r in rs) if k in shown]:
             pts = sorted((r["nfe"], r["error"]) for r in rs if _key(r) == k)
-            peer = not any(r["method"] == "thermosample" for r in rs if _key(r) == k)
+            peer = all(r["method"] == "peer" for r in rs if _key(r) == k)
             ax.loglog(*zip(*pts), ls="--" if peer else "-", marker="o", ms=3, lw=1, label=k)
         for key, style, lab in (("best_ours_error", "k-", "best thermosample"), ("best_peer_error", "r--", "best peer"),
                                 ("recommended_error", "b-", "recommended")):

@@ -16,7 +16,8 @@ Rules:
 * plan, margin 1: solvers.auto_candidates (default and alternative), the smaller pilot error;
 * plan, margin 0.6: the same, leaving the default only below calibrate.MARGIN x its pilot error (what
   solver="auto" does);
-and for the single-solver calibrated grid (every one-evaluation-per-step deterministic solver): karras
+and for the single-solver calibrated grid (every deterministic solver of the table, Heun and DPM-2 with
+the steps that fit the budget, as bench_quality counts them): karras
 against "error" with margin 1 and 0.6, scored by how often the choice is worse than karras on the whole
 batch by more than its paired-bootstrap 90% interval.
 
@@ -71,15 +72,15 @@ def collect(prob, seeds, log=print) -> dict:
     pilot = {}
     pilot.update(cal.pilot(den, (32, *prob.shape)))
     pilot.update(cal.reference(den, (32, *prob.shape)))
-    configs = [(lab, name, o) for lab, name, o in bq.ts_configs()
-               if S.SOLVERS[name].evals_per_step == 1 and name != "ddim"]   # ddim is euler here
+    configs = [(lab, name, o) for lab, name, o in bq.ts_configs() if name != "ddim"]   # ddim is euler here
     out = {}
     noise = x_t.float()
     for budget in BUDGETS:
         for lab, name, opts in configs:
             order = S.get_solver(name).order
+            steps = bq.steps_within(lambda k, name=name: S.evaluations(name, k), budget)  # Heun: 2 steps - 1
             for g in cal.CANDIDATES:
-                sig_c = cal._candidate(g, den, budget, name, pilot, pilot, order)
+                sig_c = cal._candidate(g, den, steps, name, pilot, pilot, order)
                 y = ts.sample(den, noise=noise, grid=np.append(sig_c, 0.0), solver=name, track=False,
                               **opts).samples.double()
                 sq = [(y - r).reshape(n, -1).square().mean(1).numpy() for r in (ref, quick_ref)]
