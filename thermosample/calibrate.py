@@ -309,7 +309,7 @@ CANDIDATES = ("karras", "logsnr", "kl_optimal", "uniform", "jump", "length", "er
 # pilot's 32 samples rarely contain the few samples that dominate a large batch's RMS error (those an early
 # error sends to another mode), so the smallest of many pilot errors is often a candidate that only
 # suited the pilot. Hence few candidates, and the first (the default) is left only when another measures
-# below MARGIN times its error (docs/calibration.md §5). margin=1 in thermo_grid keeps the plain minimum.
+# below MARGIN times its error (docs/calibration.md §7). margin=1 in thermo_grid keeps the plain minimum.
 DEFAULT_CANDIDATES = ("karras", "error")
 MARGIN = 0.6
 
