@@ -76,6 +76,11 @@ def test_select_states_its_cost_and_reuses_its_pilot():
         ts.thermo_grid(den, 12, solver="euler_ancestral", pilot_data=g.pilot, method="select")
     with pytest.raises(ValueError, match="candidates must be"):
         ts.thermo_grid(den, 12, pilot_data=g.pilot, candidates=("karras", "bogus"))
+    for bad in (0.0, 1.5, "0.6", True):
+        with pytest.raises(ValueError, match="margin must be"):
+            ts.thermo_grid(den, 12, pilot_data=g.pilot, margin=bad)
+    with pytest.raises(ValueError, match="leave candidates=None"):
+        ts.thermo_grid(den, 12, solver="auto", pilot_data=g.pilot, candidates=("karras",))
 
 
 def test_jump_grid_is_the_cheapest_path():

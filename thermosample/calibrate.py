@@ -509,6 +509,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         raise ValueError("solver='auto' chooses the solver by measured error: it needs method='select'")
     if auto and candidates is not None:
         raise ValueError("solver='auto' measures its own candidates (solvers.auto_candidates): leave candidates=None")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 < margin <= 1.0:
+        raise ValueError(f"margin must be a number in (0, 1], got {margin!r}")
     plan = auto_candidates(int(steps)) if auto else None
     spec = get_solver(plan[0][0] if auto else solver)
     order = spec.order
@@ -569,7 +571,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             measured.append((errs[g_best], name, opts, g_best, sig_c))
         _, solver, solver_options, chosen, sig = measured[prefer_default([m[0] for m in measured], margin)]
         order = get_solver(solver).order
-        extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"]))}
+        extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
+                 "margin": float(margin)}
         if auto:
             extra.update(auto=True, solver_options=dict(solver_options))
     elif steps == 1:
