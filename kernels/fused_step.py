@@ -161,8 +161,8 @@ def _bits(value: float) -> int:
 
 def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise: float = 0.0, seed: int = 0,
                step: int = 0, sample_offset: int = 0, track: bool = False, alpha: float = 0.0,
-               beta: float = 0.0, u: int = 0, d: int = 1,
-               out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               beta: float = 0.0, u: int = 0, d: int = 1, out: torch.Tensor | None = None,
+               rate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused solver step in Triton; same contract as _reference.fused_step_reference.
 
     Args:
@@ -172,6 +172,7 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
         seed, step, sample_offset: Philox stream key (seed < 2**64) and counters.
         track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (THEORY.md §2).
         out: None or a contiguous [B, ...] tensor, possibly one of the inputs (in-place update).
+        rate: None or a contiguous float32 [B] tensor on the device to write the rate into.
     Returns:
         (out [B, ...] in the inputs' dtype, rate [B] float32)
     """
@@ -179,7 +180,7 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
     inputs = [t.resolve_conj().resolve_neg() if (t.is_neg() or t.is_conj()) else t for t in inputs]
     if out is not None and (out.is_neg() or out.is_conj()):
         result, rate = fused_step(inputs, coeffs, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
-                                  track=track, alpha=alpha, beta=beta, u=u, d=d)
+                                  track=track, alpha=alpha, beta=beta, u=u, d=d, rate=rate)
         out.copy_(result)                      # copy_ honours the view's bit
         return out, rate
     x0 = inputs[0]
@@ -209,7 +210,11 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
             COMPUTE_DTYPE=compute, BLOCK=block, num_warps=num_warps,
         )
     if n_blocks == 1:                                   # one block per sample: its partial is the rate
-        return out, partial.view(batch).to(torch.float32)
-    rate = torch.empty(batch, dtype=torch.float32, device=x0.device)
+        if rate is None:
+            return out, partial.view(batch).to(torch.float32)
+        rate.copy_(partial.view(batch))
+        return out, rate
+    if rate is None:
+        rate = torch.empty(batch, dtype=torch.float32, device=x0.device)
     _sum_partials_kernel[(batch,)](partial, rate, n_blocks, PBLOCK=_PBLOCK, num_warps=1)
     return out, rate                                    # fixed-order sum over blocks: deterministic

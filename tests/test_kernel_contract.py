@@ -311,3 +311,60 @@ def test_six_inputs_through_the_library_op():
     compiled_in = [x.clone() for x in xs]
     out2, rate2 = torch.ops.thermosample.fused_step(compiled_in, coeffs, 0.0, 0, 0, 0, True, 1.0, 0.5, 5, 3, "torch")
     assert torch.equal(out2, want) and torch.equal(rate2, want_rate)
+
+
+# ---- issue 15: the rate written into a given row (a Run's buffer), and the per-run checked path ---------
+
+@pytest.mark.parametrize("numel", [40, 3000])               # triton: one block per sample, and several
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_is_written_into_a_given_row(backend, numel):
+    step = _step(backend)
+    g = torch.Generator().manual_seed(14)
+    xs = [torch.randn(3, numel, generator=g).to(_dev(backend)) for _ in range(2)]
+    kw = dict(noise=0.5, seed=4, step=2, track=True, alpha=0.7, beta=-0.2, u=0, d=1)
+    want, want_rate = step(xs, [0.9, 0.1], **kw)
+    rates = torch.full((4, 3), math.nan, device=xs[0].device)
+    out, rate = step(xs, [0.9, 0.1], rate=rates[2], **kw)
+    assert rate.data_ptr() == rates[2].data_ptr()
+    assert torch.equal(out, want) and torch.equal(rates[2], want_rate)
+    assert torch.isnan(rates[[0, 1, 3]]).all()                 # no other row touched
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="thermosample._C is not built")
+def test_cpp_launch_matches_the_checked_wrapper():
+    g = torch.Generator().manual_seed(15)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        xs = [torch.randn(3, 2, 50, generator=g).to(dtype) for _ in range(3)]
+        kw = dict(noise=0.25, seed=2 ** 64 - 5, step=7, sample_offset=11, track=True, alpha=0.5, beta=-1.5, u=1, d=2)
+        want, want_rate = _cpp.fused_step(xs, [0.5, -0.25, 0.75], **kw)
+        rates = torch.full((5, 3), math.nan)
+        out = _cpp.launch(xs, [0.5, -0.25, 0.75], rates, 3, *kw.values())
+        assert torch.equal(out, want) and torch.equal(rates[3], want_rate) and torch.isnan(rates[:3]).all()
+
+
+def test_checked_step_accepts_only_what_validation_would_pass():
+    """CheckedStep.accepts is the per-call rest of validate_step_args for a run whose first call passed:
+    anything it turns down goes back through ops.fused_step (and its error messages)."""
+    x, d = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    checked = ops.CheckedStep("auto", x)
+    ok = dict(step=3, noise=0.0, alpha=0.5, beta=-0.5, track=True, u=0, d=1)
+
+    def accepts(inputs=(x, d), coeffs=(0.5, 0.5), **kw):
+        return checked.accepts(list(inputs), list(coeffs), *dict(ok, **kw).values())
+    assert accepts()
+    assert not accepts(inputs=(x, d.double()))                            # another dtype
+    assert not accepts(inputs=(x, torch.randn(3, 3, 4)))                  # another shape
+    assert not accepts(inputs=(x, d.transpose(1, 2).contiguous().transpose(1, 2)))   # not contiguous
+    assert not accepts(inputs=(x, torch._neg_view(d)))                    # a lazy neg bit
+    assert not accepts(inputs=(x, d.to_sparse()))                         # not strided
+    assert not accepts(inputs=(x, torch.nn.Parameter(d)))                 # a subclass
+    assert not accepts(inputs=(x, d, x, d, x, d, x))                      # 7 inputs
+    assert not accepts(coeffs=(0.5,))                                     # one coefficient short
+    assert not accepts(coeffs=(0.5, 1))                                   # an int: the full path converts it
+    assert not accepts(coeffs=(0.5, math.nan)) and not accepts(noise=math.inf)
+    assert not accepts(step=2 ** 32) and not accepts(step=-1) and not accepts(step=True)
+    assert not accepts(u=2) and accepts(u=2, track=False)
+    with torch.enable_grad():
+        assert not accepts(inputs=(x, d.clone().requires_grad_()))
+    with torch.no_grad():
+        assert accepts(inputs=(x, d.clone().requires_grad_()))

@@ -25,6 +25,7 @@ from . import reference
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_INPUTS = 6                 # csrc/fused_step.h kMaxInputs, kernels/fused_step.py _MAX_INPUTS
 _UINT32 = 2 ** 32
+_STRIDED = torch.strided
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,13 @@ class Backend:
         devices: device types it runs on (None: any device).
         available: () -> bool, computed lazily (imports happen on first use, never at `import thermosample`).
         load: () -> fused_step(inputs, coeffs, *, noise, seed, step, sample_offset, track, alpha, beta, u, d,
-            out) with the contract of ops.reference.fused_step_reference; inputs arrive validated.
+            out, rate) with the contract of ops.reference.fused_step_reference; inputs arrive validated;
+            `rate`, when given, is a contiguous float32 [B] tensor on the device that receives the rate.
         missing: what to tell a user whose backend is unavailable (it then falls back to torch).
+        launch: optional () -> launch(inputs, coeffs, rates, row, noise, seed, step, sample_offset, track, alpha,
+            beta, u, d) -> out, the same step for arguments `CheckedStep` accepted, its rate written into
+            rates[row] (a contiguous float32 [rows, B] buffer), without the backend's own re-checks (None:
+            `load`'s function serves).
     """
 
     name: str
@@ -45,6 +51,7 @@ class Backend:
     available: Callable[[], bool]
     load: Callable[[], Callable]
     missing: str = ""
+    launch: Callable[[], Callable] | None = None
 
 
 def _cpp_available() -> bool:
@@ -55,6 +62,11 @@ def _cpp_available() -> bool:
 def _cpp_load():
     from . import cpp
     return cpp.fused_step
+
+
+def _cpp_launch():
+    from . import cpp
+    return cpp.launch
 
 
 def _triton_available() -> bool:
@@ -71,7 +83,7 @@ BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", None, lambda: True, lambda: reference.fused_step_reference),
     "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_load,
                    "thermosample._C is not built; the 'cpp' backend falls back to 'torch' (reinstall with a C++ "
-                   "compiler present to get the fused CPU kernels)"),
+                   "compiler present to get the fused CPU kernels)", _cpp_launch),
     "triton": Backend("triton", ("cuda",), _triton_available, _triton_load,
                       "Triton is not available; the 'triton' backend falls back to 'torch'"),
 }
@@ -158,6 +170,58 @@ def validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, 
             if not same and _overlaps(t, out):
                 raise ValueError(f"out partially overlaps inputs[{k}]; pass a separate tensor or the input itself")
     return tuple(t if t.is_contiguous() else t.contiguous() for t in inputs)
+
+
+class CheckedStep:
+    """The fused op of one run, its constant checks done once (issue 15: host time per step).
+
+    A sampling run calls the op a few times per step with tensors of one shape, dtype and device and the
+    same seed, sample offset and backend; `fused_step` re-checks all of that on every call (~10 us of host
+    time, as much as a small state's kernel). A Run makes its first call through `fused_step` and then builds
+    a CheckedStep from that call's state tensor (a diffusers scheduler hands it on to its next run, whose seed
+    it draws itself): the backend is resolved once, and `accepts` is the cheap per-call rest of
+    `validate_step_args` (plain contiguous tensors of the checked kind, finite Python float coefficients, a
+    step and u/d in range). A call it does not accept (a bad argument, another dtype, autograd,
+    torch.compile tracing, an `out=`) goes back through `fused_step`, its checks and messages.
+    `launch(inputs, coeffs, rates, row, noise, seed, step, sample_offset, track, alpha, beta, u, d) -> out`
+    runs an accepted call and writes its rate into rates[row] (a Run's contiguous float32 [rows, B] buffer).
+    """
+
+    def __init__(self, backend: str, like: torch.Tensor):
+        self.backend = backend
+        row = BACKENDS[resolve_backend(backend, like.device)]
+        if row.launch is not None:
+            self.launch = row.launch()
+        else:
+            fn = implementation(row.name)
+
+            def launch(inputs, coeffs, rates, i, noise, seed, step, sample_offset, track, alpha, beta, u, d):
+                return fn(inputs, coeffs, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
+                          track=track, alpha=alpha, beta=beta, u=u, d=d, rate=rates[i])[0]
+            self.launch = launch
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+
+    def accepts(self, inputs, coeffs, step, noise, alpha, beta, track, u, d) -> bool:
+        """True when `fused_step`'s checks would pass these arguments and `launch` may run them as they are."""
+        n = len(inputs)
+        if not (0 < n <= MAX_INPUTS and len(coeffs) == n and type(step) is int and 0 <= step < _UINT32):
+            return False
+        if track and not (type(u) is int and type(d) is int and 0 <= u < n and 0 <= d < n):
+            return False
+        shape, dtype, device = self.shape, self.dtype, self.device
+        grad = torch.is_grad_enabled()
+        for t in inputs:
+            if (type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or t.device != device
+                    or t.layout is not _STRIDED or not t.is_contiguous() or t.is_neg() or (grad and t.requires_grad)):
+                return False
+        if type(noise) is not float or type(alpha) is not float or type(beta) is not float:
+            return False
+        total = noise + alpha + beta  # finite floats sum to a finite value, or overflow: then the full path
+        for c in coeffs:
+            if type(c) is not float:
+                return False
+            total += c
+        return math.isfinite(total) and not torch.compiler.is_compiling()
 
 
 def _finite(value) -> bool:

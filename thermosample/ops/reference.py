@@ -88,7 +88,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def fused_step_reference(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise: float = 0.0,
                          seed: int = 0, step: int = 0, sample_offset: int = 0, track: bool = False,
                          alpha: float = 0.0, beta: float = 0.0, u: int = 0, d: int = 1,
-                         out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         out: torch.Tensor | None = None,
+                         rate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused solver step in eager PyTorch (see module docstring). Inputs are validated by ops.py.
 
     Args:
@@ -97,6 +98,7 @@ def fused_step_reference(inputs: Sequence[torch.Tensor], coeffs: Sequence[float]
         noise: coefficient of the in-kernel Philox normal noise (0 draws none).
         track: reduce ||alpha * inputs[u] + beta * inputs[d]||^2 per sample.
         out: optional [B, ...] tensor written in place (may alias an input).
+        rate: optional float32 [B] tensor the rate is written into.
     Returns:
         (out [B, ...] in the inputs' dtype, rate [B] float32)
     """
@@ -115,13 +117,16 @@ def fused_step_reference(inputs: Sequence[torch.Tensor], coeffs: Sequence[float]
     probe = stored.to(ct) * 0                       # 0, or NaN where the stored out is non-finite
     if track:
         probe = (alpha * flat[u] + beta * flat[d]) ** 2 + probe
-    rate = fixed_order_sum(probe)
+    sums = fixed_order_sum(probe).to(torch.float32)
     result = stored.reshape(x0.shape)
     if out is None:
         out = result
     else:
         out.copy_(result)
-    return out, rate.to(torch.float32)
+    if rate is None:
+        return out, sums
+    rate.copy_(sums)
+    return out, rate
 
 
 RATE_CHUNK = 256     # elements per chunk partial of the rate (csrc/fused_step.cpp: kPart)
