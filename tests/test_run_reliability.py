@@ -87,3 +87,74 @@ def test_a_noise_sampler_of_another_float_dtype_is_cast():
     same = ts.sample(MIX.denoiser("edm"), (4, 3), steps=3, solver="euler_ancestral", backend="torch",
                      noise_sampler=lambda a, b: torch.randn(4, 3, generator=gen, dtype=torch.float64).float())
     assert out.samples.dtype == torch.float32 and torch.equal(out.samples, same.samples)
+
+
+# ---- issue 15: a run checks the op's constant arguments once; every later call still gets what it needs ---
+
+def _run(backend="cpp"):
+    return ts.run.Run(MIX.denoiser("vp"), [2.0, 1.0, 0.5, 0.0], seed=1, backend=backend, track=True)
+
+
+def test_later_calls_of_a_run_still_fail_like_the_op():
+    """After the first call (full checks) a run calls the backend directly, but only for arguments that
+    need no check: a bad later call raises the op's own error."""
+    run = _run()
+    x, d = torch.randn(2, 3), torch.randn(2, 3)
+    run.update([x, d], [0.5, 0.5], 0, track_sigma=2.0)
+    assert run._checked is not None
+    with pytest.raises(TypeError, match="coefficients must be finite"):
+        run.update([x, d], [0.5, float("nan")], 1, track_sigma=1.0)
+    with pytest.raises(ValueError, match="every input must match inputs\\[0\\]"):
+        run.update([x, torch.randn(3, 3)], [0.5, 0.5], 1)
+    with pytest.raises(ValueError, match="step must be an int"):
+        run.update([x, d], [0.5, 0.5], 2 ** 32)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_a_run_gives_the_op_s_numbers_on_every_path(backend):
+    """Whether a call takes the checked path or the full one (a non-contiguous input, an int coefficient,
+    another dtype), out and the stored rate are the op's."""
+    run = _run(backend)
+    g = torch.Generator().manual_seed(0)
+    x, d = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    calls = [([x, d], [0.5, 0.5]), ([x, d], [0.25, 0.75]),                        # first (full), then checked
+             ([x, d.transpose(1, 2).contiguous().transpose(1, 2)], [0.5, 0.5]),    # not contiguous: full path
+             ([x, d], [1, 0.5]),                                                   # an int coefficient: full path
+             ([x.double(), d.double()], [0.5, 0.5]),                               # float64: full path
+             ([x, d], [0.125, 0.5])]                                               # checked again
+    for i, (inputs, coeffs) in enumerate(calls):
+        out = run.update(inputs, coeffs, i, noise=0.25, track_sigma=1.0)
+        want, want_rate = ops.fused_step(inputs, [float(c) for c in coeffs], noise=0.25, seed=1, step=i, track=True,
+                                         alpha=run.velocity(1.0)[1], beta=run.velocity(1.0)[2], backend=backend)
+        assert torch.equal(out, want) and torch.equal(run.eval_rates[i], want_rate)
+    assert run.probes == list(range(len(calls))) and run.eval_rows == list(range(len(calls)))
+
+
+def test_switching_the_backend_mid_run_is_honoured(monkeypatch):
+    run = _run()
+    x, d = torch.randn(2, 3), torch.randn(2, 3)
+    run.update([x, d], [0.5, 0.5], 0)
+    run.update([x, d], [0.5, 0.5], 1)
+    seen = []
+    reference = ops.reference.fused_step_reference
+    monkeypatch.setattr(ops.reference, "fused_step_reference", lambda *a, **k: seen.append(1) or reference(*a, **k))
+    ops.implementation.cache_clear()
+    run.backend = "torch"
+    run.update([x, d], [0.5, 0.5], 2)
+    run.update([x, d], [0.5, 0.5], 3)
+    ops.implementation.cache_clear()
+    assert len(seen) == 2
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_only_a_run_s_first_op_takes_the_full_checks(backend, monkeypatch):
+    """The host-time guard of issue 15: one fully checked op per run, the rest on the checked path (a
+    regression to per-call checks would still give the right numbers, only slower)."""
+    from thermosample import run as run_module
+    calls = []
+    full = run_module.fused_step_op
+    monkeypatch.setattr(run_module, "fused_step_op", lambda *a, **k: calls.append(1) or full(*a, **k))
+    for solver in ("euler", "heun", "dpmpp_2m", "euler_ancestral"):
+        calls.clear()
+        out = ts.sample(MIX.denoiser("vp"), (4, 3), steps=6, solver=solver, backend=backend)
+        assert len(calls) == 1 and out.thermo.rate.shape == (out.nfe, 4)

@@ -7,6 +7,10 @@ raises NonFiniteError naming the first bad step and sample, and `report` builds 
 
 The loop never reads a device value: coefficients are Python floats from the host sigma grid, rates stay
 on the device, and non-finite values are found from them once at the end (or every `check_every` steps).
+Host time per step is kept to the op call (issue 15): the velocity coefficients are tabled over the grid
+at the start, the op's full argument checks run on the run's first call only (later calls of the same kind
+go straight to the backend through ops.CheckedStep), and each rate is written into the run's rate buffer
+by the kernel itself.
 Entry points adapt a Run by subclassing its small hooks (`steps`, `callback`, `velocity`,
 `physical_m`, `temperature`) rather than copying the loop.
 """
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 
 from .errors import NonFiniteError
-from .ops.library import fused_step_op
+from .ops import CheckedStep
+from .ops.library import _needs_op, fused_step_op
 from .ops.reference import fixed_order_sum
 from .thermo import ThermoReport
 
@@ -71,6 +76,7 @@ class Run:
         self._outputs: list[weakref.ref] = []                # the model's recent outputs (buffer-reuse check)
         self._copy_outputs = False
         self._velocity = self._velocity_table(sigmas) if track else {}
+        self._checked: CheckedStep | None = None     # the fused op once its run-constant checks passed
 
     def _velocity_table(self, sigmas) -> dict[float, tuple[float, float, float]]:
         """(t, alpha, beta) of the velocity at each noise level of the grid, in one vectorised call:
@@ -134,10 +140,15 @@ class Run:
         alpha = beta = 0.0
         if tracked:
             t, alpha, beta = self.tracked_velocity(track_sigma, track_map)
-        out, rate = fused_step_op(inputs, coeffs, noise=noise, seed=self.seed, step=i,
-                                  sample_offset=self.sample_offset, track=tracked, alpha=alpha, beta=beta,
-                                  u=u, d=d, out=out, backend=self.backend)
-        row = self._store(rate)
+        checked = self._checked
+        if out is None and checked is not None and checked.backend == self.backend \
+                and checked.accepts(inputs, coeffs, i, noise, alpha, beta, tracked, u, d):
+            # The run's constant checks were done by its first call: the backend directly, the rate into its row.
+            row = self._new_row(inputs[0])
+            out = checked.launch(inputs, coeffs, self._rates, row, noise, self.seed, i, self.sample_offset, tracked,
+                                 alpha, beta, u, d)
+        else:
+            out, row = self._checked_op(inputs, coeffs, i, noise, tracked, alpha, beta, u, d, out)
         if tracked:
             self.eval_t.append(t)
             self.eval_rows.append(row)
@@ -145,6 +156,20 @@ class Run:
         if self.check_every and (i + 1) % self.check_every == 0 and (len(self.probes) == 1 or self.probes[-2] != i):
             self.check_finite()
         return out
+
+    def _checked_op(self, inputs, coeffs, i, noise, track, alpha, beta, u, d, out):
+        """The fused op with every argument check (and the torch.library op under compile/autograd): a run's
+        first call, and any call `CheckedStep.accepts` turns down. Returns (out, row of its rate). After an
+        eager call passed, the run keeps a CheckedStep of its kind for the calls that follow."""
+        out, rate = fused_step_op(inputs, coeffs, noise=noise, seed=self.seed, step=i, sample_offset=self.sample_offset,
+                                  track=track, alpha=alpha, beta=beta, u=u, d=d, out=out, backend=self.backend)
+        row = self._new_row(rate)              # (before indexing: it allocates the buffer on the first call)
+        self._rates[row].copy_(rate)
+        checked, x = self._checked, inputs[0]
+        if not _needs_op(inputs) and (checked is None or checked.backend != self.backend or checked.shape != x.shape
+                                      or checked.dtype != x.dtype or checked.device != x.device):
+            self._checked = CheckedStep(self.backend, x)   # seed, offset and this kind of call: checked above
+        return out, row
 
     def _sampled_noise(self, like: torch.Tensor, sigmas) -> torch.Tensor:
         """The user's noise_sampler(sigma, sigma_next), checked: a floating tensor of the state's shape."""
@@ -162,18 +187,20 @@ class Run:
         """Record whether each sample of a tensor made outside the fused op is finite (checked with the
         rates at the end of the run: NaN where a sample is not finite)."""
         finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-        self._store(torch.where(finite, 0.0, float("nan")).to(torch.float32))
+        row = self._new_row(x)
+        self._rates[row].copy_(torch.where(finite, 0.0, float("nan")))
         self.probes.append(i)
 
-    def _store(self, rate: torch.Tensor) -> int:
-        """Copy one update's rate [B] into the buffer (doubling it when full); returns its row."""
+    def _new_row(self, like: torch.Tensor) -> int:
+        """The index of the next row, float32 [B], of the rate buffer (B and device from `like`; the buffer
+        doubles when full)."""
         if self._rates is None:
-            self._rates = rate.new_empty((max(8, 3 * len(self.sigmas)), rate.shape[0]))
+            self._rates = torch.empty((max(8, 3 * len(self.sigmas)), like.shape[0]), dtype=torch.float32,
+                                      device=like.device)
         elif self._rows == self._rates.shape[0]:
             grown = self._rates.new_empty((2 * self._rows, self._rates.shape[1]))
             grown[:self._rows].copy_(self._rates)
             self._rates = grown
-        self._rates[self._rows].copy_(rate)
         self._rows += 1
         return self._rows - 1
 
