@@ -145,3 +145,133 @@ def test_fp16_latents_that_overflow_are_reported(cls):
     assert x.dtype == torch.float16 and not torch.isfinite(x).all()
     with pytest.raises(ts.NonFiniteError):
         _ = sch.thermo
+
+
+# ---- issue 15: per-run precomputation (host grid, velocity table, checked op) must follow the run ---------
+
+ALL = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+       "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler",
+       "DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler"]
+
+
+def pair(name, **extra):
+    """(diffusers' scheduler, thermosample's) of one config."""
+    if name.startswith("Flow"):
+        return getattr(diffusers, name)(**extra), getattr(TD, "Thermo" + name)(**extra)
+    peer = getattr(diffusers, name).from_config(dict(BASE, **extra))
+    return peer, getattr(TD, "Thermo" + name).from_config(peer.config)
+
+
+def toy(x, t):
+    return 0.3 * torch.tanh(x) + 1e-5 * float(t) * x
+
+
+def toy_loop(sch, steps, batch, seed, timesteps=None, stop=None):
+    """The pipeline loop with a cheap model; diffusers' generator noise where step takes one (same numbers);
+    `timesteps` replaces the scheduler's (a run begun mid-grid), `stop` interrupts it."""
+    import inspect
+    g = torch.Generator().manual_seed(seed)
+    sch.set_timesteps(steps)
+    x = torch.randn(batch, 3, 4, 4, generator=g) * getattr(sch, "init_noise_sigma", 1.0)
+    kw = {"generator": g} if "generator" in inspect.signature(sch.step).parameters else {}
+    scale = getattr(sch, "scale_model_input", lambda x, t: x)
+    for k, t in enumerate(sch.timesteps if timesteps is None else timesteps(sch.timesteps)):
+        if k == stop:
+            break
+        x = sch.step(toy(scale(x, t), t), t, x, **kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_set_timesteps_again_gives_a_fresh_matching_run(name):
+    """The host grid, the velocity table and the checked op belong to a run: an interrupted run, then runs of
+    other step counts and batch sizes on the same scheduler, each match diffusers and report only their own
+    evaluations."""
+    peer, ours = pair(name)
+    for sch in (peer, ours):
+        toy_loop(sch, 12, 2, 0, stop=5)
+    for steps, batch in ((7, 3), (12, 2)):
+        close(toy_loop(peer, steps, batch, steps), toy_loop(ours, steps, batch, steps))
+        fresh = pair(name)[1]
+        toy_loop(fresh, steps, batch, steps)
+        rep, want = ours.thermo, fresh.thermo
+        assert rep.rate.shape == (len(ours.timesteps), batch)
+        assert torch.equal(rep.t, want.t) and torch.equal(rep.rate, want.rate)   # as a fresh scheduler's run
+        assert ours._run._checked.shape[0] == batch             # the checked op follows the new batch size
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_run_begun_mid_grid_matches(name):
+    """The first step's timestep sets the step index (no set_begin_index), as diffusers' img2img loops do."""
+    peer, ours = pair(name)
+    start = 2 * getattr(ours, "order", 1)
+    close(toy_loop(peer, 8, 2, 0, timesteps=lambda ts: ts[start:]),
+          toy_loop(ours, 8, 2, 0, timesteps=lambda ts: ts[start:]))
+    assert ours.thermo.t.numel() == len(ours.timesteps) - start
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_timesteps_out_of_order_follow_the_timestep(name):
+    """DDIM/DDPM index their step by the timestep value, in any order, as diffusers does."""
+    peer, ours = pair(name)
+    order = lambda ts: torch.cat([ts[3:5], ts[:3], ts[5:]])   # noqa: E731
+    close(toy_loop(peer, 8, 2, 0, timesteps=order), toy_loop(ours, 8, 2, 0, timesteps=order))
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler", "DEISMultistepScheduler",
+                                  "FlowMatchEulerDiscreteScheduler"])
+def test_a_step_past_the_end_raises_as_diffusers(name):
+    for sch in pair(name):
+        x = toy_loop(sch, 5, 2, 0)
+        t = sch.timesteps[-1]
+        with pytest.raises(IndexError):
+            sch.step(toy(x, t), t, x)
+
+
+def test_the_backend_is_read_at_every_step(monkeypatch):
+    """scheduler.backend may change between steps; the run's checked op must not keep the old one."""
+    from thermosample import ops
+    sch = TD.ThermoEulerDiscreteScheduler.from_config(BASE)
+    sch.set_timesteps(6)
+    x = torch.randn(2, 3, 4, 4) * sch.init_noise_sigma
+    seen = []
+    reference = ops.reference.fused_step_reference
+    monkeypatch.setattr(ops.reference, "fused_step_reference", lambda *a, **k: seen.append(1) or reference(*a, **k))
+    ops.implementation.cache_clear()
+    try:
+        for k, t in enumerate(sch.timesteps):
+            sch.backend = "torch" if k >= 3 else "auto"
+            x = sch.step(toy(sch.scale_model_input(x, t), t), t, x).prev_sample
+    finally:
+        ops.implementation.cache_clear()
+    assert len(seen) == 2 * 3                     # two ops per Euler step, on the last three steps
+
+
+def test_velocity_table_is_the_schedule_s_velocity():
+    """The run's table (one vectorised call at its first step) gives the schedule's scalar velocity at every
+    sigma of the grid, also with use_flow_sigmas (where the scheduler's sigma is not sigma_hat)."""
+    import numpy as np
+    for extra in ({}, {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}):
+        _, ours = pair("DPMSolverMultistepScheduler", **extra)
+        toy_loop(ours, 9, 2, 0)
+        run = ours._run
+        for s in ours._sig:
+            if s <= 0:
+                continue
+            t = float(run.schedule.sigma_to_t(run._sigma_hat(s)))
+            want = np.array((t, *run.schedule.velocity_coeffs(t)))
+            np.testing.assert_allclose(run.velocity(s), want, rtol=1e-13, atol=0)
+
+
+def test_a_scheduler_s_later_runs_skip_the_full_checks(monkeypatch):
+    """The checked op carries over from one run of a scheduler to the next (a pipeline's next call)."""
+    from thermosample import run as run_module
+    calls = []
+    full = run_module.fused_step_op
+    monkeypatch.setattr(run_module, "fused_step_op", lambda *a, **k: calls.append(1) or full(*a, **k))
+    _, ours = pair("DPMSolverMultistepScheduler")
+    toy_loop(ours, 6, 2, 0)
+    assert len(calls) == 1
+    toy_loop(ours, 8, 2, 1)
+    assert len(calls) == 1 and ours.thermo.t.numel() == 8

@@ -16,6 +16,8 @@ sigmas=)`, the timestep/sigma grids for every spacing option, `init_noise_sigma`
   lives on the host; `step` does no `.item()` and no device-to-host copy. The first step index comes from
   `set_begin_index` when set, else from the timestep when it is a number or a CPU tensor, else it is 0
   (a pipeline that starts mid-schedule on a GPU calls `set_begin_index`, as diffusers' img2img ones do).
+- host time per step: the report's velocity coefficients are tabled over the grid once per run and the
+  fused op's argument checks run once per kind of call, not per step (issue 15).
 - noise: with a `generator` the noise is `randn_tensor(..., generator=generator)` exactly as diffusers
   draws it (same outputs); without one it is thermosample's in-kernel Philox noise (same distribution),
   seeded by one draw from torch's default CPU generator at `set_timesteps`.
@@ -84,26 +86,43 @@ __all__ = ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteSchedule
 _FLOW_T_MAX = 1.0 - 1e-6
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in float32 (a no-op `.to` still costs ~0.7 us of host time per call)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
 class _SchedulerRun(Run):
     """The Run engine in a scheduler's coordinates: the pipeline evaluates the model, the scheduler hands
     each fused op to `update` with `track_map` (its state X and model output o, not x_hat and D), and the
-    velocity is that of the training schedule at the scheduler's sigma (scalar, no grid table)."""
+    velocity is that of the training schedule at the scheduler's sigma (a table over the run's grid)."""
 
     def __init__(self, scheduler, sigmas, seed, schedule):
-        super().__init__(None, sigmas, seed=seed, backend=scheduler.backend, track=True, schedule=schedule,
-                         solver=type(scheduler).__name__)
         self.flow = scheduler._flow
         self.flow_sigmas = getattr(scheduler.config, "use_flow_sigmas", False)
+        super().__init__(None, sigmas, seed=seed, backend=scheduler.backend, track=True, schedule=schedule,
+                         solver=type(scheduler).__name__)
 
     def _velocity_table(self, sigmas):
-        return {}
+        return None       # built at the first tracked step: diffusers' __init__ sets 1000 steps no run uses
+
+    def velocity(self, sigma):
+        """(t, alpha, beta) at the scheduler's sigma: one vectorised table over the grid (the schedule's
+        scalar maths per step cost more host time than a small state's step), scalar maths off the grid."""
+        if self._velocity is None:
+            grid = [s for s in self.sigmas if s > 0 and not (self.flow_sigmas and s >= 1.0)]
+            table = super()._velocity_table([self._sigma_hat(s) for s in grid])
+            self._velocity = {s: table[self._sigma_hat(s)] for s in grid}
+        hit = self._velocity.get(sigma)
+        if hit is None:
+            t = float(self.schedule.sigma_to_t(self._sigma_hat(sigma)))
+            hit = self._velocity[sigma] = (t, *self.schedule.velocity_coeffs(t))
+        return hit
 
     def tracked_velocity(self, sigma, track_map):
         cx, kx, ko = track_map
         if self.flow:  # x = (1 - t) y + t eps, t = sigma: nu = (x - D) / t
             return sigma, (1.0 - kx) / sigma, -ko / sigma
-        t = float(self.schedule.sigma_to_t(self._sigma_hat(sigma)))
-        alpha, beta = self.schedule.velocity_coeffs(t)
+        t, alpha, beta = self.velocity(sigma)
         return t, alpha * cx + beta * kx, beta * ko
 
     def _sigma_hat(self, sigma):
@@ -153,15 +172,24 @@ class _ThermoStep:
 
     def _new_run(self):
         self._seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        previous = getattr(self, "_run", None)
         self._run = _SchedulerRun(self, self._sig, self._seed, self._make_thermo_schedule())
+        if previous is not None:    # the fused op's checks of this kind of call carry over (a valid seed drawn here)
+            self._run._checked = previous._checked
 
     def _make_thermo_schedule(self):
         if self._flow:
             return CondOT()
+        ac = getattr(self, "alphas_cumprod", None)
+        cached = self.__dict__.get("_vp_schedule")
+        if cached is not None and cached[0] is ac:   # one DiscreteVP per alphas_cumprod (~25 us to build)
+            return cached[1]
         try:
-            return DiscreteVP(self.alphas_cumprod)
-        except (AttributeError, ValueError):  # e.g. zero terminal SNR: no finite VP sigma at the end
-            return EDM()
+            schedule = DiscreteVP(ac) if ac is not None else EDM()
+        except ValueError:  # e.g. zero terminal SNR: no finite VP sigma at the end
+            schedule = EDM()
+        self.__dict__["_vp_schedule"] = (ac, schedule)
+        return schedule
 
     def _init_step_index(self, timestep):
         """Host-only step index (diffusers' looks the timestep up on the device and calls .item())."""
@@ -185,12 +213,13 @@ class _ThermoStep:
     def _fused(self, i, inputs, coeffs, noise=0.0, track=None):
         """One fused op; `track` = (sigma, cx, kx, ko) records the rate of the evaluation at sigma, for a
         state X = inputs[0] with x_hat = cx X and denoised D = kx X + ko inputs[1]."""
-        self._run.backend = self.backend
+        run = self._run
+        run.backend = self.backend
         if track is None:
-            return self._run.update(inputs, coeffs, i, noise=noise)
+            return run.update(inputs, coeffs, i, noise=noise)
         sigma, cx, kx, ko = track
-        self._run.record_state(sigma, inputs[0], cx)
-        return self._run.update(inputs, coeffs, i, noise=noise, track_sigma=sigma, track_map=(cx, kx, ko))
+        run.record_state(sigma, inputs[0], cx)
+        return run.update(inputs, coeffs, i, noise=noise, track_sigma=sigma, track_map=(cx, kx, ko))
 
     def _stored(self, i, prev, dtype):
         """prev in the pipeline's dtype; a cast to fp16/bf16 that overflows is probed, so that `thermo`
@@ -227,7 +256,7 @@ class _ThermoStep:
         return False
 
     def _index(self, timestep):
-        if self.step_index is None:
+        if self._step_index is None:
             self._init_step_index(timestep)
         return self._step_index
 
@@ -263,7 +292,7 @@ class ThermoEulerDiscreteScheduler(_ThermoStep, EulerDiscreteScheduler):
         """
         i = self._index(timestep)
         self._churned = getattr(self, "_churned", False) or s_churn > 0
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         s, s_next = self._sig[i], self._sig[i + 1]
         s_hat = churn_sigma(s, len(self._sig) - 1, s_churn, s_tmin, s_tmax)
         if s_hat > s:
@@ -296,7 +325,7 @@ class ThermoEulerAncestralDiscreteScheduler(_ThermoStep, EulerAncestralDiscreteS
             model_output: [B, C, H, W] epsilon or v; sample: [B, C, H, W] x_hat; generator: diffusers' noise.
         """
         i = self._index(timestep)
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         s, s_next = self._sig[i], self._sig[i + 1]
         if self.config.prediction_type == "sample":
             raise NotImplementedError("prediction_type not implemented yet: sample")
@@ -475,7 +504,7 @@ class ThermoDPMSolverMultistepScheduler(_VPMultistep, _ThermoStep, DPMSolverMult
         n = len(self._ts)
         final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
         second = i == n - 2 and c.lower_order_final and n < 15
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         s, s_next = self._sig[i], self._sig[i + 1]
         a_s, sg_s = self._alpha_sigma(s)
         denoised, _, _ = self._convert(i, x, o)
@@ -548,7 +577,7 @@ class ThermoFlowMatchEulerDiscreteScheduler(_ThermoStep, FlowMatchEulerDiscreteS
                                 s_noise=s_noise, generator=generator, per_token_timesteps=per_token_timesteps,
                                 return_dict=return_dict)
         i = self._index(timestep)
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         s, s_next = self._sig[i], self._sig[i + 1]
         prev = self._stored(i, self._fused(i, [x, o], [1.0, s_next - s], track=(s, 1.0, 1.0, -s)), model_output.dtype)
         self._step_index += 1
@@ -615,7 +644,7 @@ class ThermoUniPCMultistepScheduler(_VPMultistep, _ThermoStep, UniPCMultistepSch
         self._require_timesteps()
         c = self.config
         i = self._index(timestep)
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         s = self._sig[i]
         a_s, g_s = self._alpha_sigma(s)
         m, _, _ = self._convert(i, x, o)
@@ -697,7 +726,7 @@ class ThermoDEISMultistepScheduler(_VPMultistep, _ThermoStep, DEISMultistepSched
         n = len(self._ts)
         final = i == n - 1 and c.lower_order_final and n < 15
         second = i == n - 2 and c.lower_order_final and n < 15
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         s, s_t = self._sig[i], self._sig[i + 1]
         a_s, g_s = self._alpha_sigma(s)
         kx, ko = self._x0_map(s)
@@ -736,7 +765,7 @@ class ThermoLMSDiscreteScheduler(_ThermoStep, LMSDiscreteScheduler):
         if not isinstance(order, int) or not 1 <= order <= 4:
             raise ValueError(f"order must be an int in 1..4, got {order!r}")
         i = self._index(timestep)
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         s = self._sig[i]
         kx, ko = self._x0_coeffs(s)
         denoised = self._fused(i, [x, o], [kx, ko], track=(s, 1.0, kx, ko))
@@ -746,6 +775,7 @@ class ThermoLMSDiscreteScheduler(_ThermoStep, LMSDiscreteScheduler):
         p = min(i + 1, order)
         coeffs = [linear_multistep_coeff(p, self._sig, i, j) for j in range(p)]
         hist = list(reversed(self.derivatives))[:p]
+        coeffs = coeffs[:len(hist)]   # a run begun mid-grid has fewer derivatives: diffusers zips them, so do we
         prev = self._stored(i, self._fused(i, [x] + hist, [1.0] + coeffs), model_output.dtype)
         self._step_index += 1
         if not return_dict:
@@ -841,7 +871,7 @@ class ThermoDDIMScheduler(_TimestepScheduler, _ThermoStep, DDIMScheduler):
         i, t = self._host_timestep(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         a_prev = self._ac[prev_t] if prev_t >= 0 else self._final_alpha()
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         x0, ra, rb, _, (ex, eo) = self._predict_x0(i, t, x, o)
         a_t = self._ac[t]
         one = np.float32(1.0)
@@ -905,7 +935,7 @@ class ThermoDDPMScheduler(_TimestepScheduler, _ThermoStep, DDPMScheduler):
         b_t, b_prev = one - a_t, one - a_prev
         cur_alpha = a_t / a_prev
         cur_beta = one - cur_alpha
-        x, o = sample.to(torch.float32), model_output.to(torch.float32)
+        x, o = _f32(sample), _f32(model_output)
         x0, *_ = self._predict_x0(i, t, x, o)
         c0 = float((np.sqrt(a_prev) * cur_beta) / b_t)
         cx = float(np.sqrt(cur_alpha) * b_prev / b_t)
