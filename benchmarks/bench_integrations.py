@@ -1,29 +1,60 @@
-"""End-to-end: thermosample's drop-in integrations vs the peers' own loops, 50 steps, a 1x1-conv model.
+"""End-to-end: thermosample's entry points vs the peers' own loops, 50 steps, a 1x1-conv model.
 
-For each pair (k-diffusion sampler, diffusers scheduler) it times one full 50-step run of the peer and of
-thermosample on the same device, model, inputs and sigmas (interleaved, best of --repeats), so the
-difference is the per-step update cost (the model is cheap on purpose). Prints a table and writes JSON
-naming the device to benchmarks/out/bench_integrations.json.
+Each row is one pair run on the same device, model, inputs and sigmas: a k-diffusion sampler and its
+drop-in (thermosample.integrations.k_diffusion), a diffusers scheduler and its drop-in
+(thermosample.integrations.diffusers: one scheduler each, made once as a pipeline holds one; a run is
+`set_timesteps` + the denoising loop, as a pipeline call does), and `ts.sample` against k-diffusion's same
+sampler. The model is cheap on purpose, so the difference is the per-step update cost: the host overhead of
+the loop on small states, the memory passes of the update on large ones.
 
-    python benchmarks/bench_integrations.py [--shape 4 4 128 128] [--repeats 3] [--device cpu]
+Timing: per row, `--repeats` rounds of (peer, ours, model alone), interleaved so that a busy machine slows
+all three alike; reported are the minimum and the spread (max - min) / min of each. speedup = peer min /
+ours min. Per-step overhead = (loop min - model min) / steps, where "model alone" makes the same model
+calls as the loop (the loop's NFE count of them) on the same input: it is what the loop costs beyond the
+model (the solver update, the scheduler's bookkeeping, the Python around them). k-diffusion's
+sample_dpmpp_2m_sde gets its `default_noise_sampler` (randn per step) rather than its default Brownian tree,
+which costs seconds per step at 16 MB; the drop-in draws in-kernel Philox normals. On CUDA, `ts.sample` also
+runs with cuda_graph=True: the model replays inside the graph too, so that row's "overhead" is the whole
+run's time beyond the eager model calls and can be negative. Prints one table per state size and writes
+JSON naming the device to benchmarks/out/bench_integrations.json.
+
+    python benchmarks/bench_integrations.py [--sizes-kb 64 1024 16384] [--repeats 15] [--device cpu] [--threads 1]
+    python benchmarks/bench_integrations.py --sizes-kb 64 --only diffusers.Euler   # one row, quickly
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import math
 import os
-import platform
 import sys
 import time
 import types
 
 import torch
 
+import thermosample as ts
+from thermosample.apps.bench import device_name
+
 STEPS = 50
+SHAPES = {64: (4, 4, 32, 32), 1024: (4, 4, 128, 128), 16384: (4, 16, 256, 256)}   # float32 states
+KDIFF = ("sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde")
+DIFFUSERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+             "DPMSolverMultistepScheduler", "FlowMatchEulerDiscreteScheduler")
+TS_SAMPLE = ("euler", "dpmpp_2m")
+
+
+def shape_of(size_kb: int) -> tuple[int, ...]:
+    """[4, C, H, W] float32 of size_kb KiB (the three defaults as above; others [4, 4, 1, n])."""
+    if size_kb in SHAPES:
+        return SHAPES[size_kb]
+    numel = size_kb * 1024 // 4
+    return (4, 4, 1, max(1, numel // 16))
 
 
 def load_k_sampling():
+    """k-diffusion's sampling.py without its package __init__ (which imports torchvision); None if absent."""
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
         return None
@@ -39,88 +70,165 @@ def load_k_sampling():
     return mod
 
 
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+class Counted:
+    """A model that counts its calls (the NFE of a loop, for the model-alone timing)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
 
 
-def diffusers_loop(sch, conv, x0):
+def diffusers_loop(sch, model, x0):
     sch.set_timesteps(STEPS, device=x0.device)
     x = x0 * getattr(sch, "init_noise_sigma", 1.0)
     scale = getattr(sch, "scale_model_input", lambda x, t: x)  # flow matching has none
     for t in sch.timesteps:
-        x = sch.step(conv(scale(x, t)), t, x).prev_sample
+        x = sch.step(model(scale(x, t), t), t, x).prev_sample
     return x
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", type=int, nargs="+", default=[4, 4, 128, 128])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_integrations.json"))
-    args = ap.parse_args()
-    dev = torch.device(args.device)
+def make_cases(dev, shape, only):
+    """[(name, peer(model), ours(model), model_alone(n), model)]: peer/ours run one whole loop."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(args.shape[1], args.shape[1], 1).to(dev).requires_grad_(False)
-    x0 = torch.randn(args.shape, device=dev)
-    cases = []  # (name, peer_fn, ours_fn)
+    conv = torch.nn.Conv2d(shape[1], shape[1], 1).to(dev).requires_grad_(False)
+    x0 = torch.randn(shape, device=dev)
+    cases = []
 
     kd = load_k_sampling()
     if kd is not None:
         from thermosample.integrations import k_diffusion as tk
         sig = kd.get_sigmas_karras(STEPS, 0.002, 80.0, device=dev)
-        model = lambda x, s: conv(x) / (1 + s.view(-1, 1, 1, 1) ** 2) ** 0.5  # noqa: E731
-        for name in ("sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde"):
+        kmodel = Counted(lambda x, s: conv(x) / (1 + s.view(-1, 1, 1, 1) ** 2) ** 0.5)
+        s_in = torch.full((shape[0],), 1.0, device=dev)
+
+        def kalone(n):
+            for _ in range(n):
+                kmodel.fn(x0, s_in)
+        for name in KDIFF:
             peer, ours = getattr(kd, name), getattr(tk, name)
-            cases.append((f"k_diffusion.{name}", lambda p=peer: p(model, x0 * sig[0], sig, disable=True),
-                          lambda o=ours: o(model, x0 * sig[0], sig, disable=True)))
+            # The SDE sampler's default noise is a Brownian tree, seconds per step at 16 MB: the peer draws
+            # randn instead (its default_noise_sampler), as ours draws in-kernel Philox normals.
+            kw = {"noise_sampler": kd.default_noise_sampler(x0)} if name.endswith("_sde") else {}
+            label = f"k_diffusion.{name}" + (" (randn)" if kw else "")
+            cases.append((label, lambda p=peer, kw=kw: p(kmodel, x0 * sig[0], sig, disable=True, **kw),
+                          lambda o=ours: o(kmodel, x0 * sig[0], sig, disable=True), kalone, kmodel))
+        den = ts.Denoiser(kmodel, ts.schedules.EDM(), prediction="x0", time="sigma", scale_input=False)
+        for solver in TS_SAMPLE:
+            for graph in (False, True) if dev.type == "cuda" else (False,):
+                cases.append((f"ts.sample({solver}{', cuda_graph' if graph else ''}) vs k_diffusion",
+                              lambda p=getattr(kd, "sample_" + solver): p(kmodel, x0 * sig[0], sig, disable=True),
+                              lambda s=solver, g=graph: ts.sample(den, noise=x0 * sig[0], grid=sig, solver=s,
+                                                                  progress=False, cuda_graph=g),
+                              kalone, kmodel))
     try:
         import diffusers
         from diffusers import DDPMScheduler
 
         from thermosample.integrations import diffusers as td
         cfg = DDPMScheduler(num_train_timesteps=1000).config
-        for peer_name, ours_name in (("EulerDiscreteScheduler", "ThermoEulerDiscreteScheduler"),
-                                     ("EulerAncestralDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler"),
-                                     ("HeunDiscreteScheduler", "ThermoHeunDiscreteScheduler"),
-                                     ("DPMSolverMultistepScheduler", "ThermoDPMSolverMultistepScheduler"),
-                                     ("FlowMatchEulerDiscreteScheduler", "ThermoFlowMatchEulerDiscreteScheduler")):
+        dmodel = Counted(lambda x, t: conv(x))
+
+        def dalone(n):
+            for _ in range(n):
+                conv(x0)
+        for peer_name in DIFFUSERS:
             flow = "Flow" in peer_name
-            mk_p = (lambda c=getattr(diffusers, peer_name), f=flow: c() if f else c.from_config(cfg))
-            mk_o = (lambda c=getattr(td, ours_name), f=flow: c() if f else c.from_config(cfg))
-            cases.append((f"diffusers.{peer_name}", lambda m=mk_p: diffusers_loop(m(), conv, x0),
-                          lambda m=mk_o: diffusers_loop(m(), conv, x0)))
+            # one scheduler per side, as a pipeline holds one: each run is set_timesteps + the loop
+            peer_sch, ours_sch = (getattr(mod, prefix + peer_name)() if flow else
+                                  getattr(mod, prefix + peer_name).from_config(cfg)
+                                  for mod, prefix in ((diffusers, ""), (td, "Thermo")))
+            cases.append((f"diffusers.{peer_name}", lambda s=peer_sch: diffusers_loop(s, dmodel, x0),
+                          lambda s=ours_sch: diffusers_loop(s, dmodel, x0), dalone, dmodel))
     except ImportError:
         pass
-    if not cases:
-        sys.exit("neither k-diffusion nor diffusers is installed")
+    return [c for c in cases if not only or any(o.lower() in c[0].lower() for o in only)]
 
+
+def timed(fn, dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter() - t0
+
+
+def stats(times) -> dict:
+    lo = min(times)
+    return {"min_s": lo, "spread": (max(times) - lo) / lo, "times_s": times}
+
+
+def bench_size(dev, size_kb, repeats, only):
+    shape = shape_of(size_kb)
     rows = []
     with torch.no_grad():
-        for name, peer, ours in cases:
-            peer(), ours()  # warm-up
-            tp, to = [], []
-            for _ in range(args.repeats):
+        for name, peer, ours, alone, model in make_cases(dev, shape, only):
+            model.calls = 0
+            peer()                                            # warm-up (lazy imports, caches, graph capture)
+            nfe = model.calls                                 # the loop's model calls (ours make as many)
+            ours()
+            tp, to, tm = [], [], []
+            for _ in range(repeats):
                 tp.append(timed(peer, dev))
                 to.append(timed(ours, dev))
-            rows.append({"case": name, "peer_s": min(tp), "thermosample_s": min(to), "speedup": min(tp) / min(to)})
-    cpu_name = platform.processor() or platform.machine()
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name
-    print(f"device: {dev} ({device_name}), threads={torch.get_num_threads()}, state {tuple(args.shape)} float32, "
-          f"{STEPS} steps, 1x1-conv model, best of {args.repeats}")
-    print(f"{'case':48s} {'peer ms':>10s} {'ours ms':>10s} {'speedup':>8s}")
+                tm.append(timed(lambda: alone(nfe), dev))
+            p, o, m = stats(tp), stats(to), stats(tm)
+            rows.append({"case": name, "nfe": nfe, "peer": p, "ours": o, "model": m,
+                         "speedup": p["min_s"] / o["min_s"],
+                         "peer_overhead_us_per_step": (p["min_s"] - m["min_s"]) / STEPS * 1e6,
+                         "ours_overhead_us_per_step": (o["min_s"] - m["min_s"]) / STEPS * 1e6})
+    return shape, rows
+
+
+def table(dev_name, threads, size_kb, shape, repeats, rows) -> str:
+    lines = [f"state {size_kb} KB {tuple(shape)} float32, {STEPS} steps, 1x1-conv model, {dev_name}, "
+             f"threads={threads}, torch {torch.__version__}, min of {repeats} interleaved runs "
+             "(spr = spread, (max - min) / min; us/st = (loop - model alone) / steps)",
+             f"{'case':40s} {'peer ms':>8s} {'spr':>5s} {'ours ms':>8s} {'spr':>5s} {'speedup':>8s} "
+             f"{'model ms':>8s} {'peer us/st':>10s} {'ours us/st':>10s}"]
     for r in rows:
-        print(f"{r['case']:48s} {1e3 * r['peer_s']:10.1f} {1e3 * r['thermosample_s']:10.1f} {r['speedup']:8.2f}x")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        lines.append(f"{r['case']:40s} {1e3 * r['peer']['min_s']:8.2f} {100 * r['peer']['spread']:4.0f}% "
+                     f"{1e3 * r['ours']['min_s']:8.2f} {100 * r['ours']['spread']:4.0f}% {r['speedup']:7.2f}x "
+                     f"{1e3 * r['model']['min_s']:8.2f} {r['peer_overhead_us_per_step']:10.1f} "
+                     f"{r['ours_overhead_us_per_step']:10.1f}")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes-kb", type=int, nargs="+", default=[64, 1024, 16384])
+    ap.add_argument("--repeats", type=int, default=15,
+                    help="interleaved rounds at 64 KB; larger states get fewer (at least 3) to bound the run time")
+    ap.add_argument("--only", nargs="*", default=None, help="run the rows whose name contains one of these")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_integrations.json"))
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = device_name(dev)
+    threads = torch.get_num_threads()
+    result = {"device": str(dev), "device_name": name, "threads": threads, "steps": STEPS,
+              "torch": torch.__version__, "sizes": []}
+    for size_kb in args.sizes_kb:
+        # CPU loops grow with the state; a GPU's stay launch-bound, so it keeps every repeat.
+        scale = 1 if dev.type == "cuda" else max(1, int(math.sqrt(size_kb / 64)) // 2)
+        repeats = max(3, args.repeats // scale)
+        shape, rows = bench_size(dev, size_kb, repeats, args.only)
+        text = table(name, threads, size_kb, shape, repeats, rows)
+        print(text + "\n", flush=True)
+        result["sizes"].append({"size_kb": size_kb, "shape": list(shape), "repeats": repeats, "rows": rows,
+                                "table": text})
+    if not any(s["rows"] for s in result["sizes"]):
+        sys.exit("nothing to compare: neither k-diffusion nor diffusers is installed (or --only matched no row)")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"device": str(dev), "device_name": device_name, "threads": torch.get_num_threads(),
-                   "shape": args.shape, "steps": STEPS, "torch": torch.__version__, "rows": rows}, f, indent=2)
+        json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
 
 

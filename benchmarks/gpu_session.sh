@@ -1,37 +1,120 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one call (the device tool: few, full calls). Run from the repo root:
-#   bash benchmarks/gpu_session.sh [tests|bench|sweep|noise|sampler|all]   (results under $OUT or benchmarks/out)
-# Builds the package (C++ extension included), runs the test suite with compiled Triton on CUDA (no
-# interpreter), then the step benchmark; logs and JSON land in $OUT.
-set -uo pipefail
+# One prepared GPU session (issue 15, item 3), under 10 minutes, from the repo root:
+#
+#     bash benchmarks/gpu_session.sh            # everything lands in benchmarks/out/gpu_session/
+#
+# It prints the device, builds the package (C++ extension included), runs the Triton/CUDA tests, then
+# re-measures the step roofline (`thermosample bench`), whole runs against eager k-diffusion and diffusers
+# loops with the per-step overhead (bench_integrations.py; ts.sample with and without CUDA graphs) and whole
+# ts.sample runs against an eager-torch loop with and without CUDA graphs (bench_sampler.py). Each step runs
+# under `timeout` inside one overall budget (GPU_SESSION_BUDGET seconds, default 540); a step that fails or
+# runs out of time is recorded in summary.txt and the session goes on; the exit status is non-zero if any
+# step failed. The tables to copy into benchmarks/RESULTS.md are in summary.txt.
+#
+# Peers: the H200 image has neither diffusers nor k-diffusion. Carry them as pure-Python wheels in .whl
+# (ignored by git), made once on the CPU machine:
+#     python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 k-diffusion==0.1.1.post1 \
+#         torchsde==0.2.6 trampoline==0.1.2
+# and call the device tool with carry=[".whl"], command "bash benchmarks/gpu_session.sh", timeout_s 600.
+# Under the device tool ($OUT set) the results also come back as $OUT/gpu_session.tgz + $OUT/summary.txt.
+#
+# Smoke test on a CPU machine (tiny sizes, no GPU): GPU_SESSION_DEVICE=cpu bash benchmarks/gpu_session.sh
+set -euo pipefail
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-benchmarks/out}
-mkdir -p "$OUT"
-what=${1:-all}
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/gpu_info.txt"
-python3 -m pip install -q --no-build-isolation --no-deps --no-index -e . >"$OUT/install.log" 2>&1 \
-  || { tail -20 "$OUT/install.log"; exit 1; }
-if [[ $what == all || $what == tests ]]; then
-  python3 -m pytest -q -p no:cacheprovider -rs --timeout 300 tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -40
+cd "$(dirname "$0")/.."
+DEST=benchmarks/out/gpu_session
+DEVICE=${GPU_SESSION_DEVICE:-cuda}
+BUDGET=${GPU_SESSION_BUDGET:-540}
+rm -rf "$DEST" && mkdir -p "$DEST"
+SUMMARY=$DEST/summary.txt
+failed=0
+
+# step NAME LIMIT CMD...: run CMD under `timeout` (at most LIMIT s, never past the budget), output to
+# $DEST/NAME.log, its tail to the terminal, and one line in the summary.
+step() {
+  local name=$1 limit=$2 left rc=0
+  shift 2
+  left=$((BUDGET - SECONDS))
+  if ((left < 15)); then
+    echo "$name: SKIPPED (budget spent)" | tee -a "$SUMMARY"
+    failed=1
+    return 0
+  fi
+  if ((limit > left)); then limit=$left; fi
+  echo "== $name (limit ${limit}s, ${SECONDS}s into the session)"
+  timeout --kill-after=5 "$limit" "$@" >"$DEST/$name.log" 2>&1 || rc=$?
+  tail -n 25 "$DEST/$name.log"
+  if ((rc == 0)); then
+    echo "$name: ok (${SECONDS}s into the session)" >>"$SUMMARY"
+  elif ((rc == 124 || rc == 137)); then
+    echo "$name: FAILED (timed out after ${limit}s)" | tee -a "$SUMMARY"
+    failed=1
+  else
+    echo "$name: FAILED (exit status $rc)" | tee -a "$SUMMARY"
+    failed=1
+  fi
+}
+
+if [[ $DEVICE == cuda ]]; then
+  SIZES_KB=(64 1024 16384)
+  INTEGRATIONS=(--repeats 9)
+  ROOFLINE=(--sizes 1 8 64 512 --no-compile)
+  SAMPLER_SHAPES=("4 4 64 64" "4 16 256 256")
+  TESTS=(tests/test_kernel_contract.py tests/test_graphs.py tests/test_library_op.py tests/test_backends_agree.py
+         tests/test_determinism.py tests/test_run_reliability.py)
+  MORE_TESTS=(tests/test_triton_backend.py)     # the kernel against the oracle, every shape: last, as budget allows
+  { timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    timeout 60 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+                                                  torch.cuda.get_device_name())"
+  } >"$DEST/device.log" 2>&1 || true
+else   # CPU smoke test of the same commands
+  SIZES_KB=(64)
+  INTEGRATIONS=(--repeats 3 --threads 1)
+  ROOFLINE=(--sizes 1 --steps euler --quick --no-compile)
+  SAMPLER_SHAPES=("2 4 8 8")
+  TESTS=(tests/test_kernel_contract.py)
+  MORE_TESTS=()
+  timeout 60 python3 -c "import torch; print('torch', torch.__version__, 'on CPU')" >"$DEST/device.log" 2>&1 || true
 fi
-if [[ $what == all || $what == sweep ]]; then
-  python3 benchmarks/sweep_triton_block.py --out "$OUT/sweep_triton_block.json" 2>&1 | tee "$OUT/sweep.txt"
+cat "$DEST/device.log" | tee -a "$SUMMARY"
+PYTEST_TIMEOUT=()
+if python3 -c "import pytest_timeout" 2>/dev/null; then PYTEST_TIMEOUT=(--timeout 120); fi
+
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then   # the peers, carried as wheels
+  step wheels 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu_session_site .whl/*.whl
+  export PYTHONPATH=/tmp/gpu_session_site${PYTHONPATH:+:$PYTHONPATH}
 fi
-if [[ $what == all || $what == bench ]]; then
-  python3 benchmarks/bench_step.py --out "$OUT/bench_step_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
-  python3 benchmarks/bench_step.py --dtype bfloat16 --sizes 8 64 512 --no-compile \
-    --out "$OUT/bench_step_gpu_bf16.json" 2>&1 | tee "$OUT/bench_gpu_bf16.txt"
+if [[ $DEVICE == cuda ]]; then
+  step install 180 python3 -m pip install -q --no-build-isolation --no-deps --no-index -e .
 fi
-if [[ $what == noise ]]; then   # the noise step and the sampler loop only (a short call)
-  python3 -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_backends_agree.py \
-    tests/test_library_op.py tests/test_determinism.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
-  for dt in float32 bfloat16; do
-    python3 benchmarks/bench_step.py --dtype $dt --steps euler_ancestral --sizes 1 8 64 512 --no-compile \
-      --out "$OUT/bench_noise_$dt.json" 2>/dev/null | tail -6
+
+# Correctness first: the rate-into-row and checked-op paths of issue 15 on the Triton backend, CUDA graphs.
+step tests 150 python3 -m pytest -q -p no:cacheprovider -rs "${PYTEST_TIMEOUT[@]}" "${TESTS[@]}"
+step roofline 120 python3 -m thermosample.apps.cli bench --device "$DEVICE" "${ROOFLINE[@]}" \
+  --out "$DEST/bench_step.json"
+step integrations 150 python3 benchmarks/bench_integrations.py --device "$DEVICE" --sizes-kb "${SIZES_KB[@]}" \
+  "${INTEGRATIONS[@]}" --out "$DEST/bench_integrations.json"
+for shape in "${SAMPLER_SHAPES[@]}"; do
+  step "sampler_${shape// /x}" 60 python3 benchmarks/bench_sampler.py --device "$DEVICE" --shape $shape \
+    --out "$DEST/bench_sampler_${shape// /x}.json"
+done
+if ((${#MORE_TESTS[@]})); then
+  step tests_triton 150 python3 -m pytest -q -p no:cacheprovider -rs "${PYTEST_TIMEOUT[@]}" "${MORE_TESTS[@]}"
+fi
+
+{ echo
+  echo "== tables (${SECONDS}s in all)"
+  for log in "$DEST"/roofline.log "$DEST"/integrations.log "$DEST"/sampler_*.log; do
+    if [[ -f $log ]]; then
+      echo "-- $(basename "$log" .log)"
+      grep -v -e '^  ' -e '^wrote' -e 'warn' "$log" || true   # the tables, not progress lines or warnings
+    fi
   done
+} >>"$SUMMARY"
+cat "$SUMMARY"
+if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then      # under the device tool: what comes back
+  tar czf "$OUT/gpu_session.tgz" -C benchmarks/out gpu_session
+  cp "$SUMMARY" "$OUT/summary.txt"
 fi
-if [[ $what == all || $what == noise || $what == sampler ]]; then
-  python3 benchmarks/bench_sampler.py --out "$OUT/bench_sampler_gpu.json" 2>&1 | tee "$OUT/bench_sampler.txt"
-fi
+exit $failed
