@@ -1,11 +1,14 @@
-"""End-to-end: thermosample's entry points vs the peers' own loops, 50 steps, a 1x1-conv model.
+"""End-to-end: thermosample's entry points vs the peers' own loops, 50 steps, a cheap per-channel model.
 
 Each row is one pair run on the same device, model, inputs and sigmas: a k-diffusion sampler and its
 drop-in (thermosample.integrations.k_diffusion), a diffusers scheduler and its drop-in
 (thermosample.integrations.diffusers: one scheduler each, made once as a pipeline holds one; a run is
 `set_timesteps` + the denoising loop, as a pipeline call does), and `ts.sample` against k-diffusion's same
 sampler. The model is cheap on purpose, so the difference is the per-step update cost: the host overhead of
-the loop on small states, the memory passes of the update on large ones.
+the loop on small states, the memory passes of the update on large ones. By default it scales each channel
+(one elementwise pass); `--model conv` uses a 1x1 convolution instead, which on the 2-core CPU VM runs 3-5x
+slower with torch's 2 threads than with 1 and varies by as much between calls (oneDNN; 10-15 ms against
+2.9 ms at 16 MB), noise that swamps the per-step cost being measured.
 
 Timing: per row, `--repeats` rounds of (peer, ours, model alone), interleaved so that a busy machine slows
 all three alike; reported are the minimum and the spread (max - min) / min of each. speedup = peer min /
@@ -19,6 +22,7 @@ run's time beyond the eager model calls and can be negative. Prints one table pe
 JSON naming the device to benchmarks/out/bench_integrations.json.
 
     python benchmarks/bench_integrations.py [--sizes-kb 64 1024 16384] [--repeats 15] [--device cpu] [--threads 1]
+        [--model scale|conv]
     python benchmarks/bench_integrations.py --sizes-kb 64 --only diffusers.Euler   # one row, quickly
 """
 from __future__ import annotations
@@ -90,10 +94,18 @@ def diffusers_loop(sch, model, x0):
     return x
 
 
-def make_cases(dev, shape, only):
+def make_net(kind, channels, dev):
+    """The cheap model: "scale" multiplies each channel by its own weight, "conv" is a 1x1 convolution."""
+    if kind == "conv":
+        return torch.nn.Conv2d(channels, channels, 1).to(dev).requires_grad_(False)
+    w = (1.0 + 0.1 * torch.randn(1, channels, 1, 1)).to(dev)
+    return lambda x: x * w
+
+
+def make_cases(dev, shape, only, model_kind="scale"):
     """[(name, peer(model), ours(model), model_alone(n), model)]: peer/ours run one whole loop."""
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(shape[1], shape[1], 1).to(dev).requires_grad_(False)
+    conv = make_net(model_kind, shape[1], dev)
     x0 = torch.randn(shape, device=dev)
     cases = []
 
@@ -162,11 +174,11 @@ def stats(times) -> dict:
     return {"min_s": lo, "spread": (max(times) - lo) / lo, "times_s": times}
 
 
-def bench_size(dev, size_kb, repeats, only):
+def bench_size(dev, size_kb, repeats, only, model_kind="scale"):
     shape = shape_of(size_kb)
     rows = []
     with torch.no_grad():
-        for name, peer, ours, alone, model in make_cases(dev, shape, only):
+        for name, peer, ours, alone, model in make_cases(dev, shape, only, model_kind):
             model.calls = 0
             peer()                                            # warm-up (lazy imports, caches, graph capture)
             nfe = model.calls                                 # the loop's model calls (ours make as many)
@@ -184,8 +196,9 @@ def bench_size(dev, size_kb, repeats, only):
     return shape, rows
 
 
-def table(dev_name, threads, size_kb, shape, repeats, rows) -> str:
-    lines = [f"state {size_kb} KB {tuple(shape)} float32, {STEPS} steps, 1x1-conv model, {dev_name}, "
+def table(dev_name, threads, size_kb, shape, repeats, rows, model_kind="scale") -> str:
+    model = "1x1-conv" if model_kind == "conv" else "per-channel scale"
+    lines = [f"state {size_kb} KB {tuple(shape)} float32, {STEPS} steps, {model} model, {dev_name}, "
              f"threads={threads}, torch {torch.__version__}, min of {repeats} interleaved runs "
              "(spr = spread, (max - min) / min; us/st = (loop - model alone) / steps)",
              f"{'case':40s} {'peer ms':>8s} {'spr':>5s} {'ours ms':>8s} {'spr':>5s} {'speedup':>8s} "
@@ -206,6 +219,8 @@ def main():
     ap.add_argument("--only", nargs="*", default=None, help="run the rows whose name contains one of these")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--model", choices=("scale", "conv"), default="scale",
+                    help="the cheap model: per-channel scale (default) or a 1x1 convolution")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "bench_integrations.json"))
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -213,14 +228,14 @@ def main():
         torch.set_num_threads(args.threads)
     name = device_name(dev)
     threads = torch.get_num_threads()
-    result = {"device": str(dev), "device_name": name, "threads": threads, "steps": STEPS,
+    result = {"device": str(dev), "device_name": name, "threads": threads, "steps": STEPS, "model": args.model,
               "torch": torch.__version__, "sizes": []}
     for size_kb in args.sizes_kb:
         # CPU loops grow with the state; a GPU's stay launch-bound, so it keeps every repeat.
         scale = 1 if dev.type == "cuda" else max(1, int(math.sqrt(size_kb / 64)) // 2)
         repeats = max(3, args.repeats // scale)
-        shape, rows = bench_size(dev, size_kb, repeats, args.only)
-        text = table(name, threads, size_kb, shape, repeats, rows)
+        shape, rows = bench_size(dev, size_kb, repeats, args.only, args.model)
+        text = table(name, threads, size_kb, shape, repeats, rows, args.model)
         print(text + "\n", flush=True)
         result["sizes"].append({"size_kb": size_kb, "shape": list(shape), "repeats": repeats, "rows": rows,
                                 "table": text})
