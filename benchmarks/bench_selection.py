@@ -53,10 +53,6 @@ OLD_AUTO = (("unipc", {"order": 3}), ("unipc", {}), ("ipndm", {}), ("deis", {}),
             ("dpmpp_3m", {}))
 
 
-def label(name, opts):
-    return bq.label(name, opts)
-
-
 def collect(prob, seeds, log=print) -> dict:
     """{(budget, solver label, grid): [2, N] float64 (squared error per sample vs the converged reference,
     and vs the pilot-style UniPC-3 128-step reference)}."""
@@ -148,10 +144,10 @@ def main():
             row = {"problem": prob.name, "budget": budget}
             for rule, margin in rules.items():
                 if margin is None:
-                    keys = [(budget, label(n, o), g) for n, o in OLD_AUTO for g in cal.CANDIDATES]
+                    keys = [(budget, bq.label(n, o), g) for n, o in OLD_AUTO for g in cal.CANDIDATES]
                     margin = 1.0
                 else:
-                    keys = [(budget, label(n, o), g) for n, o, g in S.auto_candidates(budget)]
+                    keys = [(budget, bq.label(n, o), g) for n, o, g in S.auto_candidates(budget)]
                 row[rule] = simulate(errs, keys, peer, budget, args.pilot, args.draws, margin, rng)
             rows.append(row)
             for lab in sorted({k[1] for k in errs}):

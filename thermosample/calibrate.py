@@ -415,18 +415,17 @@ def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: d
     return sig
 
 
-def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
-           candidates=DEFAULT_CANDIDATES, backend: str = "auto", solver_options: dict | None = None,
-           margin: float = MARGIN) -> tuple[np.ndarray, dict]:
-    """Run `solver` with `steps` steps on each candidate grid from the reference's noise and measure the
-    RMS distance of its samples from the reference's converged ones; keep the first candidate unless
-    another is below `margin` times its error (`prefer_default`). Costs len(candidates) x NFE model
-    evaluations on the pilot batch. Returns (positive sigmas [steps], {candidate: RMS error})."""
+def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
+            candidates=DEFAULT_CANDIDATES, backend: str = "auto",
+            solver_options: dict | None = None) -> dict[str, tuple[float, np.ndarray]]:
+    """Run `solver` with `steps` steps on each candidate grid from the reference's noise: {candidate: (RMS
+    distance of its samples from the reference's converged ones, positive sigmas [steps])}, in candidate
+    order (only the first for a single step). Costs len(result) x NFE model evaluations on the pilot batch."""
     from .sampler import sample
 
     order = get_solver(solver).order
     target = ref["ref_final"].double()
-    errors, grids_ = {}, {}
+    result = {}
     for name in candidates:
         if steps == 1 and name != candidates[0]:
             continue
@@ -434,10 +433,19 @@ def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = No
         out = sample(den, noise=ref["ref_noise"], grid=np.append(sig, 0.0), solver=solver, backend=backend,
                      track=False, progress=False, **(solver_options or {}))
         err = float((out.samples.cpu().double() - target).square().mean().sqrt())
-        errors[name], grids_[name] = (err if math.isfinite(err) else math.inf), sig
-    names = list(errors)
-    best = names[prefer_default([errors[k] for k in names], margin)]
-    return grids_[best], errors
+        result[name] = (err if math.isfinite(err) else math.inf, sig)
+    return result
+
+
+def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
+           candidates=DEFAULT_CANDIDATES, backend: str = "auto", solver_options: dict | None = None,
+           margin: float = MARGIN) -> tuple[np.ndarray, dict]:
+    """`measure` the candidate grids and keep the first unless another is below `margin` times its error
+    (`prefer_default`). Returns (positive sigmas [steps], {candidate: RMS error})."""
+    measured = measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options)
+    names = list(measured)
+    best = names[prefer_default([measured[k][0] for k in names], margin)]
+    return measured[best][1], {k: e for k, (e, _) in measured.items()}
 
 
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = 32,
@@ -559,17 +567,15 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         # (solver, options, grids) to measure; auto: its default candidate first, then the alternative
         runs = ([(name, dict(opts), (g,)) for name, opts, g in plan] if auto
                 else [(solver, dict(solver_options or {}), candidates)])
-        measured = []       # (error, solver, options, grid name, sigmas) per candidate run
-        errors = {}
+        measured = []       # (label, error, solver, options, grid name, sigmas), the default first
         for name, opts, names in runs:
-            sig_c, errs = select(den, int(steps), name, pilot_data, pilot_data if needs_twins else None, names,
-                                 backend=backend, solver_options=opts, margin=margin)
-            spent += len(errs) * get_solver(name).evaluations(int(steps))
+            res = measure(den, int(steps), name, pilot_data, pilot_data if needs_twins else None, names,
+                          backend=backend, solver_options=opts)
+            spent += len(res) * get_solver(name).evaluations(int(steps))
             label = name + "".join(f",{k}={v}" for k, v in sorted(opts.items()))
-            errors.update({(f"{label}@{g}" if auto else g): e for g, e in errs.items()})
-            g_best = list(errs)[prefer_default(list(errs.values()), margin)]   # the grid select kept
-            measured.append((errs[g_best], name, opts, g_best, sig_c))
-        _, solver, solver_options, chosen, sig = measured[prefer_default([m[0] for m in measured], margin)]
+            measured += [(f"{label}@{g}" if auto else g, e, name, opts, g, sig_g) for g, (e, sig_g) in res.items()]
+        errors = {m[0]: m[1] for m in measured}
+        _, _, solver, solver_options, chosen, sig = measured[prefer_default([m[1] for m in measured], margin)]
         order = get_solver(solver).order
         extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
                  "margin": float(margin)}
