@@ -21,7 +21,8 @@ the steps that fit the budget, as bench_quality counts them): karras
 against "error" with margin 1 and 0.6, scored by how often the choice is worse than karras on the whole
 batch by more than its paired-bootstrap 90% interval.
 
-    python benchmarks/bench_selection.py [--heldout] [--problems d16,d8] [--pilot 32] [--draws 200]
+    python benchmarks/bench_selection.py [--heldout] [--problems d16,d8] [--pilot 256] [--draws 200]
+        [--cache DIR]
 
 Prints a table and writes JSON (benchmarks/out/bench_selection[_heldout].json). About 10 minutes on two
 cores (the candidate runs), then seconds for the rules.
@@ -66,8 +67,8 @@ def collect(prob, seeds, log=print) -> dict:
     quick_ref = ts.sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="unipc", order=3,
                           track=False).samples.double()
     pilot = {}
-    pilot.update(cal.pilot(den, (32, *prob.shape)))
-    pilot.update(cal.reference(den, (32, *prob.shape)))
+    pilot.update(cal.pilot(den, (cal.PILOT_BATCH, *prob.shape)))   # the "error" grid's twins, as thermo_grid
+    pilot.update(cal.reference(den, (cal.PILOT_BATCH, *prob.shape)))
     configs = [(lab, name, o) for lab, name, o in bq.ts_configs() if name != "ddim"]   # ddim is euler here
     out = {}
     noise = x_t.float()
@@ -83,6 +84,24 @@ def collect(prob, seeds, log=print) -> dict:
                 out[(budget, lab, g)] = np.nan_to_num(np.stack(sq), nan=1e30, posinf=1e30)
     log(f"  {prob.name}: {len(out)} candidate runs on {n} samples in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def collect_cached(prob, seeds, cache_dir: str) -> dict:
+    """`collect`, saved to / loaded from cache_dir (one .npz per problem and seed set) when it is given: the
+    candidate runs take minutes, the rules seconds, so rules can be compared without re-running them."""
+    if not cache_dir:
+        return collect(prob, seeds)
+    tag = prob.name.replace("/", "_") + "_" + "-".join(map(str, seeds)) + f"_pilot{cal.PILOT_BATCH}"
+    path = os.path.join(cache_dir, tag + ".npz")
+    if os.path.exists(path):
+        with np.load(path, allow_pickle=True) as f:
+            return dict(zip(map(tuple, f["keys"]), f["errs"]))
+    errs = collect(prob, seeds)
+    os.makedirs(cache_dir, exist_ok=True)
+    keys = np.empty(len(errs), dtype=object)
+    keys[:] = list(errs)
+    np.savez(path, keys=keys, errs=np.stack(list(errs.values())))
+    return errs
 
 
 def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng):
@@ -116,11 +135,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--problems", default="")
-    ap.add_argument("--pilot", type=int, default=32)
+    ap.add_argument("--pilot", type=int, default=cal.PILOT_BATCH, help="samples per simulated pilot")
     ap.add_argument("--draws", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the oracles' small matmuls gain "
                     "nothing from more, and other jobs on the machine stall spinning OpenMP workers)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--cache", default="", help="directory for the candidate runs' errors (reused when present)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     suffix = "_heldout" if args.heldout else ""
@@ -138,7 +158,7 @@ def main():
         if not any(p == prob.name for p, _ in best_peer):
             print(f"  ({prob.name}: not in {peers_json}; skipped)")
             continue
-        errs = collect(prob, seeds)
+        errs = collect_cached(prob, seeds, args.cache)
         for budget in BUDGETS:
             peer = best_peer[(prob.name, budget)]
             row = {"problem": prob.name, "budget": budget}

@@ -39,7 +39,7 @@ def test_pilot_is_cheap_and_grid_independent_of_final_seed():
     inner = den.model
     den.model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]
     g1 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error")
-    assert len(calls) <= 24 and max(calls) <= 64  # a few dozen evaluations on a small batch (32 + twins)
+    assert len(calls) <= 24 and max(calls) == 2 * calibrate.PILOT_BATCH  # 24 evaluations of the pilot + twins
     g2 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error")
     assert np.array_equal(np.asarray(g1), np.asarray(g2))  # fixed pilot seed: no dependence on anything else
     assert g1.meta["pilot_nfe"] == len(calls) // 2
@@ -99,6 +99,30 @@ def test_jump_grid_is_the_cheapest_path():
         best = min(itertools.combinations(range(1, 5), steps - 2),
                    key=lambda mid: sum(cost(a, b) for a, b in zip((0,) + mid, mid + (5,))))
         np.testing.assert_array_equal(calibrate.jump_grid(ref, steps), sig[[0, *best, 5]])
+
+
+def test_pilot_keeps_a_scaled_coordinate_subset_of_large_samples():
+    """Image-sized samples: the pilot keeps keep_dims coordinates of D (memory J x B x keep_dims), scaled so
+    that the densities, which use only squared norms, match those of the full pilot; twins and spread
+    still use every coordinate. The reference's subset shrinks with the batch."""
+    mix = toy.default_mixture(dim=2048, modes=4, seed=1)
+    den = mix.denoiser("cosine")
+    full = calibrate.pilot(den, (16, 2048), pilot_steps=16, keep_dims=2048)
+    part = calibrate.pilot(den, (16, 2048), pilot_steps=16, keep_dims=512)
+    assert full["D"].shape == (16, 16, 2048) and part["D"].shape == (16, 16, 512)
+    np.testing.assert_array_equal(full["log_sep"], part["log_sep"])
+    np.testing.assert_array_equal(full["spread"], part["spread"])
+    ratio = np.sum(part["D"] ** 2, axis=2) / np.sum(full["D"] ** 2, axis=2)
+    assert 0.8 < ratio.mean() < 1.25
+    for order in (1, 2):
+        lam, a = calibrate.density(full, den.schedule, order=order, critical=0.2, switch=1.0)
+        _, b = calibrate.density(part, den.schedule, order=order, critical=0.2, switch=1.0)
+        assert np.trapezoid(np.abs(a - b), lam) < 0.1   # L1 distance of two unit-mass densities
+    with pytest.raises(ValueError, match="keep_dims"):
+        calibrate.pilot(den, (4, 2048), pilot_steps=8, keep_dims=0)
+    ref = calibrate.reference(den, (64, 2048), ref_steps=16)
+    assert ref["ref_x"].shape == (16, 64, 1024) and ref["ref_final"].shape == (64, 2048)
+    assert calibrate.reference(den, (512, 2048), ref_steps=16)["ref_D"].shape == (16, 512, 512)  # 4M numbers
 
 
 def test_uniform_density_gives_the_logsnr_grid(mixture_pilot):

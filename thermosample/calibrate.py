@@ -5,15 +5,14 @@ ending in 0, with `.meta`, `.pilot` (reusable), `save(path)` / `ThermoGrid.load(
 `ts.sample(..., grid=...)` accepts like any explicit grid.
 
 Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
-batch to convergence (DPM-Solver++(2M), 128 log-sigma steps), then `select` runs the solver on every
-candidate grid (karras, logsnr, kl_optimal, uniform, the dynamic-programming `jump_grid`, and the
-thermodynamic "length" and "error" densities below) and keeps the one closest to the converged samples:
-on the pilot's distribution it is never worse than the best fixed grid. Its cost is stated in
+batch to convergence (UniPC-3, 128 log-sigma steps), then `measure` runs the solver on karras and on the
+calibrated "error" density below (any of CANDIDATES on request) and `prefer_default` keeps karras unless
+the other lands clearly closer to the converged samples (below MARGIN x its error). Its cost is stated in
 `grid.meta["calibration_nfe"]`. The methods below are the candidates' densities (and the default for
 stochastic solvers, which have no converged solution to compare with).
 
 The pilot (`pilot`) integrates the probability-flow ODE once: DPM-Solver++(2M) on `pilot_steps` (24)
-sigmas uniform in log sigma, `pilot_batch` (32) trajectories, each beside a twin started 1e-6 away in
+sigmas uniform in log sigma, `pilot_batch` (256) trajectories, each beside a twin started 1e-6 away in
 the same model calls (the model sees 2B rows; NFE = pilot_steps), with its own `pilot_seed`, so the grid
 never depends on the final run's seed. At every pilot node (lambda = -log sigma) it records
 
@@ -101,7 +100,7 @@ class ThermoGrid(np.ndarray):
 
 
 def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: str = "dpmpp_2m",
-          backend: str = "auto", sigmas=None) -> dict:
+          backend: str = "auto", sigmas=None, keep_dims: int = 1024) -> dict:
     """Run the pilot: `solver` on `pilot_steps` steps uniform in log sigma, batch shape [B, ...].
 
     Each trajectory runs beside a twin started 1e-6 (relative) away in the same model calls, so the model
@@ -111,7 +110,9 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     physical times), D [J, B, n] (denoised estimates, float64), rate [J] (batch-mean ||nu||^2 per
     evaluation, from the ThermoReport), log_sep [J, B] (log distance of each twin pair at each
     evaluation), spread [J] (RMS distance of the batch's x from their mean at each evaluation), and nfe
-    (model evaluations spent).
+    (model evaluations spent). D keeps at most `keep_dims` fixed coordinates of each sample, scaled so
+    that squared norms estimate the full ones (the densities use only such norms), which bounds its
+    memory at J x B x keep_dims float64 for image-sized samples.
     """
     from .sampler import sample
 
@@ -133,13 +134,15 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     g = torch.Generator().manual_seed(int(pilot_seed))
     z = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
     dz = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+    coords, scale = _coordinates(int(np.prod(shape[1:])), keep_dims, g)
     dz *= eps * math.sqrt(dz[0].numel()) / dz.reshape(b, -1).norm(dim=1).reshape((b,) + (1,) * (dz.dim() - 1))
     x_t = (torch.cat([z, z + dz]) * float(sig[0])).to(device=device, dtype=dtype)
 
     def keep(info):
-        d = info["denoised"].detach().double().reshape(2 * b, -1).cpu()
+        d = info["denoised"].detach().reshape(2 * b, -1)[:b]
+        d = d if coords is None else d[:, coords.to(d.device)]
         x = info["x"].detach().double().reshape(2 * b, -1).cpu()
-        saved.append(d[:b])
+        saved.append(d.double().cpu() * scale)
         sep.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log())
         spread.append(float((x[:b] - x[:b].mean(0)).square().sum(1).mean().sqrt()))
 
@@ -152,6 +155,16 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     r = np.interp(t, t_eval[order], rate[order])
     return {"sigma": sig, "t": t, "D": torch.stack(saved).numpy(), "rate": r, "nfe": out.nfe,
             "log_sep": torch.stack(sep).numpy(), "spread": np.asarray(spread)}
+
+
+def _coordinates(n: int, keep_dims: int, g: torch.Generator):
+    """(indices of keep_dims fixed coordinates out of n, or None for all; the factor sqrt(n / keep_dims)
+    that makes squared norms over them estimate the full ones)."""
+    if isinstance(keep_dims, bool) or not isinstance(keep_dims, int) or keep_dims < 1:
+        raise ValueError(f"keep_dims must be an int >= 1, got {keep_dims!r}")
+    if n <= keep_dims:
+        return None, 1.0
+    return torch.randperm(n, generator=g)[:keep_dims].sort().values, math.sqrt(n / keep_dims)
 
 
 def pilot_dtype_device(den) -> tuple[torch.dtype, torch.device]:
@@ -306,12 +319,16 @@ def switch_weight(steps: int) -> float:
 # --------------------------------------------------------------------------------------------------
 CANDIDATES = ("karras", "logsnr", "kl_optimal", "uniform", "jump", "length", "error")
 # What thermo_grid measures by default: karras (the default) against the calibrated error density. The
-# pilot's 32 samples rarely contain the few samples that dominate a large batch's RMS error (those an early
+# pilot's samples rarely contain the few samples that dominate a large batch's RMS error (those an early
 # error sends to another mode), so the smallest of many pilot errors is often a candidate that only
 # suited the pilot. Hence few candidates, and the first (the default) is left only when another measures
 # below MARGIN times its error (docs/calibration.md §7). margin=1 in thermo_grid keeps the plain minimum.
 DEFAULT_CANDIDATES = ("karras", "error")
 MARGIN = 0.6
+# Samples per pilot (twins pilot, reference and candidate runs). 32 was too few: a grid that sends 0.1-1 %
+# of samples to another mode costs 3-40x karras's RMS error on a large batch, and 32 samples hold none of
+# them; with 256 the twins also see the rare trajectories that decide the grid (docs/calibration.md §8).
+PILOT_BATCH = 256
 
 
 def prefer_default(errors: list[float], margin: float = MARGIN) -> int:
@@ -322,7 +339,7 @@ def prefer_default(errors: list[float], margin: float = MARGIN) -> int:
 
 
 def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend: str = "auto",
-              keep_dims: int = 1024) -> dict:
+              keep_dims: int | None = None) -> dict:
     """A converged reference solve of the pilot batch: UniPC of order 3 on `ref_steps` sigmas uniform in
     log sigma (NFE = ref_steps), from noise of its own seed. Third order because the reference must be far
     more accurate than the candidates it ranks: DPM-Solver++(2M) on 128 steps was off by 1e-4 to 1e-3
@@ -330,7 +347,8 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
 
     Returns a dict: ref_sigma [N] (its positive sigmas), ref_t [N], ref_rate [N] (batch-mean E||nu||^2 at
     each node), ref_x / ref_D [N, B, m] float32 (the state and denoised estimate at each node, on at most
-    `keep_dims` fixed coordinates of each sample, scaled so that squared norms estimate the full ones),
+    `keep_dims` fixed coordinates of each sample, scaled so that squared norms estimate the full ones;
+    None: 1024, fewer for large batches so that each holds at most 4M numbers, and at least 64),
     ref_noise [B, ...] (the initial state) and ref_final [B, ...] (the converged samples), ref_nfe.
     """
     from .grids import logsnr
@@ -343,8 +361,9 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     b = int(shape[0])
     n = int(np.prod(shape[1:]))
     g = torch.Generator().manual_seed(int(pilot_seed) + 1)   # not the twins pilot's noise
-    keep = None if n <= keep_dims else torch.randperm(n, generator=g)[:keep_dims].sort().values
-    scale = 1.0 if keep is None else math.sqrt(n / keep_dims)
+    if keep_dims is None:
+        keep_dims = min(1024, max(64, (1 << 22) // (ref_steps * b)))
+    keep, scale = _coordinates(n, keep_dims, torch.Generator().manual_seed(int(pilot_seed) + 2))
     sig = logsnr(ref_steps, sch.sigma_min, sch.sigma_max)
     x_t = (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * float(sig[0])).to(device=device,
                                                                                         dtype=dtype)
@@ -448,7 +467,7 @@ def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = No
     return measured[best][1], {k: e for k, (e, _) in measured.items()}
 
 
-def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = 32,
+def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = PILOT_BATCH,
                 sample_shape: tuple | None = None, method: str | None = None, floor: float | None = None,
                 critical: float | None = None, switch: float | None = None, amplify: float | None = None,
                 pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None,
@@ -465,7 +484,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             default's (meta "solver", "solver_options"); ts.sample(solver="auto", grid=this grid) then
             runs that solver (the recommended configuration, solvers.recommended).
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
-        pilot_batch: pilot batch size B.
+        pilot_batch: pilot batch size B (default PILOT_BATCH = 256: smaller pilots miss the rare samples a
+            grid sends to another mode, which dominate a large batch's RMS error).
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
             the denoiser exposes `sample_shape`.
         method: "select" (the default for deterministic solvers): solve the pilot batch once to convergence

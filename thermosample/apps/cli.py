@@ -197,7 +197,7 @@ def add_schedule(sub):
     p.add_argument("--method", default=None, choices=["select", "error", "length", "blend"],
                    help="calibration method (default: select for deterministic solvers, error for stochastic)")
     p.add_argument("--pilot-steps", type=_positive_int, default=24, help="evaluations of the twin pilot (default 24)")
-    p.add_argument("--pilot-batch", type=_positive_int, default=32, help="pilot batch size (default 32)")
+    p.add_argument("--pilot-batch", type=_positive_int, default=256, help="pilot batch size (default 256)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="fused-op backend (default auto)")
     p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save); pass it to `sample --grid`")
 
