@@ -21,9 +21,12 @@ def test_demo_runs_and_writes_table_and_figure(tmp_path, capsys):
     assert out_png.stat().st_size > 10_000
 
 
-def test_bench_quick_writes_json_naming_the_device(tmp_path):
+def test_bench_quick_writes_json_naming_the_device(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--quick", "--no-compile", "--sizes", "1", "--steps", "euler",
                      "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.count("fused step, float32") == 1   # the table's header once; progress goes to stderr
+    assert "euler 1.0 MB: ours" in printed.err
     data = json.loads(out.read_text())
     assert data["device"] and json.dumps(data).count("euler") >= 1

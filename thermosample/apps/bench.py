@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"fused step, {args.dtype}, device {name}, backend {chosen}, torch {torch.__version__}, "
               f"threads {torch.get_num_threads()}\nGB/s = (n_inputs + 1) * state bytes / time; frac = ours / "
               f"copy; x eager/ref/comp = speedup of ours (tracking on); track+ = tracking overhead")
-    print(header.splitlines()[0], flush=True)
+    print(header.splitlines()[0], file=sys.stderr, flush=True)   # progress; stdout gets it once, with the table
 
     records = []
     t_start = time.time()
