@@ -213,3 +213,32 @@ def test_pipeline_save_load_round_trip(unet, name):
             for p in (pipe, loaded)]
     assert abs(imgs[0] - imgs[1]).max() < 1e-5
     assert loaded.scheduler.thermo.t.numel() == 4
+
+
+INDEXED = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler", "LMSDiscreteScheduler",
+           "FlowMatchEulerDiscreteScheduler"]
+
+
+@pytest.mark.parametrize("name", INDEXED)
+def test_step_past_the_end_says_so_and_keeps_the_run(name):
+    """One step() too many: diffusers raises an IndexError from deep inside (UniPC an empty AssertionError,
+    Heun nothing at all); ours an IndexError that says what happened, with the finished run's report intact
+    and set_timesteps starting a fresh one."""
+    flow = name.startswith("FlowMatch")
+    ours = getattr(TD, "Thermo" + name).from_config({} if flow else BASE)
+    g = torch.Generator().manual_seed(0)
+
+    def run():
+        ours.set_timesteps(4)
+        x = torch.randn(2, 3, 4, 4, generator=g) * float(getattr(ours, "init_noise_sigma", 1.0))
+        for t in ours.timesteps:
+            x = ours.step(0.1 * torch.randn(x.shape, generator=g), t, ours.scale_model_input(x, t)).prev_sample
+        return x
+
+    run()
+    rows = ours.thermo.rate.shape[0]
+    with pytest.raises(IndexError, match="after the last of its"):
+        ours.step(torch.zeros(2, 3, 4, 4), ours.timesteps[-1], torch.zeros(2, 3, 4, 4))
+    assert ours.thermo.rate.shape[0] == rows
+    assert torch.isfinite(run()).all()

@@ -258,6 +258,10 @@ class _ThermoStep:
     def _index(self, timestep):
         if self._step_index is None:
             self._init_step_index(timestep)
+        n = len(self.timesteps)
+        if self._step_index >= n:   # diffusers fails here with an IndexError from deep inside (or not at all)
+            raise IndexError(f"{type(self).__name__}: step {self._step_index + 1} called after the last of its {n} "
+                             "timesteps; call set_timesteps(...) to start a new run")
         return self._step_index
 
     def _x0_coeffs(self, sigma):
