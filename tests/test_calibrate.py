@@ -125,6 +125,22 @@ def test_pilot_keeps_a_scaled_coordinate_subset_of_large_samples():
     assert calibrate.reference(den, (512, 2048), ref_steps=16)["ref_D"].shape == (16, 512, 512)  # 4M numbers
 
 
+def test_select_passes_the_density_weights_to_its_error_candidate(mixture_pilot):
+    """method="select" with "error" as its only candidate places exactly the grid of method="error" with
+    the same weights: floor=, critical=, switch= and amplify= reach the candidate (they were once ignored
+    there, with the metadata still recording them)."""
+    _, den, pil = mixture_pilot
+    ref = calibrate.reference(den, (8, 64), ref_steps=16)
+    data = {**pil, **ref}
+    for kw in ({}, {"switch": 3.0, "critical": 0.3}, {"floor": 0.5, "amplify": 0.0}):
+        a = ts.thermo_grid(den, 12, pilot_data=data, method="error", **kw)
+        b = ts.thermo_grid(den, 12, pilot_data=data, method="select", candidates=("error",), **kw)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.meta["switch"] == a.meta["switch"] and b.meta["floor"] == a.meta["floor"]
+    assert not np.array_equal(np.asarray(ts.thermo_grid(den, 12, pilot_data=data, switch=3.0, method="error")),
+                              np.asarray(ts.thermo_grid(den, 12, pilot_data=data, method="error")))
+
+
 def test_uniform_density_gives_the_logsnr_grid(mixture_pilot):
     _, den, pil = mixture_pilot
     lam = -np.log(pil["sigma"])

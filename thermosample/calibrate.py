@@ -414,7 +414,10 @@ def jump_grid(ref: dict, steps: int) -> np.ndarray:
     return sig[np.asarray(path[::-1])]
 
 
-def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: dict | None, order: int):
+def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: dict | None, order: int,
+               density_kw: dict | None = None):
+    """Positive sigmas [steps] of candidate grid `name`; density_kw (floor, critical, switch, amplify)
+    overrides the "error" density's defaults for `solver` and `steps`."""
     from . import grids
     sch = den.schedule
     if name in grids.GRIDS:
@@ -425,8 +428,10 @@ def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: d
         p = {"sigma": ref["ref_sigma"], "t": ref["ref_t"], "rate": ref["ref_rate"]}
         lam, rho = density(p, sch, method="length", floor=0.1)
     elif name == "error":
-        lam, rho = density(pilot_data, sch, method="error", order=order, floor=0.35 if solver == "heun" else 0.1,
-                           critical=0.0 if solver == "heun" else critical_weight(steps), switch=switch_weight(steps))
+        heun = solver == "heun"
+        kw = {"floor": 0.35 if heun else 0.1, "critical": 0.0 if heun else critical_weight(steps),
+              "switch": switch_weight(steps), **(density_kw or {})}
+        lam, rho = density(pilot_data, sch, method="error", order=order, **kw)
     else:
         raise ValueError(f"candidates must name grids in {CANDIDATES}, got {name!r}")
     sig = np.exp(-place(lam, rho, steps))
@@ -435,11 +440,12 @@ def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: d
 
 
 def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
-            candidates=DEFAULT_CANDIDATES, backend: str = "auto",
-            solver_options: dict | None = None) -> dict[str, tuple[float, np.ndarray]]:
+            candidates=DEFAULT_CANDIDATES, backend: str = "auto", solver_options: dict | None = None,
+            density_kw: dict | None = None) -> dict[str, tuple[float, np.ndarray]]:
     """Run `solver` with `steps` steps on each candidate grid from the reference's noise: {candidate: (RMS
     distance of its samples from the reference's converged ones, positive sigmas [steps])}, in candidate
-    order (only the first for a single step). Costs len(result) x NFE model evaluations on the pilot batch."""
+    order (only the first for a single step). Costs len(result) x NFE model evaluations on the pilot batch.
+    density_kw: floor / critical / switch / amplify of the "error" candidate (default: its defaults)."""
     from .sampler import sample
 
     order = get_solver(solver).order
@@ -448,7 +454,7 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
     for name in candidates:
         if steps == 1 and name != candidates[0]:
             continue
-        sig = _candidate(name, den, steps, solver, ref, pilot_data, order)
+        sig = _candidate(name, den, steps, solver, ref, pilot_data, order, density_kw)
         out = sample(den, noise=ref["ref_noise"], grid=np.append(sig, 0.0), solver=solver, backend=backend,
                      track=False, progress=False, **(solver_options or {}))
         err = float((out.samples.cpu().double() - target).square().mean().sqrt())
@@ -514,7 +520,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             mode can send it to another; see the module docstring). None (default) gives
             `switch_weight(steps)`: 0 at 6 steps, 0.29 at 10, 1 from 20 on, for every solver. Used by
             method "error" and "blend" ("length" has no amplification; its metadata records 0).
-        amplify: exponent of the twins' amplification factor in the error density (None: 1).
+        amplify: exponent of the twins' amplification factor in the error density (None: 1). floor,
+            critical, switch and amplify also shape the "error" candidate of method "select".
         pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
         backend: fused-op backend for the pilot.
         pilot_data: a pilot dict to reuse (`grid.pilot` of an earlier call, or `pilot(...)` and/or
@@ -563,6 +570,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     amplify = _weight("amplify", amplify, 1.0)
     if not 0.0 <= critical <= 1.0 - floor:
         raise ValueError(f"critical must lie in [0, 1 - floor], got {critical!r}")
+    # the "error" density of method "select" takes the same weights as method "error"
+    density_kw = {"floor": floor, "critical": critical, "switch": switch, "amplify": amplify}
     pilot_data = dict(pilot_data or {})
     spent = 0
     needs_twins = method != "select" or "error" in candidates
@@ -590,7 +599,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         measured = []       # (label, error, solver, options, grid name, sigmas), the default first
         for name, opts, names in runs:
             res = measure(den, int(steps), name, pilot_data, pilot_data if needs_twins else None, names,
-                          backend=backend, solver_options=opts)
+                          backend=backend, solver_options=opts, density_kw=density_kw)
             spent += len(res) * get_solver(name).evaluations(int(steps))
             label = name + "".join(f",{k}={v}" for k, v in sorted(opts.items()))
             measured += [(f"{label}@{g}" if auto else g, e, name, opts, g, sig_g) for g, (e, sig_g) in res.items()]
