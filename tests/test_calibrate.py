@@ -38,11 +38,16 @@ def test_pilot_is_cheap_and_grid_independent_of_final_seed():
     calls = []
     inner = den.model
     den.model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]
-    g1 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error")
+    g1 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error", pilot_rows=None)
     assert len(calls) <= 24 and max(calls) == 2 * calibrate.PILOT_BATCH  # 24 evaluations of the pilot + twins
-    g2 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error")
+    g2 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error", pilot_rows=None)
     assert np.array_equal(np.asarray(g1), np.asarray(g2))  # fixed pilot seed: no dependence on anything else
     assert g1.meta["pilot_nfe"] == len(calls) // 2
+    # by default the model sees at most 64 rows per call (2 B = 512 rows in 8 calls), with the same grid
+    calls.clear()
+    g3 = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), method="error")
+    assert max(calls) == 64 and sum(calls) == 24 * 2 * calibrate.PILOT_BATCH and len(calls) == 24 * 8
+    assert np.array_equal(np.asarray(g1), np.asarray(g3)) and g3.meta["pilot_nfe"] == 24
 
 
 def test_select_states_its_cost_and_reuses_its_pilot():
@@ -54,8 +59,8 @@ def test_select_states_its_cost_and_reuses_its_pilot():
     calls = []
     inner = den.model
     den.model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]
-    g = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), solver="dpmpp_2m", ref_steps=64)
-    assert g.meta["method"] == "select" and len(calls) == g.meta["calibration_nfe"]
+    g = ts.thermo_grid(den, 12, sample_shape=(mix.dim,), solver="dpmpp_2m", ref_steps=64, pilot_rows=None)
+    assert g.meta["method"] == "select" and len(calls) == g.meta["calibration_nfe"]   # one call per evaluation
     assert len(calls) == 24 + 64 + len(calibrate.DEFAULT_CANDIDATES) * 12
     errors = g.meta["candidate_errors"]
     assert list(errors) == list(calibrate.DEFAULT_CANDIDATES) == ["karras", "error"]
@@ -66,7 +71,8 @@ def test_select_states_its_cost_and_reuses_its_pilot():
     rms = float((again.samples.double() - g.pilot["ref_final"].double()).square().mean().sqrt())
     assert rms == pytest.approx(errors[g.meta["chosen"]], rel=1e-9)
     calls.clear()
-    h = ts.thermo_grid(den, 12, solver="euler", pilot_data=g.pilot, candidates=("karras", "logsnr"), margin=1.0)
+    h = ts.thermo_grid(den, 12, solver="euler", pilot_data=g.pilot, candidates=("karras", "logsnr"), margin=1.0,
+                       pilot_rows=None)
     assert len(calls) == 2 * 12 == h.meta["calibration_nfe"]
     errs = h.meta["candidate_errors"]
     assert errs[h.meta["chosen"]] == min(errs.values())   # margin 1: the plain minimum
@@ -81,6 +87,9 @@ def test_select_states_its_cost_and_reuses_its_pilot():
             ts.thermo_grid(den, 12, pilot_data=g.pilot, margin=bad)
     with pytest.raises(ValueError, match="leave candidates=None"):
         ts.thermo_grid(den, 12, solver="auto", pilot_data=g.pilot, candidates=("karras",))
+    for bad in (0, -3, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="pilot_rows must be"):
+            ts.thermo_grid(den, 12, pilot_data=g.pilot, pilot_rows=bad)
 
 
 def test_jump_grid_is_the_cheapest_path():
@@ -139,6 +148,34 @@ def test_select_passes_the_density_weights_to_its_error_candidate(mixture_pilot)
         assert b.meta["switch"] == a.meta["switch"] and b.meta["floor"] == a.meta["floor"]
     assert not np.array_equal(np.asarray(ts.thermo_grid(den, 12, pilot_data=data, switch=3.0, method="error")),
                               np.asarray(ts.thermo_grid(den, 12, pilot_data=data, method="error")))
+
+
+def test_row_chunks_slice_rows_and_per_row_keywords_only():
+    """_RowChunks (the calibration's pilot_rows): the same output as one whole call, slices of at most
+    `rows`, per-row keyword tensors sliced with them and other keywords passed whole; parameters() is the
+    model's (its dtype and device decide the pilot's)."""
+    seen = []
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 3).double()
+
+        def forward(self, x, t, label=None, bias=None):
+            seen.append(x.shape[0])
+            return self.lin(x) * label[:, None] + t[:, None] + bias
+
+    model = Model()
+
+    x = torch.randn(10, 3, dtype=torch.float64)
+    t, label, bias = torch.rand(10, dtype=torch.float64), torch.arange(10.0, dtype=torch.float64), torch.ones(3)
+    whole = model(x, t, label=label, bias=bias)
+    seen.clear()
+    chunked = calibrate._RowChunks(model, 3)
+    torch.testing.assert_close(chunked(x, t, label=label, bias=bias), whole, rtol=0, atol=1e-15)
+    assert seen == [3, 3, 3, 1]
+    assert next(chunked.parameters()) is model.lin.weight
+    assert list(calibrate._RowChunks(lambda x, t: x, 4).parameters()) == []
 
 
 def test_uniform_density_gives_the_logsnr_grid(mixture_pilot):

@@ -40,6 +40,7 @@ docs/calibration.md. Theory: docs/theory.md §5 (critical time) and §6 (grids).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import numbers
@@ -165,6 +166,38 @@ def _coordinates(n: int, keep_dims: int, g: torch.Generator):
     if n <= keep_dims:
         return None, 1.0
     return torch.randperm(n, generator=g)[:keep_dims].sort().values, math.sqrt(n / keep_dims)
+
+
+class _RowChunks:
+    """A model that evaluates its input in slices of at most `rows` rows (keyword tensors with the same
+    leading size are sliced alike), so a large pilot batch never reaches the model at once."""
+
+    def __init__(self, model, rows: int):
+        self.model, self.rows = model, int(rows)
+
+    def __call__(self, x, t, **kwargs):
+        n = x.shape[0]
+        if n <= self.rows:
+            return self.model(x, t, **kwargs)
+        cut = lambda v, i: v[i:i + self.rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+        return torch.cat([self.model(x[i:i + self.rows], cut(t, i), **{k: cut(v, i) for k, v in kwargs.items()})
+                          for i in range(0, n, self.rows)])
+
+    def parameters(self):   # the model's dtype and device, as Denoiser.model_dtype and the pilot read them
+        params = getattr(self.model, "parameters", None)
+        return params() if callable(params) else iter(())
+
+
+def _row_chunked(den, rows: int | None):
+    """`den` with its model behind _RowChunks(rows) (a shallow copy; den itself is untouched); other
+    denoiser types pass through whole."""
+    from .denoiser import Denoiser
+
+    if rows is None or type(den) is not Denoiser:   # a wrapper or subclass may hold the model elsewhere
+        return den
+    out = copy.copy(den)
+    out.model = _RowChunks(den.model, rows)
+    return out
 
 
 def pilot_dtype_device(den) -> tuple[torch.dtype, torch.device]:
@@ -478,7 +511,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                 critical: float | None = None, switch: float | None = None, amplify: float | None = None,
                 pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None,
                 ref_steps: int = 128, candidates=None, solver_options: dict | None = None,
-                margin: float = MARGIN) -> ThermoGrid:
+                margin: float = MARGIN, pilot_rows: int | None = 64) -> ThermoGrid:
     """A time grid calibrated from a pilot run of `den` (docs/theory.md §6).
 
     Args:
@@ -492,6 +525,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
         pilot_batch: pilot batch size B (default PILOT_BATCH = 256: smaller pilots miss the rare samples a
             grid sends to another mode, which dominate a large batch's RMS error).
+        pilot_rows: most rows the model sees in one call during the calibration (default 64, the memory
+            of the earlier 32-sample pilot with its twins); None passes whole batches (2 B rows in the twins
+            pilot). Keyword tensors of the model whose leading size is the batch's are sliced alike.
+            Evaluation counts (meta "calibration_nfe") count batched evaluations, not calls.
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
             the denoiser exposes `sample_shape`.
         method: "select" (the default for deterministic solvers): solve the pilot batch once to convergence
@@ -546,6 +583,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         raise ValueError("solver='auto' measures its own candidates (solvers.auto_candidates): leave candidates=None")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 < margin <= 1.0:
         raise ValueError(f"margin must be a number in (0, 1], got {margin!r}")
+    if pilot_rows is not None and (isinstance(pilot_rows, bool) or not isinstance(pilot_rows, int) or pilot_rows < 1):
+        raise ValueError(f"pilot_rows must be an int >= 1 or None, got {pilot_rows!r}")
+    den = _row_chunked(den, pilot_rows)
     plan = auto_candidates(int(steps)) if auto else None
     spec = get_solver(plan[0][0] if auto else solver)
     order = spec.order
