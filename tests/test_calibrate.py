@@ -178,6 +178,26 @@ def test_row_chunks_slice_rows_and_per_row_keywords_only():
     assert list(calibrate._RowChunks(lambda x, t: x, 4).parameters()) == []
 
 
+def test_karras_weight_moves_the_grid_toward_karras(mixture_pilot):
+    """karras_weight: 1 gives karras's grid, 0 the placed density, in between the node-wise geometric
+    blend; Heun defaults to halfway (in method "error" and in the "select" candidate alike)."""
+    _, den, pil = mixture_pilot
+    karras = grids.make_grid("karras", 10, den.schedule)
+    np.testing.assert_allclose(ts.thermo_grid(den, 10, pilot_data=pil, method="error", karras_weight=1.0), karras,
+                               rtol=1e-12)
+    pure = np.asarray(ts.thermo_grid(den, 10, solver="heun", pilot_data=pil, method="error", karras_weight=0.0))
+    half = ts.thermo_grid(den, 10, solver="heun", pilot_data=pil, method="error")
+    assert half.meta["karras_weight"] == 0.5 == calibrate.karras_weight_default("heun")
+    assert calibrate.karras_weight_default("dpmpp_2m") == 0.0
+    np.testing.assert_allclose(np.asarray(half)[:-1], np.sqrt(pure[:-1] * karras[:-1]), rtol=1e-12)
+    assert np.all(np.diff(np.asarray(half)) < 0) and not np.allclose(pure, karras)
+    ref = calibrate.reference(den, (8, 64), ref_steps=16)
+    sel = ts.thermo_grid(den, 10, solver="heun", pilot_data={**pil, **ref}, candidates=("error",))
+    np.testing.assert_array_equal(np.asarray(sel), np.asarray(half))
+    with pytest.raises(ValueError, match="karras_weight"):
+        ts.thermo_grid(den, 10, pilot_data=pil, method="error", karras_weight=1.5)
+
+
 def test_uniform_density_gives_the_logsnr_grid(mixture_pilot):
     _, den, pil = mixture_pilot
     lam = -np.log(pil["sigma"])
