@@ -30,3 +30,15 @@ def test_bench_quick_writes_json_naming_the_device(tmp_path, capsys):
     assert "euler 1.0 MB: ours" in printed.err
     data = json.loads(out.read_text())
     assert data["device"] and json.dumps(data).count("euler") >= 1
+
+
+def test_schedule_pilot_rows_reach_the_calibration_and_leave_the_grid_alone(capsys, monkeypatch):
+    from thermosample.apps import schedule
+    seen = []
+    real = schedule.thermo_grid
+    monkeypatch.setattr(schedule, "thermo_grid", lambda *a, **k: (seen.append(k["pilot_rows"]), real(*a, **k))[1])
+    grids = []
+    for rows in ("8", "64"):
+        assert cli.main(["schedule", "--steps", "6", "--pilot-rows", rows]) == 0
+        grids.append([line for line in capsys.readouterr().out.splitlines() if line[:3].strip().isdigit()])
+    assert seen == [8, 64] and grids[0] == grids[1] and len(grids[0]) == 7

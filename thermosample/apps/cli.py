@@ -198,6 +198,9 @@ def add_schedule(sub):
                    help="calibration method (default: select for deterministic solvers, error for stochastic)")
     p.add_argument("--pilot-steps", type=_positive_int, default=24, help="evaluations of the twin pilot (default 24)")
     p.add_argument("--pilot-batch", type=_positive_int, default=256, help="pilot batch size (default 256)")
+    p.add_argument("--pilot-rows", type=_positive_int, default=64,
+                   help="most rows the model sees per call during the calibration (default 64; lower it for a "
+                        "large model, the grid does not change)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="fused-op backend (default auto)")
     p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save); pass it to `sample --grid`")
 
