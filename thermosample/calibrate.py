@@ -468,6 +468,23 @@ def jump_grid(ref: dict, steps: int) -> np.ndarray:
     return sig[np.asarray(path[::-1])]
 
 
+def _error_defaults(solver: str, steps: int) -> dict:
+    """The "error" grid's default weights for `solver` with `steps` steps (one rule for method "error" and
+    for the "select" candidate): floor 0.1 (0.35 for Heun), critical_weight(steps) (0 for Heun),
+    switch_weight(steps), amplify 1, karras_weight_default(solver)."""
+    heun = solver == "heun"
+    return {"floor": 0.35 if heun else 0.1, "critical": 0.0 if heun else critical_weight(steps),
+            "switch": switch_weight(steps), "amplify": 1.0, "karras_weight": karras_weight_default(solver)}
+
+
+def _place_sigmas(lam: np.ndarray, rho: np.ndarray, steps: int, schedule, karras_weight: float) -> np.ndarray:
+    """`steps` positive sigmas at equal increments of the density, ends pinned to the schedule's range,
+    then moved `karras_weight` of the way toward karras (`toward_karras`)."""
+    sig = np.exp(-place(lam, rho, steps))
+    sig[0], sig[-1] = schedule.sigma_max, schedule.sigma_min
+    return toward_karras(sig, schedule, karras_weight)
+
+
 def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: dict | None, order: int,
                density_kw: dict | None = None):
     """Positive sigmas [steps] of candidate grid `name`; density_kw (floor, critical, switch, amplify,
@@ -481,17 +498,13 @@ def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: d
     if name == "length":
         p = {"sigma": ref["ref_sigma"], "t": ref["ref_t"], "rate": ref["ref_rate"]}
         lam, rho = density(p, sch, method="length", floor=0.1)
-    elif name == "error":
-        heun = solver == "heun"
-        kw = {"floor": 0.35 if heun else 0.1, "critical": 0.0 if heun else critical_weight(steps),
-              "switch": switch_weight(steps), "karras_weight": karras_weight_default(solver), **(density_kw or {})}
+        return _place_sigmas(lam, rho, steps, sch, 0.0)
+    if name == "error":
+        kw = {**_error_defaults(solver, steps), **(density_kw or {})}
         weight = kw.pop("karras_weight")
         lam, rho = density(pilot_data, sch, method="error", order=order, **kw)
-    else:
-        raise ValueError(f"candidates must name grids in {CANDIDATES}, got {name!r}")
-    sig = np.exp(-place(lam, rho, steps))
-    sig[0], sig[-1] = sch.sigma_max, sch.sigma_min
-    return toward_karras(sig, sch, weight) if name == "error" else sig
+        return _place_sigmas(lam, rho, steps, sch, weight)
+    raise ValueError(f"candidates must name grids in {CANDIDATES}, got {name!r}")
 
 
 def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
@@ -500,7 +513,8 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
     """Run `solver` with `steps` steps on each candidate grid from the reference's noise: {candidate: (RMS
     distance of its samples from the reference's converged ones, positive sigmas [steps])}, in candidate
     order (only the first for a single step). Costs len(result) x NFE model evaluations on the pilot batch.
-    density_kw: floor / critical / switch / amplify of the "error" candidate (default: its defaults)."""
+    density_kw: floor / critical / switch / amplify / karras_weight of the "error" candidate (default:
+    `_error_defaults(solver, steps)`)."""
     from .sampler import sample
 
     order = get_solver(solver).order
@@ -628,15 +642,16 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                              "options is stochastic; use method='error'")
         if not candidates or any(c not in CANDIDATES for c in candidates):
             raise ValueError(f"candidates must be a non-empty subset of {CANDIDATES}, got {candidates!r}")
-    floor = _weight("floor", floor, 0.35 if solver == "heun" else 0.1)
+    defaults = _error_defaults(solver, int(steps))
+    floor = _weight("floor", floor, defaults["floor"])
     if not floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
-    critical = _weight("critical", critical, 0.0 if solver == "heun" else critical_weight(int(steps)))
-    switch = 0.0 if method == "length" else _weight("switch", switch, switch_weight(int(steps)))
-    amplify = _weight("amplify", amplify, 1.0)
+    critical = _weight("critical", critical, defaults["critical"])
+    switch = 0.0 if method == "length" else _weight("switch", switch, defaults["switch"])
+    amplify = _weight("amplify", amplify, defaults["amplify"])
     if not 0.0 <= critical <= 1.0 - floor:
         raise ValueError(f"critical must lie in [0, 1 - floor], got {critical!r}")
-    karras_weight = _weight("karras_weight", karras_weight, karras_weight_default(solver))
+    karras_weight = _weight("karras_weight", karras_weight, defaults["karras_weight"])
     if not karras_weight <= 1.0:
         raise ValueError(f"karras_weight must lie in [0, 1], got {karras_weight!r}")
     # the "error" grid of method "select" takes the same weights as method "error"
@@ -685,9 +700,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     else:
         lam, rho = density(pilot_data, sch, method=method, order=order, floor=floor, critical=critical,
                            amplify=amplify, switch=switch)
-        sig = np.exp(-place(lam, rho, steps))
-        sig[0], sig[-1] = sch.sigma_max, sch.sigma_min
-        sig = toward_karras(sig, sch, karras_weight)
+        sig = _place_sigmas(lam, rho, steps, sch, karras_weight)
     meta = {"method": method, "solver": solver, "order": order, "floor": floor,
             "critical": float(critical), "switch": float(switch), "amplify": float(amplify), "steps": int(steps),
             "karras_weight": float(karras_weight),

@@ -548,7 +548,7 @@ AUTO_NAME = "auto"
 # The candidates of solver="auto" (thermo_grid(solver="auto")): for each band of step counts a default
 # (solver, options, grid) and one alternative, all with one model evaluation per step. The pilot measures
 # both and leaves the default only when the alternative's error on it is below calibrate.MARGIN (0.6)
-# times the default's. Why a default and a margin rather than the best of many: a pilot of 32 samples
+# times the default's. Why a default and a margin rather than the best of many: a pilot (now 256 samples)
 # cannot see the rare samples that dominate a large batch's RMS error (those an early error sends to
 # another mode). Taking the best of 42 (solver, grid) pairs by pilot error met issue 12's accuracy bar
 # in 22 of 36 cells of benchmarks/bench_quality.py; these defaults were the best or nearly the best pair
