@@ -143,9 +143,9 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     def keep(info):
         d = info["denoised"].detach().reshape(2 * b, -1)[:b]
         d = d if coords is None else d[:, coords.to(d.device)]
-        x = info["x"].detach().double().reshape(2 * b, -1).cpu()
+        x = info["x"].detach().double().reshape(2 * b, -1)   # on the model's device: only [B] norms move
         saved.append(d.double().cpu() * scale)
-        sep.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log())
+        sep.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log().cpu())
         spread.append(float((x[:b] - x[:b].mean(0)).square().sum(1).mean().sqrt()))
 
     out = sample(den, noise=x_t, grid=grid, solver=solver, seed=pilot_seed, backend=backend, track=True,
