@@ -93,7 +93,9 @@ def test_select_states_its_cost_and_reuses_its_pilot():
 
 
 def test_jump_grid_is_the_cheapest_path():
-    """The dynamic programme against brute force on a hand-built reference whose jump costs are known."""
+    """The dynamic programme against brute force on a hand-built reference whose jump costs are known: with
+    the end pinned at sigma_min, and with a free end priced by the last node's jump to 0 (Euler returns D
+    there, so it costs E||D_j - D_min||^2)."""
     sig = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.25])
     gen = torch.Generator().manual_seed(0)
     ref = {"ref_sigma": sig, "ref_x": torch.randn(6, 3, 5, generator=gen), "ref_D": torch.randn(6, 3, 5, generator=gen)}
@@ -103,11 +105,39 @@ def test_jump_grid_is_the_cheapest_path():
         r = sig[k] / sig[j]
         return float((r * x[j] + (1 - r) * d[j] - x[k]).square().sum(-1).mean())
 
+    def stop(j):
+        return float((d[j] - d[5]).square().sum(-1).mean())
+
     import itertools
+    ends = []
     for steps in (2, 3, 4):
         best = min(itertools.combinations(range(1, 5), steps - 2),
                    key=lambda mid: sum(cost(a, b) for a, b in zip((0,) + mid, mid + (5,))))
-        np.testing.assert_array_equal(calibrate.jump_grid(ref, steps), sig[[0, *best, 5]])
+        np.testing.assert_array_equal(calibrate.jump_grid(ref, steps, free_end=False), sig[[0, *best, 5]])
+        paths = [(0, *rest) for rest in itertools.combinations(range(1, 6), steps - 1)]
+        free = min(paths, key=lambda p: sum(cost(a, b) for a, b in zip(p[:-1], p[1:])) + stop(p[-1]))
+        np.testing.assert_array_equal(calibrate.jump_grid(ref, steps), sig[list(free)])
+        ends.append(free[-1])
+    assert min(ends) < 5    # the free end does leave sigma_min on this reference
+
+
+def test_jump_grid_free_end_spends_euler_s_last_evaluation_where_it_helps():
+    """Euler's evaluation at sigma_min barely moves x (D is nearly x there); the free end prices the final
+    jump to 0 instead and may stop higher. On fresh noise (not the reference's), 4- and 6-step Euler on
+    the free-end grid lands closer to the converged ODE solution than on the grid pinned at sigma_min."""
+    mix = toy.default_mixture(dim=8, modes=3, seed=2)
+    den = mix.denoiser("edm")
+    ref = calibrate.reference(den, (128, mix.dim), ref_steps=64)
+    noise = torch.randn(512, mix.dim, generator=torch.Generator().manual_seed(7)) * den.schedule.sigma_max
+    converged = ts.sample(den, noise=noise, steps=64, solver="unipc", order=3, grid="logsnr").samples
+    for steps in (4, 6):
+        err = {}
+        for free_end in (False, True):
+            sig = calibrate.jump_grid(ref, steps, free_end=free_end)
+            out = ts.sample(den, noise=noise, grid=np.append(sig, 0.0), solver="euler").samples
+            err[free_end] = float((out - converged).square().mean().sqrt())
+        assert sig[-1] > den.schedule.sigma_min
+        assert err[True] < 0.95 * err[False], (steps, err)
 
 
 def test_pilot_keeps_a_scaled_coordinate_subset_of_large_samples():

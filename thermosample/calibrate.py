@@ -437,15 +437,21 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
             "ref_final": out.samples.cpu(), "ref_nfe": out.nfe}
 
 
-def jump_grid(ref: dict, steps: int) -> np.ndarray:
+def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
     """The `steps` positive sigmas (from the reference's nodes) whose one-step jumps stay closest to the
     reference trajectory: a jump from node j to node k is a DDIM/Euler step from the reference state with
     the reference D, costing E||x_jump - x_ref(k)||^2; dynamic programming minimises the sum over the
-    steps - 1 jumps from sigma_max to sigma_min (Chen et al., ICML 2024, "On the trajectory regularity of
-    ODE-based diffusion sampling"). Uses no model evaluation."""
+    steps - 1 jumps from sigma_max (Chen et al., ICML 2024, "On the trajectory regularity of ODE-based
+    diffusion sampling"). Uses no model evaluation.
+
+    free_end=True (default) also prices the sampler's last step, the Euler jump from the last node to
+    sigma 0, which returns D there: E||D_ref(j) - D_ref(sigma_min)||^2. The path may then end above
+    sigma_min, where D already is as close to the output as a step is: an evaluation at sigma_min (where
+    D is nearly x) is one that Euler can spend higher up. free_end=False ends at sigma_min."""
     sig = ref["ref_sigma"]
     x, d = ref["ref_x"].double(), ref["ref_D"].double()
     n = len(sig)
+    stop = (d - d[-1]).square().sum(-1).mean(-1).numpy() if free_end else np.where(np.arange(n) == n - 1, 0.0, np.inf)
     if steps == 1:
         return sig[:1].copy()
     if steps >= n:
@@ -462,7 +468,7 @@ def jump_grid(ref: dict, steps: int) -> np.ndarray:
         total = best[:, None] + cost
         back.append(np.argmin(total, axis=0))
         best = total[back[-1], np.arange(n)]
-    path = [n - 1]
+    path = [int(np.argmin(best + stop))]           # the last node, with the price of its jump to 0
     for arg in reversed(back):
         path.append(int(arg[path[-1]]))
     return sig[np.asarray(path[::-1])]
