@@ -553,12 +553,14 @@ AUTO_NAME = "auto"
 # another mode). Taking the best of 42 (solver, grid) pairs by pilot error met issue 12's accuracy bar
 # in 22 of 36 cells of benchmarks/bench_quality.py; these defaults were the best or nearly the best pair
 # on its default problems (docs/calibration.md §7, benchmarks/bench_selection.py). "jump" (the
-# dynamic-programming grid of one-step DDIM jumps) is Euler's own optimal grid; "error" is the
-# calibrated error density for the solver's order.
+# dynamic-programming grid of one-step DDIM jumps, its last node free) is Euler's own optimal grid;
+# "error" is the calibrated error density for the solver's order. UniPC-3 takes over from UniPC-2 at
+# 18 steps: on the error grid it was better on 4 of the 9 default problems at 15 steps (and up to 4.6 x
+# worse on others), on 7 of 9 at 19-25 and on 8 of 9 at 30 (docs/calibration.md §9).
 AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
     (7, ("euler", {}, "jump"), ("deis", {}, "error")),
     (14, ("ipndm", {}, "error"), ("unipc", {}, "error")),
-    (34, ("unipc", {}, "error"), ("ipndm", {}, "error")),
+    (17, ("unipc", {}, "error"), ("ipndm", {}, "error")),
     (None, ("unipc", {"order": 3}, "error"), ("unipc", {}, "error")),
 )
 AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC default (bh2, order 2)
