@@ -14,6 +14,32 @@ bq = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bq)
 
 
+def test_fresh_sets_are_disjoint_from_the_tuned_ones_and_run_one_problem(tmp_path, monkeypatch):
+    """benchmarks/bench_quality_fresh.py: its problems and seeds share nothing with the default and held-out
+    sets, an unknown set name is refused, and one fresh problem runs end to end through bench_quality."""
+    fpath = _path.parent / "bench_quality_fresh.py"
+    spec = importlib.util.spec_from_file_location("_bench_quality_fresh", fpath)
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    tuned = {p.name for p in bq.problems()} | {p.name for p in bq.problems(heldout=True)}
+    seeds = set(bq.qp.DEFAULT_SEEDS) | set(bq.qp.HELDOUT_SEEDS)
+    names = [p.name for probs, _ in fresh.SETS.values() for p in probs]
+    assert len(names) == len(set(names)) and not set(names) & tuned
+    assert not any(set(s) & seeds for _, s in fresh.SETS.values())
+    assert fresh.main(["nope"]) == 2
+    held, held_seeds = list(bq.qp.HELDOUT), bq.qp.HELDOUT_SEEDS
+    monkeypatch.setattr(fresh, "HERE", str(tmp_path))
+    (tmp_path / "results").mkdir()
+    try:
+        rc = fresh.main(["fresh", "--problems", "d3", "--batch", "32", "--budgets", "6", "--solvers", "euler",
+                         "--peers", "none", "--ref-steps", "40"])
+    finally:
+        bq.qp.HELDOUT[:], bq.qp.HELDOUT_SEEDS = held, held_seeds
+    assert rc == 0
+    doc = json.loads((tmp_path / "results" / "bench_quality_fresh.json").read_text())
+    assert doc["meta"]["seeds"] == [3000, 3001, 3002, 3003] and list(doc["meta"]["problems"]) == ["fr-mix-d3-k4/edm"]
+
+
 def test_selector_matches_tokens_not_prefixes():
     names = [p.name for p in bq.problems(select=["d2"])]
     assert names == ["mix-d2-k5-wide/condot"]                      # not d256
