@@ -446,8 +446,8 @@ def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
 
     free_end=True (default) also prices the sampler's last step, the Euler jump from the last node to
     sigma 0, which returns D there: E||D_ref(j) - D_ref(sigma_min)||^2. The path may then end above
-    sigma_min, where D already is as close to the output as a step is: an evaluation at sigma_min (where
-    D is nearly x) is one that Euler can spend higher up. free_end=False ends at sigma_min."""
+    sigma_min, where D is already close to the output: an evaluation at sigma_min (where D is nearly x)
+    is better spent higher up. free_end=False ends at sigma_min."""
     sig = ref["ref_sigma"]
     x, d = ref["ref_x"].double(), ref["ref_D"].double()
     n = len(sig)
