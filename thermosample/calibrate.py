@@ -451,11 +451,12 @@ def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
     sig = ref["ref_sigma"]
     x, d = ref["ref_x"].double(), ref["ref_D"].double()
     n = len(sig)
-    stop = (d - d[-1]).square().sum(-1).mean(-1).numpy() if free_end else np.where(np.arange(n) == n - 1, 0.0, np.inf)
     if steps == 1:
         return sig[:1].copy()
     if steps >= n:
         return sig.copy()
+    # the price of ending at each node: its jump to 0 (free end), or only sigma_min allowed
+    stop = (d - d[-1]).square().sum(-1).mean(-1).numpy() if free_end else np.where(np.arange(n) == n - 1, 0.0, np.inf)
     cost = np.full((n, n), np.inf)
     for j in range(n - 1):
         r = torch.as_tensor(sig[j + 1:] / sig[j], dtype=torch.float64)[:, None, None]
