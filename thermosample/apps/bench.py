@@ -43,6 +43,8 @@ STEPS = {
     "heun": (4, [0.5, 0.2, 0.25, 0.05], 0.0, 2, 3),    # 2nd stage: x, D, x_pred, D_pred; rate at the stage
     "dpmpp_2m": (3, [0.8, 0.3, -0.1], 0.0, 0, 1),      # x, D, D_prev
     "euler_ancestral": (2, [0.9, 0.1], 0.3, 0, 1),     # x, D + Philox noise
+    "unipc_3": (5, [0.8, 0.5, -0.4, 0.15, -0.05], 0.0, 0, 1),          # x, D, D_1, D_2, D_3 (UniC + UniP-3)
+    "ipndm_3": (6, [0.9, 0.2, -0.1, 0.05, 0.03, -0.02], 0.0, 0, 1),    # (x, D) of the last three steps
 }
 ALPHA, BETA = 1.5, -1.5
 BATCH = 16
