@@ -3,9 +3,10 @@
 Each set is bench_quality's held-out run with other problems and noise seeds (the same peers, budgets,
 reference and acceptance lines). "fresh" was first run after the free-end jump grid and revealed the
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
-that change; "fresh2" was defined before either was measured and first run with both in place.
+that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
+was defined in session 8 before any of that session's changes was measured.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -44,6 +45,18 @@ SETS = {
         Problem("fr2-mix-d320-k40/cosine", lambda: mixture(320, 40, 0.02, 0.08, 304).denoiser("cosine"), (320,), 512),
         Problem("fr2-mix-d5-k6-sharp/condot", lambda: mixture(5, 6, 0.005, 0.02, 305).denoiser("condot"), (5,), 2048),
     ], (4000, 4001, 4002, 4003)),
+    # defined in session 8 before any change of that session was measured
+    "fresh3": ([
+        Problem("fr3-mix-d1536-k5/edm", lambda: mixture(1536, 5, 0.04, 0.1, 401).denoiser(EDM), (1536,), 256),
+        Problem("fr3-mix-d384-k3-aniso/vp",
+                lambda: aniso_mixture(384, 3, 0.03, 0.3, 402).denoiser(ts.schedules.VPLinear()), (384,), 256),
+        Problem("fr3-mix-d96-k20/edm", lambda: mixture(96, 20, 0.02, 0.1, 403).denoiser(EDM), (96,), 1024),
+        Problem("fr3-mix-d12-k8-unequal/cosine",
+                lambda: mixture(12, 8, 0.03, 0.15, 404, weight_spread=15.0).denoiser("cosine"), (12,), 2048),
+        Problem("fr3-mix-d256-k8-sharp/condot", lambda: mixture(256, 8, 0.01, 0.03, 405).denoiser("condot"),
+                (256,), 512),
+        Problem("fr3-mix-d2-k5/edm", lambda: mixture(2, 5, 0.05, 0.25, 406).denoiser(EDM), (2,), 2048),
+    ], (5000, 5001, 5002, 5003)),
 }
 
 

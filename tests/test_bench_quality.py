@@ -26,6 +26,8 @@ def test_fresh_sets_are_disjoint_from_the_tuned_ones_and_run_one_problem(tmp_pat
     names = [p.name for probs, _ in fresh.SETS.values() for p in probs]
     assert len(names) == len(set(names)) and not set(names) & tuned
     assert not any(set(s) & seeds for _, s in fresh.SETS.values())
+    fresh_seeds = [seed for _, s in fresh.SETS.values() for seed in s]
+    assert len(fresh_seeds) == len(set(fresh_seeds))                     # and from one another
     assert fresh.main(["nope"]) == 2
     held, held_seeds = list(bq.qp.HELDOUT), bq.qp.HELDOUT_SEEDS
     monkeypatch.setattr(fresh, "HERE", str(tmp_path))
