@@ -1,5 +1,7 @@
 """Calibrated time grids (thermosample/calibrate.py, docs/theory.md §6)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -69,6 +71,7 @@ def test_select_states_its_cost_and_reuses_its_pilot():
     # the stated error is the RMS distance of a plain ts.sample run on that grid from the converged reference
     again = ts.sample(den, noise=g.pilot["ref_noise"], grid=np.asarray(g), solver="dpmpp_2m", track=False)
     rms = float((again.samples.double() - g.pilot["ref_final"].double()).square().mean().sqrt())
+    assert g.meta["boundary"] == [0, 0]
     assert rms == pytest.approx(errors[g.meta["chosen"]], rel=1e-9)
     calls.clear()
     h = ts.thermo_grid(den, 12, solver="euler", pilot_data=g.pilot, candidates=("karras", "logsnr"), margin=1.0,
@@ -456,3 +459,77 @@ def test_prefer_default_needs_a_clear_difference():
     assert calibrate.prefer_default([1.0, 0.5, 0.4]) == 2      # the best of the others
     assert calibrate.prefer_default([1.0, 0.9], margin=1.0) == 1
     assert calibrate.prefer_default([float("inf"), 3.0]) == 1  # a diverged default is always left
+
+
+def test_boundary_screen_keeps_the_starting_points_nearest_the_mode_boundary():
+    """Two symmetric modes on a line: the probability-flow map is monotone and odd, so the starting points
+    whose solutions end nearest the boundary are those nearest z = 0. The 8 kept of 512 must all lie within
+    |z| < 0.05 (the 8 smallest of 512 normal draws lie below about 0.02; a random 8 would hold one such
+    point in 3 draws)."""
+    mix = toy.GaussianMixture(means=[[-1.0], [1.0]], stds=0.05)
+    z, score, nfe = calibrate.boundary_noise(mix.denoiser("edm"), (1,), pool=512, keep=8, pilot_steps=24)
+    assert z.shape == (8, 1) and nfe == 24 * 2                  # two chunks of 256, 24 evaluations each
+    assert float(z.abs().max()) < 0.05
+    assert torch.all(score[:-1] >= score[1:])                    # best first
+
+
+def test_screened_reference_sees_rare_mode_switches_a_random_pilot_misses():
+    """The reference batch with its screened stratum (64 of 4096, weighted 64/4096 in all) estimates how
+    often a grid sends samples to another mode, where 64 random samples see none: on an 8-d three-mode
+    mixture, UniPC on an 18-step karras grid switches about 0.5 % of samples (measured here on 8000); the
+    weighted switch fraction of the reference batch lies within a factor 3 of it."""
+    mix = toy.default_mixture(dim=8, modes=3, seed=2)
+    den = mix.denoiser("edm")
+    sch = den.schedule
+    ref = calibrate.reference(den, (64, 8), ref_steps=64, boundary_pool=4096, boundary_samples=64)
+    w = ref["ref_weight"]
+    assert ref["ref_boundary"] == (64, 4096) and ref["ref_final"].shape == (128, 8)
+    assert torch.allclose(w[:64], torch.full((64,), (1 - 64 / 4096) / 64, dtype=torch.float64))
+    assert torch.allclose(w[64:], torch.full((64,), 1 / 4096, dtype=torch.float64))
+    means = torch.as_tensor(mix.means, dtype=torch.float64)
+
+    def switched(noise, target):
+        out = ts.sample(den, noise=noise, grid=grids.make_grid("karras", 18, sch), solver="unipc", track=False)
+        return (torch.cdist(out.samples.double(), means).argmin(1)
+                != torch.cdist(target.double(), means).argmin(1)).double()
+
+    big = torch.randn(8000, 8, generator=torch.Generator().manual_seed(99), dtype=torch.float64) * sch.sigma_max
+    converged = ts.sample(den, noise=big, grid=np.append(grids.logsnr(200, sch.sigma_min, sch.sigma_max), 0.0),
+                          solver="unipc", order=3, track=False).samples
+    truth = float(switched(big, converged).mean())
+    seen = switched(ref["ref_noise"], ref["ref_final"])
+    assert 0.002 < truth < 0.02
+    assert seen[64:].sum() >= 3                                 # the screened stratum holds the switches
+    assert truth / 3 < float((seen * w).sum()) < 3 * truth
+
+
+def test_the_screened_select_states_its_cost_and_weighs_its_samples():
+    """thermo_grid(boundary_pool=512): the screen's evaluations (24 per chunk of 256 starting points, 512 rows
+    per evaluation: 8 calls of 64) are in calibration_nfe, the reference and candidates run 16 + 64 samples,
+    and each candidate's stated error weighs the screened ones by 64 / 512 in all."""
+    mix = toy.default_mixture(dim=4, modes=3, seed=1)
+    den = mix.denoiser("edm")
+    calls = []
+    inner = den.model
+    den.model = lambda x, t: (calls.append(x.shape[0]), inner(x, t))[1]
+    g = ts.thermo_grid(den, 6, solver="dpmpp_2m", sample_shape=(4,), pilot_batch=16, ref_steps=16,
+                       boundary_pool=512)
+    assert g.meta["boundary"] == [64, 512] and g.pilot["ref_final"].shape[0] == 16 + 64
+    assert g.meta["calibration_nfe"] == 24 + 16 + 2 * 24 + 2 * 6       # twins, reference, screen, candidates
+    assert len(calls) == 24 + 2 * 16 + 8 * 2 * 24 + 2 * 2 * 6          # 80 samples: 2 calls of <= 64 rows
+    again = ts.sample(mix.denoiser("edm"), noise=g.pilot["ref_noise"], grid=np.asarray(g), solver="dpmpp_2m",
+                      track=False)
+    per_sample = (again.samples.double() - g.pilot["ref_final"].double()).square().mean(1)
+    w = 64 / 512
+    rms = math.sqrt((1 - w) * per_sample[:16].mean() + w * per_sample[16:].mean())
+    assert rms == pytest.approx(g.meta["candidate_errors"][g.meta["chosen"]], rel=1e-9)
+
+
+def test_bad_boundary_sizes_are_refused():
+    mix = toy.default_mixture(dim=4, modes=3, seed=1)
+    den = mix.denoiser("edm")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="boundary_pool must be an int >= 0"):
+            ts.thermo_grid(den, 6, sample_shape=(4,), pilot_batch=16, ref_steps=16, boundary_pool=bad)
+    with pytest.raises(ValueError, match="boundary_samples must be an int >= 0"):
+        calibrate.reference(den, (16, 4), ref_steps=16, boundary_pool=64, boundary_samples=-2)

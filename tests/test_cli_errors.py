@@ -131,6 +131,6 @@ def test_full_disk(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv", [["demo", "--batch", "0"], ["schedule", "--steps", "0"],
                                   ["schedule", "--solver", "foo"], ["schedule", "--pilot-batch", "0"],
-                                  ["schedule", "--pilot-rows", "0"]])
+                                  ["schedule", "--pilot-rows", "0"], ["schedule", "--boundary-pool", "-1"]])
 def test_other_verbs(capsys, argv):
     assert_one_line_error(*run(capsys, argv))

@@ -7,9 +7,11 @@ ending in 0, with `.meta`, `.pilot` (reusable), `save(path)` / `ThermoGrid.load(
 Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
 batch to convergence (UniPC-3, 128 log-sigma steps), then `measure` runs the solver on karras and on the
 calibrated "error" density below (any of CANDIDATES on request) and `prefer_default` keeps karras unless
-the other lands clearly closer to the converged samples (below MARGIN x its error). Its cost is stated in
-`grid.meta["calibration_nfe"]`. The methods below are the candidates' densities (and the default for
-stochastic solvers, which have no converged solution to compare with).
+the other lands clearly closer to the converged samples (below MARGIN x its error). With
+`boundary_pool=` the reference batch also holds the samples nearest a mode boundary out of a screened pool
+(`boundary_noise`), with their stratum's weight. Its cost is stated in `grid.meta["calibration_nfe"]`.
+The methods below are the candidates' densities (and the default for stochastic solvers, which have no
+converged solution to compare with).
 
 The pilot (`pilot`) integrates the probability-flow ODE once: DPM-Solver++(2M) on `pilot_steps` (24)
 sigmas uniform in log sigma, `pilot_batch` (256) trajectories, each beside a twin started 1e-6 away in
@@ -52,8 +54,8 @@ import torch
 from .grids import validate_sigmas
 from .solvers import AUTO_NAME, auto_candidates, get_solver
 
-__all__ = ["ThermoGrid", "thermo_grid", "pilot", "density", "critical_density", "critical_weight", "switch_weight",
-           "place", "toward_karras", "karras_weight_default"]
+__all__ = ["ThermoGrid", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density", "critical_density",
+           "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default"]
 
 
 
@@ -129,16 +131,11 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     saved, sep, spread = [], [], []
     b = int(shape[0])
     dtype, device = pilot_dtype_device(den)
-    # Each trajectory gets a twin started eps away: the twins ride in the same model call (no extra
-    # evaluation), and their separation measures how the flow amplifies an error made at each noise level.
-    # In float32 (a float32 model) the twins start further apart, so that rounding does not swamp them.
-    eps = 1e-6 if dtype == torch.float64 else 1e-3
     g = torch.Generator().manual_seed(int(pilot_seed))
     z = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
     dz = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
     coords, scale = _coordinates(int(np.prod(shape[1:])), keep_dims, g)
-    dz *= eps * math.sqrt(dz[0].numel()) / dz.reshape(b, -1).norm(dim=1).reshape((b,) + (1,) * (dz.dim() - 1))
-    x_t = (torch.cat([z, z + dz]) * float(sig[0])).to(device=device, dtype=dtype)
+    x_t = (_with_twins(z, dz, dtype) * float(sig[0])).to(device=device, dtype=dtype)
 
     def keep(info):
         d = info["denoised"].detach().reshape(2 * b, -1)[:b]
@@ -157,6 +154,71 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     r = np.interp(t, t_eval[order], rate[order])
     return {"sigma": sig, "t": t, "D": torch.stack(saved).numpy(), "rate": r, "nfe": out.nfe,
             "log_sep": torch.stack(sep).numpy(), "spread": np.asarray(spread)}
+
+
+def _with_twins(z: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[2B, ...]: the B starting points z, then each one's twin z + dz with dz rescaled in place to RMS eps
+    per coordinate. The twins ride in the same model calls (no extra evaluation), and their separation
+    measures how the flow amplifies an error. In float32 (a float32 model) they start further apart
+    (1e-3 rather than 1e-6), so that rounding does not swamp them."""
+    eps = 1e-6 if dtype == torch.float64 else 1e-3
+    b = z.shape[0]
+    dz *= eps * math.sqrt(dz[0].numel()) / dz.reshape(b, -1).norm(dim=1).reshape((b,) + (1,) * (dz.dim() - 1))
+    return torch.cat([z, z + dz])
+
+
+def twin_gain(den, z: torch.Tensor, pilot_steps: int = 24, pilot_seed: int = 12345, backend: str = "auto",
+              chunk: int = 256) -> tuple[torch.Tensor, int]:
+    """Per starting point z [N, ...] (unit variance, float64): the log growth of the separation of its
+    trajectory and a twin started 1e-6 away (as in `pilot`: DPM-Solver++(2M) on `pilot_steps` steps uniform
+    in log sigma), from the first evaluation to the last. Returns (scores [N] float64, the evaluations spent:
+    pilot_steps per chunk of `chunk` starting points, each on 2 x chunk rows)."""
+    from .sampler import sample
+
+    sch = den.schedule
+    dtype, device = pilot_dtype_device(den)
+    grid = np.append(np.exp(np.linspace(math.log(sch.sigma_max), math.log(sch.sigma_min), pilot_steps)), 0.0)
+    g = torch.Generator().manual_seed(int(pilot_seed) + 4)       # the twins' offsets
+    scores, nfe = [], 0
+    for start in range(0, z.shape[0], chunk):
+        zc = z[start:start + chunk].double()
+        b = zc.shape[0]
+        dz = torch.randn(zc.shape, generator=g, dtype=torch.float64)
+        seps = []
+
+        def record(info, b=b, seps=seps):
+            x = info["x"].detach().double().reshape(2 * b, -1)
+            seps.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log().cpu())
+
+        x_t = (_with_twins(zc, dz, dtype) * float(grid[0])).to(device=device, dtype=dtype)
+        out = sample(den, noise=x_t, grid=grid, solver="dpmpp_2m", seed=int(pilot_seed), backend=backend,
+                     track=False, callback=record, progress=False)
+        nfe += out.nfe
+        scores.append(torch.nan_to_num(seps[-1] - seps[0], nan=-math.inf))
+    return torch.cat(scores), nfe
+
+
+def boundary_noise(den, sample_shape, pool: int, keep: int, pilot_steps: int = 24, pilot_seed: int = 12345,
+                   backend: str = "auto", chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The `keep` of `pool` standard-normal starting points whose ODE solutions depend most on where they
+    start, by `twin_gain`. The largest gain marks trajectories that end near the boundary between two
+    modes: the samples that a coarse grid sends to the other mode. They are rare (a few in 10,000 at 20
+    steps on the benchmark's mixtures) and decide a large batch's RMS error, so a random pilot of a few
+    hundred samples seldom holds one; `reference` adds these to its batch with their stratum's weight
+    (docs/calibration.md §10).
+
+    Returns (z [keep, *sample_shape] float64, their scores [keep] descending, the evaluations spent)."""
+    g = torch.Generator().manual_seed(int(pilot_seed) + 3)     # not the pilot's or the reference's noise
+    best_z = torch.empty((0, *tuple(sample_shape)), dtype=torch.float64)
+    best_s = torch.empty(0, dtype=torch.float64)
+    nfe = 0
+    for start in range(0, pool, chunk):                         # a running top-k: the pool is never held
+        z = torch.randn((min(chunk, pool - start), *tuple(sample_shape)), generator=g, dtype=torch.float64)
+        score, spent = twin_gain(den, z, pilot_steps, pilot_seed + start, backend, chunk)
+        nfe += spent
+        top = torch.cat([best_s, score]).argsort(descending=True, stable=True)[:keep]
+        best_z, best_s = torch.cat([best_z, z])[top], torch.cat([best_s, score])[top]
+    return best_z, best_s, nfe
 
 
 def _coordinates(n: int, keep_dims: int, g: torch.Generator):
@@ -383,6 +445,13 @@ MARGIN = 0.6
 # of samples to another mode costs 3-40x karras's RMS error on a large batch, and 32 samples hold none of
 # them; with 256 the twins also see the rare trajectories that decide the grid (docs/calibration.md §8).
 PILOT_BATCH = 256
+# The reference batch's screened stratum (`reference`, `boundary_noise`), off by default: boundary_pool=4096
+# adds the 64 of 4096 twin-screened starting points whose solutions end nearest a mode boundary. On the
+# benchmark's problems the samples a coarse grid sends to another mode ranked in the top 1 % of that score,
+# but at the switch rates that matter (1-5 in 10,000 samples) 64 screened samples still decide between
+# candidates by one or two switches, and the benchmark did not measure a gain (docs/calibration.md §10).
+BOUNDARY_POOL = 0
+BOUNDARY_SAMPLES = 64
 
 
 def prefer_default(errors: list[float], margin: float = MARGIN) -> int:
@@ -393,34 +462,55 @@ def prefer_default(errors: list[float], margin: float = MARGIN) -> int:
 
 
 def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend: str = "auto",
-              keep_dims: int | None = None) -> dict:
+              keep_dims: int | None = None, boundary_pool: int = 0, boundary_samples: int = 0,
+              pilot_steps: int = 24) -> dict:
     """A converged reference solve of the pilot batch: UniPC of order 3 on `ref_steps` sigmas uniform in
     log sigma (NFE = ref_steps), from noise of its own seed. Third order because the reference must be far
     more accurate than the candidates it ranks: DPM-Solver++(2M) on 128 steps was off by 1e-4 to 1e-3
     (RMS) on the benchmark's mixtures, as much as a good 20-step solver, and UniPC-3 by 10-50x less.
 
-    Returns a dict: ref_sigma [N] (its positive sigmas), ref_t [N], ref_rate [N] (batch-mean E||nu||^2 at
-    each node), ref_x / ref_D [N, B, m] float32 (the state and denoised estimate at each node, on at most
-    `keep_dims` fixed coordinates of each sample, scaled so that squared norms estimate the full ones;
-    None: 1024, fewer for large batches so that each holds at most 4M numbers, and at least 64),
-    ref_noise [B, ...] (the initial state) and ref_final [B, ...] (the converged samples), ref_nfe.
+    With boundary_pool > 0 the batch also holds the `boundary_samples` of `boundary_pool` screened starting
+    points nearest a mode boundary (`boundary_noise`, pilot_steps evaluations per chunk of the pool), and
+    every sample gets a weight: a stratified estimate of the population's mean, with the screened stratum
+    (the top boundary_samples / boundary_pool) weighted by that fraction and the random samples by the rest.
+    Errors measured on the batch (`measure`, `jump_grid`) then count the rare samples that a coarse grid
+    sends to another mode at their true rate, instead of by luck of the draw.
+
+    Returns a dict: ref_sigma [N] (its positive sigmas), ref_t [N], ref_rate [N] (weighted batch mean of
+    E||nu||^2 at each node), ref_x / ref_D [N, B', m] float32 (the state and denoised estimate at each
+    node, on at most `keep_dims` fixed coordinates of each sample, scaled so that squared norms estimate
+    the full ones; None: 1024, fewer for large batches so that each holds at most 4M numbers, and at least
+    64), ref_noise [B', ...] (the initial state), ref_final [B', ...] (the converged samples), ref_weight
+    [B'] float64 (summing to 1), ref_nfe, ref_screen_nfe, ref_boundary (screened samples kept, pool);
+    B' = B + the screened samples.
     """
     from .grids import logsnr
     from .sampler import sample
 
     if isinstance(ref_steps, bool) or not isinstance(ref_steps, int) or ref_steps < 8:
         raise ValueError(f"ref_steps must be an int >= 8, got {ref_steps!r}")
+    _check_boundary(boundary_pool, boundary_samples)
     sch = den.schedule
     dtype, device = pilot_dtype_device(den)
     b = int(shape[0])
     n = int(np.prod(shape[1:]))
     g = torch.Generator().manual_seed(int(pilot_seed) + 1)   # not the twins pilot's noise
+    z = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
+    weight = torch.full((b,), 1.0 / b, dtype=torch.float64)
+    screen_nfe = 0
+    k = min(boundary_samples, boundary_pool)
+    if k > 0:
+        zb, _, screen_nfe = boundary_noise(den, tuple(shape[1:]), boundary_pool, k, pilot_steps=pilot_steps,
+                                           pilot_seed=pilot_seed, backend=backend)
+        w = k / boundary_pool                                 # the screened stratum's share of the population
+        z = torch.cat([z, zb])
+        weight = torch.cat([weight * (1.0 - w), torch.full((k,), w / k, dtype=torch.float64)])
+        b += k
     if keep_dims is None:
         keep_dims = min(1024, max(64, (1 << 22) // (ref_steps * b)))
     keep, scale = _coordinates(n, keep_dims, torch.Generator().manual_seed(int(pilot_seed) + 2))
     sig = logsnr(ref_steps, sch.sigma_min, sch.sigma_max)
-    x_t = (torch.randn(tuple(shape), generator=g, dtype=torch.float64) * float(sig[0])).to(device=device,
-                                                                                        dtype=dtype)
+    x_t = (z * float(sig[0])).to(device=device, dtype=dtype)
     xs, ds = [], []
 
     def record(info):
@@ -431,10 +521,28 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
 
     out = sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="unipc", order=3, seed=int(pilot_seed),
                  backend=backend, track=True, callback=record, progress=False)
-    rate = out.thermo.rate.double().mean(1).cpu().numpy()
+    rate = (out.thermo.rate.double().cpu() * weight).sum(1).numpy()
     return {"ref_sigma": sig, "ref_t": np.asarray(sch.sigma_to_t(sig), dtype=np.float64), "ref_rate": rate,
             "ref_x": torch.stack(xs), "ref_D": torch.stack(ds), "ref_noise": x_t.cpu(),
-            "ref_final": out.samples.cpu(), "ref_nfe": out.nfe}
+            "ref_final": out.samples.cpu(), "ref_weight": weight, "ref_nfe": out.nfe,
+            "ref_screen_nfe": int(screen_nfe), "ref_boundary": (max(k, 0), int(boundary_pool) if k > 0 else 0)}
+
+
+def _check_boundary(pool, samples) -> None:
+    for name, v in (("boundary_pool", pool), ("boundary_samples", samples)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+
+
+def _ref_weight(ref: dict, b: int) -> torch.Tensor:
+    """The reference batch's B sample weights, float64 summing to 1 (uniform for a reference without them)."""
+    w = ref.get("ref_weight")
+    if w is None:
+        return torch.full((b,), 1.0 / b, dtype=torch.float64)
+    w = torch.as_tensor(w, dtype=torch.float64)
+    if w.shape != (b,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError(f"pilot 'ref_weight' must hold {b} finite weights >= 0")
+    return w / w.sum()
 
 
 def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
@@ -450,18 +558,22 @@ def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
     is better spent higher up. free_end=False ends at sigma_min."""
     sig = ref["ref_sigma"]
     x, d = ref["ref_x"].double(), ref["ref_D"].double()
+    w = _ref_weight(ref, x.shape[1])                # the batch mean of a squared distance: (.. * w).sum(-1)
     n = len(sig)
     if steps == 1:
         return sig[:1].copy()
     if steps >= n:
         return sig.copy()
     # the price of ending at each node: its jump to 0 (free end), or only sigma_min allowed
-    stop = (d - d[-1]).square().sum(-1).mean(-1).numpy() if free_end else np.where(np.arange(n) == n - 1, 0.0, np.inf)
+    if free_end:
+        stop = ((d - d[-1]).square().sum(-1) * w).sum(-1).numpy()
+    else:
+        stop = np.where(np.arange(n) == n - 1, 0.0, np.inf)
     cost = np.full((n, n), np.inf)
     for j in range(n - 1):
         r = torch.as_tensor(sig[j + 1:] / sig[j], dtype=torch.float64)[:, None, None]
         jump = r * x[j] + (1.0 - r) * d[j]
-        cost[j, j + 1:] = (jump - x[j + 1:]).square().sum(-1).mean(-1).numpy()
+        cost[j, j + 1:] = ((jump - x[j + 1:]).square().sum(-1) * w).sum(-1).numpy()
     best = np.full(n, np.inf)
     best[0] = 0.0
     back = []
@@ -518,7 +630,8 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
             candidates=DEFAULT_CANDIDATES, backend: str = "auto", solver_options: dict | None = None,
             density_kw: dict | None = None) -> dict[str, tuple[float, np.ndarray]]:
     """Run `solver` with `steps` steps on each candidate grid from the reference's noise: {candidate: (RMS
-    distance of its samples from the reference's converged ones, positive sigmas [steps])}, in candidate
+    distance of its samples from the reference's converged ones, weighted by the reference's sample
+    weights, positive sigmas [steps])}, in candidate
     order (only the first for a single step). Costs len(result) x NFE model evaluations on the pilot batch.
     density_kw: floor / critical / switch / amplify / karras_weight of the "error" candidate (default:
     `_error_defaults(solver, steps)`)."""
@@ -526,6 +639,7 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
 
     order = get_solver(solver).order
     target = ref["ref_final"].double()
+    weight = _ref_weight(ref, target.shape[0])
     result = {}
     for name in candidates:
         if steps == 1 and name != candidates[0]:
@@ -533,7 +647,8 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
         sig = _candidate(name, den, steps, solver, ref, pilot_data, order, density_kw)
         out = sample(den, noise=ref["ref_noise"], grid=np.append(sig, 0.0), solver=solver, backend=backend,
                      track=False, progress=False, **(solver_options or {}))
-        err = float((out.samples.cpu().double() - target).square().mean().sqrt())
+        sq = (out.samples.cpu().double() - target).reshape(len(weight), -1).square().mean(1)
+        err = float((sq * weight).sum().sqrt())
         result[name] = (err if math.isfinite(err) else math.inf, sig)
     return result
 
@@ -555,15 +670,16 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                 pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None,
                 ref_steps: int = 128, candidates=None, solver_options: dict | None = None,
                 margin: float = MARGIN, pilot_rows: int | None = 64,
-                karras_weight: float | None = None) -> ThermoGrid:
+                karras_weight: float | None = None, boundary_pool: int = BOUNDARY_POOL,
+                boundary_samples: int = BOUNDARY_SAMPLES) -> ThermoGrid:
     """A time grid calibrated from a pilot run of `den` (docs/theory.md §6).
 
     Args:
         den: a `ts.Denoiser` (the model with its schedule).
         steps: solver steps of the final run; the grid holds steps sigmas plus a final 0 ([steps + 1]).
         solver: the solver the grid is for (sets the order p of the error density), or "auto": method
-            "select" measures the two (solver, options, grid) candidates of solvers.auto_candidates(steps)
-            and keeps the default unless the alternative's pilot error is below `margin` times the
+            "select" measures the (solver, options, grid) candidates of solvers.auto_candidates(steps)
+            and keeps the default unless an alternative's pilot error is below `margin` times the
             default's (meta "solver", "solver_options"); ts.sample(solver="auto", grid=this grid) then
             runs that solver (the recommended configuration, solvers.recommended).
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
@@ -582,8 +698,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             density below); CANDIDATES also offers logsnr, kl_optimal, uniform, "jump" (the
             dynamic-programming grid of `jump_grid`) and "length". With karras first, the result is never
             worse than karras on the pilot's samples. Cost: ref_steps + (pilot_steps if "error" is a
-            candidate) + len(candidates) x NFE model evaluations on the pilot batch, all reusable through
-            `pilot_data` except the candidate runs; `grid.meta` records each candidate's error.
+            candidate) + len(candidates) x NFE model evaluations on the pilot batch (plus the screen's, with
+            boundary_pool), all reusable through `pilot_data` except the candidate runs; `grid.meta`
+            records each candidate's error and the cost.
             "error" (the default for stochastic solvers): equidistributed global error, the solver's local
             truncation error times the amplification (the flow's, measured by the pilot's twin
             trajectories, plus the mode-switch term of `switch`); "length": equal thermodynamic length
@@ -617,6 +734,14 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         margin: "select" (and solver="auto") keeps its first candidate, the default, unless another
             measures below margin times its pilot error (`prefer_default`; default MARGIN = 0.6);
             1.0 keeps the plain minimum.
+        boundary_pool, boundary_samples: with boundary_pool > 0 (default BOUNDARY_POOL = 0: off), method
+            "select" screens boundary_pool starting points (e.g. 4096) with twin trajectories and adds the
+            boundary_samples (BOUNDARY_SAMPLES = 64) whose solutions end nearest a mode boundary to the
+            reference batch, with weight boundary_samples / boundary_pool in all (`boundary_noise`,
+            `reference`). Those are the samples a coarse grid can send to another mode: rare, so a random
+            pilot seldom holds one, yet they decide a large batch's RMS error. It costs
+            pilot_steps x boundary_pool / 256 evaluations of 512 rows; docs/calibration.md §10 says what
+            it measured.
     Returns:
         ThermoGrid [steps + 1], descending from sigma_max to sigma_min, then 0; `.pilot` holds the pilot
         data for reuse.
@@ -630,6 +755,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         raise ValueError("solver='auto' measures its own candidates (solvers.auto_candidates): leave candidates=None")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 < margin <= 1.0:
         raise ValueError(f"margin must be a number in (0, 1], got {margin!r}")
+    _check_boundary(boundary_pool, boundary_samples)
     if pilot_rows is not None and (isinstance(pilot_rows, bool) or not isinstance(pilot_rows, int) or pilot_rows < 1):
         raise ValueError(f"pilot_rows must be an int >= 1 or None, got {pilot_rows!r}")
     den = _row_chunked(den, pilot_rows)
@@ -680,8 +806,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             pilot_data.update(pilot(den, shape, pilot_steps=pilot_steps, pilot_seed=pilot_seed, backend=backend))
             spent += int(pilot_data["nfe"])
         if needs_ref and "ref_final" not in pilot_data:
-            pilot_data.update(reference(den, shape, ref_steps=ref_steps, pilot_seed=pilot_seed, backend=backend))
-            spent += int(pilot_data["ref_nfe"])
+            pilot_data.update(reference(den, shape, ref_steps=ref_steps, pilot_seed=pilot_seed, backend=backend,
+                                        boundary_pool=boundary_pool, boundary_samples=boundary_samples,
+                                        pilot_steps=pilot_steps))
+            spent += int(pilot_data["ref_nfe"]) + int(pilot_data["ref_screen_nfe"])
     sch = den.schedule
     extra = {}
     if method == "select":
@@ -712,7 +840,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             "critical": float(critical), "switch": float(switch), "amplify": float(amplify), "steps": int(steps),
             "karras_weight": float(karras_weight),
             "pilot_steps": int(len(pilot_data["sigma"])) if "sigma" in pilot_data else 0,
-            "pilot_nfe": int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0)),
+            "pilot_nfe": (int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0))
+                          + int(pilot_data.get("ref_screen_nfe", 0))),
+            "boundary": list(pilot_data.get("ref_boundary", (0, 0))),
             "calibration_nfe": spent, "pilot_seed": int(pilot_seed), "schedule": repr(sch), **extra}
     grid = ThermoGrid(np.append(sig, 0.0), meta)
     grid.pilot = pilot_data

@@ -22,15 +22,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
-    return value
+def _int_at_least(low: int):
+    """argparse type: an int >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
 
 
 def _shape(text: str) -> tuple:
@@ -201,6 +207,9 @@ def add_schedule(sub):
     p.add_argument("--pilot-rows", type=_positive_int, default=64,
                    help="most rows the model sees per call during the calibration (default 64; lower it for a "
                         "large model, the grid does not change)")
+    p.add_argument("--boundary-pool", type=_non_negative_int, default=0,
+                   help="starting points to screen for the 64 nearest a mode boundary, added to the calibration's "
+                        "reference batch with their share's weight (default 0: no screen; e.g. 4096)")
     p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="fused-op backend (default auto)")
     p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save); pass it to `sample --grid`")
 

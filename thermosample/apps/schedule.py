@@ -25,7 +25,8 @@ def main(args) -> int:
             raise ValueError("pass --shape C,H,W (the shape of one sample): the factory's denoiser has no sample_shape")
     g = thermo_grid(den, args.steps, solver=args.solver, method=getattr(args, "method", None),
                     pilot_steps=args.pilot_steps, pilot_batch=args.pilot_batch, sample_shape=tuple(shape),
-                    backend=getattr(args, "backend", "auto"), pilot_rows=getattr(args, "pilot_rows", 64))
+                    backend=getattr(args, "backend", "auto"), pilot_rows=getattr(args, "pilot_rows", 64),
+                    boundary_pool=getattr(args, "boundary_pool", 0))
     sch = den.schedule
     k = np.append(grids.karras(args.steps, sch.sigma_min, sch.sigma_max), 0.0)
     chosen = f" (chose {g.meta['chosen']})" if "chosen" in g.meta else ""
