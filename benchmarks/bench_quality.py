@@ -268,8 +268,9 @@ def _scalars(meta):
 
 
 def _pilot_nfe(pilot: dict) -> int:
-    """Model evaluations of the reusable pilot data (twin pilot + converged reference, where present)."""
-    return int(pilot.get("nfe", 0)) + int(pilot.get("ref_nfe", 0))
+    """Model evaluations of the reusable pilot data (twin pilot + converged reference + the boundary screen's
+    evaluations of 512 rows, where present)."""
+    return int(pilot.get("nfe", 0)) + int(pilot.get("ref_nfe", 0)) + int(pilot.get("ref_screen_nfe", 0))
 
 
 def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None, select=None, heldout=False,

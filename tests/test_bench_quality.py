@@ -124,3 +124,23 @@ def test_quick_run_json(tmp_path):
     assert chk and all(v[-1] < 0.5 * v[0] for v in chk.values()), chk
     assert (tmp_path / "q.txt").read_text().count("best thermosample") >= 1
     assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_population_check_runs_and_names_the_best_peer(tmp_path):
+    """benchmarks/bench_population.py on one small problem: its best peer is the smallest error of its peer
+    table, the ratio is auto's error over it, and a bad problem spec is refused."""
+    spec = importlib.util.spec_from_file_location("_bench_population", _path.parent / "bench_population.py")
+    pop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pop)
+    assert pop.main(["default:d2", "--n", "64", "--budgets", "6", "--out", str(tmp_path / "pop")]) == 0
+    doc = json.loads((tmp_path / "pop.json").read_text())
+    (row,) = doc["rows"]
+    assert row["problem"] == "mix-d2-k5-wide/condot" and row["n"] == 64
+    assert (row["auto_choice"], row["auto_grid"]) == ("euler", "jump")             # auto's 6-NFE plan
+    errors = {p: v["error"] for p, v in row["peers"].items()}
+    assert row["best_peer"] == min(errors, key=errors.get) and len(errors) >= 1
+    assert row["ratio"] == pytest.approx(row["auto_error"] / row["best_peer_error"])
+    assert row["ratio_ci90"][0] <= row["ratio"] * 1.5
+    for bad in ("nope:d2", "default:", "default:d999"):
+        with pytest.raises(SystemExit):
+            pop.problem(bad)
