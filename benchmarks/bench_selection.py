@@ -16,10 +16,14 @@ Rules:
 * plan, margin 1: solvers.auto_candidates (default and alternative), the smaller pilot error;
 * plan, margin 0.6: the same, leaving the default only below calibrate.MARGIN x its pilot error (what
   solver="auto" does);
+* screened, margin 0.6: the same on the pilot thermo_grid(boundary_pool=4096) builds (calibrate.reference):
+  the random samples plus the top 64 of 4096 by calibrate.twin_gain, weighted by their stratum's share.
+  The pool is drawn from the batch itself, so for batches below 4096 it is the whole batch and its top
+  keeps the same share (1 / 64 of it);
 and for the single-solver calibrated grid (every deterministic solver of the table, Heun and DPM-2 with
 the steps that fit the budget, as bench_quality counts them): karras
-against "error" with margin 1 and 0.6, scored by how often the choice is worse than karras on the whole
-batch by more than its paired-bootstrap 90% interval.
+against "error" with margin 1 and 0.6 (random pilot) and 0.6 on the screened pilot, scored by how often
+the choice is worse than karras on the whole batch by more than its paired-bootstrap 90% interval.
 
     python benchmarks/bench_selection.py [--heldout] [--problems d16,d8] [--pilot 256] [--draws 200]
         [--cache DIR]
@@ -104,28 +108,56 @@ def collect_cached(prob, seeds, cache_dir: str) -> dict:
     return errs
 
 
-def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng):
+def screen_scores(prob, seeds) -> np.ndarray:
+    """calibrate.twin_gain of every sample of the benchmark's batch: the score by which thermo_grid's boundary
+    screen ranks its pool (so a simulated pool can be drawn from the batch itself)."""
+    den = prob.make()
+    x_t = bq.initial_noise((prob.batch, *prob.shape), seeds, den.schedule.sigma_max)
+    return cal.twin_gain(den, x_t.double() / float(den.schedule.sigma_max))[0].numpy()
+
+
+SCREEN_POOL, SCREEN_KEEP = 4096, 64     # thermo_grid(boundary_pool=4096), boundary_samples 64
+
+
+def pilot_draw(n, pilot_b, rng, score=None):
+    """Indices and weights of one simulated pilot out of the N samples: pilot_b random ones (weight 1 in all)
+    or, with the batch's screen scores, as calibrate.reference builds it with boundary_pool=SCREEN_POOL: the
+    top SCREEN_KEEP / SCREEN_POOL of a pool (the whole batch when N is smaller) weighted by that share, and
+    pilot_b random others by the rest."""
+    if score is None:
+        idx = rng.choice(n, pilot_b, replace=False)
+        return idx, np.full(pilot_b, 1.0 / pilot_b)
+    m = min(n, SCREEN_POOL)
+    k = max(1, round(SCREEN_KEEP * m / SCREEN_POOL))
+    pool = rng.choice(n, m, replace=False)
+    top = pool[np.argsort(-score[pool], kind="stable")[:k]]
+    rest = rng.choice(np.setdiff1d(np.arange(n), top), pilot_b, replace=False)
+    w = SCREEN_KEEP / SCREEN_POOL
+    return np.concatenate([rest, top]), np.concatenate([np.full(pilot_b, (1 - w) / pilot_b), np.full(k, w / k)])
+
+
+def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng, score=None):
     """Fraction of simulated pilots whose choice meets the bar, and the median ratio to the best peer."""
     A = np.stack([errs[k] for k in keys])                      # [C, 2, N]
     truth = np.sqrt(A[:, 0].mean(1))
     ratios = []
     for _ in range(draws):
-        idx = rng.choice(A.shape[2], pilot_b, replace=False)
-        pe = np.sqrt(A[:, 1, idx].mean(1))
+        idx, w = pilot_draw(A.shape[2], pilot_b, rng, score)
+        pe = np.sqrt((A[:, 1, idx] * w).sum(1))
         c = cal.prefer_default(list(pe), margin)
         ratios.append(truth[c] / peer)
     ratios = np.asarray(ratios)
     return float((ratios <= bq.BAR[budget]).mean()), float(np.median(ratios))
 
 
-def karras_check(errs, solver, budget, pilot_b, draws, margin, rng):
+def karras_check(errs, solver, budget, pilot_b, draws, margin, rng, score=None):
     """Expected number (over simulated pilots) of choices worse than karras beyond the 90% interval."""
     ka, er = errs[(budget, solver, "karras")][0], errs[(budget, solver, "error")][0]
     lower = bq.bootstrap_ratio(er, ka)[0]        # bench_quality's own interval: the same FAIL rule
     worse = 0
     for _ in range(draws):
-        idx = rng.choice(ka.size, pilot_b, replace=False)
-        pe = [np.sqrt(errs[(budget, solver, g)][1, idx].mean()) for g in ("karras", "error")]
+        idx, w = pilot_draw(ka.size, pilot_b, rng, score)
+        pe = [np.sqrt((errs[(budget, solver, g)][1, idx] * w).sum()) for g in ("karras", "error")]
         worse += cal.prefer_default(pe, margin) == 1 and lower > 1.0
     return worse / draws, float(np.sqrt(er.mean() / ka.mean()))
 
@@ -149,7 +181,9 @@ def main():
     seeds = qp.HELDOUT_SEEDS if args.heldout else qp.DEFAULT_SEEDS
     probs = qp.select(qp.HELDOUT if args.heldout else qp.DEFAULT, [t for t in args.problems.split(",") if t])
     rng = np.random.default_rng(0)
-    rules = {"best-of-42": None, "plan, margin 1": 1.0, f"plan, margin {cal.MARGIN}": cal.MARGIN}
+    # (margin, screened pilot); "plan, margin 0.6" is what solver="auto" does
+    rules = {"best-of-42": (None, False), "plan, margin 1": (1.0, False),
+             f"plan, margin {cal.MARGIN}": (cal.MARGIN, False), "screened, margin 0.6": (cal.MARGIN, True)}
     rows, karras_rows = [], []
     print(f"bench_selection: {'HELD-OUT' if args.heldout else 'default'} problems, pilot {args.pilot} samples, "
           f"{args.draws} simulated pilots per cell")
@@ -158,22 +192,26 @@ def main():
             print(f"  ({prob.name}: not in {peers_json}; skipped)")
             continue
         errs = collect_cached(prob, seeds, args.cache)
+        score = screen_scores(prob, seeds)
         for budget in BUDGETS:
             peer = best_peer[(prob.name, budget)]
             row = {"problem": prob.name, "budget": budget}
-            for rule, margin in rules.items():
+            for rule, (margin, screened) in rules.items():
                 if margin is None:
                     keys = [(budget, bq.label(n, o), g) for n, o in OLD_AUTO for g in cal.CANDIDATES]
                     margin = 1.0
                 else:
                     keys = [(budget, bq.label(n, o), g) for n, o, g in S.auto_candidates(budget)]
-                row[rule] = simulate(errs, keys, peer, budget, args.pilot, args.draws, margin, rng)
+                row[rule] = simulate(errs, keys, peer, budget, args.pilot, args.draws, margin, rng,
+                                     score if screened else None)
             rows.append(row)
             for lab in sorted({k[1] for k in errs}):
-                for margin in (1.0, cal.MARGIN):
-                    worse, full = karras_check(errs, lab, budget, args.pilot, args.draws // 4, margin, rng)
+                for margin, screened in ((1.0, False), (cal.MARGIN, False), (cal.MARGIN, True)):
+                    worse, full = karras_check(errs, lab, budget, args.pilot, args.draws // 4, margin, rng,
+                                               score if screened else None)
                     karras_rows.append({"problem": prob.name, "budget": budget, "solver": lab, "margin": margin,
-                                        "worse_than_karras": worse, "error_grid_vs_karras": full})
+                                        "screened": screened, "worse_than_karras": worse,
+                                        "error_grid_vs_karras": full})
     names = list(rules)
     print(f"\n{'problem':30s} {'NFE':>4s} " + " ".join(f"{n + ' pass / median':>32s}" for n in names))
     for r in rows:
@@ -183,10 +221,11 @@ def main():
     for n in names:
         print(f"  {n:24s} {sum(r[n][0] for r in rows):6.2f}")
     print("\nsingle-solver calibrated grid (karras first, then 'error'): expected choices worse than karras "
-          "beyond the 90% interval, over", len(karras_rows) // 2, "(problem, solver, NFE)")
-    for margin in (1.0, cal.MARGIN):
-        sel = [r for r in karras_rows if r["margin"] == margin]
-        print(f"  margin {margin}: {sum(r['worse_than_karras'] for r in sel):.1f}")
+          "beyond the 90% interval, over", len(karras_rows) // 3, "(problem, solver, NFE)")
+    for margin, screened in ((1.0, False), (cal.MARGIN, False), (cal.MARGIN, True)):
+        sel = [r for r in karras_rows if r["margin"] == margin and r["screened"] == screened]
+        print(f"  margin {margin}{', screened pilot' if screened else ''}: "
+              f"{sum(r['worse_than_karras'] for r in sel):.1f}")
     out = args.out or os.path.join(HERE, "out", f"bench_selection{suffix}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

@@ -41,3 +41,20 @@ def test_karras_check_counts_only_choices_beyond_the_interval():
     better = {(10, "s", "karras"): worse[(10, "s", "karras")], (10, "s", "error"): _errors(n, 0.2e-4, n + 1, 0)}
     frac, ratio = bs.karras_check(better, "s", 10, 32, 100, 0.6, rng)
     assert ratio < 0.5 and frac == 0.0     # chosen, and better: not counted
+
+
+def test_the_screened_pilot_sees_the_rare_failure_when_the_score_ranks_it_high():
+    """The same two candidates, scored by the plain minimum (margin 1). With screen scores that rank B's
+    rare samples first, the simulated pilot holds them at their stratum's weight and keeps A; with scores
+    that know nothing of them, it picks B as a random pilot does."""
+    n = 8192
+    errs = {"A": _errors(n, 1e-4, n + 1, 1e-4), "B": _errors(n, 0.8e-4, 1024, 100.0)}
+    peer = float(np.sqrt(errs["A"][0].mean())) / 0.5
+    ranked = np.zeros(n)
+    ranked[::1024] = 1.0                                          # the rare samples score highest
+    blind = np.random.default_rng(2).random(n)
+    seen, _ = bs.simulate(errs, ["A", "B"], peer, 20, 32, 200, 1.0, np.random.default_rng(0), ranked)
+    missed, _ = bs.simulate(errs, ["A", "B"], peer, 20, 32, 200, 1.0, np.random.default_rng(0), blind)
+    assert seen == 1.0 and missed < 0.5
+    idx, w = bs.pilot_draw(n, 32, np.random.default_rng(0), ranked)
+    assert len(idx) == 32 + 64 and len(set(idx)) == len(idx) and abs(w.sum() - 1) < 1e-12
