@@ -525,7 +525,7 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     return {"ref_sigma": sig, "ref_t": np.asarray(sch.sigma_to_t(sig), dtype=np.float64), "ref_rate": rate,
             "ref_x": torch.stack(xs), "ref_D": torch.stack(ds), "ref_noise": x_t.cpu(),
             "ref_final": out.samples.cpu(), "ref_weight": weight, "ref_nfe": out.nfe,
-            "ref_screen_nfe": int(screen_nfe), "ref_boundary": (max(k, 0), int(boundary_pool) if k > 0 else 0)}
+            "ref_screen_nfe": int(screen_nfe), "ref_boundary": (k, boundary_pool) if k > 0 else (0, 0)}
 
 
 def _check_boundary(pool, samples) -> None:
@@ -631,8 +631,8 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
             density_kw: dict | None = None) -> dict[str, tuple[float, np.ndarray]]:
     """Run `solver` with `steps` steps on each candidate grid from the reference's noise: {candidate: (RMS
     distance of its samples from the reference's converged ones, weighted by the reference's sample
-    weights, positive sigmas [steps])}, in candidate
-    order (only the first for a single step). Costs len(result) x NFE model evaluations on the pilot batch.
+    weights, positive sigmas [steps])}, in candidate order (only the first for a single step). Costs
+    len(result) x NFE model evaluations on the pilot batch.
     density_kw: floor / critical / switch / amplify / karras_weight of the "error" candidate (default:
     `_error_defaults(solver, steps)`)."""
     from .sampler import sample
