@@ -20,6 +20,7 @@ import math
 import numpy as np
 import torch
 
+from .grids import logsnr
 from .sampler import sample
 from .schedules import get_schedule
 
@@ -181,7 +182,7 @@ def critical_time(den, shape, steps: int = 48, seed: int = 0, backend: str = "au
         t [J], sigma [J], spread [J], rate [J] (evaluation order: high noise first).
     """
     sch = den.schedule
-    grid = np.append(np.exp(np.linspace(math.log(sch.sigma_max), math.log(sch.sigma_min), steps)), 0.0)
+    grid = np.append(logsnr(steps, sch.sigma_min, sch.sigma_max), 0.0)
     spread = []
 
     def keep(info):

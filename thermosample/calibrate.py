@@ -51,7 +51,7 @@ import numbers
 import numpy as np
 import torch
 
-from .grids import validate_sigmas
+from .grids import logsnr, validate_sigmas
 from .solvers import AUTO_NAME, auto_candidates, get_solver
 
 __all__ = ["ThermoGrid", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density", "critical_density",
@@ -124,7 +124,7 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
         raise ValueError(f"pilot_steps must be an int >= 4, got {pilot_steps!r}")
     sch = den.schedule
     if sigmas is None:
-        sig = np.exp(np.linspace(math.log(sch.sigma_max), math.log(sch.sigma_min), pilot_steps))
+        sig = logsnr(pilot_steps, sch.sigma_min, sch.sigma_max)
     else:
         sig = np.asarray(sigmas, dtype=np.float64)
     grid = np.append(sig, 0.0)
@@ -142,7 +142,7 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
         d = d if coords is None else d[:, coords.to(d.device)]
         x = info["x"].detach().double().reshape(2 * b, -1)   # on the model's device: only [B] norms move
         saved.append(d.double().cpu() * scale)
-        sep.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log().cpu())
+        sep.append(_log_separation(x, b))
         spread.append(float((x[:b] - x[:b].mean(0)).square().sum(1).mean().sqrt()))
 
     out = sample(den, noise=x_t, grid=grid, solver=solver, seed=pilot_seed, backend=backend, track=True,
@@ -167,6 +167,11 @@ def _with_twins(z: torch.Tensor, dz: torch.Tensor, dtype: torch.dtype) -> torch.
     return torch.cat([z, z + dz])
 
 
+def _log_separation(x: torch.Tensor, b: int) -> torch.Tensor:
+    """[B] log distance of each twin pair in x [2B, n] (trajectories, then their twins), on the CPU."""
+    return (x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log().cpu()
+
+
 def twin_gain(den, z: torch.Tensor, pilot_steps: int = 24, pilot_seed: int = 12345, backend: str = "auto",
               chunk: int = 256) -> tuple[torch.Tensor, int]:
     """Per starting point z [N, ...] (unit variance, float64): the log growth of the separation of its
@@ -177,7 +182,7 @@ def twin_gain(den, z: torch.Tensor, pilot_steps: int = 24, pilot_seed: int = 123
 
     sch = den.schedule
     dtype, device = pilot_dtype_device(den)
-    grid = np.append(np.exp(np.linspace(math.log(sch.sigma_max), math.log(sch.sigma_min), pilot_steps)), 0.0)
+    grid = np.append(logsnr(pilot_steps, sch.sigma_min, sch.sigma_max), 0.0)
     g = torch.Generator().manual_seed(int(pilot_seed) + 4)       # the twins' offsets
     scores, nfe = [], 0
     for start in range(0, z.shape[0], chunk):
@@ -188,7 +193,7 @@ def twin_gain(den, z: torch.Tensor, pilot_steps: int = 24, pilot_seed: int = 123
 
         def record(info, b=b, seps=seps):
             x = info["x"].detach().double().reshape(2 * b, -1)
-            seps.append((x[b:] - x[:b]).norm(dim=1).clamp_min(1e-300).log().cpu())
+            seps.append(_log_separation(x, b))
 
         x_t = (_with_twins(zc, dz, dtype) * float(grid[0])).to(device=device, dtype=dtype)
         out = sample(den, noise=x_t, grid=grid, solver="dpmpp_2m", seed=int(pilot_seed), backend=backend,
@@ -462,8 +467,8 @@ def prefer_default(errors: list[float], margin: float = MARGIN) -> int:
 
 
 def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend: str = "auto",
-              keep_dims: int | None = None, boundary_pool: int = 0, boundary_samples: int = 0,
-              pilot_steps: int = 24) -> dict:
+              keep_dims: int | None = None, boundary_pool: int = BOUNDARY_POOL,
+              boundary_samples: int = BOUNDARY_SAMPLES, pilot_steps: int = 24) -> dict:
     """A converged reference solve of the pilot batch: UniPC of order 3 on `ref_steps` sigmas uniform in
     log sigma (NFE = ref_steps), from noise of its own seed. Third order because the reference must be far
     more accurate than the candidates it ranks: DPM-Solver++(2M) on 128 steps was off by 1e-4 to 1e-3
@@ -484,7 +489,6 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     [B'] float64 (summing to 1), ref_nfe, ref_screen_nfe, ref_boundary (screened samples kept, pool);
     B' = B + the screened samples.
     """
-    from .grids import logsnr
     from .sampler import sample
 
     if isinstance(ref_steps, bool) or not isinstance(ref_steps, int) or ref_steps < 8:
