@@ -6,7 +6,7 @@ high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no 
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3|fresh4 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -57,6 +57,19 @@ SETS = {
                 (256,), 512),
         Problem("fr3-mix-d2-k5/edm", lambda: mixture(2, 5, 0.05, 0.25, 406).denoiser(EDM), (2,), 2048),
     ], (5000, 5001, 5002, 5003)),
+    # defined in session 9 before any change of that session was measured; high-dimensional mixtures,
+    # where the earlier sets missed, plus three low-dimensional ones
+    "fresh4": ([
+        Problem("fr4-mix-d640-k4/edm", lambda: mixture(640, 4, 0.04, 0.12, 501).denoiser(EDM), (640,), 256),
+        Problem("fr4-mix-d1280-k8-unequal/vp", lambda: mixture(1280, 8, 0.03, 0.1, 502, weight_spread=8.0).denoiser(
+            ts.schedules.VPLinear()), (1280,), 256),
+        Problem("fr4-mix-d160-k12-aniso/cosine",
+                lambda: aniso_mixture(160, 12, 0.02, 0.2, 503).denoiser("cosine"), (160,), 512),
+        Problem("fr4-mix-d448-k2/condot", lambda: mixture(448, 2, 0.05, 0.15, 504).denoiser("condot"), (448,), 256),
+        Problem("fr4-mix-d24-k6/edm", lambda: mixture(24, 6, 0.03, 0.2, 505).denoiser(EDM), (24,), 1024),
+        Problem("fr4-mix-d7-k3-sharp/vp", lambda: mixture(7, 3, 0.01, 0.03, 506).denoiser(ts.schedules.VPLinear()),
+                (7,), 2048),
+    ], (6000, 6001, 6002, 6003)),
 }
 
 
