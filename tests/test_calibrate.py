@@ -525,6 +525,24 @@ def test_the_screened_select_states_its_cost_and_weighs_its_samples():
     assert rms == pytest.approx(g.meta["candidate_errors"][g.meta["chosen"]], rel=1e-9)
 
 
+def test_a_reused_reference_is_solved_again_when_the_screen_asked_for_differs():
+    """pilot_data from an unscreened call, reused with boundary_pool=512, must not keep its 16-sample reference
+    (the screen asked for would silently be off); reused again with the same screen it is kept (only the
+    candidate runs cost), and with boundary_pool=0 the screened reference is replaced by a plain one."""
+    den = toy.default_mixture(dim=4, modes=3, seed=1).denoiser("edm")
+    kw = dict(solver="dpmpp_2m", sample_shape=(4,), pilot_batch=16, ref_steps=16)
+    plain = ts.thermo_grid(den, 6, **kw)
+    assert plain.meta["boundary"] == [0, 0] and plain.pilot["ref_final"].shape[0] == 16
+    screened = ts.thermo_grid(den, 6, pilot_data=plain.pilot, boundary_pool=512, **kw)
+    assert screened.meta["boundary"] == [64, 512] and screened.pilot["ref_final"].shape[0] == 16 + 64
+    assert screened.meta["calibration_nfe"] == 16 + 2 * 24 + 2 * 6         # reference, screen, candidates
+    kept = ts.thermo_grid(den, 6, pilot_data=screened.pilot, boundary_pool=512, **kw)
+    assert kept.meta["calibration_nfe"] == 2 * 6 and kept.pilot["ref_final"] is screened.pilot["ref_final"]
+    back = ts.thermo_grid(den, 6, pilot_data=screened.pilot, **kw)
+    assert back.meta["boundary"] == [0, 0] and back.pilot["ref_final"].shape[0] == 16
+    torch.testing.assert_close(back.pilot["ref_final"], plain.pilot["ref_final"], rtol=0, atol=0)
+
+
 def test_bad_boundary_sizes_are_refused():
     mix = toy.default_mixture(dim=4, modes=3, seed=1)
     den = mix.denoiser("edm")

@@ -529,13 +529,24 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     return {"ref_sigma": sig, "ref_t": np.asarray(sch.sigma_to_t(sig), dtype=np.float64), "ref_rate": rate,
             "ref_x": torch.stack(xs), "ref_D": torch.stack(ds), "ref_noise": x_t.cpu(),
             "ref_final": out.samples.cpu(), "ref_weight": weight, "ref_nfe": out.nfe,
-            "ref_screen_nfe": int(screen_nfe), "ref_boundary": (k, boundary_pool) if k > 0 else (0, 0)}
+            "ref_screen_nfe": int(screen_nfe), "ref_boundary": _screen(boundary_pool, boundary_samples)}
 
 
 def _check_boundary(pool, samples) -> None:
     for name, v in (("boundary_pool", pool), ("boundary_samples", samples)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+
+
+def _screen(pool: int, samples: int) -> tuple[int, int]:
+    """(screened samples kept, pool) that `reference` records as ref_boundary for these sizes."""
+    k = min(samples, pool)
+    return (k, pool) if k > 0 else (0, 0)
+
+
+def _screen_of(ref: dict) -> tuple[int, int]:
+    """The ref_boundary of a reference dict ((0, 0) for one made before the screen existed)."""
+    return tuple(int(v) for v in ref.get("ref_boundary", (0, 0)))
 
 
 def _ref_weight(ref: dict, b: int) -> torch.Tensor:
@@ -730,7 +741,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
         backend: fused-op backend for the pilot.
         pilot_data: a pilot dict to reuse (`grid.pilot` of an earlier call, or `pilot(...)` and/or
-            `reference(...)` merged): then only what it lacks is computed.
+            `reference(...)` merged): then only what it lacks is computed. A reference screened otherwise
+            than boundary_pool / boundary_samples ask (its ref_boundary) is solved again.
         ref_steps: evaluations of the converged reference solve (method "select").
         candidates: the grids "select" chooses among, the first being the default (default
             DEFAULT_CANDIDATES = karras, "error"; any of CANDIDATES).
@@ -798,6 +810,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
     spent = 0
     needs_twins = method != "select" or "error" in candidates
     needs_ref = method == "select"
+    if needs_ref and "ref_final" in pilot_data and _screen_of(pilot_data) != _screen(boundary_pool, boundary_samples):
+        # a reused reference screened otherwise than asked: solve it again rather than silently keep it
+        pilot_data = {k: v for k, v in pilot_data.items() if not k.startswith("ref_")}
     if (needs_twins and "D" not in pilot_data) or (needs_ref and "ref_final" not in pilot_data):
         if sample_shape is None:
             sample_shape = getattr(den, "sample_shape", None)
