@@ -6,7 +6,7 @@ high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no 
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3|fresh4 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3|fresh4|fresh5 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -70,6 +70,18 @@ SETS = {
         Problem("fr4-mix-d7-k3-sharp/vp", lambda: mixture(7, 3, 0.01, 0.03, 506).denoiser(ts.schedules.VPLinear()),
                 (7,), 2048),
     ], (6000, 6001, 6002, 6003)),
+    # defined in session 9 after fresh4's first run, before the third NFE-20 candidate it prompted was measured
+    "fresh5": ([
+        Problem("fr5-mix-d896-k5/edm", lambda: mixture(896, 5, 0.03, 0.12, 601).denoiser(EDM), (896,), 256),
+        Problem("fr5-mix-d320-k3-aniso/cosine",
+                lambda: aniso_mixture(320, 3, 0.02, 0.25, 602).denoiser("cosine"), (320,), 256),
+        Problem("fr5-mix-d2048-k4/vp", lambda: mixture(2048, 4, 0.05, 0.15, 603).denoiser(ts.schedules.VPLinear()),
+                (2048,), 128),
+        Problem("fr5-mix-d48-k16-unequal/condot",
+                lambda: mixture(48, 16, 0.02, 0.1, 604, weight_spread=20.0).denoiser("condot"), (48,), 1024),
+        Problem("fr5-mix-d4-k9/edm", lambda: mixture(4, 9, 0.02, 0.15, 605).denoiser(EDM), (4,), 2048),
+        Problem("fr5-mix-d600-k10-sharp/edm", lambda: mixture(600, 10, 0.01, 0.04, 606).denoiser(EDM), (600,), 256),
+    ], (7100, 7101, 7102, 7103)),
 }
 
 
