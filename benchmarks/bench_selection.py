@@ -14,8 +14,10 @@ Rules:
 * best-of-42: the smallest pilot error over the six solvers of the previous solver="auto" (UniPC 2/3,
   iPNDM, DEIS 2/3, DPM-Solver++(3M)) on all seven candidate grids;
 * plan, margin 1: solvers.auto_candidates (default and alternative), the smaller pilot error;
-* plan, margin 0.6: the same, leaving the default only below calibrate.MARGIN x its pilot error (what
-  solver="auto" does);
+* plan, margin 0.6, all samples: the same, leaving the default only below calibrate.MARGIN x its pilot
+  error (what solver="auto" did before session 9);
+* plan, margin 0.6: the same on the pilot errors without the samples every candidate misses by far
+  (calibrate.compared_errors), the choice also no worse on all of them (what solver="auto" does);
 * screened, margin 0.6: the same on the pilot thermo_grid(boundary_pool=4096) builds (calibrate.reference):
   the random samples plus the top 64 of 4096 by calibrate.twin_gain, weighted by their stratum's share.
   The pool is drawn from the batch itself, so for batches below 4096 it is the whole batch and its top
@@ -117,7 +119,8 @@ def screen_scores(prob, seeds) -> np.ndarray:
 
 
 SCREEN_POOL, SCREEN_KEEP = 4096, 64     # thermo_grid(boundary_pool=4096), boundary_samples 64
-KARRAS_RULES = ((1.0, False), (cal.MARGIN, False), (cal.MARGIN, True))   # (margin, screened pilot)
+# (margin, screened pilot, without the shared outliers): margin 0.6 with them left out is what thermo_grid does
+KARRAS_RULES = ((1.0, False, True), (cal.MARGIN, False, False), (cal.MARGIN, False, True), (cal.MARGIN, True, True))
 
 
 def pilot_draw(n, pilot_b, rng, score=None):
@@ -137,21 +140,28 @@ def pilot_draw(n, pilot_b, rng, score=None):
     return np.concatenate([rest, top]), np.concatenate([np.full(pilot_b, (1 - w) / pilot_b), np.full(k, w / k)])
 
 
-def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng, score=None):
+def choice(pilot_sq, w, margin, shared=True):
+    """The candidate prefer_default picks from a pilot's per-sample errors [C, B] and weights [B]: as
+    thermo_grid does (without the samples every candidate misses, calibrate.compared_errors), or with
+    shared=False on the plain pilot RMS errors (the rule before session 9)."""
+    full, compared = cal.compared_errors(pilot_sq, w)
+    return cal.prefer_default(list(full), margin, list(compared) if shared else None)
+
+
+def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng, score=None, shared=True):
     """Fraction of simulated pilots whose choice meets the bar, and the median ratio to the best peer."""
     A = np.stack([errs[k] for k in keys])                      # [C, 2, N]
     truth = np.sqrt(A[:, 0].mean(1))
     ratios = []
     for _ in range(draws):
         idx, w = pilot_draw(A.shape[2], pilot_b, rng, score)
-        pe = np.sqrt((A[:, 1, idx] * w).sum(1))
-        c = cal.prefer_default(list(pe), margin)
+        c = choice(A[:, 1, idx], w, margin, shared)
         ratios.append(truth[c] / peer)
     ratios = np.asarray(ratios)
     return float((ratios <= bq.BAR[budget]).mean()), float(np.median(ratios))
 
 
-def karras_check(errs, solver, budget, pilot_b, draws, margin, rng, score=None, lower=None):
+def karras_check(errs, solver, budget, pilot_b, draws, margin, rng, score=None, lower=None, shared=True):
     """Expected number (over simulated pilots) of choices worse than karras beyond the 90% interval.
     lower: the interval's lower end, when the caller has it already (it depends on neither rule)."""
     ka, er = errs[(budget, solver, "karras")][0], errs[(budget, solver, "error")][0]
@@ -160,8 +170,8 @@ def karras_check(errs, solver, budget, pilot_b, draws, margin, rng, score=None, 
     worse = 0
     for _ in range(draws):
         idx, w = pilot_draw(ka.size, pilot_b, rng, score)
-        pe = [np.sqrt((errs[(budget, solver, g)][1, idx] * w).sum()) for g in ("karras", "error")]
-        worse += cal.prefer_default(pe, margin) == 1 and lower > 1.0
+        pilot_sq = np.stack([errs[(budget, solver, g)][1, idx] for g in ("karras", "error")])
+        worse += choice(pilot_sq, w, margin, shared) == 1 and lower > 1.0
     return worse / draws, float(np.sqrt(er.mean() / ka.mean()))
 
 
@@ -184,9 +194,11 @@ def main():
     seeds = qp.HELDOUT_SEEDS if args.heldout else qp.DEFAULT_SEEDS
     probs = qp.select(qp.HELDOUT if args.heldout else qp.DEFAULT, [t for t in args.problems.split(",") if t])
     rng = np.random.default_rng(0)
-    # (margin, screened pilot); "plan, margin 0.6" is what solver="auto" does
-    rules = {"best-of-42": (None, False), "plan, margin 1": (1.0, False),
-             f"plan, margin {cal.MARGIN}": (cal.MARGIN, False), f"screened, margin {cal.MARGIN}": (cal.MARGIN, True)}
+    # (margin, screened pilot, without the shared outliers); "plan, margin 0.6" is what solver="auto" does
+    rules = {"best-of-42": (None, False, False), "plan, margin 1": (1.0, False, True),
+             f"plan, margin {cal.MARGIN}, all samples": (cal.MARGIN, False, False),
+             f"plan, margin {cal.MARGIN}": (cal.MARGIN, False, True),
+             f"screened, margin {cal.MARGIN}": (cal.MARGIN, True, True)}
     rows, karras_rows = [], []
     print(f"bench_selection: {'HELD-OUT' if args.heldout else 'default'} problems, pilot {args.pilot} samples, "
           f"{args.draws} simulated pilots per cell")
@@ -199,22 +211,23 @@ def main():
         for budget in BUDGETS:
             peer = best_peer[(prob.name, budget)]
             row = {"problem": prob.name, "budget": budget}
-            for rule, (margin, screened) in rules.items():
+            for rule, (margin, screened, shared) in rules.items():
                 if margin is None:
                     keys = [(budget, bq.label(n, o), g) for n, o in OLD_AUTO for g in cal.CANDIDATES]
                     margin = 1.0
                 else:
                     keys = [(budget, bq.label(n, o), g) for n, o, g in S.auto_candidates(budget)]
                 row[rule] = simulate(errs, keys, peer, budget, args.pilot, args.draws, margin, rng,
-                                     score if screened else None)
+                                     score if screened else None, shared)
             rows.append(row)
             for lab in sorted({k[1] for k in errs}):
                 lower = bq.bootstrap_ratio(errs[(budget, lab, "error")][0], errs[(budget, lab, "karras")][0])[0]
-                for margin, screened in KARRAS_RULES:
+                for margin, screened, shared in KARRAS_RULES:
                     worse, full = karras_check(errs, lab, budget, args.pilot, args.draws // 4, margin, rng,
-                                               score if screened else None, lower)
+                                               score if screened else None, lower, shared)
                     karras_rows.append({"problem": prob.name, "budget": budget, "solver": lab, "margin": margin,
-                                        "screened": screened, "worse_than_karras": worse,
+                                        "screened": screened, "shared_outliers_left_out": shared,
+                                        "worse_than_karras": worse,
                                         "error_grid_vs_karras": full})
     names = list(rules)
     print(f"\n{'problem':30s} {'NFE':>4s} " + " ".join(f"{n + ' pass / median':>32s}" for n in names))
@@ -226,9 +239,10 @@ def main():
         print(f"  {n:24s} {sum(r[n][0] for r in rows):6.2f}")
     print("\nsingle-solver calibrated grid (karras first, then 'error'): expected choices worse than karras "
           "beyond the 90% interval, over", len(karras_rows) // len(KARRAS_RULES), "(problem, solver, NFE)")
-    for margin, screened in KARRAS_RULES:
-        sel = [r for r in karras_rows if r["margin"] == margin and r["screened"] == screened]
-        print(f"  margin {margin}{', screened pilot' if screened else ''}: "
+    for margin, screened, shared in KARRAS_RULES:
+        sel = [r for r in karras_rows if (r["margin"], r["screened"], r["shared_outliers_left_out"])
+               == (margin, screened, shared)]
+        print(f"  margin {margin}{', screened pilot' if screened else ''}{'' if shared else ', all samples'}: "
               f"{sum(r['worse_than_karras'] for r in sel):.1f}")
     out = args.out or os.path.join(HERE, "out", f"bench_selection{suffix}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)

@@ -461,6 +461,56 @@ def test_prefer_default_needs_a_clear_difference():
     assert calibrate.prefer_default([float("inf"), 3.0]) == 1  # a diverged default is always left
 
 
+def test_prefer_default_with_compared_errors_must_also_hold_on_the_whole_batch():
+    assert calibrate.prefer_default([1.0, 0.95], compared=[1.0, 0.3]) == 1
+    assert calibrate.prefer_default([1.0, 1.05], compared=[1.0, 0.3]) == 0   # worse with the shared samples
+    assert calibrate.prefer_default([1.0, 0.5], compared=[1.0, 0.7]) == 0    # no clear difference without them
+    assert calibrate.prefer_default([float("inf"), 3.0], compared=[float("inf"), 3.0]) == 1
+
+
+def test_a_sample_every_candidate_misses_does_not_decide_between_them():
+    """256 pilot samples with bulk errors 0.006 (default) and 0.002 (alternative) per coordinate, and one
+    sample both send to another mode (error about 1, over SHARED_OUTLIER x the median miss): the plain RMS
+    errors are within 10 % of each other, so the 0.6 margin keeps the default; without the shared sample the
+    alternative is 3 x better and is chosen. A sample only the alternative misses stays in the comparison
+    (it is evidence against it)."""
+    rng = np.random.default_rng(0)
+    sq = np.stack([(0.006 * rng.uniform(0.5, 1.5, 256)) ** 2, (0.002 * rng.uniform(0.5, 1.5, 256)) ** 2])
+    sq[:, 17] = [0.1, 0.09]
+    assert calibrate.shared_outliers(sq).tolist() == [i == 17 for i in range(256)]
+    full, compared = calibrate.compared_errors(sq)
+    assert full[1] / full[0] > 0.9 and compared[1] / compared[0] < 0.4
+    assert calibrate.prefer_default(list(full)) == 0
+    assert calibrate.prefer_default(list(full), compared=list(compared)) == 1
+    sq[1, 40] = 0.1                                               # the alternative alone misses one more
+    assert calibrate.shared_outliers(sq).sum() == 1
+    full, compared = calibrate.compared_errors(sq)
+    assert calibrate.prefer_default(list(full), compared=list(compared)) == 0
+    w = np.full(256, 1.0 / 256)                                    # weights: the same as uniform
+    np.testing.assert_allclose(calibrate.compared_errors(sq, w)[1], calibrate.compared_errors(sq)[1], rtol=1e-12)
+    sq[:, :] = 0.0                                                # an exact pilot flags nothing
+    assert not calibrate.shared_outliers(sq).any()
+
+
+def test_auto_states_its_compared_errors_and_a_rerun_reproduces_them():
+    """thermo_grid(solver="auto") records each candidate's pilot error without the shared outliers; rerunning
+    both candidates from the pilot's noise and applying compared_errors gives the same numbers."""
+    from thermosample import solvers
+    mix = toy.default_mixture(dim=8, modes=3, seed=2)
+    den = mix.denoiser("edm")
+    g = ts.thermo_grid(den, 8, solver="auto", sample_shape=(mix.dim,), ref_steps=32, pilot_batch=32)
+    sq = []
+    for name, opts, grid_name in solvers.auto_candidates(8):
+        sig = calibrate._candidate(grid_name, den, 8, name, g.pilot, g.pilot, solvers.get_solver(name).order)
+        out = ts.sample(den, noise=g.pilot["ref_noise"], grid=np.append(sig, 0.0), solver=name, track=False,
+                        **opts)
+        sq.append((out.samples.double() - g.pilot["ref_final"].double()).square().mean(1).numpy())
+    full, compared = calibrate.compared_errors(np.stack(sq))
+    assert list(g.meta["candidate_errors"].values()) == pytest.approx(list(full), rel=1e-9)
+    assert list(g.meta["compared_errors"].values()) == pytest.approx(list(compared), rel=1e-9)
+    assert g.meta["shared_outliers"] == int(calibrate.shared_outliers(np.stack(sq)).sum())
+
+
 def test_boundary_screen_keeps_the_starting_points_nearest_the_mode_boundary():
     """Two symmetric modes on a line: the probability-flow map is monotone and odd, so the starting points
     whose solutions end nearest the boundary are those nearest z = 0. The 8 kept of 512 must all lie within
