@@ -71,6 +71,7 @@ SETS = {
                 (7,), 2048),
     ], (6000, 6001, 6002, 6003)),
     # defined in session 9 after fresh4's first run, before the third NFE-20 candidate it prompted was measured
+    # (not adopted) and before the shared-outlier rule was run on it
     "fresh5": ([
         Problem("fr5-mix-d896-k5/edm", lambda: mixture(896, 5, 0.03, 0.12, 601).denoiser(EDM), (896,), 256),
         Problem("fr5-mix-d320-k3-aniso/cosine",

@@ -7,7 +7,8 @@ ending in 0, with `.meta`, `.pilot` (reusable), `save(path)` / `ThermoGrid.load(
 Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
 batch to convergence (UniPC-3, 128 log-sigma steps), then `measure` runs the solver on karras and on the
 calibrated "error" density below (any of CANDIDATES on request) and `prefer_default` keeps karras unless
-the other lands clearly closer to the converged samples (below MARGIN x its error). With
+the other lands clearly closer to the converged samples (below MARGIN x its error, both measured without
+the samples that every candidate sends far off, `compared_errors`, and no worse with them). With
 `boundary_pool=` the reference batch also holds the samples nearest a mode boundary out of a screened pool
 (`boundary_noise`), with their stratum's weight. Its cost is stated in `grid.meta["calibration_nfe"]`.
 The methods below are the candidates' densities (and the default for stochastic solvers, which have no
