@@ -511,6 +511,19 @@ def test_auto_states_its_compared_errors_and_a_rerun_reproduces_them():
     assert g.meta["shared_outliers"] == int(calibrate.shared_outliers(np.stack(sq)).sum())
 
 
+def test_the_single_solver_choice_keeps_every_sample(monkeypatch):
+    """Karras against "error" for one solver is decided on all pilot samples (its point is never to be worse
+    than karras): with the cut lowered so far that half the samples count as shared outliers, the comparison
+    without them would pick "error" for DPM-Solver++(2M) at 8 steps, yet thermo_grid keeps karras."""
+    monkeypatch.setattr(calibrate, "SHARED_OUTLIER", 1.0)
+    den = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
+    g = ts.thermo_grid(den, 8, solver="dpmpp_2m", sample_shape=(8,), ref_steps=32, pilot_batch=32)
+    errors, compared = list(g.meta["candidate_errors"].values()), list(g.meta["compared_errors"].values())
+    assert list(g.meta["candidate_errors"]) == ["karras", "error"]
+    assert calibrate.prefer_default(errors, compared=compared) == 1      # the comparison would leave karras
+    assert g.meta["chosen"] == "karras" and calibrate.prefer_default(errors) == 0
+
+
 def test_boundary_screen_keeps_the_starting_points_nearest_the_mode_boundary():
     """Two symmetric modes on a line: the probability-flow map is monotone and odd, so the starting points
     whose solutions end nearest the boundary are those nearest z = 0. The 8 kept of 512 must all lie within

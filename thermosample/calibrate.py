@@ -7,8 +7,8 @@ ending in 0, with `.meta`, `.pilot` (reusable), `save(path)` / `ThermoGrid.load(
 Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
 batch to convergence (UniPC-3, 128 log-sigma steps), then `measure` runs the solver on karras and on the
 calibrated "error" density below (any of CANDIDATES on request) and `prefer_default` keeps karras unless
-the other lands clearly closer to the converged samples (below MARGIN x its error, both measured without
-the samples that every candidate sends far off, `compared_errors`, and no worse with them). With
+the other lands clearly closer to the converged samples (below MARGIN x its error; solver="auto" compares
+its candidates without the samples that every one sends far off, `compared_errors`). With
 `boundary_pool=` the reference batch also holds the samples nearest a mode boundary out of a screened pool
 (`boundary_noise`), with their stratum's weight. Its cost is stated in `grid.meta["calibration_nfe"]`.
 The methods below are the candidates' densities (and the default for stochastic solvers, which have no
@@ -465,9 +465,12 @@ BOUNDARY_SAMPLES = 64
 # candidate's error, so it says nothing about which is better, yet one such sample in 256 can carry most of
 # each candidate's RMS error and pull their ratio to 1, which keeps the default whatever the rest shows
 # (fresh d1024 at 10 steps: pilot errors 0.095 and 0.091 with it, bulk errors 3.4x apart on 8192 samples).
-# So `prefer_default` compares the candidates without those samples (docs/calibration.md §11). 100, not 10:
-# at 10 the heavy tail of a low-dimensional problem's ordinary errors at 6-10 steps was cut too, and the
-# single-solver "error" grid was chosen more often where karras was better (benchmarks/bench_selection.py).
+# So solver="auto" compares its candidates without those samples (docs/calibration.md §11). 100, not 10: at
+# 10 the heavy tail of a low-dimensional problem's ordinary errors at 6-10 steps was cut too. The single-solver
+# choice between karras and "error" keeps all samples: there the bulk error favours "error" more often than
+# its switched samples allow, and the rule's point is never to be worse than karras (bench_selection.py:
+# 0.5-1.7 expected choices worse than karras of 468 with the comparison, 0.4 without; default d8 narrow, DEIS-3
+# at 20 steps: 8 switched samples of 8192 against karras's 7, 1.09 x).
 SHARED_OUTLIER = 100.0
 
 
@@ -714,24 +717,25 @@ def _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_op
     return result
 
 
-def _choose(errors: list[float], sq: list[np.ndarray], weight, margin: float) -> tuple[int, np.ndarray, int]:
-    """(`prefer_default`'s index on the errors without the shared outliers, those errors [C], outliers)."""
+def _choose(errors: list[float], sq: list[np.ndarray], weight, margin: float,
+            shared: bool) -> tuple[int, np.ndarray, int]:
+    """(`prefer_default`'s index, on the errors without the shared outliers if `shared` else on all samples;
+    the errors without them [C]; how many there are)."""
     stacked = np.stack(sq)
     _, compared = compared_errors(stacked, weight)
-    return prefer_default(errors, margin, list(compared)), compared, int(shared_outliers(stacked).sum())
+    best = prefer_default(errors, margin, list(compared) if shared else None)
+    return best, compared, int(shared_outliers(stacked).sum())
 
 
 def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
            candidates=DEFAULT_CANDIDATES, backend: str = "auto", solver_options: dict | None = None,
            margin: float = MARGIN) -> tuple[np.ndarray, dict]:
     """`measure` the candidate grids and keep the first unless another is below `margin` times its error
-    without the samples every candidate misses, and no worse with them (`prefer_default`). Returns (positive
-    sigmas [steps], {candidate: RMS error})."""
-    measured = _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, None)
+    (`prefer_default`). Returns (positive sigmas [steps], {candidate: RMS error})."""
+    measured = measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options)
     names = list(measured)
-    weight = _ref_weight(ref, len(measured[names[0]][2]))
-    best, _, _ = _choose([measured[k][0] for k in names], [measured[k][2] for k in names], weight, margin)
-    return measured[names[best]][1], {k: e for k, (e, _, _) in measured.items()}
+    best = names[prefer_default([measured[k][0] for k in names], margin)]
+    return measured[best][1], {k: e for k, (e, _) in measured.items()}
 
 
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = PILOT_BATCH,
@@ -804,7 +808,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         solver_options: options of `solver` for the candidate runs (e.g. {"order": 3}).
         margin: "select" (and solver="auto") keeps its first candidate, the default, unless another
             measures below margin times its pilot error (`prefer_default`; default MARGIN = 0.6);
-            1.0 keeps the plain minimum.
+            1.0 keeps the plain minimum. solver="auto" measures both errors without the pilot samples
+            that every candidate misses by far (`compared_errors`) and takes the alternative only if it
+            is also no worse on all samples; meta "compared_errors" and "shared_outliers" record them.
         boundary_pool, boundary_samples: with boundary_pool > 0 (default BOUNDARY_POOL = 0: off), method
             "select" screens boundary_pool starting points (e.g. 4096) with twin trajectories and adds the
             boundary_samples (BOUNDARY_SAMPLES = 64) whose solutions end nearest a mode boundary to the
@@ -900,7 +906,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                          for g, (e, sig_g, sq) in res.items()]
         errors = {m[0]: m[1] for m in measured}
         weight = _ref_weight(pilot_data, len(measured[0][6]))
-        best, compared, outliers = _choose([m[1] for m in measured], [m[6] for m in measured], weight, margin)
+        best, compared, outliers = _choose([m[1] for m in measured], [m[6] for m in measured], weight, margin,
+                                           shared=auto)
         _, _, solver, solver_options, chosen, sig, _ = measured[best]
         order = get_solver(solver).order
         extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
