@@ -145,8 +145,8 @@ def pilot_draw(n, pilot_b, rng, score=None):
 
 def choice(pilot_sq, w, margin, shared=True):
     """The candidate prefer_default picks from a pilot's per-sample errors [C, B] and weights [B]: as
-    thermo_grid does (without the samples every candidate misses, calibrate.compared_errors), or with
-    shared=False on the plain pilot RMS errors (the rule before session 9)."""
+    solver="auto" does (without the samples every candidate misses, calibrate.compared_errors), or with
+    shared=False on the plain pilot RMS errors (the single-solver choice, and auto's before session 9)."""
     full, compared = cal.compared_errors(pilot_sq, w)
     return cal.prefer_default(list(full), margin, list(compared) if shared else None)
 
