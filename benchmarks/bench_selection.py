@@ -62,21 +62,27 @@ OLD_AUTO = (("unipc", {"order": 3}), ("unipc", {}), ("ipndm", {}), ("deis", {}),
             ("dpmpp_3m", {}))
 
 
+def references(den, x_t, shape):
+    """(the converged reference of x_t as bench_quality solves it, the pilot-style one: UniPC-3 on 128
+    log-sigma steps as calibrate.reference solves it, the pilot data thermo_grid builds for a sample shape:
+    the "error" grid's twins and its reference)."""
+    sch = den.schedule
+    ref, _ = bq.reference(den, x_t, 400)
+    sig = logsnr(128, sch.sigma_min, sch.sigma_max)
+    quick_ref = ts.sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="unipc", order=3,
+                          track=False).samples.double()
+    pilot = {**cal.pilot(den, (cal.PILOT_BATCH, *shape)), **cal.reference(den, (cal.PILOT_BATCH, *shape))}
+    return ref, quick_ref, pilot
+
+
 def collect(prob, seeds, log=print) -> dict:
     """{(budget, solver label, grid): [2, N] float64 (squared error per sample vs the converged reference,
     and vs the pilot-style UniPC-3 128-step reference)}."""
     t0 = time.perf_counter()
     den = prob.make()
-    sch = den.schedule
-    x_t = bq.initial_noise((prob.batch, *prob.shape), seeds, sch.sigma_max)
+    x_t = bq.initial_noise((prob.batch, *prob.shape), seeds, den.schedule.sigma_max)
     n = x_t.shape[0]
-    ref, _ = bq.reference(den, x_t, 400)
-    sig = logsnr(128, sch.sigma_min, sch.sigma_max)
-    quick_ref = ts.sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="unipc", order=3,
-                          track=False).samples.double()
-    pilot = {}
-    pilot.update(cal.pilot(den, (cal.PILOT_BATCH, *prob.shape)))   # the "error" grid's twins, as thermo_grid
-    pilot.update(cal.reference(den, (cal.PILOT_BATCH, *prob.shape)))
+    ref, quick_ref, pilot = references(den, x_t, prob.shape)
     configs = [(lab, name, o) for lab, name, o in bq.ts_configs() if name != "ddim"]   # ddim is euler here
     out = {}
     noise = x_t.float()
@@ -144,11 +150,10 @@ def pilot_draw(n, pilot_b, rng, score=None):
 
 
 def choice(pilot_sq, w, margin, shared=True):
-    """The candidate prefer_default picks from a pilot's per-sample errors [C, B] and weights [B]: as
+    """The candidate thermo_grid picks from a pilot's per-sample errors [C, B] and weights [B]: as
     solver="auto" does (without the samples every candidate misses, calibrate.compared_errors), or with
     shared=False on the plain pilot RMS errors (the single-solver choice, and auto's before session 9)."""
-    full, compared = cal.compared_errors(pilot_sq, w)
-    return cal.prefer_default(list(full), margin, list(compared) if shared else None)
+    return cal._choose(pilot_sq, w, margin, shared)[0]
 
 
 def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng, score=None, shared=True):

@@ -41,7 +41,6 @@ import bench_selection as bs  # noqa: E402
 import thermosample as ts  # noqa: E402
 from thermosample import calibrate as cal  # noqa: E402
 from thermosample import solvers as S  # noqa: E402
-from thermosample.grids import logsnr  # noqa: E402
 
 RULES = {"all samples": False, "compared": True}     # rule name: leave the shared outliers out
 PROBLEMS = ("fresh3:d1536", "fresh:d200", "fresh2:d64", "heldout:d512", "default:d256", "fresh2:d768", "fresh:d1024",
@@ -53,13 +52,8 @@ def candidate_errors(prob, n: int, budgets) -> dict:
     """{budget: [C, 2, N] squared errors of auto's candidates (vs the converged reference, vs the pilot-style
     reference)} on bench_population's fresh noise."""
     den = prob.make()
-    sch = den.schedule
-    x_t = bq.initial_noise((n, *prob.shape), [bp.SEED], sch.sigma_max)
-    ref, _ = bq.reference(den, x_t, 400)
-    sig = logsnr(128, sch.sigma_min, sch.sigma_max)
-    quick = ts.sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="unipc", order=3,
-                      track=False).samples.double()
-    pilot = {**cal.pilot(den, (cal.PILOT_BATCH, *prob.shape)), **cal.reference(den, (cal.PILOT_BATCH, *prob.shape))}
+    x_t = bq.initial_noise((n, *prob.shape), [bp.SEED], den.schedule.sigma_max)
+    ref, quick, pilot = bs.references(den, x_t, prob.shape)
     out = {}
     for budget in budgets:
         errs = []

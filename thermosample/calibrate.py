@@ -545,7 +545,7 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     z = torch.randn(tuple(shape), generator=g, dtype=torch.float64)
     weight = torch.full((b,), 1.0 / b, dtype=torch.float64)
     screen_nfe = 0
-    k = min(boundary_samples, boundary_pool)
+    k = _screen(boundary_pool, boundary_samples)[0]
     if k > 0:
         zb, _, screen_nfe = boundary_noise(den, tuple(shape[1:]), boundary_pool, k, pilot_steps=pilot_steps,
                                            pilot_seed=pilot_seed, backend=backend)
@@ -717,14 +717,13 @@ def _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_op
     return result
 
 
-def _choose(errors: list[float], sq: list[np.ndarray], weight, margin: float,
-            shared: bool) -> tuple[int, np.ndarray, int]:
-    """(`prefer_default`'s index, on the errors without the shared outliers if `shared` else on all samples;
-    the errors without them [C]; how many there are)."""
-    stacked = np.stack(sq)
-    _, compared = compared_errors(stacked, weight)
-    best = prefer_default(errors, margin, list(compared) if shared else None)
-    return best, compared, int(shared_outliers(stacked).sum())
+def _choose(sq, weight, margin: float, shared: bool) -> tuple[int, np.ndarray, int]:
+    """From per-sample squared errors [C, B] and sample weights [B]: (`prefer_default`'s index, on the
+    errors without the shared outliers if `shared` else on all samples; the errors without them [C]; how
+    many there are)."""
+    full, compared = compared_errors(sq, weight)
+    best = prefer_default(list(full), margin, list(compared) if shared else None)
+    return best, compared, int(shared_outliers(sq).sum())
 
 
 def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
@@ -906,8 +905,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                          for g, (e, sig_g, sq) in res.items()]
         errors = {m[0]: m[1] for m in measured}
         weight = _ref_weight(pilot_data, len(measured[0][6]))
-        best, compared, outliers = _choose([m[1] for m in measured], [m[6] for m in measured], weight, margin,
-                                           shared=auto)
+        best, compared, outliers = _choose(np.stack([m[6] for m in measured]), weight, margin, shared=auto)
         _, _, solver, solver_options, chosen, sig, _ = measured[best]
         order = get_solver(solver).order
         extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
@@ -927,7 +925,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             "pilot_steps": int(len(pilot_data["sigma"])) if "sigma" in pilot_data else 0,
             "pilot_nfe": (int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0))
                           + int(pilot_data.get("ref_screen_nfe", 0))),
-            "boundary": list(pilot_data.get("ref_boundary", (0, 0))),
+            "boundary": list(_screen_of(pilot_data)),
             "calibration_nfe": spent, "pilot_seed": int(pilot_seed), "schedule": repr(sch), **extra}
     grid = ThermoGrid(np.append(sig, 0.0), meta)
     grid.pilot = pilot_data
