@@ -4,9 +4,10 @@ Each set is bench_quality's held-out run with other problems and noise seeds (th
 reference and acceptance lines). "fresh" was first run after the free-end jump grid and revealed the
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
-was defined in session 8 before any of that session's changes was measured.
+was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9 and
+fresh6 in session 10, each before that session's changes were measured on it.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3|fresh4|fresh5 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3|fresh4|fresh5|fresh6 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -83,6 +84,20 @@ SETS = {
         Problem("fr5-mix-d4-k9/edm", lambda: mixture(4, 9, 0.02, 0.15, 605).denoiser(EDM), (4,), 2048),
         Problem("fr5-mix-d600-k10-sharp/edm", lambda: mixture(600, 10, 0.01, 0.04, 606).denoiser(EDM), (600,), 256),
     ], (7100, 7101, 7102, 7103)),
+    # defined in session 10 before any change of that session was measured: four 256-1792-dimensional
+    # mixtures (where fresh-fresh5 missed at NFE 10) and two low-dimensional ones as a guard
+    "fresh6": ([
+        Problem("fr6-mix-d512-k6/edm", lambda: mixture(512, 6, 0.03, 0.1, 701).denoiser(EDM), (512,), 256),
+        Problem("fr6-mix-d1792-k3/cosine", lambda: mixture(1792, 3, 0.04, 0.12, 702).denoiser("cosine"), (1792,),
+                128),
+        Problem("fr6-mix-d256-k4-aniso/edm", lambda: aniso_mixture(256, 4, 0.02, 0.2, 703).denoiser(EDM), (256,),
+                256),
+        Problem("fr6-mix-d1024-k6-unequal/condot",
+                lambda: mixture(1024, 6, 0.02, 0.1, 704, weight_spread=6.0).denoiser("condot"), (1024,), 256),
+        Problem("fr6-mix-d20-k8/vp", lambda: mixture(20, 8, 0.02, 0.15, 705).denoiser(ts.schedules.VPLinear()),
+                (20,), 1024),
+        Problem("fr6-mix-d3-k6-sharp/edm", lambda: mixture(3, 6, 0.01, 0.04, 706).denoiser(EDM), (3,), 2048),
+    ], (8100, 8101, 8102, 8103)),
 }
 
 
