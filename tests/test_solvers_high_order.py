@@ -319,3 +319,41 @@ def test_bad_unipc_variant_is_refused():
         ts.sample(DEN, (2, 4), steps=3, solver="unipc", variant="bh3")
     with pytest.raises(TypeError, match="variant"):
         ts.sample(DEN, (2, 4), steps=3, solver="unipc", variant=2)
+
+
+def _states(sigmas, x, **options):
+    """The evaluated state x_i at every step of a torch-backend UniPC run (the callback's 'x')."""
+    seen = []
+    ts.sample(DEN, noise=x, grid=torch.tensor(sigmas, dtype=torch.float64), solver="unipc", backend="torch",
+              track=False, callback=lambda d: seen.append(d["x"].clone()), **options)
+    return seen
+
+
+def test_unipc_max_h_lowers_order_3_to_2_on_the_long_steps_only():
+    """max_h: UniP-3 on the steps up to max_h long in lambda, UniP-2 on the longer ones. On a grid of five
+    0.5-long steps then three 1.5-long ones (then 0), max_h = 1 follows order 3 exactly until the first long
+    step and leaves it there; max_h below every step is order 2, above every step order 3 (bit for bit)."""
+    lam = np.concatenate([np.full(5, 0.5), np.full(3, 1.5)])
+    sigmas = [float(s) for s in 80.0 * np.exp(-np.concatenate([[0.0], np.cumsum(lam)]))] + [0.0]
+    x = _noise(16, 80.0, seed=3)
+    mixed, o3, o2 = (_states(sigmas, x, **kw) for kw in ({"order": 3, "max_h": 1.0}, {"order": 3}, {"order": 2}))
+    for i in range(6):            # x_0 .. x_5 come from the short steps 0..4 only
+        assert torch.equal(mixed[i], o3[i])
+    for i in range(6, len(mixed)):
+        assert not torch.allclose(mixed[i], o3[i], rtol=1e-6, atol=0)
+    assert not torch.allclose(mixed[5], o2[5], rtol=1e-6, atol=0)   # and the short steps were not order 2
+    for kw, same in (({"max_h": 0.1}, o2), ({"max_h": 10.0}, o3)):
+        for a, b in zip(_states(sigmas, x, order=3, **kw), same):
+            assert torch.equal(a, b)
+    on_cpp = ts.sample(DEN, noise=x, grid=torch.tensor(sigmas, dtype=torch.float64), solver="unipc", backend="cpp",
+                       order=3, max_h=1.0, track=False).samples
+    on_torch = _ours("unipc", sigmas, x, order=3, max_h=1.0)
+    torch.testing.assert_close(on_cpp, on_torch, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad,error", [(0.0, ValueError), (-1.0, ValueError), ("long", TypeError),
+                                       (float("nan"), ValueError)])
+def test_bad_unipc_max_h_is_refused(bad, error):
+    with pytest.raises(error, match="max_h"):
+        ts.sample(DEN, (2, 4), steps=3, solver="unipc", order=3, max_h=bad)
+    ts.sample(DEN, (2, 4), steps=3, solver="unipc", order=3, max_h=None)     # None: off, as the default

@@ -266,12 +266,18 @@ def unipc_rhos(h, rks, variant, corrector):
     return b_h, [float(r) for r in rhos]
 
 
-def unipc(run, x, sigmas, order=2, variant="bh2"):
+def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None):
     """UniPC (Zhao et al. 2023), data prediction, B(h) variant "bh1" or "bh2", as diffusers'
     UniPCMultistepScheduler(solver_order=order, solver_type=variant, lower_order_final=True): UniP-p
     multistep predictor in lambda = -log sigma with lower-order warm start and a first-order last step,
     and the UniC corrector, which refines the state at sigma_i with the model output at sigma_i (no extra
     evaluation).
+
+    max_h (None: off, as diffusers): with order 3, a step longer than max_h in lambda (h = log(sigma_i /
+    sigma_{i+1})) predicts with order 2. UniP-3 extrapolates the model output quadratically in lambda; over
+    the long low-noise steps of a 10-step grid that overshoots (the bulk error of UniPC-3 on karras), while
+    on the short high-noise steps, where a trajectory chooses its mode, the third order sends fewer samples
+    to the wrong mode (docs/calibration.md §12). solver="auto" uses max_h=0.8.
 
     The corrected state x_c_i = x_i + Delta_i, where x_i is the predicted state the model was evaluated at
     and Delta_i is a combination of the kept model outputs (the corrector and the predictor that made x_i
@@ -280,6 +286,8 @@ def unipc(run, x, sigmas, order=2, variant="bh2"):
     order = _check_order("order", order, 1, 3)
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    if max_h is not None and not max_h > 0:
+        raise ValueError(f"max_h must be None or > 0, got {max_h!r}")
     n = len(sigmas) - 1
     outs = []                # model outputs, newest first
     p_prev = None            # order of the previous predictor (the corrector's order, as diffusers)
@@ -304,6 +312,8 @@ def unipc(run, x, sigmas, order=2, variant="bh2"):
             coeffs[1] = coeffs.get(1, 0.0) + b_h * rho_c[-1]
         # UniP-p from x_c to s_next (lower-order warm start and last step, as diffusers)
         p = min(order, n - i, i + 1)
+        if max_h is not None and s_next > 0 and math.log(s / s_next) > max_h:
+            p = min(p, 2)
         r = s_next / s
         step = {key: r * c for key, c in coeffs.items()}
         step[0] = step.get(0, 0.0) + (1.0 - r)
@@ -557,9 +567,13 @@ AUTO_NAME = "auto"
 # "error" is the calibrated error density for the solver's order. UniPC-3 takes over from UniPC-2 at
 # 18 steps: on the error grid it was better on 4 of the 9 default problems at 15 steps (and up to 4.6 x
 # worse on others), on 7 of 9 at 19-25 and on 8 of 9 at 30 (docs/calibration.md §9).
+# The alternative at 8-14 steps is UniPC with order 3 on the error grid's steps up to h = 0.8 in lambda and
+# order 2 on the longer (low-noise) ones: UniPC-2's bulk error, and fewer samples sent to another mode where
+# the trajectories choose their mode (docs/calibration.md §12). With 1.2, a default problem blew up.
+AUTO_MAX_H = 0.8
 AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
     (7, ("euler", {}, "jump"), ("deis", {}, "error")),
-    (14, ("ipndm", {}, "error"), ("unipc", {}, "error")),
+    (14, ("ipndm", {}, "error"), ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error")),
     (17, ("unipc", {}, "error"), ("ipndm", {}, "error")),
     (None, ("unipc", {"order": 3}, "error"), ("unipc", {}, "error")),
 )
