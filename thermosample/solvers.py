@@ -277,7 +277,7 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None):
     sigma_{i+1})) predicts with order 2. UniP-3 extrapolates the model output quadratically in lambda; over
     the long low-noise steps of a 10-step grid that overshoots (the bulk error of UniPC-3 on karras), while
     on the short high-noise steps, where a trajectory chooses its mode, the third order sends fewer samples
-    to the wrong mode (docs/calibration.md §12). solver="auto" uses max_h=0.8.
+    to the wrong mode (docs/calibration.md §12). solver="auto" uses max_h=AUTO_MAX_H.
 
     The corrected state x_c_i = x_i + Delta_i, where x_i is the predicted state the model was evaluated at
     and Delta_i is a combination of the kept model outputs (the corrector and the predictor that made x_i
