@@ -4,10 +4,10 @@ Each set is bench_quality's held-out run with other problems and noise seeds (th
 reference and acceptance lines). "fresh" was first run after the free-end jump grid and revealed the
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
-was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9 and
-fresh6 in session 10, each before that session's changes were measured on it.
+was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
+fresh6 in session 10 and fresh7 in session 11, each before that session's changes were measured on it.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|fresh3|fresh4|fresh5|fresh6 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh7 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -98,6 +98,19 @@ SETS = {
                 (20,), 1024),
         Problem("fr6-mix-d3-k6-sharp/edm", lambda: mixture(3, 6, 0.01, 0.04, 706).denoiser(EDM), (3,), 2048),
     ], (8100, 8101, 8102, 8103)),
+    # defined in session 11 before any change of that session was measured (its tuning mixtures are seeds
+    # 801-807): four 352-1280-dimensional mixtures, where NFE 20 missed, and two smaller ones as a guard
+    "fresh7": ([
+        Problem("fr7-mix-d704-k5/condot", lambda: mixture(704, 5, 0.03, 0.1, 901).denoiser("condot"), (704,), 256),
+        Problem("fr7-mix-d1280-k4/edm", lambda: mixture(1280, 4, 0.04, 0.15, 902).denoiser(EDM), (1280,), 128),
+        Problem("fr7-mix-d352-k6-aniso/vp",
+                lambda: aniso_mixture(352, 6, 0.02, 0.2, 903).denoiser(ts.schedules.VPLinear()), (352,), 256),
+        Problem("fr7-mix-d896-k8-sharp/cosine", lambda: mixture(896, 8, 0.01, 0.04, 904).denoiser("cosine"),
+                (896,), 256),
+        Problem("fr7-mix-d80-k10-unequal/edm",
+                lambda: mixture(80, 10, 0.02, 0.12, 905, weight_spread=12.0).denoiser(EDM), (80,), 1024),
+        Problem("fr7-mix-d8-k5/condot", lambda: mixture(8, 5, 0.03, 0.2, 906).denoiser("condot"), (8,), 2048),
+    ], (8200, 8201, 8202, 8203)),
 }
 
 
