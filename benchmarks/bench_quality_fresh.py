@@ -5,9 +5,9 @@ reference and acceptance lines). "fresh" was first run after the free-end jump g
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
-fresh6 in session 10 and fresh7 in session 11, each before that session's changes were measured on it.
+fresh6 in session 10 and fresh7/fresh8 in session 11, each before that session's changes were measured on it.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh7 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh8 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -111,6 +111,19 @@ SETS = {
                 lambda: mixture(80, 10, 0.02, 0.12, 905, weight_spread=12.0).denoiser(EDM), (80,), 1024),
         Problem("fr7-mix-d8-k5/condot", lambda: mixture(8, 5, 0.03, 0.2, 906).denoiser("condot"), (8,), 2048),
     ], (8200, 8201, 8202, 8203)),
+    # defined in session 11 after fresh7's first run, before the revised noise_below cuts were measured
+    "fresh8": ([
+        Problem("fr8-mix-d576-k4/edm", lambda: mixture(576, 4, 0.04, 0.12, 1001).denoiser(EDM), (576,), 256),
+        Problem("fr8-mix-d1664-k5/vp", lambda: mixture(1664, 5, 0.03, 0.1, 1002).denoiser(ts.schedules.VPLinear()),
+                (1664,), 128),
+        Problem("fr8-mix-d416-k3-aniso/condot",
+                lambda: aniso_mixture(416, 3, 0.02, 0.25, 1003).denoiser("condot"), (416,), 256),
+        Problem("fr8-mix-d960-k6-sharp/edm", lambda: mixture(960, 6, 0.01, 0.04, 1004).denoiser(EDM), (960,), 256),
+        Problem("fr8-mix-d40-k12-unequal/cosine",
+                lambda: mixture(40, 12, 0.02, 0.12, 1005, weight_spread=10.0).denoiser("cosine"), (40,), 1024),
+        Problem("fr8-mix-d5-k4/vp", lambda: mixture(5, 4, 0.03, 0.2, 1006).denoiser(ts.schedules.VPLinear()), (5,),
+                2048),
+    ], (8300, 8301, 8302, 8303)),
 }
 
 
