@@ -211,6 +211,7 @@ ORDERS = [
     ("deis", {"order": 2}, 2, (16, 32, 64)),
     ("deis", {"order": 3}, 3, (64, 128, 256)),
     ("ipndm", {"max_order": 2}, 2, (16, 32, 64)),
+    ("unipc", {"order": 3, "noise_below": 3.0}, 3, (64, 128, 256)),   # UniPC-3 (4th) to sigma 3, DEIS-3 after
 ]
 
 
@@ -250,7 +251,8 @@ def test_orders_in_the_table():
 # ---- every new solver through ts.sample: backends, NFE, tracking -----------------------------------------
 
 DEN_5x7 = ts.toy.GaussianMixture(torch.randn(3, 35, generator=torch.Generator().manual_seed(5)), 0.4).denoiser("edm")
-CASES = [("unipc", {}), ("unipc", {"order": 3, "variant": "bh1"}), ("unipc", {"order": 1}), ("dpmpp_3m", {}),
+CASES = [("unipc", {}), ("unipc", {"order": 3, "variant": "bh1"}), ("unipc", {"order": 1}),
+         ("unipc", {"order": 3, "noise_below": 1.0}), ("dpmpp_3m", {}),
          ("dpmpp_3m_sde", {}), ("dpmpp_3m_sde", {"eta": 0.5, "s_noise": 0.8}), ("ipndm", {}),
          ("ipndm", {"max_order": 3}), ("deis", {}), ("deis", {"order": 2})]
 
@@ -290,7 +292,8 @@ def test_widest_steps_with_a_noise_sampler_on_cpp(solver):
 
 
 @pytest.mark.parametrize("solver,options", [("unipc", {"order": 3}), ("dpmpp_3m_sde", {"eta": 1.0}), ("ipndm", {}),
-                                            ("deis", {"order": 3})], ids=str)
+                                            ("deis", {"order": 3}), ("unipc", {"order": 3, "noise_below": 1.0})],
+                         ids=str)
 def test_triton_runs_the_wide_steps(solver, options, monkeypatch):
     """The 5- and 6-input updates of a whole run through the Triton launcher (interpreted on CPU tensors
     here, as tests/test_backends_agree.py does; compiled on a CUDA machine)."""
@@ -357,3 +360,53 @@ def test_bad_unipc_max_h_is_refused(bad, error):
     with pytest.raises(error, match="max_h"):
         ts.sample(DEN, (2, 4), steps=3, solver="unipc", order=3, max_h=bad)
     ts.sample(DEN, (2, 4), steps=3, solver="unipc", order=3, max_h=None)     # None: off, as the default
+
+
+def test_unipc_noise_below_switches_to_deis_at_the_cut():
+    """noise_below: UniPC until the first step from a sigma <= the cut, DEIS tAB from there on. The evaluated
+    states equal plain UniPC-3's up to and including the first one at or below the cut, and differ after it;
+    with the cut above sigma_max every step is DEIS, so a run of 16 steps (DEIS at full order to the end) is
+    diffusers-parity `deis` with order 3; a cut of 0 is plain UniPC, bit for bit."""
+    sigmas = _karras(16, True)
+    x = _noise(16, 80.0, seed=5)
+    cut = 1.0
+    first = next(i for i, s in enumerate(sigmas) if s <= cut)
+    mixed, plain = _states(sigmas, x, order=3, noise_below=cut), _states(sigmas, x, order=3)
+    for i in range(first + 1):
+        assert torch.equal(mixed[i], plain[i])
+    for i in range(first + 1, len(mixed)):
+        assert not torch.allclose(mixed[i], plain[i], rtol=1e-6, atol=0)
+    all_deis = _ours("unipc", sigmas, x, order=3, noise_below=100.0)
+    assert _rel(all_deis, _ours("deis", sigmas, x, order=3)) <= 1e-12
+    assert torch.equal(_ours("unipc", sigmas, x, order=3, noise_below=0.0), _ours("unipc", sigmas, x, order=3))
+    for order in (1, 2):   # DEIS at the solver's order
+        assert _rel(_ours("unipc", sigmas, x, order=order, noise_below=100.0), _ours("deis", sigmas, x, order=order)) \
+            <= 1e-12
+    on_cpp = ts.sample(DEN, noise=x, grid=torch.tensor(sigmas, dtype=torch.float64), solver="unipc", backend="cpp",
+                       order=3, noise_below=cut, track=False).samples
+    torch.testing.assert_close(on_cpp, _ours("unipc", sigmas, x, order=3, noise_below=cut), rtol=1e-12, atol=1e-12)
+
+
+def test_unipc_noise_below_is_more_accurate_on_a_narrow_mode():
+    """Why the option exists: on a narrow Gaussian (s0 = 0.05) the noise prediction (x - D) / sigma is
+    linear in sigma below s0, and on karras's long low-noise lambda steps UniP-3's data prediction
+    extrapolates the sigmoid of D in lambda. Against the closed-form solution at 20 steps, DEIS below
+    sigma = 0.2 has a several times smaller error than plain UniPC-3 (0.17 x)."""
+    mu, s0 = 0.3, 0.05
+    den = ts.toy.Gaussian(torch.full((4,), mu), s0).denoiser("edm")
+    sigmas = _karras(20, False)
+    x = _noise(8, sigmas[0], seed=9)
+    exact = mu + (x - mu) * math.sqrt((s0 ** 2 + sigmas[-1] ** 2) / (s0 ** 2 + sigmas[0] ** 2))
+
+    def err(**options):
+        out = ts.sample(den, noise=x, grid=torch.tensor(sigmas, dtype=torch.float64), solver="unipc",
+                        backend="torch", order=3, **options).samples
+        return (out - exact).abs().max().item()
+    assert err(noise_below=0.2) < 0.3 * err()
+
+
+@pytest.mark.parametrize("bad,error", [(-1.0, ValueError), ("low", TypeError), (float("nan"), ValueError)])
+def test_bad_unipc_noise_below_is_refused(bad, error):
+    with pytest.raises(error, match="noise_below"):
+        ts.sample(DEN, (2, 4), steps=3, solver="unipc", order=3, noise_below=bad)
+    ts.sample(DEN, (2, 4), steps=3, solver="unipc", order=3, noise_below=None)   # None: off, as the default

@@ -266,7 +266,7 @@ def unipc_rhos(h, rks, variant, corrector):
     return b_h, [float(r) for r in rhos]
 
 
-def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None):
+def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None):
     """UniPC (Zhao et al. 2023), data prediction, B(h) variant "bh1" or "bh2", as diffusers'
     UniPCMultistepScheduler(solver_order=order, solver_type=variant, lower_order_final=True): UniP-p
     multistep predictor in lambda = -log sigma with lower-order warm start and a first-order last step,
@@ -279,6 +279,14 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None):
     on the short high-noise steps, where a trajectory chooses its mode, the third order sends fewer samples
     to the wrong mode (docs/calibration.md §12). solver="auto" uses max_h=AUTO_MAX_H.
 
+    noise_below (None: off, as diffusers): the steps from a sigma <= noise_below are DEIS tAB steps
+    (`deis_step`: the model's noise predictions eps_j = (x_j - D_j) / sigma_j extrapolated in log sigma and
+    integrated in sigma, order min(order, 3), over the evaluations already kept), from the state the last
+    UniC corrector gives. At low noise a step is short in sigma however long it is in lambda, so an
+    extrapolation error there moves x little, while UniP's data prediction weighs it by 1 - sigma'/sigma;
+    on 20-step grids of high-dimensional mixtures that cut the bulk error 2-10 x (docs/calibration.md §13).
+    solver="auto" measures a few values on its pilot at 18 steps and more (AUTO_NOISE_CUTS).
+
     The corrected state x_c_i = x_i + Delta_i, where x_i is the predicted state the model was evaluated at
     and Delta_i is a combination of the kept model outputs (the corrector and the predictor that made x_i
     share the r x and (1 - r) D terms). So one fused update per step takes x_i to x_{i+1} = UniP(x_c_i)
@@ -288,14 +296,18 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
     if max_h is not None and not max_h > 0:
         raise ValueError(f"max_h must be None or > 0, got {max_h!r}")
+    if noise_below is not None and not noise_below >= 0:
+        raise ValueError(f"noise_below must be None or >= 0, got {noise_below!r}")
     n = len(sigmas) - 1
     outs = []                # model outputs, newest first
+    states = []              # the states they were evaluated at (for noise_below's eps), newest first
     p_prev = None            # order of the previous predictor (the corrector's order, as diffusers)
     for i in run.steps():
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = run.denoise(x, s)
         run.callback(i, x, s, s, denoised)
         outs = ([denoised] + outs)[:order + 1]
+        states = ([x] + states)[:order]
         coeffs = {"x": 1.0}  # over x (the evaluated state) and outs[age]
         if p_prev is not None:  # UniC: x_c = x + Delta, redoing the step sigmas[i - 1] -> s just taken
             p_c = p_prev
@@ -310,6 +322,10 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None):
                 coeffs[1] = coeffs.get(1, 0.0) - w
             coeffs[0] = coeffs.get(0, 0.0) - b_h * rho_c[-1]
             coeffs[1] = coeffs.get(1, 0.0) + b_h * rho_c[-1]
+        if noise_below is not None and s <= noise_below and s_next > 0:
+            x = deis_step(run, i, sigmas, coeffs, outs, states, min(order, 3))
+            p_prev = None    # DEIS has no corrector
+            continue
         # UniP-p from x_c to s_next (lower-order warm start and last step, as diffusers)
         p = min(order, n - i, i + 1)
         if max_h is not None and s_next > 0 and math.log(s / s_next) > max_h:
@@ -329,6 +345,31 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None):
         x = run.update([x] + [outs[a] for a in ages], [step["x"]] + [step[a] for a in ages], i, track_sigma=s,
                        u=0, d=1 + ages.index(0))
         p_prev = p
+    return x
+
+
+def deis_step(run, i, sigmas, coeffs, outs, states, order):
+    """unipc's noise_below step: x' = x_c + sum_j c_j eps_j (deis_coeffs over the last `order` sigmas),
+    where x_c = x + sum_a coeffs[a] outs[a] is the corrected state (coeffs over "x" and output ages as in
+    unipc) and eps_j = (states[j] - outs[j]) / sigma_j. One fused update when it fits the op's inputs (every
+    step after the first), else the eps terms of the older evaluations go in a second pass."""
+    s, s_next = sigmas[i], sigmas[i + 1]
+    q = min(order, len(states), i + 1)
+    terms = {("x", 0): coeffs["x"]}                          # (kind, age) -> coefficient
+    for age, c in coeffs.items():
+        if age != "x":
+            terms[("D", age)] = c
+    for j, c in enumerate(deis_coeffs([sigmas[i - j] for j in range(q)], s_next)):
+        w = c / sigmas[i - j]
+        terms[("x", j)] = terms.get(("x", j), 0.0) + w
+        terms[("D", j)] = terms.get(("D", j), 0.0) - w
+    keys = [("x", 0), ("D", 0)] + sorted(k for k in terms if k not in (("x", 0), ("D", 0)))
+    tensors = [states[a] if kind == "x" else outs[a] for kind, a in keys]
+    weights = [terms[k] for k in keys]
+    limit = _max_inputs()
+    x = run.update(tensors[:limit], weights[:limit], i, track_sigma=s)
+    if len(tensors) > limit:
+        x = run.update([x] + tensors[limit:], [1.0] + weights[limit:], i)
     return x
 
 
@@ -578,6 +619,16 @@ AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
     (None, ("unipc", {"order": 3}, "error"), ("unipc", {}, "error")),
 )
 AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC default (bh2, order 2)
+# From AUTO_NOISE_FROM steps on, after choosing its configuration (UniPC there), solver="auto" also measures
+# it with unipc's noise_below at each of AUTO_NOISE_CUTS times the data's scale (the RMS of the pilot's
+# converged samples) and takes the best if it is below calibrate.MARGIN times the plain run. At 20 steps
+# on five 384-1536-dimensional tuning mixtures, noise prediction below 0.2 cut UniPC-3's bulk error on its
+# "error" grid 2.4-10 x (to below DEIS-3's on karras on four); on two low-dimensional ones it did not help,
+# and at 50 steps it helped on none, which the pilot sees and then keeps the plain run. A cut of 0.5 left
+# 4-24 of 4096 samples with 20 x the median error (those still choosing their mode there), too rare for the
+# pilot to see, so it is not offered (docs/calibration.md §13).
+AUTO_NOISE_FROM = 18
+AUTO_NOISE_CUTS = (0.2, 0.1)
 
 
 def auto_candidates(steps: int) -> tuple[tuple[str, dict, str], ...]:
