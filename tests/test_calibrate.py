@@ -511,6 +511,41 @@ def test_auto_states_its_compared_errors_and_a_rerun_reproduces_them():
     assert g.meta["shared_outliers"] == int(calibrate.shared_outliers(np.stack(sq)).sum())
 
 
+def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_18_steps():
+    """From AUTO_NOISE_FROM steps, solver="auto" also measures its UniPC choice with noise_below at each of
+    AUTO_NOISE_CUTS times the data's scale (here about 1) and keeps the best when it clears the margin. On a
+    256-dimensional mixture of narrow modes at 20 steps it takes a cut; the recorded errors are those of
+    rerunning each cut from the pilot's noise; the evaluations are counted; and on fresh noise the chosen run
+    is closer to the converged solution than the same grid without the cut. Below 18 steps nothing is measured."""
+    from thermosample import solvers
+    mix = toy.default_mixture(dim=256, modes=4, seed=3)
+    den = mix.denoiser("edm")
+    g = ts.thermo_grid(den, 20, solver="auto", sample_shape=(256,), pilot_batch=64, ref_steps=64)
+    meta = g.meta
+    assert meta["solver"] == "unipc" and "noise_below" in meta["solver_options"]
+    scale = calibrate.data_scale(g.pilot)
+    assert 0.9 < scale < 1.1
+    errors = meta["noise_below_errors"]
+    assert list(errors)[0] == "off" and len(errors) == 1 + len(solvers.AUTO_NOISE_CUTS)
+    sig = np.asarray(g)
+    plain = {k: v for k, v in meta["solver_options"].items() if k != "noise_below"}
+    for c, recorded in zip(solvers.AUTO_NOISE_CUTS, list(errors.values())[1:]):
+        out = ts.sample(den, noise=g.pilot["ref_noise"], grid=sig, solver="unipc", track=False, noise_below=c * scale,
+                        **plain)
+        err = (out.samples.double() - g.pilot["ref_final"].double()).square().mean().sqrt().item()
+        assert recorded == pytest.approx(err, rel=1e-9)
+    best = min(list(errors)[1:], key=errors.get)
+    assert meta["solver_options"]["noise_below"] == pytest.approx(float(best), rel=1e-3)
+    assert errors[best] < calibrate.MARGIN * errors["off"]
+    assert meta["calibration_nfe"] == 24 + 64 + 2 * 20 + len(solvers.AUTO_NOISE_CUTS) * 20
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80.0
+    exact = ts.sample(den, noise=x, grid="logsnr", steps=400, solver="unipc", order=3, track=False).samples
+    chosen = ts.sample(den, noise=x.float(), grid=g, solver="auto", track=False).samples
+    without = ts.sample(den, noise=x.float(), grid=g, solver="unipc", track=False, **plain).samples
+    assert (chosen.double() - exact).square().mean() < (without.double() - exact).square().mean()
+    g17 = ts.thermo_grid(den, 17, solver="auto", pilot_data=g.pilot)
+    assert "noise_below_errors" not in g17.meta and "noise_below" not in g17.meta["solver_options"]
+
 def test_the_single_solver_choice_keeps_every_sample(monkeypatch):
     """Karras against "error" for one solver is decided on all pilot samples (its point is never to be worse
     than karras): with the cut lowered so far that half the samples count as shared outliers, the comparison

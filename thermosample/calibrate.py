@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .grids import logsnr, validate_sigmas
-from .solvers import AUTO_NAME, auto_candidates, get_solver
+from .solvers import AUTO_NAME, AUTO_NOISE_CUTS, AUTO_NOISE_FROM, auto_candidates, get_solver
 
 __all__ = ["ThermoGrid", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density", "critical_density",
            "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default"]
@@ -699,22 +699,50 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
 
 def _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, density_kw):
     """`measure`, each value with the per-sample squared errors [B] (float64 numpy) after the sigmas."""
-    from .sampler import sample
-
     order = get_solver(solver).order
-    target = ref["ref_final"].double()
-    weight = _ref_weight(ref, target.shape[0])
     result = {}
     for name in candidates:
         if steps == 1 and name != candidates[0]:
             continue
         sig = _candidate(name, den, steps, solver, ref, pilot_data, order, density_kw)
-        out = sample(den, noise=ref["ref_noise"], grid=np.append(sig, 0.0), solver=solver, backend=backend,
-                     track=False, progress=False, **(solver_options or {}))
-        sq = (out.samples.cpu().double() - target).reshape(len(weight), -1).square().mean(1)
-        err = float((sq * weight).sum().sqrt())
-        result[name] = (err if math.isfinite(err) else math.inf, sig, sq.numpy())
+        result[name] = _pilot_error(den, sig, solver, ref, backend, solver_options)
     return result
+
+
+def _pilot_error(den, sig, solver, ref, backend, solver_options):
+    """(weighted RMS distance from the reference's converged samples, sig, per-sample squared errors [B]) of
+    `solver` on positive sigmas `sig` from the reference's noise."""
+    from .sampler import sample
+
+    target = ref["ref_final"].double()
+    weight = _ref_weight(ref, target.shape[0])
+    out = sample(den, noise=ref["ref_noise"], grid=np.append(sig, 0.0), solver=solver, backend=backend,
+                 track=False, progress=False, **(solver_options or {}))
+    sq = (out.samples.cpu().double() - target).reshape(len(weight), -1).square().mean(1)
+    err = float((sq * weight).sum().sqrt())
+    return err if math.isfinite(err) else math.inf, sig, sq.numpy()
+
+
+def data_scale(ref: dict) -> float:
+    """The data's scale: the RMS per coordinate of the reference's converged samples (weighted)."""
+    final = ref["ref_final"].double()
+    weight = _ref_weight(ref, final.shape[0])
+    return float((final.reshape(len(weight), -1).square().mean(1) * weight).sum().sqrt())
+
+
+def _noise_tail(den, steps, solver, options, sig, sq, ref, backend, margin):
+    """solver="auto"'s last stage (AUTO_NOISE_FROM steps on, UniPC): the chosen run (per-sample squared
+    errors `sq`) against the same with noise_below = each of AUTO_NOISE_CUTS times `data_scale`; the first
+    is kept unless another is below `margin` times its error on the samples they do not all miss. Returns
+    (options, {noise_below: pilot error}, model evaluations spent)."""
+    cuts = [c * data_scale(ref) for c in AUTO_NOISE_CUTS]
+    runs = [_pilot_error(den, sig, solver, ref, backend, {**options, "noise_below": c}) for c in cuts]
+    weight = _ref_weight(ref, len(sq))
+    best, _, _ = _choose(np.stack([sq] + [r[2] for r in runs]), weight, margin, shared=True)
+    chosen = dict(options) if best == 0 else {**options, "noise_below": cuts[best - 1]}
+    errors = {"off": float(np.sqrt((sq * weight.double().numpy()).sum()))}
+    errors.update({f"{c:.4g}": r[0] for c, r in zip(cuts, runs)})
+    return chosen, errors, len(cuts) * get_solver(solver).evaluations(int(steps))
 
 
 def _choose(sq, weight, margin: float, shared: bool) -> tuple[int, np.ndarray, int]:
@@ -753,8 +781,11 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         solver: the solver the grid is for (sets the order p of the error density), or "auto": method
             "select" measures the (solver, options, grid) candidates of solvers.auto_candidates(steps)
             and keeps the default unless an alternative's pilot error is below `margin` times the
-            default's (meta "solver", "solver_options"); ts.sample(solver="auto", grid=this grid) then
-            runs that solver (the recommended configuration, solvers.recommended).
+            default's (meta "solver", "solver_options"); from solvers.AUTO_NOISE_FROM steps on it then
+            measures that UniPC run with noise_below at each of solvers.AUTO_NOISE_CUTS times the data's
+            scale (`data_scale`) the same way (meta "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more
+            evaluations). ts.sample(solver="auto", grid=this grid) then runs that solver (the recommended
+            configuration, solvers.recommended).
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
         pilot_batch: pilot batch size B (default PILOT_BATCH = 256: smaller pilots miss the rare samples a
             grid sends to another mode, which dominate a large batch's RMS error).
@@ -906,11 +937,16 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         errors = {m[0]: m[1] for m in measured}
         weight = _ref_weight(pilot_data, len(measured[0][6]))
         best, compared, outliers = _choose(np.stack([m[6] for m in measured]), weight, margin, shared=auto)
-        _, _, solver, solver_options, chosen, sig, _ = measured[best]
+        _, _, solver, solver_options, chosen, sig, chosen_sq = measured[best]
         order = get_solver(solver).order
         extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
                  "compared_errors": {m[0]: float(c) for m, c in zip(measured, compared)},
                  "shared_outliers": outliers, "margin": float(margin)}
+        if auto and steps >= AUTO_NOISE_FROM and solver == "unipc":
+            solver_options, tail_errors, tail_nfe = _noise_tail(den, steps, solver, solver_options, sig, chosen_sq,
+                                                                pilot_data, backend, margin)
+            spent += tail_nfe
+            extra["noise_below_errors"] = tail_errors
         if auto:
             extra.update(auto=True, solver_options=dict(solver_options))
     elif steps == 1:
