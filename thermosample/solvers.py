@@ -284,8 +284,8 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None):
     integrated in sigma, order min(order, 3), over the evaluations already kept), from the state the last
     UniC corrector gives. At low noise a step is short in sigma however long it is in lambda, so an
     extrapolation error there moves x little, while UniP's data prediction weighs it by 1 - sigma'/sigma;
-    on 20-step grids of high-dimensional mixtures that cut the bulk error 2-10 x (docs/calibration.md §13).
-    solver="auto" measures a few values on its pilot at 18 steps and more (AUTO_NOISE_CUTS).
+    on 20-step grids of five high-dimensional tuning mixtures that cut the bulk error 2.4-10 x (docs/calibration.md
+    §13). solver="auto" measures AUTO_NOISE_CUTS on its pilot from AUTO_NOISE_FROM steps on.
 
     The corrected state x_c_i = x_i + Delta_i, where x_i is the predicted state the model was evaluated at
     and Delta_i is a combination of the kept model outputs (the corrector and the predictor that made x_i
