@@ -546,6 +546,7 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_18_steps():
     g17 = ts.thermo_grid(den, 17, solver="auto", pilot_data=g.pilot)
     assert "noise_below_errors" not in g17.meta and "noise_below" not in g17.meta["solver_options"]
 
+
 def test_the_single_solver_choice_keeps_every_sample(monkeypatch):
     """Karras against "error" for one solver is decided on all pilot samples (its point is never to be worse
     than karras): with the cut lowered so far that half the samples count as shared outliers, the comparison

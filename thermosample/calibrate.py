@@ -730,17 +730,17 @@ def data_scale(ref: dict) -> float:
     return float((final.reshape(len(weight), -1).square().mean(1) * weight).sum().sqrt())
 
 
-def _noise_tail(den, steps, solver, options, sig, sq, ref, backend, margin):
-    """solver="auto"'s last stage (AUTO_NOISE_FROM steps on, UniPC): the chosen run (per-sample squared
-    errors `sq`) against the same with noise_below = each of AUTO_NOISE_CUTS times `data_scale`; the first
-    is kept unless another is below `margin` times its error on the samples they do not all miss. Returns
-    (options, {noise_below: pilot error}, model evaluations spent)."""
+def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin):
+    """solver="auto"'s last stage (AUTO_NOISE_FROM steps on, UniPC): the chosen run (pilot error `err`,
+    per-sample squared errors `sq`) against the same with noise_below = each of AUTO_NOISE_CUTS times
+    `data_scale`; the first is kept unless another is below `margin` times its error on the samples they do
+    not all miss. Returns (options, {noise_below: pilot error}, model evaluations spent)."""
     cuts = [c * data_scale(ref) for c in AUTO_NOISE_CUTS]
     runs = [_pilot_error(den, sig, solver, ref, backend, {**options, "noise_below": c}) for c in cuts]
     weight = _ref_weight(ref, len(sq))
     best, _, _ = _choose(np.stack([sq] + [r[2] for r in runs]), weight, margin, shared=True)
     chosen = dict(options) if best == 0 else {**options, "noise_below": cuts[best - 1]}
-    errors = {"off": float(np.sqrt((sq * weight.double().numpy()).sum()))}
+    errors = {"off": err}
     errors.update({f"{c:.4g}": r[0] for c, r in zip(cuts, runs)})
     return chosen, errors, len(cuts) * get_solver(solver).evaluations(int(steps))
 
@@ -937,14 +937,14 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         errors = {m[0]: m[1] for m in measured}
         weight = _ref_weight(pilot_data, len(measured[0][6]))
         best, compared, outliers = _choose(np.stack([m[6] for m in measured]), weight, margin, shared=auto)
-        _, _, solver, solver_options, chosen, sig, chosen_sq = measured[best]
+        _, chosen_err, solver, solver_options, chosen, sig, chosen_sq = measured[best]
         order = get_solver(solver).order
         extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
                  "compared_errors": {m[0]: float(c) for m, c in zip(measured, compared)},
                  "shared_outliers": outliers, "margin": float(margin)}
         if auto and steps >= AUTO_NOISE_FROM and solver == "unipc":
-            solver_options, tail_errors, tail_nfe = _noise_tail(den, steps, solver, solver_options, sig, chosen_sq,
-                                                                pilot_data, backend, margin)
+            solver_options, tail_errors, tail_nfe = _noise_tail(den, steps, solver, solver_options, sig, chosen_err,
+                                                                chosen_sq, pilot_data, backend, margin)
             spent += tail_nfe
             extra["noise_below_errors"] = tail_errors
         if auto:

@@ -352,7 +352,7 @@ def deis_step(run, i, sigmas, coeffs, outs, states, order):
     """unipc's noise_below step: x' = x_c + sum_j c_j eps_j (deis_coeffs over the last `order` sigmas),
     where x_c = x + sum_a coeffs[a] outs[a] is the corrected state (coeffs over "x" and output ages as in
     unipc) and eps_j = (states[j] - outs[j]) / sigma_j. One fused update when it fits the op's inputs (every
-    step after the first), else the eps terms of the older evaluations go in a second pass."""
+    step after the first), else the eps terms of the older evaluations go in a second pass (`update_in_passes`)."""
     s, s_next = sigmas[i], sigmas[i + 1]
     q = min(order, len(states), i + 1)
     terms = {("x", 0): coeffs["x"]}                          # (kind, age) -> coefficient
@@ -364,13 +364,18 @@ def deis_step(run, i, sigmas, coeffs, outs, states, order):
         terms[("x", j)] = terms.get(("x", j), 0.0) + w
         terms[("D", j)] = terms.get(("D", j), 0.0) - w
     keys = [("x", 0), ("D", 0)] + sorted(k for k in terms if k not in (("x", 0), ("D", 0)))
-    tensors = [states[a] if kind == "x" else outs[a] for kind, a in keys]
-    weights = [terms[k] for k in keys]
+    return update_in_passes(run, [states[a] if kind == "x" else outs[a] for kind, a in keys],
+                            [terms[k] for k in keys], i, s)
+
+
+def update_in_passes(run, inputs, coeffs, i, track_sigma):
+    """run.update over more inputs than the fused op takes: the first MAX_INPUTS (tracked as the evaluation
+    at track_sigma, x_hat = inputs[0], D = inputs[1]), then the rest added to that result in a second pass."""
     limit = _max_inputs()
-    x = run.update(tensors[:limit], weights[:limit], i, track_sigma=s)
-    if len(tensors) > limit:
-        x = run.update([x] + tensors[limit:], [1.0] + weights[limit:], i)
-    return x
+    out = run.update(inputs[:limit], coeffs[:limit], i, track_sigma=track_sigma)
+    if len(inputs) > limit:
+        out = run.update([out] + inputs[limit:], [1.0] + coeffs[limit:], i)
+    return out
 
 
 def dpmpp_3m_sde(run, x, sigmas, eta=1.0, s_noise=1.0):
@@ -442,10 +447,7 @@ def ipndm(run, x, sigmas, max_order=4):
             inputs += [x_j, d_j]
             coeffs += [w, -w]
         coeffs[0] += 1.0
-        new = run.update(inputs[:6], coeffs[:6], i, track_sigma=s)
-        if len(inputs) > 6:
-            new = run.update([new] + inputs[6:], [1.0] + coeffs[6:], i)
-        x = new
+        x = update_in_passes(run, inputs, coeffs, i, s)
     return x
 
 
