@@ -5,9 +5,10 @@ reference and acceptance lines). "fresh" was first run after the free-end jump g
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
-fresh6 in session 10 and fresh7/fresh8 in session 11, each before that session's changes were measured on it.
+fresh6 in session 10, fresh7/fresh8 in session 11 and fresh9/fresh10 in session 12, each before that
+session's changes were measured on it.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh8 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh10 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -124,6 +125,33 @@ SETS = {
         Problem("fr8-mix-d5-k4/vp", lambda: mixture(5, 4, 0.03, 0.2, 1006).denoiser(ts.schedules.VPLinear()), (5,),
                 2048),
     ], (8300, 8301, 8302, 8303)),
+    # defined in session 12 before any change of that session was measured: mixed dimensions, with
+    # 300-1800-dimensional ones (where NFE 6 and 20 missed) and smaller ones as a guard
+    "fresh9": ([
+        Problem("fr9-mix-d832-k4/cosine", lambda: mixture(832, 4, 0.03, 0.12, 1101).denoiser("cosine"), (832,), 256),
+        Problem("fr9-mix-d300-k5-aniso/edm", lambda: aniso_mixture(300, 5, 0.02, 0.2, 1102).denoiser(EDM), (300,),
+                256),
+        Problem("fr9-mix-d1800-k3/condot", lambda: mixture(1800, 3, 0.04, 0.1, 1103).denoiser("condot"), (1800,),
+                128),
+        Problem("fr9-mix-d112-k14-sharp/vp",
+                lambda: mixture(112, 14, 0.01, 0.05, 1104).denoiser(ts.schedules.VPLinear()), (112,), 512),
+        Problem("fr9-mix-d16-k7-unequal/edm",
+                lambda: mixture(16, 7, 0.02, 0.15, 1105, weight_spread=15.0).denoiser(EDM), (16,), 2048),
+        Problem("fr9-mix-d3-k5/cosine", lambda: mixture(3, 5, 0.04, 0.2, 1106).denoiser("cosine"), (3,), 2048),
+    ], (8400, 8401, 8402, 8403)),
+    "fresh10": ([
+        Problem("fr10-mix-d480-k6/vp", lambda: mixture(480, 6, 0.03, 0.1, 1201).denoiser(ts.schedules.VPLinear()),
+                (480,), 256),
+        Problem("fr10-mix-d1152-k4-aniso/edm",
+                lambda: aniso_mixture(1152, 4, 0.03, 0.2, 1202).denoiser(EDM), (1152,), 128),
+        Problem("fr10-mix-d672-k8-sharp/condot", lambda: mixture(672, 8, 0.01, 0.04, 1203).denoiser("condot"),
+                (672,), 256),
+        Problem("fr10-mix-d224-k3-unequal/cosine",
+                lambda: mixture(224, 3, 0.03, 0.15, 1204, weight_spread=8.0).denoiser("cosine"), (224,), 512),
+        Problem("fr10-mix-d28-k9/edm", lambda: mixture(28, 9, 0.02, 0.15, 1205).denoiser(EDM), (28,), 1024),
+        Problem("fr10-mix-d6-k3-sharp/condot", lambda: mixture(6, 3, 0.01, 0.04, 1206).denoiser("condot"), (6,),
+                2048),
+    ], (8500, 8501, 8502, 8503)),
 }
 
 
