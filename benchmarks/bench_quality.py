@@ -480,6 +480,7 @@ def acceptance(summary, cvk) -> list[str]:
     have_rec = any("recommended" in s for s in summary)
     if not have_rec:
         lines.append("SKIP recommended vs best peer: thermosample.solvers.recommended(nfe) is not defined")
+    met = missed = firm = 0
     for s in summary:
         if "recommended" not in s or "best_peer" not in s:
             continue
@@ -487,6 +488,9 @@ def acceptance(summary, cvk) -> list[str]:
         r = s["recommended_ratio"]
         ci = s.get("recommended_ci90")
         ok = r <= bar
+        met += ok
+        missed += not ok
+        firm += (not ok) and bool(ci) and ci[0] > bar
         lines.append(f"{'PASS' if ok else 'FAIL'} {s['problem']} NFE {s['budget']}: recommended {s['recommended']} "
                      f"/ best peer {s['best_peer']} = x{r:.3f}"
                      + (f" [90% {ci[0]:.2f}-{ci[1]:.2f}]" if ci else "") + f" (bar {bar})")
@@ -498,6 +502,14 @@ def acceptance(summary, cvk) -> list[str]:
         parts = " ".join(f"{i['budget']}:x{i['ratio']:.2f}[{i['ci90'][0]:.2f}-{i['ci90'][1]:.2f}]"
                          for i in sorted(items, key=lambda i: i["budget"]))
         lines.append(f"{'FAIL' if bad else 'PASS'} calibrated vs karras {p} {c}: {parts}")
+    worse = sum(c["ci90"][0] > 1.0 for c in cvk)
+    if met + missed:
+        # a miss whose interval reaches below the bar may be the batch's luck with a few switched samples
+        # (benchmarks/bench_population.py measures such cells on 8192 samples)
+        lines.append(f"TOTAL recommended meets the bar in {met} of {met + missed} cells; of the {missed} misses "
+                     f"{firm} have the whole 90% interval above the bar")
+    if cvk:
+        lines.append(f"TOTAL calibrated worse than karras beyond the 90% interval in {worse} of {len(cvk)} cells")
     return lines
 
 

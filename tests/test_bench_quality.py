@@ -163,3 +163,21 @@ def test_bench_selection_population_reproduces_bench_populations_auto_run(tmp_pa
     assert auto["auto_choice"] == "ipndm" and auto["auto_grid"] == "error"
     assert row["candidates_vs_peer"][0] == pytest.approx(auto["ratio"], rel=1e-4)   # float32 runs, any CPU
     assert all(0.0 <= row[rule] <= 1.0 for rule in sp.RULES)
+
+
+def test_acceptance_totals_count_misses_and_firm_misses():
+    """The TOTAL lines: cells meeting the bar, misses whose whole interval is above it, and calibrated
+    grids worse than karras beyond their interval, counted from the rows given."""
+    def cell(budget, ratio, ci):
+        return {"problem": f"p{budget}-{ratio}", "budget": budget, "recommended": "auto@calibrated",
+                "best_peer": "peer", "recommended_ratio": ratio, "recommended_ci90": ci}
+    summary = [cell(6, 0.9, [0.8, 1.0]), cell(10, 0.85, [0.7, 1.1]), cell(20, 1.3, [1.1, 1.5]),
+               cell(50, 1.2, [0.9, 1.4]), cell(10, 0.5, [0.4, 0.6])]
+    cvk = [{"problem": "a", "config": "deis", "budget": b, "ratio": r, "ci90": ci}
+           for b, r, ci in ((6, 1.1, [1.01, 1.2]), (10, 1.0, [1.0, 1.0]), (20, 0.5, [0.4, 0.6]))]
+    lines = bq.acceptance(summary, cvk)
+    totals = [line for line in lines if line.startswith("TOTAL")]
+    assert totals == ["TOTAL recommended meets the bar in 2 of 5 cells; of the 3 misses 1 have the whole 90% "
+                      "interval above the bar",
+                      "TOTAL calibrated worse than karras beyond the 90% interval in 1 of 3 cells"]
+    assert sum(line.startswith("FAIL") for line in lines) == 4   # three misses and one calibrated group
