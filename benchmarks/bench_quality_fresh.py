@@ -5,10 +5,10 @@ reference and acceptance lines). "fresh" was first run after the free-end jump g
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
-fresh6 in session 10, fresh7/fresh8 in session 11 and fresh9/fresh10 in session 12, each before that
+fresh6 in session 10, fresh7/fresh8 in session 11 and fresh9-fresh12 in session 12, each before that
 session's changes were measured on it.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh10 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh12 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -152,6 +152,33 @@ SETS = {
         Problem("fr10-mix-d6-k3-sharp/condot", lambda: mixture(6, 3, 0.01, 0.04, 1206).denoiser("condot"), (6,),
                 2048),
     ], (8500, 8501, 8502, 8503)),
+    # defined in session 12 after fresh9/fresh10's first run, before the NFE 8-14 band's default was
+    # re-examined on every earlier set
+    "fresh11": ([
+        Problem("fr11-mix-d544-k5/edm", lambda: mixture(544, 5, 0.03, 0.12, 1301).denoiser(EDM), (544,), 256),
+        Problem("fr11-mix-d1408-k3-unequal/cosine",
+                lambda: mixture(1408, 3, 0.04, 0.1, 1302, weight_spread=6.0).denoiser("cosine"), (1408,), 128),
+        Problem("fr11-mix-d176-k6-aniso/vp",
+                lambda: aniso_mixture(176, 6, 0.02, 0.2, 1303).denoiser(ts.schedules.VPLinear()), (176,), 512),
+        Problem("fr11-mix-d36-k12-sharp/condot", lambda: mixture(36, 12, 0.01, 0.05, 1304).denoiser("condot"),
+                (36,), 1024),
+        Problem("fr11-mix-d12-k4/edm", lambda: mixture(12, 4, 0.03, 0.2, 1305).denoiser(EDM), (12,), 2048),
+        Problem("fr11-mix-d2-k7-unequal/vp",
+                lambda: mixture(2, 7, 0.03, 0.15, 1306, weight_spread=10.0).denoiser(ts.schedules.VPLinear()),
+                (2,), 2048),
+    ], (8600, 8601, 8602, 8603)),
+    "fresh12": ([
+        Problem("fr12-mix-d960-k6-aniso/condot",
+                lambda: aniso_mixture(960, 6, 0.03, 0.15, 1401).denoiser("condot"), (960,), 256),
+        Problem("fr12-mix-d384-k10-sharp/edm", lambda: mixture(384, 10, 0.01, 0.04, 1402).denoiser(EDM), (384,), 256),
+        Problem("fr12-mix-d96-k4-unequal/cosine",
+                lambda: mixture(96, 4, 0.02, 0.12, 1403, weight_spread=12.0).denoiser("cosine"), (96,), 1024),
+        Problem("fr12-mix-d24-k16/vp", lambda: mixture(24, 16, 0.02, 0.12, 1404).denoiser(ts.schedules.VPLinear()),
+                (24,), 1024),
+        Problem("fr12-mix-d8-k6-aniso/edm", lambda: aniso_mixture(8, 6, 0.02, 0.2, 1405).denoiser(EDM), (8,), 2048),
+        Problem("fr12-mix-d4-k3-sharp/cosine", lambda: mixture(4, 3, 0.01, 0.05, 1406).denoiser("cosine"), (4,),
+                2048),
+    ], (8700, 8701, 8702, 8703)),
 }
 
 
