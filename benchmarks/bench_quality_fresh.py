@@ -5,10 +5,10 @@ reference and acceptance lines). "fresh" was first run after the free-end jump g
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
-fresh6 in session 10, fresh7/fresh8 in session 11 and fresh9-fresh12 in session 12, each before that
-session's changes were measured on it.
+fresh6 in session 10, fresh7/fresh8 in session 11, fresh9-fresh12 in session 12 and fresh13/fresh14 in
+session 13, each before that session's changes were measured on it.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh12 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh14 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -179,6 +179,29 @@ SETS = {
         Problem("fr12-mix-d4-k3-sharp/cosine", lambda: mixture(4, 3, 0.01, 0.05, 1406).denoiser("cosine"), (4,),
                 2048),
     ], (8700, 8701, 8702, 8703)),
+    "fresh13": ([
+        Problem("fr13-mix-d1216-k5/edm", lambda: mixture(1216, 5, 0.03, 0.12, 1501).denoiser(EDM), (1216,), 128),
+        Problem("fr13-mix-d448-k4-aniso/vp",
+                lambda: aniso_mixture(448, 4, 0.02, 0.25, 1502).denoiser(ts.schedules.VPLinear()), (448,), 256),
+        Problem("fr13-mix-d704-k9-sharp/cosine", lambda: mixture(704, 9, 0.01, 0.04, 1503).denoiser("cosine"),
+                (704,), 256),
+        Problem("fr13-mix-d64-k6-unequal/condot",
+                lambda: mixture(64, 6, 0.02, 0.15, 1504, weight_spread=20.0).denoiser("condot"), (64,), 1024),
+        Problem("fr13-mix-d20-k12/edm", lambda: mixture(20, 12, 0.02, 0.15, 1505).denoiser(EDM), (20,), 1024),
+        Problem("fr13-mix-d3-k6-aniso/vp",
+                lambda: aniso_mixture(3, 6, 0.02, 0.2, 1506).denoiser(ts.schedules.VPLinear()), (3,), 2048),
+    ], (8800, 8801, 8802, 8803)),
+    "fresh14": ([
+        Problem("fr14-mix-d1920-k4-aniso/cosine",
+                lambda: aniso_mixture(1920, 4, 0.04, 0.15, 1601).denoiser("cosine"), (1920,), 128),
+        Problem("fr14-mix-d640-k7/condot", lambda: mixture(640, 7, 0.03, 0.1, 1602).denoiser("condot"), (640,), 256),
+        Problem("fr14-mix-d288-k5-sharp/edm", lambda: mixture(288, 5, 0.01, 0.05, 1603).denoiser(EDM), (288,), 512),
+        Problem("fr14-mix-d144-k10-unequal/vp",
+                lambda: mixture(144, 10, 0.02, 0.15, 1604, weight_spread=10.0).denoiser(ts.schedules.VPLinear()),
+                (144,), 512),
+        Problem("fr14-mix-d10-k4/cosine", lambda: mixture(10, 4, 0.03, 0.2, 1605).denoiser("cosine"), (10,), 2048),
+        Problem("fr14-mix-d2-k8-sharp/edm", lambda: mixture(2, 8, 0.01, 0.05, 1606).denoiser(EDM), (2,), 2048),
+    ], (8900, 8901, 8902, 8903)),
 }
 
 
