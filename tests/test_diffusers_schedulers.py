@@ -242,3 +242,37 @@ def test_step_past_the_end_says_so_and_keeps_the_run(name):
         ours.step(torch.zeros(2, 3, 4, 4), ours.timesteps[-1], torch.zeros(2, 3, 4, 4))
     assert ours.thermo.rate.shape[0] == rows
     assert torch.isfinite(run()).all()
+
+
+# -- zero terminal SNR (rescale_betas_zero_snr): alphas_cumprod ends at 0, sigma = inf at t = 999 ----------
+def _zsnr_loop(sch, steps=10, **step_kw):
+    """A short loop with a deterministic model output; a fresh generator for any noise (diffusers' numbers)."""
+    sch.set_timesteps(steps)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    if step_kw.pop("generator", False):
+        step_kw["generator"] = torch.Generator().manual_seed(1)
+    for t in sch.timesteps:
+        x = sch.step(0.3 * torch.tanh(x) - 0.05 * x + 1e-3 * float(t), t, x, **step_kw).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name,kw", [("DDIMScheduler", {}), ("DDIMScheduler", {"eta": 0.5, "generator": True}),
+                                     ("DDPMScheduler", {"generator": True})])
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_zero_terminal_snr_matches_diffusers(name, kw, prediction):
+    cfg = dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, prediction_type=prediction, clip_sample=False)
+    peer, ours = getattr(diffusers, name)(**cfg), getattr(TD, "Thermo" + name)(**cfg)
+    assert float(peer.alphas_cumprod[-1]) == 0.0        # the premise: sigma = inf at the first timestep
+    a, b = _zsnr_loop(peer, **kw), _zsnr_loop(ours, **kw)
+    assert torch.isfinite(a).all() and rel_err(a, b) < 1e-5
+    rep = ours.thermo          # the alpha = 0 step has no finite velocity: not tracked, nothing infinite recorded
+    assert rep.t.numel() == 9 and torch.isfinite(rep.t).all() and torch.isfinite(rep.rate).all()
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler"])
+def test_zero_terminal_snr_with_epsilon_prediction_is_a_clear_error(name):
+    """diffusers divides by sqrt(alphas_cumprod) = 0 and returns NaN; ours says why."""
+    cfg = dict(timestep_spacing="trailing", rescale_betas_zero_snr=True, clip_sample=False)
+    assert not torch.isfinite(_zsnr_loop(getattr(diffusers, name)(**cfg), 3)).all()
+    with pytest.raises(ValueError, match="zero terminal SNR"):
+        _zsnr_loop(getattr(TD, "Thermo" + name)(**cfg), 3)

@@ -275,3 +275,38 @@ def test_a_scheduler_s_later_runs_skip_the_full_checks(monkeypatch):
     assert len(calls) == 1
     toy_loop(ours, 8, 2, 1)
     assert len(calls) == 1 and ours.thermo.t.numel() == 8
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                                  "DDIMScheduler", "FlowMatchEulerDiscreteScheduler"])
+def test_construct_set_timesteps_and_deterministic_steps_leave_torch_s_generator_as_diffusers(name):
+    """Heun/LMS call set_timesteps from __init__; no deterministic step draws: the Philox seed of a run is
+    drawn only at its first in-kernel noise, so a seeded script's later torch.randn is diffusers'."""
+    after = []
+    for cls in (getattr(diffusers, name), getattr(TD, "Thermo" + name)):
+        torch.manual_seed(0)
+        sch = cls()
+        sch.set_timesteps(5)
+        x = torch.ones(2, 3, 4, 4) * float(getattr(sch, "init_noise_sigma", 1.0))
+        scale = getattr(sch, "scale_model_input", lambda x, t: x)
+        for t in sch.timesteps:
+            x = sch.step(toy(scale(x, t), t), t, x).prev_sample
+        after.append(torch.randn(3))
+    assert torch.equal(after[0], after[1])
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "FlowMatchEulerDiscreteScheduler"])
+def test_step_without_set_timesteps_uses_the_init_grid_like_diffusers(name):
+    outs = []
+    for cls in (getattr(diffusers, name), getattr(TD, "Thermo" + name)):
+        sch = cls()
+        x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(1)
+        kw = {"generator": g} if name.startswith("EulerAncestral") else {}
+        scale = getattr(sch, "scale_model_input", lambda x, t: x)
+        for t in sch.timesteps[:3]:
+            x = sch.step(toy(scale(x, t), t), t, x, **kw).prev_sample
+        outs.append(x)
+    close(outs[0], outs[1])

@@ -20,7 +20,8 @@ sigmas=)`, the timestep/sigma grids for every spacing option, `init_noise_sigma`
   fused op's argument checks run once per kind of call, not per step (issue 15).
 - noise: with a `generator` the noise is `randn_tensor(..., generator=generator)` exactly as diffusers
   draws it (same outputs); without one it is thermosample's in-kernel Philox noise (same distribution),
-  seeded by one draw from torch's default CPU generator at `set_timesteps`.
+  seeded by one draw from torch's default CPU generator at the run's first step that adds such noise
+  (set_timesteps and deterministic steps leave torch's generator alone, as diffusers' do).
 - `scheduler.thermo`: the ThermoReport of the run so far (reading it syncs once and raises
   thermosample.NonFiniteError if a model output or state was NaN/Inf). Physical coordinates are those
   of the training schedule: DiscreteVP(alphas_cumprod) for the VP schedulers, CondOT (rectified flow)
@@ -109,7 +110,7 @@ class _SchedulerRun(Run):
         """(t, alpha, beta) at the scheduler's sigma: one vectorised table over the grid (the schedule's
         scalar maths per step cost more host time than a small state's step), scalar maths off the grid."""
         if self._velocity is None:
-            grid = [s for s in self.sigmas if s > 0 and not (self.flow_sigmas and s >= 1.0)]
+            grid = [s for s in self.sigmas if 0 < s < math.inf and not (self.flow_sigmas and s >= 1.0)]
             table = super()._velocity_table([self._sigma_hat(s) for s in grid])
             self._velocity = {s: table[self._sigma_hat(s)] for s in grid}
         hit = self._velocity.get(sigma)
@@ -171,9 +172,11 @@ class _ThermoStep:
         self._new_run()
 
     def _new_run(self):
-        self._seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+        # The Philox seed is drawn at the first in-kernel noise (`_fused`), not here: Heun/LMS call
+        # set_timesteps from __init__, and diffusers' set_timesteps leaves torch's generator alone.
+        self._seed = None
         previous = getattr(self, "_run", None)
-        self._run = _SchedulerRun(self, self._sig, self._seed, self._make_thermo_schedule())
+        self._run = _SchedulerRun(self, self._sig, 0, self._make_thermo_schedule())
         if previous is not None:    # the fused op's checks of this kind of call carry over (a valid seed drawn here)
             self._run._checked = previous._checked
 
@@ -215,6 +218,8 @@ class _ThermoStep:
         state X = inputs[0] with x_hat = cx X and denoised D = kx X + ko inputs[1]."""
         run = self._run
         run.backend = self.backend
+        if noise != 0.0 and self._seed is None:   # this run's first in-kernel noise: draw its seed now
+            self._seed = run.seed = int(torch.randint(0, 2 ** 62, (1,)).item())
         if track is None:
             return run.update(inputs, coeffs, i, noise=noise)
         sigma, cx, kx, ko = track
@@ -256,6 +261,8 @@ class _ThermoStep:
         return False
 
     def _index(self, timestep):
+        if getattr(self, "_ts", None) is None:   # step() before set_timesteps: diffusers steps on its __init__ grid
+            self._host_grid()
         if self._step_index is None:
             self._init_step_index(timestep)
         n = len(self.timesteps)
@@ -805,6 +812,8 @@ class _TimestepScheduler:
     @staticmethod
     def _sigma_of(a):
         a = float(a)
+        if a <= 0.0:      # zero terminal SNR (rescale_betas_zero_snr): pure noise, sigma = inf
+            return math.inf
         return math.sqrt((1.0 - a) / a) if a < 1.0 else 0.0
 
     def _host_timestep(self, timestep):
@@ -828,6 +837,9 @@ class _TimestepScheduler:
         ra, rb = float(np.sqrt(a_t)), float(np.sqrt(b_t))
         p = self.config.prediction_type
         if p == "epsilon":
+            if ra == 0.0:   # diffusers divides by sqrt(alphas_cumprod) = 0 here and returns Inf/NaN
+                raise ValueError("prediction_type='epsilon' cannot predict x0 at alphas_cumprod = 0 (zero terminal "
+                                 "SNR, rescale_betas_zero_snr=True): use 'v_prediction' or 'sample'")
             return ra, rb, (1.0 / ra, -rb / ra), (0.0, 1.0)
         if p == "sample":
             return ra, rb, (0.0, 1.0), (1.0 / rb, -ra / rb)
@@ -837,7 +849,9 @@ class _TimestepScheduler:
 
     def _predict_x0(self, i, t, x, o):
         ra, rb, (kx, ko), e = self._x0_eps(self._ac[t])
-        x0 = self._fused(i, [x, o], [kx, ko], track=(self._sig[i], 1.0 / ra, kx, ko))
+        # at alphas_cumprod = 0 (sigma = inf) the step is exact but has no finite velocity: not tracked
+        track = (self._sig[i], 1.0 / ra, kx, ko) if ra > 0.0 else None
+        x0 = self._fused(i, [x, o], [kx, ko], track=track)
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return x0, ra, rb, (kx, ko), e
