@@ -173,3 +173,67 @@ def test_euler_ancestral_with_k_diffusions_default_noise_sampler_equals_peer():
     torch.manual_seed(5)
     got = T.sample_euler_ancestral(model, X0, SIGMAS, disable=True, noise_sampler=K.default_noise_sampler(X0))
     close(ref, got)
+
+
+@pytest.mark.parametrize("name,kw", [("sample_euler", {}), ("sample_heun", {}), ("sample_dpm_2", {}),
+                                     ("sample_euler", {"s_churn": 2.0}), ("sample_dpm_2", {"s_churn": 3.0}),
+                                     ("sample_heun", {"s_churn": 5.0, "s_tmin": 0.1, "s_tmax": 20.0})])
+def test_seeded_script_uses_torch_s_generator_like_k_diffusion(name, kw):
+    """k-diffusion's euler/heun/dpm_2 draw torch.randn_like(x) every step, churn or not (their churn noise):
+    two consecutive calls after torch.manual_seed, each from fresh global noise, give k-diffusion's outputs
+    and leave torch's generator where k-diffusion leaves it."""
+    runs = []
+    for lib in (K, T):
+        torch.manual_seed(0)
+        outs = [getattr(lib, name)(model, torch.randn(X0.shape) * SIGMAS[0], SIGMAS, disable=True, **kw)
+                for _ in range(2)]
+        runs.append((outs, torch.randn(4)))
+    for ref, got in zip(runs[0][0], runs[1][0]):
+        close(ref, got)
+    assert torch.equal(runs[0][1], runs[1][1])
+
+
+def test_randn_every_step_follows_k_diffusion_s_dtypes():
+    """Half x with float32 sigmas: k-diffusion draws in float16 at step 0, then float32 (its x is promoted by
+    to_d); the draw count depends on the dtype, so the generator state after must still agree."""
+    def den(x, sigma):
+        return x / (1 + sigma.view(-1, 1) ** 2)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2)).half() * 10
+    sig = K.get_sigmas_karras(5, 0.1, 10.0)
+    after = []
+    for lib in (K, T):
+        torch.manual_seed(0)
+        lib.sample_euler(den, x, sig, disable=True)
+        after.append(torch.rand(4))
+    assert torch.equal(after[0], after[1])
+
+
+@pytest.mark.parametrize("name,sigmas", [("sample_dpmpp_2m", [10.0, 5.0, 5.0, 1.0, 0.0]),
+                                         ("sample_euler", [10.0, 5.0, 0.0, 1.0, 0.0]),
+                                         ("sample_heun", [10.0, 5.0, 5.0, 0.0]),
+                                         ("sample_euler_ancestral", [10.0, 0.0, 0.0])])
+def test_repeated_or_interior_zero_sigmas_are_refused_before_the_model_runs(name, sigmas):
+    calls = []
+
+    def counting(x, sigma):
+        calls.append(1)
+        return model(x, sigma)
+    if name in ("sample_dpmpp_2m", "sample_euler"):   # k-diffusion runs the model and returns NaN
+        assert not torch.isfinite(getattr(K, name)(model, X0, torch.tensor(sigmas), disable=True)).all()
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match="sigmas"):
+        getattr(T, name)(counting, X0, torch.tensor(sigmas), disable=True)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)
+
+
+def test_get_ancestral_step_returns_what_k_diffusion_returns():
+    cases = [(SIGMAS[0], SIGMAS[1], 1.0), (SIGMAS[4], SIGMAS[5], 0.5), (SIGMAS[-2], SIGMAS[-1], 1.0),
+             (SIGMAS[2].double(), SIGMAS[3].double(), 1.0), (SIGMAS[2], SIGMAS[3], 0.0), (3.0, 1.5, 1.0)]
+    for a, b, eta in cases:
+        ref, got = K.get_ancestral_step(a, b, eta), T.get_ancestral_step(a, b, eta)
+        for r, g in zip(ref, got):
+            assert type(r) is type(g)
+            if isinstance(r, torch.Tensor):
+                assert r.dtype == g.dtype and r.shape == g.shape and torch.allclose(r, g, rtol=1e-6, atol=0)
+            else:
+                assert math.isclose(r, g, rel_tol=1e-12)

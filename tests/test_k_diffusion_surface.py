@@ -282,10 +282,12 @@ def test_new_wrappers_report_and_draw_their_seed_only_when_used():
     th = {}
     T.sample_dpmpp_sde(model, X0, SIGMAS, disable=True, thermo=th, seed=1)
     assert th["nfe"] == 2 * (len(SIGMAS) - 1) - 1 and th["report"].t.numel() == th["nfe"]
-    # default seed: drawn from torch's generator only when the Philox stream is used
+    # default seed: drawn from torch's generator only when the Philox stream is used; euler/heun/dpm_2 draw
+    # randn_like(x) every step, churn or not, as k-diffusion does (their own test: test_integration_k_diffusion)
     for fn, kw, draws in [(T.sample_dpmpp_2s_ancestral, {}, True),
                           (T.sample_dpmpp_2s_ancestral, {"noise_sampler": lambda a, b: torch.zeros_like(X0)}, False),
-                          (T.sample_dpm_2_ancestral, {"eta": 0.0}, False), (T.sample_euler, {}, False),
+                          (T.sample_dpm_2_ancestral, {"eta": 0.0}, False), (T.sample_dpmpp_2m, {}, False),
+                          (T.sample_euler, {}, True), (T.sample_euler, {"seed": 3}, False),
                           (T.sample_heun, {"s_churn": 5.0}, True)]:
         torch.manual_seed(0)
         fn(model, X0, SIGMAS, disable=True, **kw)

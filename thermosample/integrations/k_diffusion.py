@@ -13,8 +13,11 @@ update runs as one thermosample fused op (through the Run engine, thermosample/r
 
 Differences, all keyword-only additions or documented choices:
 
-- Noise. Where no `noise_sampler` is given (and for the churn noise of euler/heun/dpm_2), the noise is
-  standard normal from thermosample's in-kernel Philox stream instead of `torch.randn_like` (or the
+- Noise. `sample_euler`, `sample_heun` and `sample_dpm_2` draw `torch.randn_like(x)` at every step as
+  k-diffusion does, churn or not, and use it as the churn noise: k-diffusion's numbers and its use of
+  torch's generator (with `seed=` they draw nothing and the churn noise is Philox noise of that seed).
+  Elsewhere, where no `noise_sampler` is given, the noise is standard normal from thermosample's
+  in-kernel Philox stream instead of `torch.randn_like` (or the
   Brownian tree of `sample_dpmpp_sde`, `sample_dpmpp_2m_sde`, `sample_dpmpp_3m_sde`): the same
   distribution (i.i.d. N(0, 1) per step; a Brownian tree's normalised increments over disjoint intervals
   are exactly that; `sample_dpmpp_sde`'s two overlapping increments per step get the tree's correlation),
@@ -107,9 +110,13 @@ def to_d(x, sigma, denoised):
 
 
 def get_ancestral_step(sigma_from, sigma_to, eta=1.):
-    """(sigma_down, sigma_up) of an ancestral step from sigma_from to sigma_to (floats)."""
+    """(sigma_down, sigma_up) of an ancestral step from sigma_from to sigma_to: tensors for tensor sigmas
+    (k-diffusion's arithmetic, their dtype and device), else floats."""
     if not eta:
         return sigma_to, 0.
+    if isinstance(sigma_from, torch.Tensor) or isinstance(sigma_to, torch.Tensor):
+        sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+        return (sigma_to ** 2 - sigma_up ** 2) ** 0.5, sigma_up
     return _solvers.ancestral_step(float(sigma_from), float(sigma_to), eta)
 
 
@@ -180,9 +187,10 @@ class _KDenoiser:
 class _KRun(Run):
     """Run with k-diffusion's conventions: tensor sigmas in callbacks and noise samplers, tqdm `disable`."""
 
-    def __init__(self, *args, sigmas_tensor, disable, noise_tensors=None, **kwargs):
+    def __init__(self, *args, sigmas_tensor, disable, noise_tensors=None, step_noise=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.sigmas_tensor, self.disable = sigmas_tensor, disable
+        self.step_noise, self._eps = step_noise, None
         self._as_tensor = {v: sigmas_tensor[k] for k, v in reversed(list(enumerate(self.sigmas)))}
         if self.noise_sampler is not None:
             user, table = self.noise_sampler, noise_tensors or {}
@@ -191,6 +199,8 @@ class _KRun(Run):
                 queue = table.get((a, b))
                 return user(*queue.pop(0)) if queue else user(self._tensor(a), self._tensor(b))
             self.noise_sampler = sampler
+        if step_noise is not None:   # churn noise: this step's torch.randn_like draw (k-diffusion's eps)
+            self.noise_sampler = lambda sigma, sigma_hat: self._eps
 
     def _tensor(self, value):
         t = self._as_tensor.get(value)
@@ -199,9 +209,20 @@ class _KRun(Run):
     def steps(self):
         n = len(self.sigmas) - 1
         if self.disable is None and not sys.stderr.isatty() or self.disable:
-            return range(n)
-        from tqdm.auto import trange
-        return trange(n, disable=self.disable)
+            steps = range(n)
+        else:
+            from tqdm.auto import trange
+            steps = trange(n, disable=self.disable)
+        return steps if self.step_noise is None else self._drawing(steps)
+
+    def _drawing(self, steps):
+        """k-diffusion's euler/heun/dpm_2 draw eps = torch.randn_like(x) at the top of every step, before
+        the model call: x in its own dtype at step 0, then in its dtype promoted with the sigmas' (k-diffusion's
+        to_d divides by a sigma of the sigmas' dtype). The draw count depends on the dtype, so both matter."""
+        x, later = self.step_noise
+        for i in steps:
+            self._eps = torch.randn_like(x, dtype=x.dtype if i == 0 else later).contiguous()
+            yield i
 
     def callback(self, i, x, sigma, sigma_hat, denoised):
         if self.user_callback is not None:
@@ -217,6 +238,12 @@ def _host_sigmas(sigmas) -> list[float]:
     host = sigmas.detach().to("cpu", torch.float64).tolist()  # the one host copy of the run
     if not all(math.isfinite(s) and s >= 0 for s in host) or host[0] <= 0:
         raise ValueError("sigmas must be finite, >= 0 and start at a positive noise level")
+    # A repeated level is a zero-length step and a 0 before the end leaves a step from sigma = 0: solvers
+    # divide by both (k-diffusion returns NaN). Refused here, before the model runs.
+    for k in range(len(host) - 1):
+        if host[k] == host[k + 1] or host[k] == 0:
+            raise ValueError(f"sigmas must not repeat a noise level or reach 0 before the last entry; got "
+                             f"sigmas[{k}] = {host[k]:g}, sigmas[{k + 1}] = {host[k + 1]:g}")
     return host
 
 
@@ -236,6 +263,9 @@ def _dpmpp_sde_noise_tensors(host, sigmas_t, r) -> dict:
     return table
 
 
+_RANDN_EVERY_STEP = ("euler", "heun", "dpm_2")   # k-diffusion's samplers that draw randn_like(x) every step
+
+
 def _run(name, model, x, sigmas, extra_args, callback, disable, *, noise_sampler=None, seed=None,
          schedule=None, thermo=None, backend="auto", noise_tensors=None, **options):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -243,19 +273,22 @@ def _run(name, model, x, sigmas, extra_args, callback, disable, *, noise_sampler
     if thermo is not None and not isinstance(thermo, (list, dict)):
         raise TypeError(f"thermo must be a list or a dict to receive the ThermoReport, got {type(thermo).__name__}")
     stochastic = _solvers.injects_noise(name, options)
+    sigmas_t = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float32)
+    host = _host_sigmas(sigmas_t)          # before any draw from torch's generator and any model call
+    # euler/heun/dpm_2 without seed=: k-diffusion's randn_like per step (also their churn noise), see _drawing
+    step_noise = (x, torch.promote_types(x.dtype, sigmas_t.dtype)) if name in _RANDN_EVERY_STEP and seed is None \
+        else None
     if seed is None:
         # One draw from torch's default CPU generator (torch.manual_seed keeps runs reproducible), made only
         # when the Philox stream is used: a noise_sampler supplies all noise but churn's, and a
         # deterministic run draws none; then the global generator is left as k-diffusion would find it.
-        uses_stream = stochastic and (noise_sampler is None or options.get("churn", 0.0) > 0)
+        uses_stream = stochastic and step_noise is None and (noise_sampler is None or options.get("churn", 0.0) > 0)
         seed = int(torch.randint(0, 2 ** 62, (1,)).item()) if uses_stream else 0
-    sigmas_t = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float32)
-    host = _host_sigmas(sigmas_t)
     den = _KDenoiser(model, get_schedule(schedule) if schedule is not None else EDM())
     run = _KRun(den, host, seed=seed, sample_offset=0, backend=backend, track=thermo is not None,
                 callback=callback, progress=None, noise_sampler=noise_sampler, extra_args=extra_args,
                 solver=name, stochastic=stochastic, sigmas_tensor=sigmas_t,
-                disable=disable,
+                disable=disable, step_noise=step_noise,
                 noise_tensors=noise_tensors(host, sigmas_t) if noise_tensors and noise_sampler is not None else None)
     out = _solvers.SOLVERS[name].fn(run, x.contiguous(), host, **options)
     run.check_finite(out)
