@@ -134,6 +134,7 @@ def test_manifest_checksums_are_verified_by_load_shards_and_resume(reference, tm
 # --- item 5: arguments are checked before the folder is created ---------------------------------------
 @pytest.mark.parametrize("bad", [dict(solver="eulr"), dict(steps=0), dict(seed=-1), dict(seed=2 ** 64),
                                  dict(grid="foo"), dict(grid=[5.0, 1.0, 2.0]), dict(grid=[1e9, 1.0]),
+                                 dict(grid=[5.0, 1.0, 0.0], steps=3),
                                  dict(solver="ddim", solver_options={"eta": -1.0}),
                                  dict(solver="ddim", solver_options={"eta": math.nan}),
                                  dict(solver="euler", solver_options={"eta": 1.0}),

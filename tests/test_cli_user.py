@@ -58,6 +58,14 @@ def test_schedule_for_a_model_in_the_current_directory_feeds_sample(tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     saved = json.loads((tmp_path / "grid.json").read_text())["sigmas"]
     assert manifest["config"]["grid"] == saved
+    # without --steps the grid file sets the count; a --steps that disagrees is refused before any output
+    res = run(["sample", "--model", "mymodel:make", "--n", "4", "--batch", "2", "--out", "o3", "--grid", "grid.json"],
+              cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "o3" / "manifest.json").read_text())["config"]["steps"] == len(saved) - 1 == 5
+    res = run(["sample", "--model", "mymodel:make", "--n", "4", "--batch", "2", "--out", "o4", "--steps", "7",
+               "--grid", "grid.json"], cwd=tmp_path)
+    assert res.returncode != 0 and "disagrees" in res.stderr and not (tmp_path / "o4").exists()
     res = run(["sample", "--model", "mymodel:make", "--n", "4", "--batch", "2", "--out", "o2", "--grid", "nope.json"],
               cwd=tmp_path)
     assert res.returncode == 2 and "cannot read the grid file" in res.stderr and "Traceback" not in res.stderr

@@ -158,3 +158,14 @@ def test_callback_sigma_is_a_tensor_like_k_diffusion():
             assert float(d[key]) == pytest.approx(d[key + "_float"], rel=1e-6)
         assert d["sigma_float"] == float(out.sigmas[i]) and type(d["sigma_float"]) is float
         assert d["sigma_hat_float"] >= d["sigma_float"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_noise_gives_samples_in_its_dtype(dtype):
+    """Half noise: computed in float32 (the same run as float32 noise of the same values), stored back in
+    its dtype (docs/design.md, Precision)."""
+    d = ts.Denoiser(Net(), "edm", prediction="x0", time="sigma")
+    noise = (torch.randn(8, 4, generator=torch.Generator().manual_seed(0)) * 80).to(dtype)
+    ref = ts.sample(d, noise=noise.float(), steps=6, solver="heun", backend="torch").samples
+    out = ts.sample(d, noise=noise, steps=6, solver="heun", backend="torch").samples
+    assert out.dtype == dtype and torch.equal(out, ref.to(dtype))

@@ -104,6 +104,8 @@ CASES = [
     ("grid-bool", lambda: S(grid=True), TypeError, "grid"),
     ("grid-beyond-sigma_max", lambda: S(grid=[1e7, 1.0, 0.0]), ValueError, "range"),
     ("grid-all-zero-start", lambda: S(grid=[0.0, -1.0]), ValueError, "grid"),
+    ("grid-steps-disagree", lambda: S(grid=[1.0, 0.5, 0.0], steps=5), ValueError, "steps=5"),
+    ("grid-tensor-steps-disagree", lambda: S(grid=torch.tensor([1.0, 0.5, 0.0]), steps=1), ValueError, "steps=1"),
     # --- noise= (k-diffusion convention) ---------------------------------------------------------------
     ("noise-int", lambda: ts.sample(den(), noise=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "noise"),
     ("noise-complex", lambda: ts.sample(den(), noise=torch.zeros(3, 2, dtype=torch.complex64)), TypeError, "noise"),
@@ -236,6 +238,11 @@ def test_valid_edge_inputs_still_work():
     assert out.samples.shape == (3, 2) and torch.isfinite(out.samples).all()
     out = S(den=model_den(lambda x, t: (0.5 * x).half()), shape=(np.int64(2), 2))
     assert out.samples.dtype == torch.float32 and torch.isfinite(out.samples).all()
+    # an explicit grid sets the step count: steps omitted, or equal to it (also a ThermoGrid), is fine
+    grid = [1.0, 0.5, 0.2, 0.0]
+    for kw in ({}, {"steps": 3}, {"steps": np.int64(3)}):
+        assert S(grid=grid, **{"steps": None, **kw}).nfe == 3
+    assert S(grid=ts.calibrate.ThermoGrid(np.array(grid)), steps=3).nfe == 3
 
 
 def test_cli_sample_bad_input_is_one_line_not_a_traceback(tmp_path, capsys):

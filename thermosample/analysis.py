@@ -90,7 +90,7 @@ def cloning(den, shape, times, classify, steps: int = 100, seed: int = 0, backen
     for t in np.asarray(times, dtype=np.float64).reshape(-1):
         s_t = float(sch.sigma(float(t)))
         head, tail = _sde_grid(sch.sigma_max, s_t, steps, sch.sigma_min), _sde_grid(s_t, 0.0, steps, sch.sigma_min)
-        pre = sample(den, shape, steps=steps, solver="euler_maruyama", grid=head, seed=seed, backend=backend,
+        pre = sample(den, shape, solver="euler_maruyama", grid=head, seed=seed, backend=backend,
                      track=False).samples
         ends = [sample(den, noise=pre, solver="euler_maruyama", grid=tail, seed=seed + k, backend=backend,
                        track=False).samples for k in (1, 2)]

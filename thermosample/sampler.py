@@ -47,7 +47,7 @@ class SampleOutput:
     seed: int | None = None
 
 
-def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 20, solver: str = "euler",
+def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int | None = None, solver: str = "euler",
            grid="karras", seed: int | None = None, generator: torch.Generator | None = None,
            sample_offset: int = 0, backend: str = "auto", track: bool = True,
            progress: bool | None = None, callback=None, dtype: torch.dtype = torch.float32, device=None,
@@ -61,8 +61,11 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int = 2
         shape: [B, ...] of the samples; the initial noise is sigma_max * z with z from the Philox
             stream keyed by (seed, sample_offset + b), so a sample does not depend on the batch it is in.
         noise: instead of shape, the initial x_hat [B, ...] already scaled to the first sigma
-            (k-diffusion convention).
-        steps: number of solver steps (model evaluations: steps, or 2 steps - 1 for "heun" and "dpm_2").
+            (k-diffusion convention). The state is float32 (float64 for float64 noise); the samples come
+            back in noise's dtype (float16/bfloat16 noise: computed in float32, stored back in its dtype).
+        steps: number of solver steps (model evaluations: steps, or 2 steps - 1 for "heun" and "dpm_2");
+            default 20 for a named grid. An explicit grid sets it (len(grid) - 1): `steps` may then be
+            omitted, and a value that disagrees is a ValueError.
         solver: a name in ts.solvers.SOLVERS (deterministic: "euler", "heun", "dpm_2", "dpmpp_2m", "dpmpp_3m",
             "unipc", "deis", "ipndm", "lms", "ddim"; stochastic: "euler_ancestral", "dpm_2_ancestral",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama"), or
@@ -139,7 +142,11 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
     check_callable(callback, "callback")
     check_callable(noise_sampler, "noise_sampler")
     check_extra_args(extra_args)
-    sigmas = make_grid(grid, steps, den.schedule)
+    sigmas = make_grid(grid, 20 if steps is None else steps, den.schedule)
+    if steps is not None and not isinstance(grid, str) and steps != len(sigmas) - 1:
+        # an explicit grid fixes the step count; a different `steps` would otherwise be silently ignored
+        raise ValueError(f"steps={steps!r} disagrees with the explicit grid, which has {len(sigmas) - 1} steps "
+                         f"({len(sigmas)} sigmas); omit steps or pass steps={len(sigmas) - 1}")
     if noise is None and shape is None:
         raise ValueError("pass either shape=(B, ...) or noise=x_T")
     if noise is not None and shape is not None:
@@ -177,6 +184,8 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
         x = _compiled_loop(run, spec.fn, x, solver_options, compile_options, solver)
     else:
         x = spec.fn(run, x, run.sigmas, **solver_options)
+    if noise is not None and x.dtype != noise.dtype:
+        x = x.to(noise.dtype)    # half noise: stored back in its dtype (checked below: a cast may overflow)
     run.check_finite(x)
     return SampleOutput(samples=x, thermo=run.report(), sigmas=sigmas, nfe=run.nfe, seed=seed)
 

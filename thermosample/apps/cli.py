@@ -137,8 +137,9 @@ def add_sample(sub):
     p.add_argument("--batch", type=_positive_int, required=True, help="samples per shard and per model batch")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (manifest.json + shards)")
     p.add_argument("--shape", metavar="C,H,W", type=_shape, help="shape of one sample (default: the factory's)")
-    p.add_argument("--steps", type=_positive_int, default=20,
-                   help="solver steps (model evaluations: steps, 2 steps - 1 for heun/dpm_2; default 20)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="solver steps (model evaluations: steps, 2 steps - 1 for heun/dpm_2; default 20, or a "
+                        "grid file's own count)")
     p.add_argument("--solver", default="euler", type=_solver,
                    help="solver name (default euler), or auto: the solver a `schedule --solver auto` grid chose")
     p.add_argument("--grid", default="karras", type=_grid,
