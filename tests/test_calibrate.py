@@ -513,7 +513,7 @@ def test_auto_states_its_compared_errors_and_a_rerun_reproduces_them():
 
 def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_18_steps():
     """From AUTO_NOISE_FROM steps, solver="auto" also measures its UniPC choice with noise_below at each of
-    AUTO_NOISE_CUTS times the data's scale (here about 1) and keeps the best when it clears the margin. On a
+    AUTO_NOISE_CUTS times the data's scale (here about 1) and keeps the best when it clears AUTO_NOISE_MARGIN. On a
     256-dimensional mixture of narrow modes at 20 steps it takes a cut; the recorded errors are those of
     rerunning each cut from the pilot's noise; the evaluations are counted; and on fresh noise the chosen run
     is closer to the converged solution than the same grid without the cut. Below 18 steps nothing is measured."""
@@ -536,7 +536,7 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_18_steps():
         assert recorded == pytest.approx(err, rel=1e-9)
     best = min(list(errors)[1:], key=errors.get)
     assert meta["solver_options"]["noise_below"] == pytest.approx(float(best), rel=1e-3)
-    assert errors[best] < calibrate.MARGIN * errors["off"]
+    assert errors[best] < solvers.AUTO_NOISE_MARGIN * errors["off"]
     assert meta["calibration_nfe"] == 24 + 64 + 2 * 20 + len(solvers.AUTO_NOISE_CUTS) * 20
     x = torch.randn(256, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80.0
     exact = ts.sample(den, noise=x, grid="logsnr", steps=400, solver="unipc", order=3, track=False).samples

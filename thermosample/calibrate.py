@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from .grids import logsnr, validate_sigmas
-from .solvers import AUTO_NAME, AUTO_NOISE_CUTS, AUTO_NOISE_FROM, auto_candidates, get_solver
+from .solvers import AUTO_NAME, AUTO_NOISE_CUTS, AUTO_NOISE_FROM, AUTO_NOISE_MARGIN, auto_candidates, get_solver
 
 __all__ = ["ThermoGrid", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density", "critical_density",
            "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default"]
@@ -733,12 +733,14 @@ def data_scale(ref: dict) -> float:
 def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin):
     """solver="auto"'s last stage (AUTO_NOISE_FROM steps on, UniPC): the chosen run (pilot error `err`,
     per-sample squared errors `sq`) against the same with noise_below = each of AUTO_NOISE_CUTS times
-    `data_scale`; the first is kept unless another is below `margin` times its error on the samples they do
-    not all miss. Returns (options, {noise_below: pilot error}, model evaluations spent)."""
+    `data_scale`; the first is kept unless another is below max(`margin`, AUTO_NOISE_MARGIN) times its error
+    on the samples they do not all miss. Returns (options, {noise_below: pilot error}, model evaluations spent)."""
     cuts = [c * data_scale(ref) for c in AUTO_NOISE_CUTS]
     runs = [_pilot_error(den, sig, solver, ref, backend, {**options, "noise_below": c}) for c in cuts]
     weight = _ref_weight(ref, len(sq))
-    best, _, _ = _choose(np.stack([sq] + [r[2] for r in runs]), weight, margin, shared=True)
+    # a cut changes only the steps after the modes are chosen, so the pilot ranks it reliably (solvers.py)
+    best, _, _ = _choose(np.stack([sq] + [r[2] for r in runs]), weight, max(margin, AUTO_NOISE_MARGIN),
+                         shared=True)
     chosen = dict(options) if best == 0 else {**options, "noise_below": cuts[best - 1]}
     errors = {"off": err}
     errors.update({f"{c:.4g}": r[0] for c, r in zip(cuts, runs)})
@@ -783,9 +785,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             and keeps the default unless an alternative's pilot error is below `margin` times the
             default's (meta "solver", "solver_options"); from solvers.AUTO_NOISE_FROM steps on it then
             measures that UniPC run with noise_below at each of solvers.AUTO_NOISE_CUTS times the data's
-            scale (`data_scale`) the same way (meta "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more
-            evaluations). ts.sample(solver="auto", grid=this grid) then runs that solver (the recommended
-            configuration, solvers.recommended).
+            scale (`data_scale`) the same way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta
+            "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more evaluations). ts.sample(solver="auto",
+            grid=this grid) then runs that solver (the recommended configuration, solvers.recommended).
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
         pilot_batch: pilot batch size B (default PILOT_BATCH = 256: smaller pilots miss the rare samples a
             grid sends to another mode, which dominate a large batch's RMS error).

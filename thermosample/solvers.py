@@ -627,14 +627,19 @@ AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
 AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC default (bh2, order 2)
 # From AUTO_NOISE_FROM steps on, after choosing its configuration (UniPC there), solver="auto" also measures
 # it with unipc's noise_below at each of AUTO_NOISE_CUTS times the data's scale (the RMS of the pilot's
-# converged samples) and takes the best if it is below calibrate.MARGIN times the plain run. At 20 steps
-# on five 384-1536-dimensional tuning mixtures, noise prediction below 0.2 cut UniPC-3's bulk error on its
-# "error" grid 2.4-10 x (to below DEIS-3's on karras on four); on two low-dimensional ones it did not help,
-# and at 50 steps it helped on none, which the pilot sees and then keeps the plain run. A cut of 0.5 left
-# 4-24 of 4096 samples with 20 x the median error (those still choosing their mode there), too rare for the
-# pilot to see, so it is not offered (docs/calibration.md §13).
+# converged samples) and takes the best if it is below AUTO_NOISE_MARGIN times the plain run (or the
+# thermo_grid margin, if larger). At 20 steps on five 384-1536-dimensional tuning mixtures, noise prediction
+# below 0.2 cut UniPC-3's bulk error on its "error" grid 2.4-10 x (to below DEIS-3's on karras on four); on
+# two low-dimensional ones it did not help, and at 50 steps it helped on none, which the pilot sees and then
+# keeps the plain run. A cut of 0.5 left 4-24 of 4096 samples with 20 x the median error (those still
+# choosing their mode there), too rare for the pilot to see, so it is not offered (docs/calibration.md §13).
+# 0.3: on 14 tuning mixtures it was the better cut on six, and the pilot rejected it where it left such a
+# tail; and since a cut changes only steps taken after the modes are chosen, its pilot
+# error ranks it reliably, so the margin is 0.8, not calibrate.MARGIN (every tuning cut whose pilot error was
+# 0.6-0.8 x the plain run's was also better on the large batches; docs/calibration.md §15).
 AUTO_NOISE_FROM = 18
-AUTO_NOISE_CUTS = (0.2, 0.1)
+AUTO_NOISE_CUTS = (0.3, 0.2, 0.1)
+AUTO_NOISE_MARGIN = 0.8
 
 
 def auto_candidates(steps: int) -> tuple[tuple[str, dict, str], ...]:
