@@ -528,10 +528,11 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_18_steps():
     errors = meta["noise_below_errors"]
     assert list(errors)[0] == "off" and len(errors) == 1 + len(solvers.AUTO_NOISE_CUTS)
     sig = np.asarray(g)
-    plain = {k: v for k, v in meta["solver_options"].items() if k != "noise_below"}
+    assert meta["solver_options"]["noise_order"] == solvers.AUTO_NOISE_ORDER == 3
+    plain = {k: v for k, v in meta["solver_options"].items() if k not in ("noise_below", "noise_order")}
     for c, recorded in zip(solvers.AUTO_NOISE_CUTS, list(errors.values())[1:]):
         out = ts.sample(den, noise=g.pilot["ref_noise"], grid=sig, solver="unipc", track=False, noise_below=c * scale,
-                        **plain)
+                        noise_order=3, **plain)
         err = (out.samples.double() - g.pilot["ref_final"].double()).square().mean().sqrt().item()
         assert recorded == pytest.approx(err, rel=1e-9)
     best = min(list(errors)[1:], key=errors.get)

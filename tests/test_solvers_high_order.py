@@ -382,6 +382,12 @@ def test_unipc_noise_below_switches_to_deis_at_the_cut():
     for order in (1, 2):   # DEIS at the solver's order
         assert _rel(_ours("unipc", sigmas, x, order=order, noise_below=100.0), _ours("deis", sigmas, x, order=order)) \
             <= 1e-12
+    for order in (1, 2):   # noise_order sets DEIS's order whatever UniPC's (solver="auto" takes 3 after UniPC-2)
+        assert _rel(_ours("unipc", sigmas, x, order=order, noise_below=100.0, noise_order=3),
+                    _ours("deis", sigmas, x, order=3)) <= 1e-12
+    for bad in (0, 4, 2.5):
+        with pytest.raises(ValueError, match="noise_order"):
+            _ours("unipc", sigmas, x, order=2, noise_below=1.0, noise_order=bad)
     on_cpp = ts.sample(DEN, noise=x, grid=torch.tensor(sigmas, dtype=torch.float64), solver="unipc", backend="cpp",
                        order=3, noise_below=cut, track=False).samples
     torch.testing.assert_close(on_cpp, _ours("unipc", sigmas, x, order=3, noise_below=cut), rtol=1e-12, atol=1e-12)

@@ -53,7 +53,15 @@ import numpy as np
 import torch
 
 from .grids import logsnr, validate_sigmas
-from .solvers import AUTO_NAME, AUTO_NOISE_CUTS, AUTO_NOISE_FROM, AUTO_NOISE_MARGIN, auto_candidates, get_solver
+from .solvers import (
+    AUTO_NAME,
+    AUTO_NOISE_CUTS,
+    AUTO_NOISE_FROM,
+    AUTO_NOISE_MARGIN,
+    AUTO_NOISE_ORDER,
+    auto_candidates,
+    get_solver,
+)
 
 __all__ = ["ThermoGrid", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density", "critical_density",
            "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default"]
@@ -733,15 +741,17 @@ def data_scale(ref: dict) -> float:
 def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin):
     """solver="auto"'s last stage (AUTO_NOISE_FROM steps on, UniPC): the chosen run (pilot error `err`,
     per-sample squared errors `sq`) against the same with noise_below = each of AUTO_NOISE_CUTS times
-    `data_scale`; the first is kept unless another is below max(`margin`, AUTO_NOISE_MARGIN) times its error
-    on the samples they do not all miss. Returns (options, {noise_below: pilot error}, model evaluations spent)."""
+    `data_scale` and noise_order = AUTO_NOISE_ORDER; the first is kept unless another is below
+    max(`margin`, AUTO_NOISE_MARGIN) times its error on the samples they do not all miss. Returns (options,
+    {noise_below: pilot error}, model evaluations spent)."""
     cuts = [c * data_scale(ref) for c in AUTO_NOISE_CUTS]
-    runs = [_pilot_error(den, sig, solver, ref, backend, {**options, "noise_below": c}) for c in cuts]
+    tail = [{**options, "noise_below": c, "noise_order": AUTO_NOISE_ORDER} for c in cuts]
+    runs = [_pilot_error(den, sig, solver, ref, backend, opts) for opts in tail]
     weight = _ref_weight(ref, len(sq))
     # a cut changes only the steps after the modes are chosen, so the pilot ranks it reliably (solvers.py)
     best, _, _ = _choose(np.stack([sq] + [r[2] for r in runs]), weight, max(margin, AUTO_NOISE_MARGIN),
                          shared=True)
-    chosen = dict(options) if best == 0 else {**options, "noise_below": cuts[best - 1]}
+    chosen = dict(options) if best == 0 else tail[best - 1]
     errors = {"off": err}
     errors.update({f"{c:.4g}": r[0] for c, r in zip(cuts, runs)})
     return chosen, errors, len(cuts) * get_solver(solver).evaluations(int(steps))

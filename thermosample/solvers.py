@@ -266,7 +266,7 @@ def unipc_rhos(h, rks, variant, corrector):
     return b_h, [float(r) for r in rhos]
 
 
-def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None):
+def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None, noise_order=None):
     """UniPC (Zhao et al. 2023), data prediction, B(h) variant "bh1" or "bh2", as diffusers'
     UniPCMultistepScheduler(solver_order=order, solver_type=variant, lower_order_final=True): UniP-p
     multistep predictor in lambda = -log sigma with lower-order warm start and a first-order last step,
@@ -281,11 +281,13 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None):
 
     noise_below (None: off, as diffusers): the steps from a sigma <= noise_below are DEIS tAB steps
     (`deis_step`: the model's noise predictions eps_j = (x_j - D_j) / sigma_j extrapolated in log sigma and
-    integrated in sigma, order min(order, 3), over the evaluations already kept), from the state the last
-    UniC corrector gives. At low noise a step is short in sigma however long it is in lambda, so an
-    extrapolation error there moves x little, while UniP's data prediction weighs it by 1 - sigma'/sigma;
-    on 20-step grids of five high-dimensional tuning mixtures that cut the bulk error 2.4-10 x (docs/calibration.md
-    §13). solver="auto" measures AUTO_NOISE_CUTS on its pilot from AUTO_NOISE_FROM steps on.
+    integrated in sigma, of order noise_order (default min(order, 3)), over the evaluations already kept),
+    from the state the last UniC corrector gives. At low noise a step is short in sigma however long it is
+    in lambda, so an extrapolation error there moves x little, while UniP's data prediction weighs it by
+    1 - sigma'/sigma; on 20-step grids of five high-dimensional tuning mixtures that cut the bulk error
+    2.4-10 x (docs/calibration.md §13). solver="auto" measures AUTO_NOISE_CUTS on its pilot from
+    AUTO_NOISE_FROM steps on, with noise_order=3 (after UniPC-2 too: on a sharp tuning mixture DEIS-3 had
+    half DEIS-2's bulk error, §15).
 
     The corrected state x_c_i = x_i + Delta_i, where x_i is the predicted state the model was evaluated at
     and Delta_i is a combination of the kept model outputs (the corrector and the predictor that made x_i
@@ -298,6 +300,7 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None):
         raise ValueError(f"max_h must be None or > 0, got {max_h!r}")
     if noise_below is not None and not noise_below >= 0:
         raise ValueError(f"noise_below must be None or >= 0, got {noise_below!r}")
+    noise_order = min(order, 3) if noise_order is None else _check_order("noise_order", noise_order, 1, 3)
     n = len(sigmas) - 1
     outs = []                # model outputs, newest first
     states = []              # the states they were evaluated at (for noise_below's eps), newest first
@@ -306,8 +309,8 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = run.denoise(x, s)
         run.callback(i, x, s, s, denoised)
-        outs = ([denoised] + outs)[:order + 1]
-        states = ([x] + states)[:order]
+        outs = ([denoised] + outs)[:max(order + 1, noise_order)]
+        states = ([x] + states)[:max(order, noise_order)]
         coeffs = {"x": 1.0}  # over x (the evaluated state) and outs[age]
         if p_prev is not None:  # UniC: x_c = x + Delta, redoing the step sigmas[i - 1] -> s just taken
             p_c = p_prev
@@ -323,7 +326,7 @@ def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None):
             coeffs[0] = coeffs.get(0, 0.0) - b_h * rho_c[-1]
             coeffs[1] = coeffs.get(1, 0.0) + b_h * rho_c[-1]
         if noise_below is not None and s <= noise_below and s_next > 0:
-            x = deis_step(run, i, sigmas, coeffs, outs, states, min(order, 3))
+            x = deis_step(run, i, sigmas, coeffs, outs, states, noise_order)
             p_prev = None    # DEIS has no corrector
             continue
         # UniP-p from x_c to s_next (lower-order warm start and last step, as diffusers)
@@ -640,6 +643,7 @@ AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC
 AUTO_NOISE_FROM = 18
 AUTO_NOISE_CUTS = (0.3, 0.2, 0.1)
 AUTO_NOISE_MARGIN = 0.8
+AUTO_NOISE_ORDER = 3    # the cut's DEIS order, also after UniPC-2 (which would default to DEIS-2; §15)
 
 
 def auto_candidates(steps: int) -> tuple[tuple[str, dict, str], ...]:
