@@ -32,6 +32,7 @@ from quality_problems import aniso_mixture, mixture  # noqa: E402
 
 import thermosample as ts  # noqa: E402
 from thermosample import calibrate  # noqa: E402
+from thermosample.solvers import AUTO_NOISE_ORDER  # noqa: E402
 
 VP = ts.schedules.VPLinear
 TUNE = {  # name: (dimension, denoiser factory)
@@ -76,10 +77,10 @@ def measure(name: str, n: int, seed: int, steps: int) -> dict:
         calibrate.AUTO_NOISE_CUTS = saved
     scale = calibrate.data_scale(grid.pilot)
     pilot = list(grid.meta["noise_below_errors"].values())       # off, then CUTS in order
-    plain = {k: v for k, v in grid.meta["solver_options"].items() if k != "noise_below"}
+    plain = {k: v for k, v in grid.meta["solver_options"].items() if k not in ("noise_below", "noise_order")}
     runs = {}
     for cut in (None, *CUTS):
-        opts = plain if cut is None else {**plain, "noise_below": cut * scale}
+        opts = plain if cut is None else {**plain, "noise_below": cut * scale, "noise_order": AUTO_NOISE_ORDER}
         out = ts.sample(den, noise=x_t.float(), grid=grid, solver=grid.meta["solver"], track=False, **opts).samples
         runs[cut] = _rms(out, ref)
     return {"solver": grid.meta["solver"], "options": plain, "pilot": dict(zip(["off", *CUTS], pilot)),
@@ -87,9 +88,9 @@ def measure(name: str, n: int, seed: int, steps: int) -> dict:
 
 
 def choose(pilot: dict, cuts, margin: float):
-    """The cut a policy takes from the pilot's errors (plain-RMS rule of calibrate.prefer_default)."""
-    best = min(cuts, key=lambda c: (pilot[c], -c))
-    return best if pilot[best] < margin * pilot["off"] else None
+    """The cut a policy takes from the pilot's errors (calibrate.prefer_default on the plain RMS errors)."""
+    k = calibrate.prefer_default([pilot["off"]] + [pilot[c] for c in cuts], margin)
+    return None if k == 0 else cuts[k - 1]
 
 
 def main(argv=None) -> int:

@@ -386,18 +386,6 @@ def _check_sampling(den, sample_shape, steps, solver, grid, seed, backend, track
                          f"{type(exc).__name__}: {exc}") from exc
 
 
-def _steps_of(steps, grid, schedule) -> int:
-    """The step count as `ts.sample` resolves it: `steps` (default 20) on a named grid; an explicit grid's
-    own count, which a given `steps` must match (a saved grid passed without --steps just works)."""
-    if isinstance(grid, str):
-        return _positive_int("steps", 20 if steps is None else steps)
-    implied = len(make_grid(grid, 1, schedule)) - 1
-    if steps is not None and steps != implied:
-        raise ValueError(f"steps={steps!r} disagrees with the explicit grid, which has {implied} steps; "
-                         f"omit steps or pass steps={implied}")
-    return implied
-
-
 def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, steps: int | None = None,
                    solver: str = "euler", grid="karras", seed: int = 0, backend: str = "auto",
                    track: bool = True, model_id: str | None = None, weights: str | None = None,
@@ -459,7 +447,7 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
     sample_shape = tuple(_positive_int("sample_shape entries", s) for s in sample_shape)
     if not isinstance(grid, str):
         grid = [float(s) for s in (grid.tolist() if hasattr(grid, "tolist") else grid)]
-    steps = _steps_of(steps, grid, den.schedule)
+    steps = len(make_grid(grid, steps, den.schedule)) - 1   # as ts.sample resolves it (grids.make_grid)
     if max_shards is not None:
         max_shards = _positive_int("max_shards", max_shards)
     if isinstance(seed, np.integer):       # a NumPy integer seed is stored (JSON) and used as a plain int

@@ -13,6 +13,7 @@ import torch
 from .schedules import Schedule
 
 GRIDS = ("karras", "uniform", "logsnr", "kl_optimal")
+DEFAULT_STEPS = 20      # solver steps on a named grid when none are given (ts.sample, sample_to_disk)
 
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> np.ndarray:
@@ -38,16 +39,18 @@ def uniform(n: int, schedule: Schedule) -> np.ndarray:
     return np.asarray(schedule.sigma(np.linspace(schedule.t_max, schedule.t_min, n)), dtype=np.float64)
 
 
-def make_grid(grid, steps: int, schedule: Schedule) -> np.ndarray:
+def make_grid(grid, steps: int | None, schedule: Schedule) -> np.ndarray:
     """The sigma grid [steps + 1] (descending, ending in 0) for a grid name, or a validated explicit grid.
 
     Args:
         grid: a name in GRIDS, or a 1-D sequence/tensor/array of descending sigma_hat values (k-diffusion
             `sigmas`); an explicit grid may end in 0 or in a positive sigma_min.
-        steps: number of solver steps (ignored for an explicit grid).
+        steps: number of solver steps; None: DEFAULT_STEPS for a name, the explicit grid's own count
+            (len(grid) - 1) otherwise, which a given steps must equal (ValueError, not silently ignored).
         schedule: supplies sigma_min / sigma_max and the time map for "uniform".
     """
     if isinstance(grid, str):
+        steps = DEFAULT_STEPS if steps is None else steps
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS} or a tensor of sigmas, got {grid!r}")
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -73,6 +76,9 @@ def make_grid(grid, steps: int, schedule: Schedule) -> np.ndarray:
         raise ValueError(f"the grid's sigmas [{pos.min():.6g}, {pos.max():.6g}] leave the schedule's range "
                          f"[{schedule.sigma_min:.6g}, {schedule.sigma_max:.6g}] ({schedule!r}); "
                          "clip the grid or set the schedule's t_min/t_max")
+    if steps is not None and steps != len(sig) - 1:
+        raise ValueError(f"steps={steps!r} disagrees with the explicit grid, which has {len(sig) - 1} steps "
+                         f"({len(sig)} sigmas); omit steps or pass steps={len(sig) - 1}")
     return sig
 
 

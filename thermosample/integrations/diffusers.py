@@ -177,7 +177,7 @@ class _ThermoStep:
         self._seed = None
         previous = getattr(self, "_run", None)
         self._run = _SchedulerRun(self, self._sig, 0, self._make_thermo_schedule())
-        if previous is not None:    # the fused op's checks of this kind of call carry over (a valid seed drawn here)
+        if previous is not None:    # the fused op's checks of this kind of call carry over
             self._run._checked = previous._checked
 
     def _make_thermo_schedule(self):
