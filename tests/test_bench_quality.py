@@ -8,6 +8,8 @@ import pathlib
 import numpy as np
 import pytest
 
+import thermosample as ts
+
 _path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 _spec = importlib.util.spec_from_file_location("_bench_quality", _path)
 bq = importlib.util.module_from_spec(_spec)
@@ -136,7 +138,8 @@ def test_population_check_runs_and_names_the_best_peer(tmp_path):
     doc = json.loads((tmp_path / "pop.json").read_text())
     (row,) = doc["rows"]
     assert row["problem"] == "mix-d2-k5-wide/condot" and row["n"] == 64
-    assert (row["auto_choice"], row["auto_grid"]) == ("euler", "jump")             # auto's 6-NFE plan
+    plan = {(solver, grid) for solver, _, grid in ts.solvers.auto_candidates(6)}
+    assert (row["auto_choice"], row["auto_grid"]) in plan                          # one of auto's 6-NFE pairs
     errors = {p: v["error"] for p, v in row["peers"].items()}
     assert row["best_peer"] == min(errors, key=errors.get) and len(errors) >= 1
     assert row["ratio"] == pytest.approx(row["auto_error"] / row["best_peer_error"])

@@ -1,0 +1,166 @@
+"""solver="auto" at few steps on tuning mixtures: which (solver, grid) candidates, and which rule.
+
+solver="auto" measures the two (solver, options, grid) candidates of solvers.auto_candidates(steps) on its
+pilot and keeps the default unless the alternative is below calibrate.MARGIN times its error
+(docs/calibration.md §7). This measures, on mixtures that no benchmark set contains (construction seeds
+801-818 of tune_noise_cuts.py and 821-830 here), every configuration of CONFIGS on the pilot (its errors
+against the pilot's converged samples) and on a large fresh batch (RMS error against the converged ODE
+solution), next to every peer on karras, and then what each policy of POLICIES would have chosen:
+
+    python benchmarks/tune_low_nfe.py [--n 4096] [--seed 9300] [--steps 6] [--problems t512,t32]
+
+Prints one table per problem and the policies' summary; writes --json if given. A tuning tool: its
+problems and seeds are not checks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import bench_quality as bq  # noqa: E402
+import quality_peers as peers  # noqa: E402
+import tune_noise_cuts as tnc  # noqa: E402
+from quality_problems import aniso_mixture, mixture  # noqa: E402
+
+import thermosample as ts  # noqa: E402
+from thermosample import calibrate  # noqa: E402
+from thermosample.solvers import AUTO_MAX_H, get_solver  # noqa: E402
+
+VP, COS = ts.schedules.VPLinear, "cosine"
+TUNE = dict(tnc.TUNE)
+TUNE.update({  # shaped like the NFE-6 misses of the unseen sets: 256-2048 dimensions, 3-8 modes, VP/cosine
+    "u1280vp": (1280, lambda: mixture(1280, 8, 0.03, 0.12, 821, weight_spread=4.0).denoiser(VP())),
+    "u448an": (448, lambda: aniso_mixture(448, 4, 0.03, 0.25, 822).denoiser(VP())),
+    "u1664vp": (1664, lambda: mixture(1664, 5, 0.04, 0.12, 823).denoiser(VP())),
+    "u256an": (256, lambda: aniso_mixture(256, 4, 0.03, 0.2, 824).denoiser("edm")),
+    "u1408c": (1408, lambda: mixture(1408, 3, 0.03, 0.12, 825, weight_spread=4.0).denoiser(COS)),
+    "u480vp": (480, lambda: mixture(480, 6, 0.03, 0.1, 826).denoiser(VP())),
+    "u1792c": (1792, lambda: mixture(1792, 3, 0.04, 0.12, 827).denoiser(COS)),
+    "u352anvp": (352, lambda: aniso_mixture(352, 6, 0.02, 0.2, 828).denoiser(VP())),
+})
+BAND_CONFIGS = {  # steps: (solver, options, grid) to measure at that many steps
+    6: (("euler", {}, "jump"), ("deis", {}, "error"), ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"),
+        ("deis", {}, "jump"), ("deis", {}, "logsnr"), ("unipc", {}, "karras"), ("unipc", {"order": 3}, "karras"),
+        ("unipc", {}, "error"), ("unipc", {}, "jump"), ("ipndm", {}, "error"), ("ipndm", {}, "karras"),
+        ("ipndm", {}, "jump"), ("dpmpp_3m", {}, "karras"), ("dpmpp_2m", {}, "jump")),
+    10: (("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error"), ("ipndm", {}, "jump"),
+         ("unipc", {}, "jump"), ("unipc", {"order": 3}, "jump"), ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "jump"),
+         ("deis", {}, "jump"), ("ipndm", {}, "karras"), ("unipc", {"order": 3}, "karras"), ("unipc", {}, "karras"),
+         ("deis", {}, "karras"), ("deis", {}, "error"), ("unipc", {}, "error"), ("dpmpp_3m", {}, "karras")),
+}
+SMALL = (("ipndm", {}, "jump"), ("euler", {}, "jump"), ("deis", {}, "jump"), ("deis", {}, "error"),
+         ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"), ("unipc", {}, "karras"))
+BAND_CONFIGS.update({5: SMALL, 7: SMALL})
+
+
+def name(cfg) -> str:
+    solver, opts, grid = cfg
+    return bq.label(solver, opts) + "@" + grid
+
+
+_C6, _C10 = BAND_CONFIGS[6], BAND_CONFIGS[10]
+POLICIES = {  # steps: {name: (candidates, default first; margin)}
+    6: {"before: euler@jump | deis@error, 0.6": ([_C6[0], _C6[1]], 0.6),
+        "now: ipndm@jump | euler@jump, 0.6": ([_C6[12], _C6[0]], 0.6),
+        "min of all": (list(_C6), 1.0)},
+    10: {"now: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C10[0], _C10[1]], 0.6),
+         "min of all": (list(_C10), 1.0)},
+}
+for _n in (5, 7):
+    POLICIES[_n] = {"before: euler@jump | deis@error, 0.6": ([SMALL[1], SMALL[3]], 0.6),
+                    "now: ipndm@jump | euler@jump, 0.6": ([SMALL[0], SMALL[1]], 0.6)}
+
+
+def measure(pname: str, n: int, seed: int, steps: int) -> dict:
+    dim, make = TUNE[pname]
+    den = make()
+    grid = ts.thermo_grid(den, steps, solver="auto", sample_shape=(dim,))
+    pd = grid.pilot
+    x_t = bq.initial_noise((n, dim), [seed], den.schedule.sigma_max)
+    ref, _ = bq.reference(den, x_t, 400)
+    out = {"auto": [grid.meta["solver"], grid.meta["solver_options"], grid.meta["chosen"]], "configs": {},
+           "peers": {}}
+    for cfg in BAND_CONFIGS[steps]:
+        solver, opts, g = cfg
+        st = bq.steps_within(get_solver(solver).evaluations, steps)
+        sig = calibrate._candidate(g, den, st, solver, pd, pd, get_solver(solver).order)
+        err, _, sq = calibrate._pilot_error(den, sig, solver, pd, "auto", opts)
+        res = ts.sample(den, noise=x_t.float(), grid=np.append(sig, 0.0), solver=solver, track=False,
+                        progress=False, **opts).samples
+        per = (res.double() - ref).reshape(n, -1).square().mean(1)
+        out["configs"][name(cfg)] = {"pilot": err, "pilot_sq": sq.tolist(), "rms": float(per.mean().sqrt()),
+                                     "switched": int((per.sqrt() > bq.SWITCH).sum())}
+    for p, ev in peers.peer_configs().items():
+        st = bq.steps_within(ev, steps)
+        res, _ = peers.run_peer(p, den, x_t.float().clone(), peers.karras_sigmas(st, den.schedule))
+        per = (res.double() - ref).reshape(n, -1).square().mean(1)
+        out["peers"][p] = {"rms": float(per.mean().sqrt()), "switched": int((per.sqrt() > bq.SWITCH).sum())}
+    return out
+
+
+def choose(r: dict, cands, margin: float) -> str:
+    """The configuration `cands` (default first) gives under calibrate's rule on the pilot's errors."""
+    names = [name(c) for c in cands]
+    sq = np.stack([np.asarray(r["configs"][k]["pilot_sq"]) for k in names])
+    weight = np.full(sq.shape[1], 1.0 / sq.shape[1])
+    best, _, _ = calibrate._choose(sq, weight, margin, shared=True)
+    return names[best]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--seed", type=int, default=9300)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--problems", default=",".join(TUNE))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--load", default=None, help="re-score the policies on a saved --json instead of measuring")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.load:
+        with open(args.load) as f:
+            results = json.load(f)["results"]
+    else:
+        results = {}
+        for pname in args.problems.split(","):
+            t0 = time.time()
+            r = results[pname] = measure(pname, args.n, args.seed, args.steps)
+            best_peer = min(r["peers"], key=lambda p: r["peers"][p]["rms"])
+            bp = r["peers"][best_peer]
+            print(f"== {pname} ({time.time() - t0:.0f} s): auto took {r['auto']}; best peer {best_peer} "
+                  f"{bp['rms']:.3e} ({bp['switched']} switched)")
+            for k, v in sorted(r["configs"].items(), key=lambda kv: kv[1]["rms"]):
+                print(f"  {k:28s} pilot {v['pilot']:.3e}  batch {v['rms']:.3e} ({v['rms'] / bp['rms']:.2f} x, "
+                      f"{v['switched']} switched)")
+            sys.stdout.flush()
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"args": vars(args), "results": results}, f)
+    policies = POLICIES.get(args.steps, {})
+    ratios = {p: [] for p in policies}
+    for pname, r in results.items():
+        bp = min(v["rms"] for v in r["peers"].values())
+        row = []
+        for pol, (cands, margin) in policies.items():
+            k = choose(r, cands, margin)
+            ratios[pol].append(r["configs"][k]["rms"] / bp)
+            row.append(f"{ratios[pol][-1]:.2f}")
+        print(f"{pname:10s} " + " ".join(row))
+    for pol, v in ratios.items():
+        print(f"{pol:45s}: at most 1.0 x the best peer on {sum(x <= 1.0 for x in v):2d} of {len(v)}, "
+              f"geo-mean {np.exp(np.mean(np.log(v))):.3f} x, worst {max(v):.2f} x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
