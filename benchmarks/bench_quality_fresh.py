@@ -5,10 +5,10 @@ reference and acceptance lines). "fresh" was first run after the free-end jump g
 high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no longer independent of
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
-fresh6 in session 10, fresh7/fresh8 in session 11, fresh9-fresh12 in session 12 and fresh13/fresh14 in
-session 13, each before that session's changes were measured on it.
+fresh6 in session 10, fresh7/fresh8 in session 11, fresh9-fresh12 in session 12, fresh13/fresh14 in
+session 13 and fresh15/fresh16 in session 14, each before that session's changes were measured on it.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh14 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh16 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -202,6 +202,31 @@ SETS = {
         Problem("fr14-mix-d10-k4/cosine", lambda: mixture(10, 4, 0.03, 0.2, 1605).denoiser("cosine"), (10,), 2048),
         Problem("fr14-mix-d2-k8-sharp/edm", lambda: mixture(2, 8, 0.01, 0.05, 1606).denoiser(EDM), (2,), 2048),
     ], (8900, 8901, 8902, 8903)),
+    "fresh15": ([
+        Problem("fr15-mix-d1536-k6-unequal/vp",
+                lambda: mixture(1536, 6, 0.03, 0.12, 1701, weight_spread=6.0).denoiser(ts.schedules.VPLinear()),
+                (1536,), 128),
+        Problem("fr15-mix-d576-k3-aniso/edm", lambda: aniso_mixture(576, 3, 0.03, 0.2, 1702).denoiser(EDM), (576,),
+                256),
+        Problem("fr15-mix-d320-k8-sharp/condot", lambda: mixture(320, 8, 0.01, 0.04, 1703).denoiser("condot"),
+                (320,), 512),
+        Problem("fr15-mix-d128-k5/cosine", lambda: mixture(128, 5, 0.03, 0.15, 1704).denoiser("cosine"), (128,), 1024),
+        Problem("fr15-mix-d12-k10-aniso/vp",
+                lambda: aniso_mixture(12, 10, 0.02, 0.2, 1705).denoiser(ts.schedules.VPLinear()), (12,), 2048),
+        Problem("fr15-mix-d3-k5-unequal/edm",
+                lambda: mixture(3, 5, 0.02, 0.1, 1706, weight_spread=8.0).denoiser(EDM), (3,), 2048),
+    ], (9000, 9001, 9002, 9003)),
+    "fresh16": ([
+        Problem("fr16-mix-d1024-k4-aniso/condot",
+                lambda: aniso_mixture(1024, 4, 0.03, 0.2, 1801).denoiser("condot"), (1024,), 128),
+        Problem("fr16-mix-d768-k5/cosine", lambda: mixture(768, 5, 0.03, 0.12, 1802).denoiser("cosine"), (768,), 256),
+        Problem("fr16-mix-d400-k6-aniso/vp",
+                lambda: aniso_mixture(400, 6, 0.02, 0.25, 1803).denoiser(ts.schedules.VPLinear()), (400,), 256),
+        Problem("fr16-mix-d200-k12-sharp/edm", lambda: mixture(200, 12, 0.01, 0.05, 1804).denoiser(EDM), (200,), 512),
+        Problem("fr16-mix-d48-k3-unequal/condot",
+                lambda: mixture(48, 3, 0.02, 0.15, 1805, weight_spread=15.0).denoiser("condot"), (48,), 1024),
+        Problem("fr16-mix-d6-k9/cosine", lambda: mixture(6, 9, 0.03, 0.15, 1806).denoiser("cosine"), (6,), 2048),
+    ], (9050, 9051, 9052, 9053)),
 }
 
 
