@@ -12,7 +12,7 @@ peer with its paired-bootstrap 90% interval, the best peer chosen again in every
 
     python benchmarks/bench_population.py fresh2:d768 fresh3:d1536 [--n 8192] [--budgets 10 20]
 
-Problems are SET:TOKEN with SET one of default, heldout, fresh, fresh2, ..., fresh14 and TOKEN a name token as
+Problems are SET:TOKEN with SET one of default, heldout, fresh, fresh2, ..., fresh16 and TOKEN a name token as
 bench_quality --problems takes it. Writes benchmarks/results/bench_population.{txt,json} (--out STEM to
 change). A few minutes per problem on two cores.
 """

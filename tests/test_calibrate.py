@@ -439,6 +439,36 @@ def test_auto_picks_solver_and_grid_on_the_pilot_and_sample_follows_it():
         ts.thermo_grid(den, 8, solver="auto", method="error", pilot_data=g.pilot)
 
 
+def test_auto_up_to_7_steps_runs_no_twin_pilot_and_its_ipndm_on_jump_beats_euler_and_deis_on_karras():
+    """Up to 7 steps both of auto's candidates are on the "jump" grid, so the calibration is the reference
+    and the two candidate runs (no 24-evaluation twin pilot). Its default, iPNDM on that grid, lands closer
+    to the converged ODE solution from fresh noise than Euler on the same grid and than DEIS-3 on karras
+    (the peers' best at 6 evaluations), as on the tuning mixtures of docs/calibration.md §16."""
+    from thermosample import solvers
+    mix = toy.default_mixture(dim=32, modes=6, seed=3)
+    den = mix.denoiser("edm")
+    calls = []
+    inner = den.model
+    den.model = lambda x, t: (calls.append(1), inner(x, t))[1]
+    g = ts.thermo_grid(den, 6, solver="auto", sample_shape=(mix.dim,), ref_steps=64, pilot_batch=128,
+                       pilot_rows=None)
+    assert [c[2] for c in solvers.auto_candidates(6)] == ["jump", "jump"] and "D" not in g.pilot
+    assert len(calls) == g.meta["calibration_nfe"] == 64 + 2 * 6
+    assert (g.meta["solver"], g.meta["solver_options"], g.meta["chosen"]) in solvers.auto_candidates(6)
+    den.model = inner
+    noise = torch.randn(512, mix.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 80.0
+    converged = ts.sample(den, noise=noise, steps=96, solver="unipc", order=3, grid="logsnr").samples
+
+    def rms(solver, grid):
+        out = ts.sample(den, noise=noise, grid=grid, solver=solver, track=False).samples
+        return float((out - converged).square().mean().sqrt())
+
+    jump = np.append(calibrate.jump_grid(g.pilot, 6), 0.0)
+    ipndm, euler = rms("ipndm", jump), rms("euler", jump)
+    deis_karras = rms("deis", ts.grids.make_grid("karras", 6, den.schedule))
+    assert ipndm < 0.9 * euler and ipndm < 0.9 * deis_karras, (ipndm, euler, deis_karras)
+
+
 @pytest.mark.parametrize("clear_winner", [0, 1])
 def test_auto_leaves_its_default_only_for_a_clear_difference(monkeypatch, clear_winner):
     """A plan whose default is far worse than its alternative (Euler on a uniform-in-sigma grid against
