@@ -3,9 +3,9 @@
 solver="auto" measures the two (solver, options, grid) candidates of solvers.auto_candidates(steps) on its
 pilot and keeps the default unless the alternative is below calibrate.MARGIN times its error
 (docs/calibration.md §7). This measures, on mixtures that no benchmark set contains (construction seeds
-801-818 of tune_noise_cuts.py and 821-830 here), every configuration of CONFIGS on the pilot (its errors
+801-818 of tune_noise_cuts.py and 821-828 here), every configuration of BAND_CONFIGS[steps] on the pilot (its errors
 against the pilot's converged samples) and on a large fresh batch (RMS error against the converged ODE
-solution), next to every peer on karras, and then what each policy of POLICIES would have chosen:
+solution), next to every peer on karras, and then what each policy of POLICIES[steps] would have chosen:
 
     python benchmarks/tune_low_nfe.py [--n 4096] [--seed 9300] [--steps 6] [--problems t512,t32]
 
@@ -57,6 +57,17 @@ BAND_CONFIGS = {  # steps: (solver, options, grid) to measure at that many steps
          ("deis", {}, "jump"), ("ipndm", {}, "karras"), ("unipc", {"order": 3}, "karras"), ("unipc", {}, "karras"),
          ("deis", {}, "karras"), ("deis", {}, "error"), ("unipc", {}, "error"), ("dpmpp_3m", {}, "karras")),
 }
+_O3 = {"order": 3}
+BAND_CONFIGS[20] = (  # ("scale", c) in an option: c x the data's scale (calibrate.data_scale of the pilot)
+    ("unipc", _O3, "error"), ("unipc", {**_O3, "noise_below": ("scale", 0.3), "noise_order": 3}, "error"),
+    ("unipc", {**_O3, "noise_below": ("scale", 0.2), "noise_order": 3}, "error"),
+    ("unipc", {**_O3, "noise_below": ("scale", 0.1), "noise_order": 3}, "error"),
+    ("deis", {}, "karras"), ("deis", {}, "error"), ("deis", {}, "logsnr"), ("deis", {}, "kl_optimal"),
+    ("unipc", _O3, "karras"), ("unipc", {**_O3, "noise_below": ("scale", 0.3), "noise_order": 3}, "karras"),
+    ("unipc", {**_O3, "noise_below": ("scale", 1.0), "noise_order": 3}, "karras"),
+    ("unipc", {**_O3, "noise_below": ("scale", 1.0), "noise_order": 3}, "error"),
+    ("ipndm", {}, "karras"), ("dpmpp_3m", {}, "karras"), ("deis", {}, "jump"), ("unipc", _O3, "logsnr"),
+)
 SMALL = (("ipndm", {}, "jump"), ("euler", {}, "jump"), ("deis", {}, "jump"), ("deis", {}, "error"),
          ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"), ("unipc", {}, "karras"))
 BAND_CONFIGS.update({5: SMALL, 7: SMALL})
@@ -64,6 +75,7 @@ BAND_CONFIGS.update({5: SMALL, 7: SMALL})
 
 def name(cfg) -> str:
     solver, opts, grid = cfg
+    opts = {k: (f"{v[1]}xscale" if isinstance(v, tuple) else v) for k, v in opts.items()}
     return bq.label(solver, opts) + "@" + grid
 
 
@@ -92,6 +104,7 @@ def measure(pname: str, n: int, seed: int, steps: int) -> dict:
            "peers": {}}
     for cfg in BAND_CONFIGS[steps]:
         solver, opts, g = cfg
+        opts = {k: (v[1] * calibrate.data_scale(pd) if isinstance(v, tuple) else v) for k, v in opts.items()}
         st = bq.steps_within(get_solver(solver).evaluations, steps)
         sig = calibrate._candidate(g, den, st, solver, pd, pd, get_solver(solver).order)
         err, _, sq = calibrate._pilot_error(den, sig, solver, pd, "auto", opts)
@@ -127,6 +140,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--load", default=None, help="re-score the policies on a saved --json instead of measuring")
     args = ap.parse_args(argv)
+    if args.steps not in BAND_CONFIGS:
+        ap.error(f"--steps must be one of {sorted(BAND_CONFIGS)} (the step counts BAND_CONFIGS lists)")
     torch.set_num_threads(args.threads)
     if args.load:
         with open(args.load) as f:
