@@ -71,6 +71,10 @@ BAND_CONFIGS[20] = (  # ("scale", c) in an option: c x the data's scale (calibra
 SMALL = (("ipndm", {}, "jump"), ("euler", {}, "jump"), ("deis", {}, "jump"), ("deis", {}, "error"),
          ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"), ("unipc", {}, "karras"))
 BAND_CONFIGS.update({5: SMALL, 7: SMALL})
+BAND_CONFIGS[8] = BAND_CONFIGS[9] = (  # where the first band hands over to the second
+    ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error"), ("ipndm", {}, "jump"),
+    ("euler", {}, "jump"), ("deis", {}, "jump"), ("unipc", {}, "jump"), ("deis", {}, "karras"),
+    ("unipc", {"order": 3}, "karras"))
 
 
 def name(cfg) -> str:
@@ -87,6 +91,10 @@ POLICIES = {  # steps: {name: (candidates, default first; margin)}
     10: {"now: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C10[0], _C10[1]], 0.6),
          "min of all": (list(_C10), 1.0)},
 }
+for _n in (8, 9):
+    _C = BAND_CONFIGS[_n]
+    POLICIES[_n] = {"now: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C[0], _C[1]], 0.6),
+                    "first band's: ipndm@jump | euler@jump, 0.6": ([_C[2], _C[3]], 0.6)}
 for _n in (5, 7):
     POLICIES[_n] = {"before: euler@jump | deis@error, 0.6": ([SMALL[1], SMALL[3]], 0.6),
                     "now: ipndm@jump | euler@jump, 0.6": ([SMALL[0], SMALL[1]], 0.6)}

@@ -408,7 +408,8 @@ def test_float32_model_calibrates_in_its_dtype():
 
 def test_auto_picks_solver_and_grid_on_the_pilot_and_sample_follows_it():
     """solver="auto" (solvers.recommended): thermo_grid measures the two candidates of
-    solvers.auto_candidates on the pilot and keeps the default unless the alternative is clearly better;
+    solvers.auto_candidates on the pilot (at 10 steps: after the reference and the twin pilot) and keeps the
+    default unless the alternative is clearly better;
     ts.sample(solver="auto", grid=that grid) runs exactly that solver."""
     from thermosample import solvers
     mix = toy.default_mixture(dim=8, modes=3, seed=2)
@@ -416,31 +417,31 @@ def test_auto_picks_solver_and_grid_on_the_pilot_and_sample_follows_it():
     calls = []
     inner = den.model
     den.model = lambda x, t: (calls.append(1), inner(x, t))[1]
-    g = ts.thermo_grid(den, 8, solver="auto", sample_shape=(mix.dim,), ref_steps=32, pilot_batch=16)
+    g = ts.thermo_grid(den, 10, solver="auto", sample_shape=(mix.dim,), ref_steps=32, pilot_batch=16)
     meta = g.meta
-    plan = solvers.auto_candidates(8)
+    plan = solvers.auto_candidates(10)
     assert meta["auto"] and (meta["solver"], meta["solver_options"], meta["chosen"]) in plan
     errors = meta["candidate_errors"]
     labels = [n + "".join(f",{k}={v}" for k, v in sorted(o.items())) + "@" + gr for n, o, gr in plan]
     assert list(errors) == labels
     keep_default = errors[labels[1]] >= calibrate.MARGIN * errors[labels[0]]
     assert (meta["solver"], meta["solver_options"], meta["chosen"]) == plan[0 if keep_default else 1]
-    assert len(calls) == meta["calibration_nfe"] == 24 + 32 + len(errors) * 8
-    auto = ts.sample(den, (6, mix.dim), steps=8, solver="auto", grid=g, seed=1)
-    same = ts.sample(den, (6, mix.dim), steps=8, solver=meta["solver"], grid=g, seed=1, **meta["solver_options"])
+    assert len(calls) == meta["calibration_nfe"] == 24 + 32 + len(errors) * 10
+    auto = ts.sample(den, (6, mix.dim), steps=10, solver="auto", grid=g, seed=1)
+    same = ts.sample(den, (6, mix.dim), steps=10, solver=meta["solver"], grid=g, seed=1, **meta["solver_options"])
     assert torch.equal(auto.samples, same.samples)
-    plain = ts.sample(den, (6, mix.dim), steps=8, solver="auto", grid="logsnr", seed=1)
-    fallback = ts.sample(den, (6, mix.dim), steps=8, solver=solvers.AUTO_FALLBACK[0], grid="logsnr", seed=1,
+    plain = ts.sample(den, (6, mix.dim), steps=10, solver="auto", grid="logsnr", seed=1)
+    fallback = ts.sample(den, (6, mix.dim), steps=10, solver=solvers.AUTO_FALLBACK[0], grid="logsnr", seed=1,
                          **solvers.AUTO_FALLBACK[1])
     assert torch.equal(plain.samples, fallback.samples)
     assert solvers.recommended(10) == {"solver": "auto", "grid": "calibrated", "steps": 10}
     assert solvers.evaluations("auto", 10) == 10
     with pytest.raises(ValueError, match="needs method='select'"):
-        ts.thermo_grid(den, 8, solver="auto", method="error", pilot_data=g.pilot)
+        ts.thermo_grid(den, 10, solver="auto", method="error", pilot_data=g.pilot)
 
 
-def test_auto_up_to_7_steps_runs_no_twin_pilot_and_its_ipndm_on_jump_beats_euler_and_deis_on_karras():
-    """Up to 7 steps both of auto's candidates are on the "jump" grid, so the calibration is the reference
+def test_auto_up_to_8_steps_runs_no_twin_pilot_and_its_ipndm_on_jump_beats_euler_and_deis_on_karras():
+    """Up to 8 steps both of auto's candidates are on the "jump" grid, so the calibration is the reference
     and the two candidate runs (no 24-evaluation twin pilot). Its default, iPNDM on that grid, lands closer
     to the converged ODE solution from fresh noise than Euler on the same grid and than DEIS-3 on karras
     (the peers' best at 6 evaluations), as on the tuning mixtures of docs/calibration.md §16."""

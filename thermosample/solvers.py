@@ -620,13 +620,15 @@ AUTO_NAME = "auto"
 # two on 57, 61 and 35 at 8, 10 and 14 steps, and as the default it cut the geometric-mean excess over the
 # better one from 4.5 %, 10.5 % and 32 % to 2.0 %, 2.3 % and 13 % (docs/calibration.md §14). iPNDM, now the
 # alternative, is still taken where the pilot measures it far better (digits, the 2-5-dimensional mixtures).
-# Up to 7 steps the default is iPNDM on "jump": the multistep solver on Euler's optimal grid. At 6 steps on
+# Up to 8 steps the default is iPNDM on "jump": the multistep solver on Euler's optimal grid. At 6 steps on
 # 22 tuning mixtures (benchmarks/tune_low_nfe.py, 4096 samples) it was the best of 15 (solver, grid) pairs
 # on every one, 0.37-0.91 x the best peer on karras (Euler on "jump", the default before: 0.60-1.10 x);
-# Euler on "jump" stays as the alternative, for a model where the fourth-order steps misbehave.
+# Euler on "jump" stays as the alternative, for a model where the fourth-order steps misbehave. At 8 steps
+# the pair met 1.0 x the best peer on 14 of 17 tuning mixtures against 8 for the next band's; at 9 on 9 of
+# 12 against 12 (docs/calibration.md §16).
 AUTO_MAX_H = 0.8
 AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
-    (7, ("ipndm", {}, "jump"), ("euler", {}, "jump")),
+    (8, ("ipndm", {}, "jump"), ("euler", {}, "jump")),
     (14, ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error")),
     (17, ("unipc", {}, "error"), ("ipndm", {}, "error")),
     (None, ("unipc", {"order": 3}, "error"), ("unipc", {}, "error")),
