@@ -103,29 +103,32 @@ for _n in (5, 7):
 def measure(pname: str, n: int, seed: int, steps: int) -> dict:
     dim, make = TUNE[pname]
     den = make()
-    # a single-solver grid runs both pilots ("error" needs the twin pilot, which auto skips up to 7 steps)
+    # a single-solver grid runs both pilots ("error" needs the twin pilot, which auto skips up to 8 steps)
     pd = ts.thermo_grid(den, steps, solver="dpmpp_2m", sample_shape=(dim,)).pilot
     grid = ts.thermo_grid(den, steps, solver="auto", pilot_data=pd)
+    scale = calibrate.data_scale(pd)
     x_t = bq.initial_noise((n, dim), [seed], den.schedule.sigma_max)
     ref, _ = bq.reference(den, x_t, 400)
+
+    def score(res) -> dict:
+        s = bq._score(res, ref, n, 1)
+        return {"rms": s["error"], "switched": s["switched"]}
+
     out = {"auto": [grid.meta["solver"], grid.meta["solver_options"], grid.meta["chosen"]], "configs": {},
            "peers": {}}
     for cfg in BAND_CONFIGS[steps]:
         solver, opts, g = cfg
-        opts = {k: (v[1] * calibrate.data_scale(pd) if isinstance(v, tuple) else v) for k, v in opts.items()}
-        st = bq.steps_within(get_solver(solver).evaluations, steps)
-        sig = calibrate._candidate(g, den, st, solver, pd, pd, get_solver(solver).order)
+        opts = {k: (v[1] * scale if isinstance(v, tuple) else v) for k, v in opts.items()}
+        spec = get_solver(solver)
+        sig = calibrate._candidate(g, den, bq.steps_within(spec.evaluations, steps), solver, pd, pd, spec.order)
         err, _, sq = calibrate._pilot_error(den, sig, solver, pd, "auto", opts)
         res = ts.sample(den, noise=x_t.float(), grid=np.append(sig, 0.0), solver=solver, track=False,
                         progress=False, **opts).samples
-        per = (res.double() - ref).reshape(n, -1).square().mean(1)
-        out["configs"][name(cfg)] = {"pilot": err, "pilot_sq": sq.tolist(), "rms": float(per.mean().sqrt()),
-                                     "switched": int((per.sqrt() > bq.SWITCH).sum())}
+        out["configs"][name(cfg)] = {"pilot": err, "pilot_sq": sq.tolist(), **score(res)}
     for p, ev in peers.peer_configs().items():
-        st = bq.steps_within(ev, steps)
-        res, _ = peers.run_peer(p, den, x_t.float().clone(), peers.karras_sigmas(st, den.schedule))
-        per = (res.double() - ref).reshape(n, -1).square().mean(1)
-        out["peers"][p] = {"rms": float(per.mean().sqrt()), "switched": int((per.sqrt() > bq.SWITCH).sum())}
+        res, _ = peers.run_peer(p, den, x_t.float().clone(),
+                                peers.karras_sigmas(bq.steps_within(ev, steps), den.schedule))
+        out["peers"][p] = score(res)
     return out
 
 
