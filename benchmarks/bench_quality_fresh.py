@@ -6,9 +6,11 @@ high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no 
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
 fresh6 in session 10, fresh7/fresh8 in session 11, fresh9-fresh12 in session 12, fresh13/fresh14 in
-session 13 and fresh15/fresh16 in session 14, each before that session's changes were measured on it.
+session 13, fresh15/fresh16 in session 14 and fresh17/fresh18 in session 15, each before that session's
+changes were measured on it. fresh17 and fresh18 are a new kind of problem (spectral_mixture: image-like
+power-law spectra and overlapping classes), on which nothing was ever tuned.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh16 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh18 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -22,7 +24,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import bench_quality as bq  # noqa: E402
 import quality_problems as qp  # noqa: E402
-from quality_problems import Problem, aniso_mixture, mixture  # noqa: E402
+from quality_problems import Problem, aniso_mixture, mixture, spectral_mixture  # noqa: E402
 
 import thermosample as ts  # noqa: E402
 
@@ -227,6 +229,35 @@ SETS = {
                 lambda: mixture(48, 3, 0.02, 0.15, 1805, weight_spread=15.0).denoiser("condot"), (48,), 1024),
         Problem("fr16-mix-d6-k9/cosine", lambda: mixture(6, 9, 0.03, 0.15, 1806).denoiser("cosine"), (6,), 2048),
     ], (9050, 9051, 9052, 9053)),
+    "fresh17": ([
+        Problem("fr17-spec-d1024-k6-a1/edm", lambda: spectral_mixture(1024, 6, 1.0, 0.3, 1901).denoiser(EDM), (1024,),
+                256),
+        Problem("fr17-spec-d768-k4-a1.5/vp",
+                lambda: spectral_mixture(768, 4, 1.5, 0.2, 1902).denoiser(ts.schedules.VPLinear()), (768,), 256),
+        Problem("fr17-spec-d256-k10-a0.5/cosine",
+                lambda: spectral_mixture(256, 10, 0.5, 0.5, 1903).denoiser("cosine"), (256,), 512),
+        Problem("fr17-spec-d64-k3-a2/condot", lambda: spectral_mixture(64, 3, 2.0, 0.6, 1904).denoiser("condot"),
+                (64,), 1024),
+        Problem("fr17-spec-d2048-k2-a1/edm", lambda: spectral_mixture(2048, 2, 1.0, 0.1, 1905).denoiser(EDM),
+                (2048,), 128),
+        Problem("fr17-spec-d16-k5-a1-unequal/vp",
+                lambda: spectral_mixture(16, 5, 1.0, 0.8, 1906, weight_spread=6.0).denoiser(ts.schedules.VPLinear()),
+                (16,), 2048),
+    ], (9500, 9501, 9502, 9503)),
+    "fresh18": ([
+        Problem("fr18-spec-d1536-k8-a1.2/cosine",
+                lambda: spectral_mixture(1536, 8, 1.2, 0.4, 2001).denoiser("cosine"), (1536,), 128),
+        Problem("fr18-spec-d512-k3-a1/edm", lambda: spectral_mixture(512, 3, 1.0, 0.7, 2002).denoiser(EDM), (512,),
+                256),
+        Problem("fr18-spec-d384-k5-a2/vp",
+                lambda: spectral_mixture(384, 5, 2.0, 0.3, 2003).denoiser(ts.schedules.VPLinear()), (384,), 512),
+        Problem("fr18-spec-d128-k12-a0.8-unequal/edm",
+                lambda: spectral_mixture(128, 12, 0.8, 0.5, 2004, weight_spread=10.0).denoiser(EDM), (128,), 1024),
+        Problem("fr18-spec-d32-k4-a1.5/condot", lambda: spectral_mixture(32, 4, 1.5, 0.2, 2005).denoiser("condot"),
+                (32,), 2048),
+        Problem("fr18-spec-d896-k2-a1/cosine",
+                lambda: spectral_mixture(896, 2, 1.0, 0.9, 2006).denoiser("cosine"), (896,), 256),
+    ], (9550, 9551, 9552, 9553)),
 }
 
 

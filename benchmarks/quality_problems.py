@@ -7,7 +7,8 @@ Two disjoint sets:
   check that whatever was tuned on DEFAULT transfers. Do not look at their numbers while tuning; change them
   only by adding problems, never to make a result look better.
 
-Every mixture is standardised so that each coordinate has variance about 1. The anisotropic mixtures have a
+Every mixture is standardised so that each coordinate has variance about 1 (spectral_mixture: 1 on average
+over the coordinates, falling as a power law). The anisotropic and spectral mixtures have a
 diagonal covariance per component (widths differing by up to 10x between coordinates), for which
 `DiagonalMixture` gives the exact denoiser:
 
@@ -110,6 +111,25 @@ def aniso_mixture(dim, modes, std_lo, std_hi, seed, weight_spread: float = 1.0):
     stds = torch.exp(math.log(std_lo) + (math.log(std_hi) - math.log(std_lo))
                      * torch.rand(modes, dim, generator=g, dtype=torch.float64))
     means = means / means.norm(dim=1, keepdim=True) * math.sqrt(dim * max(0.05, 1 - float(stds.square().mean())))
+    u = torch.rand(modes, generator=g, dtype=torch.float64)
+    weights = 0.5 + u if weight_spread == 1.0 else torch.exp((2 * u - 1) * math.log(weight_spread) / 2)
+    return DiagonalMixture(means, stds, weights)
+
+
+def spectral_mixture(dim, modes, alpha, class_share, seed, floor: float = 0.02, weight_spread: float = 1.0):
+    """Image-like diagonal mixture: the variance of coordinate j falls as a power law (j + 1)^-alpha (the
+    spectrum of natural images in a Fourier basis spans decades), and the classes are not well separated:
+    the means carry `class_share` of each coordinate's variance, the components the rest, each with its own
+    factor exp(0.3 N(0, 1)) per coordinate, and stds at least `floor`. Coordinates have variance about 1
+    on average. Unlike mixture/aniso_mixture, whose means carry almost all the variance, most of the error
+    here is in the bulk of overlapping components, not in samples sent to another mode."""
+    g = torch.Generator().manual_seed(seed)
+    spectrum = torch.arange(1, dim + 1, dtype=torch.float64) ** -alpha
+    spectrum = spectrum / spectrum.mean()
+    means = torch.randn(modes, dim, generator=g, dtype=torch.float64) * (class_share * spectrum).sqrt()
+    jitter = torch.exp(0.3 * torch.randn(modes, dim, generator=g, dtype=torch.float64))
+    stds = ((1 - class_share) * spectrum).sqrt() * jitter
+    stds = stds.clamp(min=floor)
     u = torch.rand(modes, generator=g, dtype=torch.float64)
     weights = 0.5 + u if weight_spread == 1.0 else torch.exp((2 * u - 1) * math.log(weight_spread) / 2)
     return DiagonalMixture(means, stds, weights)
