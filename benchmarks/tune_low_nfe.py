@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 import bench_quality as bq  # noqa: E402
 import quality_peers as peers  # noqa: E402
 import tune_noise_cuts as tnc  # noqa: E402
-from quality_problems import aniso_mixture, mixture  # noqa: E402
+from quality_problems import aniso_mixture, mixture, spectral_mixture  # noqa: E402
 
 import thermosample as ts  # noqa: E402
 from thermosample import calibrate  # noqa: E402
@@ -47,6 +47,16 @@ TUNE.update({  # shaped like the NFE-6 misses of the unseen sets: 256-2048 dimen
     "u1792c": (1792, lambda: mixture(1792, 3, 0.04, 0.12, 827).denoiser(COS)),
     "u352anvp": (352, lambda: aniso_mixture(352, 6, 0.02, 0.2, 828).denoiser(VP())),
 })
+TUNE.update({  # image-like spectra and overlapping classes (the kind of fresh17/fresh18; other seeds)
+    "s1024": (1024, lambda: spectral_mixture(1024, 5, 1.0, 0.3, 831).denoiser("edm")),
+    "s768vp": (768, lambda: spectral_mixture(768, 4, 1.5, 0.3, 832).denoiser(VP())),
+    "s512c": (512, lambda: spectral_mixture(512, 3, 1.2, 0.5, 833).denoiser(COS)),
+    "s2048": (2048, lambda: spectral_mixture(2048, 3, 1.0, 0.2, 834).denoiser("edm")),
+    "s384vp": (384, lambda: spectral_mixture(384, 6, 2.0, 0.4, 835).denoiser(VP())),
+    "s256": (256, lambda: spectral_mixture(256, 8, 0.7, 0.6, 836).denoiser("condot")),
+    "s1536c": (1536, lambda: spectral_mixture(1536, 2, 1.0, 0.5, 837).denoiser(COS)),
+    "s128": (128, lambda: spectral_mixture(128, 10, 1.0, 0.3, 838).denoiser("edm")),
+})
 BAND_CONFIGS = {  # steps: (solver, options, grid) to measure at that many steps
     6: (("euler", {}, "jump"), ("deis", {}, "error"), ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"),
         ("deis", {}, "jump"), ("deis", {}, "logsnr"), ("unipc", {}, "karras"), ("unipc", {"order": 3}, "karras"),
@@ -55,7 +65,10 @@ BAND_CONFIGS = {  # steps: (solver, options, grid) to measure at that many steps
     10: (("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error"), ("ipndm", {}, "jump"),
          ("unipc", {}, "jump"), ("unipc", {"order": 3}, "jump"), ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "jump"),
          ("deis", {}, "jump"), ("ipndm", {}, "karras"), ("unipc", {"order": 3}, "karras"), ("unipc", {}, "karras"),
-         ("deis", {}, "karras"), ("deis", {}, "error"), ("unipc", {}, "error"), ("dpmpp_3m", {}, "karras")),
+         ("deis", {}, "karras"), ("deis", {}, "error"), ("unipc", {}, "error"), ("dpmpp_3m", {}, "karras"),
+         ("deis", {}, "logsnr"),
+         *(("unipc", {"order": 3, "max_h": AUTO_MAX_H, "noise_below": ("scale", c), "noise_order": 3}, "error")
+           for c in (1.0, 0.3, 0.2, 0.1))),
 }
 _O3 = {"order": 3}
 BAND_CONFIGS[20] = (  # ("scale", c) in an option: c x the data's scale (calibrate.data_scale of the pilot)

@@ -54,12 +54,14 @@ import torch
 
 from .grids import logsnr, validate_sigmas
 from .solvers import (
+    AUTO_CHECK_MARGIN,
     AUTO_NAME,
     AUTO_NOISE_CUTS,
     AUTO_NOISE_FROM,
     AUTO_NOISE_MARGIN,
     AUTO_NOISE_ORDER,
     auto_candidates,
+    auto_check,
     get_solver,
 )
 
@@ -757,6 +759,40 @@ def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin)
     return chosen, errors, len(cuts) * get_solver(solver).evaluations(int(steps))
 
 
+def _check(den, steps, check, choice, ref, backend, density_kw, margin):
+    """solver="auto"'s check (solvers.AUTO_CHECK): `choice` = (solver, options, grid name, sigmas, pilot error,
+    per-sample squared errors) against the (solver, options, grid) `check` on the pilot; the choice is kept
+    unless the check is below max(`margin`, AUTO_CHECK_MARGIN) times its error on the samples they do not
+    all miss. Returns the kept six, {label: pilot error} of both, and the model evaluations spent."""
+    name, opts, g = check
+    err, sig, sq = _measure(den, int(steps), name, ref, None, (g,), backend, opts, density_kw)[g]
+    take = check_prefers(np.stack([choice[5], sq]), _ref_weight(ref, len(sq)), max(margin, AUTO_CHECK_MARGIN))
+    labels = [solver + "".join(f",{k}={v}" for k, v in sorted(options.items())) + "@" + grid
+              for solver, options, grid in (choice[:3], check)]
+    kept = (name, dict(opts), g, sig, err, sq) if take else choice
+    return (*kept, {labels[0]: choice[4], labels[1]: err}, get_solver(name).evaluations(int(steps)))
+
+
+def check_prefers(sq, weight, margin: float) -> bool:
+    """Whether solver="auto"'s check run (row 1 of per-sample squared errors [2, B]) replaces its choice (row
+    0): its RMS error on the bulk, the samples that neither run misses by more than SHARED_OUTLIER times
+    that run's median miss, is below `margin` times the choice's, and on all samples it is no worse. The
+    check is for data whose error is bulk error (solvers.AUTO_CHECK), so a pilot sample one run sends to
+    another mode must not decide it: where the choice had 5 times less bulk error and one such sample, the
+    check would have had 14 times its error on a large batch (docs/calibration.md §17)."""
+    sq = np.nan_to_num(np.asarray(sq, dtype=np.float64), nan=np.inf)
+    w = np.asarray(weight, dtype=np.float64)
+    miss = np.sqrt(sq)
+    scale = np.array([np.median(m[np.isfinite(m)]) if np.isfinite(m).any() else np.inf for m in miss])
+    bulk = ~(miss > SHARED_OUTLIER * scale[:, None]).any(0)
+
+    def rms(row, m):
+        with np.errstate(invalid="ignore"):
+            return float(np.sqrt((sq[row, m] * w[m]).sum() / w[m].sum())) if m.any() else math.inf
+    every = np.ones_like(bulk)
+    return rms(1, bulk) < margin * rms(0, bulk) and rms(1, every) <= rms(0, every)
+
+
 def _choose(sq, weight, margin: float, shared: bool) -> tuple[int, np.ndarray, int]:
     """From per-sample squared errors [C, B] and sample weights [B]: (`prefer_default`'s index, on the
     errors without the shared outliers if `shared` else on all samples; the errors without them [C]; how
@@ -793,10 +829,13 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         solver: the solver the grid is for (sets the order p of the error density), or "auto": method
             "select" measures the (solver, options, grid) candidates of solvers.auto_candidates(steps)
             and keeps the default unless an alternative's pilot error is below `margin` times the
-            default's (meta "solver", "solver_options"); from solvers.AUTO_NOISE_FROM steps on it then
-            measures that UniPC run with noise_below at each of solvers.AUTO_NOISE_CUTS times the data's
-            scale (`data_scale`) the same way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta
-            "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more evaluations). ts.sample(solver="auto",
+            default's (meta "solver", "solver_options"); up to 14 steps it then measures the one run of
+            solvers.auto_check(steps) on karras and takes it if below max(margin,
+            solvers.AUTO_CHECK_MARGIN) times the choice's error (meta "check_errors"; NFE more
+            evaluations); from solvers.AUTO_NOISE_FROM steps on it instead measures its UniPC run with
+            noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`) the same
+            way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta "noise_below_errors";
+            len(AUTO_NOISE_CUTS) x NFE more evaluations). ts.sample(solver="auto",
             grid=this grid) then runs that solver (the recommended configuration, solvers.recommended).
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
         pilot_batch: pilot batch size B (default PILOT_BATCH = 256: smaller pilots miss the rare samples a
@@ -954,6 +993,14 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
                  "compared_errors": {m[0]: float(c) for m, c in zip(measured, compared)},
                  "shared_outliers": outliers, "margin": float(margin)}
+        check = auto_check(int(steps)) if auto else None
+        if check is not None:
+            solver, solver_options, chosen, sig, chosen_err, chosen_sq, extra["check_errors"], check_nfe = _check(
+                den, steps, check, (solver, solver_options, chosen, sig, chosen_err, chosen_sq), pilot_data,
+                backend, density_kw, margin)
+            spent += check_nfe
+            order = get_solver(solver).order
+            extra["chosen"] = chosen
         if auto and steps >= AUTO_NOISE_FROM and solver == "unipc":
             solver_options, tail_errors, tail_nfe = _noise_tail(den, steps, solver, solver_options, sig, chosen_err,
                                                                 chosen_sq, pilot_data, backend, margin)

@@ -650,6 +650,15 @@ AUTO_NOISE_FROM = 18
 AUTO_NOISE_CUTS = (0.3, 0.2, 0.1)
 AUTO_NOISE_MARGIN = 0.8
 AUTO_NOISE_ORDER = 3    # the cut's DEIS order, also after UniPC-2 (which would default to DEIS-2; §15)
+# Up to AUTO_CHECK's last step count of a band, solver="auto" then measures one more (solver, options, grid)
+# on karras and takes it if its pilot error is below AUTO_CHECK_MARGIN times the choice's. On image-like data
+# (benchmarks/quality_problems.spectral_mixture: power-law spectra, classes that overlap) the error is bulk
+# error, which the pilot ranks as the large batch does, and there DEIS-3 and iPNDM on karras beat both
+# candidates at 10 and 6 steps (0.86-1.0 x the best peer where the band's pair had up to 2.2 x, on eight tuning
+# mixtures); on the 34 earlier tuning mixtures, where the error is samples sent to another mode, the check
+# was never taken, since there the karras runs switch far more samples on the pilot too (docs/calibration.md §17).
+AUTO_CHECK = ((8, ("ipndm", {}, "karras")), (14, ("deis", {}, "karras")))
+AUTO_CHECK_MARGIN = 0.8
 
 
 def auto_candidates(steps: int) -> tuple[tuple[str, dict, str], ...]:
@@ -660,6 +669,14 @@ def auto_candidates(steps: int) -> tuple[tuple[str, dict, str], ...]:
     raise AssertionError("AUTO_PLAN ends with an open band")
 
 
+def auto_check(steps: int) -> tuple[str, dict, str] | None:
+    """The (solver, options, grid) solver="auto" checks its choice against at `steps` steps (AUTO_CHECK), or None."""
+    for last, check in AUTO_CHECK:
+        if steps <= last:
+            return check
+    return None
+
+
 def recommended(nfe: int) -> dict:
     """The configuration to take for `nfe` model evaluations (5-50) without reading the theory:
 
@@ -668,7 +685,9 @@ def recommended(nfe: int) -> dict:
 
     `thermo_grid(solver="auto")` measures the two candidates of `auto_candidates(nfe)` on its pilot
     (calibrate.select) and keeps the default unless the alternative's pilot error is below
-    calibrate.MARGIN times the default's; `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
+    calibrate.MARGIN times the default's; up to 14 steps it then checks that choice against
+    `auto_check(nfe)` on karras (AUTO_CHECK_MARGIN), from 18 it tries noise prediction on the low-noise steps
+    (AUTO_NOISE_CUTS); `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
     return {"solver": AUTO_NAME, "grid": "calibrated", "steps": int(nfe)}
 
 
