@@ -33,7 +33,7 @@ from quality_problems import aniso_mixture, mixture, spectral_mixture  # noqa: E
 
 import thermosample as ts  # noqa: E402
 from thermosample import calibrate  # noqa: E402
-from thermosample.solvers import AUTO_MAX_H, get_solver  # noqa: E402
+from thermosample.solvers import AUTO_CHECK_MARGIN, AUTO_MAX_H, get_solver  # noqa: E402
 
 VP, COS = ts.schedules.VPLinear, "cosine"
 TUNE = dict(tnc.TUNE)
@@ -97,20 +97,22 @@ def name(cfg) -> str:
 
 
 _C6, _C10 = BAND_CONFIGS[6], BAND_CONFIGS[10]
-POLICIES = {  # steps: {name: (candidates, default first; margin)}
+POLICIES = {  # steps: {name: (candidates, default first; margin[; the check: a configuration on karras])}
     6: {"before: euler@jump | deis@error, 0.6": ([_C6[0], _C6[1]], 0.6),
-        "now: ipndm@jump | euler@jump, 0.6": ([_C6[12], _C6[0]], 0.6),
+        "band: ipndm@jump | euler@jump, 0.6": ([_C6[12], _C6[0]], 0.6),
+        "now: band, check ipndm@karras": ([_C6[12], _C6[0]], 0.6, _C6[11]),
         "min of all": (list(_C6), 1.0)},
-    10: {"now: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C10[0], _C10[1]], 0.6),
+    10: {"band: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C10[0], _C10[1]], 0.6),
+         "now: band, check deis@karras": ([_C10[0], _C10[1]], 0.6, _C10[10]),
          "min of all": (list(_C10), 1.0)},
 }
 for _n in (8, 9):
     _C = BAND_CONFIGS[_n]
-    POLICIES[_n] = {"now: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C[0], _C[1]], 0.6),
+    POLICIES[_n] = {"second band's: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C[0], _C[1]], 0.6),
                     "first band's: ipndm@jump | euler@jump, 0.6": ([_C[2], _C[3]], 0.6)}
 for _n in (5, 7):
     POLICIES[_n] = {"before: euler@jump | deis@error, 0.6": ([SMALL[1], SMALL[3]], 0.6),
-                    "now: ipndm@jump | euler@jump, 0.6": ([SMALL[0], SMALL[1]], 0.6)}
+                    "band: ipndm@jump | euler@jump, 0.6": ([SMALL[0], SMALL[1]], 0.6)}
 
 
 def measure(pname: str, n: int, seed: int, steps: int) -> dict:
@@ -145,13 +147,17 @@ def measure(pname: str, n: int, seed: int, steps: int) -> dict:
     return out
 
 
-def choose(r: dict, cands, margin: float) -> str:
-    """The configuration `cands` (default first) gives under calibrate's rule on the pilot's errors."""
+def choose(r: dict, cands, margin: float, check=None) -> str:
+    """The configuration `cands` (default first) gives under calibrate's rule on the pilot's errors, then
+    `check` if calibrate.check_prefers it (solver="auto"'s check, solvers.AUTO_CHECK_MARGIN)."""
     names = [name(c) for c in cands]
     sq = np.stack([np.asarray(r["configs"][k]["pilot_sq"]) for k in names])
     weight = np.full(sq.shape[1], 1.0 / sq.shape[1])
     best, _, _ = calibrate._choose(sq, weight, margin, shared=True)
-    return names[best]
+    if check is None:
+        return names[best]
+    pair = np.stack([sq[best], np.asarray(r["configs"][name(check)]["pilot_sq"])])
+    return name(check) if calibrate.check_prefers(pair, weight, AUTO_CHECK_MARGIN) else names[best]
 
 
 def main(argv=None) -> int:
@@ -191,8 +197,8 @@ def main(argv=None) -> int:
     for pname, r in results.items():
         bp = min(v["rms"] for v in r["peers"].values())
         row = []
-        for pol, (cands, margin) in policies.items():
-            k = choose(r, cands, margin)
+        for pol, spec in policies.items():
+            k = choose(r, *spec)
             ratios[pol].append(r["configs"][k]["rms"] / bp)
             row.append(f"{ratios[pol][-1]:.2f}")
         print(f"{pname:10s} " + " ".join(row))
