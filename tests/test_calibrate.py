@@ -216,7 +216,7 @@ def test_row_chunks_slice_rows_and_per_row_keywords_only():
 
 def test_karras_weight_moves_the_grid_toward_karras(mixture_pilot):
     """karras_weight: 1 gives karras's grid, 0 the placed density, in between the node-wise geometric
-    blend; Heun defaults to halfway (in method "error" and in the "select" candidate alike)."""
+    blend; Heun and DEIS default to halfway (in method "error" and in the "select" candidate alike)."""
     _, den, pil = mixture_pilot
     karras = grids.make_grid("karras", 10, den.schedule)
     np.testing.assert_allclose(ts.thermo_grid(den, 10, pilot_data=pil, method="error", karras_weight=1.0), karras,
@@ -225,6 +225,7 @@ def test_karras_weight_moves_the_grid_toward_karras(mixture_pilot):
     half = ts.thermo_grid(den, 10, solver="heun", pilot_data=pil, method="error")
     assert half.meta["karras_weight"] == 0.5 == calibrate.karras_weight_default("heun")
     assert calibrate.karras_weight_default("dpmpp_2m") == 0.0
+    assert calibrate.karras_weight_default("deis") == 0.5
     np.testing.assert_allclose(np.asarray(half)[:-1], np.sqrt(pure[:-1] * karras[:-1]), rtol=1e-12)
     assert np.all(np.diff(np.asarray(half)) < 0) and not np.allclose(pure, karras)
     ref = calibrate.reference(den, (8, 64), ref_steps=16)
