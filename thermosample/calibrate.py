@@ -764,9 +764,9 @@ def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin)
 
 def _check(den, steps, check, choice, ref, backend, density_kw, margin):
     """solver="auto"'s check (solvers.AUTO_CHECK): `choice` = (solver, options, grid name, sigmas, pilot error,
-    per-sample squared errors) against the (solver, options, grid) `check` on the pilot; the choice is kept
-    unless the check is below max(`margin`, AUTO_CHECK_MARGIN) times its error on the samples they do not
-    all miss. Returns the kept six, {label: pilot error} of both, and the model evaluations spent."""
+    per-sample squared errors) against the (solver, options, grid) `check` on the pilot; the check replaces
+    the choice if `check_prefers` it with margin max(`margin`, AUTO_CHECK_MARGIN). Returns the kept six,
+    {label: pilot error} of both, and the model evaluations spent."""
     name, opts, g = check
     err, sig, sq = _measure(den, int(steps), name, ref, None, (g,), backend, opts, density_kw)[g]
     take = check_prefers(np.stack([choice[5], sq]), _ref_weight(ref, len(sq)), max(margin, AUTO_CHECK_MARGIN))

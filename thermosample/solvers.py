@@ -651,7 +651,8 @@ AUTO_NOISE_CUTS = (0.3, 0.2, 0.1)
 AUTO_NOISE_MARGIN = 0.8
 AUTO_NOISE_ORDER = 3    # the cut's DEIS order, also after UniPC-2 (which would default to DEIS-2; §15)
 # Up to AUTO_CHECK's last step count of a band, solver="auto" then measures one more (solver, options, grid)
-# on karras and takes it if its pilot error is below AUTO_CHECK_MARGIN times the choice's. On image-like data
+# on karras and takes it if its pilot error on the bulk of the samples is below AUTO_CHECK_MARGIN times the
+# choice's and it is no worse over all of them (calibrate.check_prefers). On image-like data
 # (benchmarks/quality_problems.spectral_mixture: power-law spectra, classes that overlap) the error is bulk
 # error, which the pilot ranks as the large batch does, and there DEIS-3 and iPNDM on karras beat both
 # candidates at 10 and 6 steps (0.86-1.0 x the best peer where the band's pair had up to 2.2 x, on eight tuning
