@@ -770,10 +770,14 @@ def _check(den, steps, check, choice, ref, backend, density_kw, margin):
     name, opts, g = check
     err, sig, sq = _measure(den, int(steps), name, ref, None, (g,), backend, opts, density_kw)[g]
     take = check_prefers(np.stack([choice[5], sq]), _ref_weight(ref, len(sq)), max(margin, AUTO_CHECK_MARGIN))
-    labels = [solver + "".join(f",{k}={v}" for k, v in sorted(options.items())) + "@" + grid
-              for solver, options, grid in (choice[:3], check)]
+    labels = [_auto_label(*choice[:3]), _auto_label(*check)]
     kept = (name, dict(opts), g, sig, err, sq) if take else choice
     return (*kept, {labels[0]: choice[4], labels[1]: err}, get_solver(name).evaluations(int(steps)))
+
+
+def _auto_label(solver: str, options: dict, grid: str) -> str:
+    """solver="auto"'s name of a (solver, options, grid) in meta: "unipc,max_h=0.8,order=3@error"."""
+    return solver + "".join(f",{k}={v}" for k, v in sorted(options.items())) + "@" + grid
 
 
 def check_prefers(sq, weight, margin: float) -> bool:
@@ -985,15 +989,13 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             res = _measure(den, int(steps), name, pilot_data, pilot_data if needs_twins else None, names,
                            backend, opts, density_kw)
             spent += len(res) * get_solver(name).evaluations(int(steps))
-            label = name + "".join(f",{k}={v}" for k, v in sorted(opts.items()))
-            measured += [(f"{label}@{g}" if auto else g, e, name, opts, g, sig_g, sq)
+            measured += [(_auto_label(name, opts, g) if auto else g, e, name, opts, g, sig_g, sq)
                          for g, (e, sig_g, sq) in res.items()]
         errors = {m[0]: m[1] for m in measured}
         weight = _ref_weight(pilot_data, len(measured[0][6]))
         best, compared, outliers = _choose(np.stack([m[6] for m in measured]), weight, margin, shared=auto)
         _, chosen_err, solver, solver_options, chosen, sig, chosen_sq = measured[best]
-        order = get_solver(solver).order
-        extra = {"chosen": chosen, "candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
+        extra = {"candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
                  "compared_errors": {m[0]: float(c) for m, c in zip(measured, compared)},
                  "shared_outliers": outliers, "margin": float(margin)}
         check = auto_check(int(steps)) if auto else None
@@ -1002,8 +1004,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                 den, steps, check, (solver, solver_options, chosen, sig, chosen_err, chosen_sq), pilot_data,
                 backend, density_kw, margin)
             spent += check_nfe
-            order = get_solver(solver).order
-            extra["chosen"] = chosen
+        order = get_solver(solver).order
+        extra["chosen"] = chosen
         if auto and steps >= AUTO_NOISE_FROM and solver == "unipc":
             solver_options, tail_errors, tail_nfe = _noise_tail(den, steps, solver, solver_options, sig, chosen_err,
                                                                 chosen_sq, pilot_data, backend, margin)
