@@ -89,6 +89,14 @@ class DiagonalMixture:
         return ts.Denoiser(model, sch, "x0", time="t")
 
 
+def _weights(modes: int, g: torch.Generator, weight_spread: float) -> torch.Tensor:
+    """Component weights, the generator's next `modes` uniforms u: 0.5 + u for weight_spread 1, otherwise
+    exp(U(-1, 1) * log(weight_spread) / 2), a ratio of up to `weight_spread` between the heaviest and the
+    lightest component (normalised by the mixture)."""
+    u = torch.rand(modes, generator=g, dtype=torch.float64)
+    return 0.5 + u if weight_spread == 1.0 else torch.exp((2 * u - 1) * math.log(weight_spread) / 2)
+
+
 def mixture(dim, modes, std_lo, std_hi, seed, weight_spread: float = 1.0):
     """Isotropic mixture (as the original bench_quality.mixture): `modes` components with stds in
     [std_lo, std_hi], means on a sphere so that each coordinate has variance about 1. Weights are
@@ -98,8 +106,7 @@ def mixture(dim, modes, std_lo, std_hi, seed, weight_spread: float = 1.0):
     means = torch.randn(modes, dim, generator=g, dtype=torch.float64)
     stds = std_lo + (std_hi - std_lo) * torch.rand(modes, generator=g, dtype=torch.float64)
     means = means / means.norm(dim=1, keepdim=True) * math.sqrt(dim * (1 - float(stds.square().mean())))
-    u = torch.rand(modes, generator=g, dtype=torch.float64)
-    weights = 0.5 + u if weight_spread == 1.0 else torch.exp((2 * u - 1) * math.log(weight_spread) / 2)
+    weights = _weights(modes, g, weight_spread)
     return toy.GaussianMixture(means, stds, weights)
 
 
@@ -111,8 +118,7 @@ def aniso_mixture(dim, modes, std_lo, std_hi, seed, weight_spread: float = 1.0):
     stds = torch.exp(math.log(std_lo) + (math.log(std_hi) - math.log(std_lo))
                      * torch.rand(modes, dim, generator=g, dtype=torch.float64))
     means = means / means.norm(dim=1, keepdim=True) * math.sqrt(dim * max(0.05, 1 - float(stds.square().mean())))
-    u = torch.rand(modes, generator=g, dtype=torch.float64)
-    weights = 0.5 + u if weight_spread == 1.0 else torch.exp((2 * u - 1) * math.log(weight_spread) / 2)
+    weights = _weights(modes, g, weight_spread)
     return DiagonalMixture(means, stds, weights)
 
 
@@ -130,8 +136,7 @@ def spectral_mixture(dim, modes, alpha, class_share, seed, floor: float = 0.02, 
     jitter = torch.exp(0.3 * torch.randn(modes, dim, generator=g, dtype=torch.float64))
     stds = ((1 - class_share) * spectrum).sqrt() * jitter
     stds = stds.clamp(min=floor)
-    u = torch.rand(modes, generator=g, dtype=torch.float64)
-    weights = 0.5 + u if weight_spread == 1.0 else torch.exp((2 * u - 1) * math.log(weight_spread) / 2)
+    weights = _weights(modes, g, weight_spread)
     return DiagonalMixture(means, stds, weights)
 
 
