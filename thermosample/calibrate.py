@@ -62,6 +62,7 @@ from .solvers import (
     AUTO_NOISE_ORDER,
     auto_candidates,
     auto_check,
+    auto_fit,
     get_solver,
 )
 
@@ -245,6 +246,20 @@ def _coordinates(n: int, keep_dims: int, g: torch.Generator):
     if n <= keep_dims:
         return None, 1.0
     return torch.randperm(n, generator=g)[:keep_dims].sort().values, math.sqrt(n / keep_dims)
+
+
+def _projection(n: int, m: int, seed: int) -> torch.Tensor:
+    """[n, m] float32 random Gaussian directions scaled by 1 / sqrt(m), so that a projected vector's squared
+    norm estimates the full one; unlike m sampled coordinates, it sees the few coordinates that carry most of
+    the variance of image-like data (power-law spectra)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(n, m, generator=g, dtype=torch.float32) / math.sqrt(m)
+
+
+def _project(v: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> [B, m] float64: each flattened sample times `proj` (on v's device). In float64 because the
+    fit compares projections of states that differ by far less than their norms."""
+    return v.reshape(v.shape[0], -1).double() @ proj.to(device=v.device, dtype=torch.float64)
 
 
 class _RowChunks:
@@ -542,8 +557,9 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     node, on at most `keep_dims` fixed coordinates of each sample, scaled so that squared norms estimate
     the full ones; None: 1024, fewer for large batches so that each holds at most 4M numbers, and at least
     64), ref_noise [B', ...] (the initial state), ref_final [B', ...] (the converged samples), ref_weight
-    [B'] float64 (summing to 1), ref_nfe, ref_screen_nfe, ref_boundary (screened samples kept, pool);
-    B' = B + the screened samples.
+    [B'] float64 (summing to 1), ref_nfe, ref_screen_nfe, ref_boundary (screened samples kept, pool),
+    ref_proj [N, B', m] float64 (the state at each node projected on m random directions, `_projection`;
+    None when ref_x holds every coordinate), ref_proj_seed; B' = B + the screened samples.
     """
     from .sampler import sample
 
@@ -573,11 +589,15 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     x_t = (z * float(sig[0])).to(device=device, dtype=dtype)
     xs, ds = [], []
 
+    proj, ps = None if keep is None else _projection(n, len(keep), int(pilot_seed) + 3), []
+
     def record(info):
         for src, dst in ((info["x"], xs), (info["denoised"], ds)):
             v = src.detach().reshape(b, -1)
             v = v if keep is None else v[:, keep.to(v.device)]
             dst.append((v.double() * scale).float().cpu())
+        if proj is not None:
+            ps.append(_project(info["x"].detach(), proj).cpu())
 
     out = sample(den, noise=x_t, grid=np.append(sig, 0.0), solver="unipc", order=3, seed=int(pilot_seed),
                  backend=backend, track=True, callback=record, progress=False)
@@ -585,7 +605,8 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     return {"ref_sigma": sig, "ref_t": np.asarray(sch.sigma_to_t(sig), dtype=np.float64), "ref_rate": rate,
             "ref_x": torch.stack(xs), "ref_D": torch.stack(ds), "ref_noise": x_t.cpu(),
             "ref_final": out.samples.cpu(), "ref_weight": weight, "ref_nfe": out.nfe,
-            "ref_screen_nfe": int(screen_nfe), "ref_boundary": _screen(boundary_pool, boundary_samples)}
+            "ref_screen_nfe": int(screen_nfe), "ref_boundary": _screen(boundary_pool, boundary_samples),
+            "ref_proj": None if keep is None else torch.stack(ps), "ref_proj_seed": int(pilot_seed) + 3}
 
 
 def _check_boundary(pool, samples) -> None:
@@ -736,6 +757,70 @@ def _pilot_error(den, sig, solver, ref, backend, solver_options):
     return err if math.isfinite(err) else math.inf, sig, sq.numpy()
 
 
+def reference_nodes(sig, ref: dict) -> np.ndarray | None:
+    """Positive sigmas `sig` moved to the nearest nodes (in log sigma) of the reference trajectory, whose
+    states the pilot recorded; None where two would land on one node."""
+    nodes = np.asarray(ref["ref_sigma"], dtype=np.float64)
+    idx = np.abs(np.log(np.asarray(sig, dtype=np.float64))[:, None] - np.log(nodes)[None]).argmin(1)
+    return nodes[idx] if bool((np.diff(idx) > 0).all()) else None
+
+
+def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[list[float]] | None:
+    """deis's `corrections` for order 3 on the reference nodes `sig` (positive sigmas; `reference_nodes`),
+    fitted on the reference's samples `rows` (indices): from their noise, step by step, the coefficients of
+    `solvers.correction_terms` that move the DEIS-3 update closest, in least squares on the reference's
+    recorded coordinates (or projections, ref_proj) weighted by ref_weight, to the reference's state at the
+    next node (its converged sample on the step to 0). Aiming each step back at the converged trajectory, it
+    corrects the error carried from the steps before as well as the step's own. Costs len(sig) evaluations
+    of those rows.
+    Returns one list of floats per step, or None if the reference lacks what the fit needs (ref_proj, or
+    nodes at `sig`) or the fit is not finite."""
+    from .solvers import correction_terms, deis_terms
+
+    nodes = np.asarray(ref["ref_sigma"], dtype=np.float64)
+    idx = [int(np.argmin(np.abs(nodes - v))) for v in sig]
+    if "ref_proj" not in ref or not np.allclose(nodes[idx], sig, rtol=1e-9, atol=0.0):
+        return None
+    rows = torch.as_tensor(rows, dtype=torch.long)
+    dtype, device = pilot_dtype_device(den)
+    x = ref["ref_noise"][rows].to(device=device, dtype=dtype)
+    b = x.shape[0]
+    states = ref["ref_x"] if ref["ref_proj"] is None else ref["ref_proj"]     # every coordinate, or projected
+    proj = None if ref["ref_proj"] is None else _projection(x[0].numel(), states.shape[-1], ref["ref_proj_seed"])
+    root_w = _ref_weight(ref, states.shape[1])[rows]
+    root_w = (root_w / root_w.sum()).sqrt()[:, None]
+
+    def coords(v):   # [b, ...] -> as the reference recorded it, float64 on the host, weighted
+        return (v.reshape(b, -1) if proj is None else _project(v, proj)).double().cpu() * root_w
+
+    s = [float(v) for v in sig] + [0.0]
+    kept, fitted = [], []
+    for i in range(len(sig)):
+        d = den(x, s[i])
+        kept = ([(x, d)] + kept)[:3]
+        sigmas = s[max(0, i - 2):i + 1][::-1]
+        base = _combine(kept, deis_terms(i, len(sig), sigmas, s[i + 1], 3))
+        basis = [_combine(kept, t) for t in correction_terms(sigmas, s[i + 1])]
+        if not basis:
+            fitted.append([])
+            x = base
+            continue
+        goal = (coords(ref["ref_final"][rows].to(device)) if s[i + 1] == 0
+                else states[idx[i + 1]][rows].double() * root_w)
+        a = torch.stack([coords(v) for v in basis], -1).reshape(-1, len(basis))
+        c = torch.linalg.lstsq(a, (goal - coords(base)).reshape(-1, 1)).solution[:, 0]
+        if not bool(torch.isfinite(c).all()):
+            return None
+        fitted.append([float(v) for v in c])
+        x = base + sum(float(v) * u for v, u in zip(c, basis))
+    return fitted
+
+
+def _combine(kept, terms) -> torch.Tensor:
+    """sum_j c_x,j x_j + c_D,j D_j over the kept (x_j, D_j), newest first, and terms [(c_x, c_D)]."""
+    return sum(cx * xj + cd * dj for (xj, dj), (cx, cd) in zip(kept, terms))
+
+
 def data_scale(ref: dict) -> float:
     """The data's scale: the RMS per coordinate of the reference's converged samples (weighted)."""
     final = ref["ref_final"].double()
@@ -773,6 +858,32 @@ def _check(den, steps, check, choice, ref, backend, density_kw, margin):
     labels = [_auto_label(*choice[:3]), _auto_label(*check)]
     kept = (name, dict(opts), g, sig, err, sq) if take else choice
     return (*kept, {labels[0]: choice[4], labels[1]: err}, get_solver(name).evaluations(int(steps)))
+
+
+def _fit_check(den, steps, choice, ref, backend, margin):
+    """solver="auto"'s fitted check (solvers.AUTO_FIT): DEIS-3 with corrections (`fit_corrections`) on the
+    choice's grid moved to the reference's nodes (`reference_nodes`), fitted on the pilot's even samples and
+    measured on its odd ones against `choice` = (solver, options, grid name, sigmas, per-sample squared errors
+    [B]) there; taken if `check_prefers` it with margin max(`margin`, AUTO_CHECK_MARGIN). Returns the kept
+    (solver, options, grid name, sigmas), {label: RMS error on the odd samples} (empty if it could not fit)
+    and the evaluations spent (the fit and the check each one run of half the batch: 2 x NFE, counted as
+    whole ones)."""
+    sig = reference_nodes(choice[3], ref)
+    b = len(choice[4])
+    even, odd = np.arange(0, b, 2), np.arange(1, b, 2)
+    corrections = fit_corrections(den, sig, ref, even, backend) if sig is not None and len(odd) else None
+    if corrections is None:
+        return choice[:4], {}, 0 if sig is None else int(steps)
+    weight = _ref_weight(ref, b)[odd]
+    half = {"ref_noise": ref["ref_noise"][odd], "ref_final": ref["ref_final"][odd], "ref_weight": weight}
+    options = {"corrections": corrections}
+    err, _, sq = _pilot_error(den, sig, "deis", half, backend, options)
+    choice_sq = np.asarray(choice[4], dtype=np.float64)[odd]
+    w = (weight / weight.sum()).numpy()
+    take = check_prefers(np.stack([choice_sq, sq]), w, max(margin, AUTO_CHECK_MARGIN))
+    errors = {_auto_label(*choice[:3]): float(np.sqrt((choice_sq * w).sum())), f"deis,fitted@{choice[2]}": err}
+    kept = ("deis", options, choice[2], sig) if take else choice[:4]
+    return kept, errors, 2 * int(steps)
 
 
 def _auto_label(solver: str, options: dict, grid: str) -> str:
@@ -842,7 +953,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             evaluations); from solvers.AUTO_NOISE_FROM steps on it instead measures its UniPC run with
             noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`) the same
             way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta "noise_below_errors";
-            len(AUTO_NOISE_CUTS) x NFE more evaluations). ts.sample(solver="auto",
+            len(AUTO_NOISE_CUTS) x NFE more evaluations); from 9 to 14 steps, where it then holds DEIS or
+            iPNDM (solvers.auto_fit), it fits deis's corrections on half the pilot (`fit_corrections`) and
+            takes them if the other half measures them better, as the check (meta "fit_errors"; 2 x NFE
+            more evaluations of half the batch). ts.sample(solver="auto",
             grid=this grid) then runs that solver (the recommended configuration, solvers.recommended).
         pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
         pilot_batch: pilot batch size B (default PILOT_BATCH = 256: smaller pilots miss the rare samples a
@@ -1011,6 +1125,11 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
                                                                 chosen_sq, pilot_data, backend, margin)
             spent += tail_nfe
             extra["noise_below_errors"] = tail_errors
+        if auto and auto_fit(int(steps), solver):
+            (solver, solver_options, chosen, sig), extra["fit_errors"], fit_nfe = _fit_check(
+                den, steps, (solver, solver_options, chosen, sig, chosen_sq), pilot_data, backend, margin)
+            spent += fit_nfe
+            order = get_solver(solver).order
         if auto:
             extra.update(auto=True, solver_options=dict(solver_options))
     elif steps == 1:

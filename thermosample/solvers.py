@@ -478,31 +478,90 @@ def deis_coeffs(nodes, s_next):
     return out
 
 
-def deis(run, x, sigmas, order=3):
+FIT_HISTORY = 2   # differences of D and of eps one fitted correction combines (calibrate.fit_corrections)
+
+
+def deis_terms(i, n, kept_sigmas, s_next, order):
+    """DEIS's update from step i of n as coefficients [(c_x, c_D) per kept (x_j, D_j), newest first] over
+    the kept evaluations' sigmas: x' = sum_j c_x,j x_j + c_D,j D_j."""
+    if s_next == 0:
+        return [(0.0, 1.0)] + [(0.0, 0.0)] * (len(kept_sigmas) - 1)
+    p = min(order, len(kept_sigmas))
+    if n < 15:
+        p = min(p, n - i)  # 2 on the last but one step, 1 on the last
+    terms = [[0.0, 0.0] for _ in kept_sigmas]
+    terms[0][0] = 1.0
+    for j, c in enumerate(deis_coeffs(list(kept_sigmas[:p]), s_next)):
+        terms[j][0] += c / kept_sigmas[j]
+        terms[j][1] -= c / kept_sigmas[j]
+    return [tuple(t) for t in terms]
+
+
+def correction_terms(kept_sigmas, s_next):
+    """The basis a fitted correction combines after a step from kept_sigmas[0] to s_next: with q =
+    min(FIT_HISTORY, len(kept_sigmas) - 1), the differences D_{j-1} - D_j and h (eps_{j-1} - eps_j) for j =
+    1..q (newest first, h = s_next - kept_sigmas[0], eps_j = (x_j - D_j) / sigma_j), each as coefficients
+    [(c_x, c_D) per kept (x_j, D_j)]. Returns 2q such lists (the D differences first)."""
+    q = min(FIT_HISTORY, len(kept_sigmas) - 1)
+    h = s_next - kept_sigmas[0]
+    out = []
+    for j in range(1, q + 1):
+        t = [[0.0, 0.0] for _ in kept_sigmas]
+        t[j - 1][1], t[j][1] = 1.0, -1.0
+        out.append(t)
+    for j in range(1, q + 1):
+        t = [[0.0, 0.0] for _ in kept_sigmas]
+        a, b = h / kept_sigmas[j - 1], h / kept_sigmas[j]
+        t[j - 1] = [a, -a]
+        t[j] = [-b, b]
+        out.append(t)
+    return out
+
+
+def _corrections(corrections, n):
+    """deis's `corrections` option as a list of n tuples of floats (each checked when its step runs)."""
+    if corrections is None:
+        return None
+    if isinstance(corrections, (str, bytes)) or not hasattr(corrections, "__len__") or len(corrections) != n:
+        raise ValueError(f"deis corrections must hold one sequence of floats per step ({n}), got {corrections!r}")
+    return [tuple(float(c) for c in step) for step in corrections]
+
+
+def deis(run, x, sigmas, order=3, corrections=None):
     """DEIS tAB (Zhang & Chen 2023), as diffusers' DEISMultistepScheduler(solver_order=order,
     algorithm_type="deis"): x_hat' = x_hat + sum_j c_j eps_j with eps_j = (x_j - D_j) / sigma_j, the
     outputs extrapolated by a Lagrange polynomial in log sigma (deis_coeffs); lower-order warm start, and
     (as diffusers) 1st/2nd order on the last two steps of a run of fewer than 15 steps; x = D on a step
-    to 0. One fused update over up to three (x, D) pairs."""
+    to 0. One fused update over up to three (x, D) pairs.
+
+    corrections: None (plain DEIS), or per step the coefficients of `correction_terms` added to the step
+    (2 min(FIT_HISTORY, i) floats at step i): least squares fitted on a pilot by calibrate.fit_corrections,
+    which solver="auto" measures up to 14 steps (docs/calibration.md §19)."""
     order = _check_order("order", order, 1, 3)
     n = len(sigmas) - 1
+    fit = _corrections(corrections, n)
+    depth = max(order, FIT_HISTORY + 1) if fit else order
     kept = []  # (x_j, D_j, sigma_j), newest first
     for i in run.steps():
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = run.denoise(x, s)
         run.callback(i, x, s, s, denoised)
-        kept = ([(x, denoised, s)] + kept)[:order]
-        if s_next == 0:
-            x = run.update([x, denoised], [0.0, 1.0], i, track_sigma=s)
-            continue
-        p = len(kept)
-        if n < 15:
-            p = min(p, n - i)  # 2 on the last but one step, 1 on the last
+        kept = ([(x, denoised, s)] + kept)[:depth]
+        kept_sigmas = [k[2] for k in kept]
+        terms = [list(t) for t in deis_terms(i, n, kept_sigmas, s_next, order)]
+        if fit:
+            basis = correction_terms(kept_sigmas, s_next)
+            if len(fit[i]) != len(basis):
+                raise ValueError(f"deis corrections[{i}] must hold {len(basis)} floats, got {len(fit[i])}")
+            for c, b in zip(fit[i], basis):
+                for t, bt in zip(terms, b):
+                    t[0] += c * bt[0]
+                    t[1] += c * bt[1]
         inputs, coeffs = [], []
-        for c, (x_j, d_j, s_j) in zip(deis_coeffs([k[2] for k in kept[:p]], s_next), kept):
-            inputs += [x_j, d_j]
-            coeffs += [c / s_j, -c / s_j]
-        coeffs[0] += 1.0
+        for (x_j, d_j, _), (cx, cd) in zip(kept, terms):
+            if cx != 0.0 or cd != 0.0 or not inputs:
+                inputs += [x_j, d_j]
+                coeffs += [cx, cd]
         x = run.update(inputs, coeffs, i, track_sigma=s)
     return x
 
@@ -678,6 +737,23 @@ def auto_check(steps: int) -> tuple[str, dict, str] | None:
     return None
 
 
+# From AUTO_FIT[0] to AUTO_FIT[1] steps, where the choice is one of AUTO_FIT_AFTER, solver="auto" ends with
+# one more check: DEIS-3 with corrections fitted on half of its pilot (calibrate.fit_corrections: per step,
+# the least-squares combination of the last two D and eps differences that moves the update toward the
+# converged trajectory) on the choice's grid, measured on the other half against the choice and taken as the
+# check above is (calibrate.check_prefers, AUTO_CHECK_MARGIN). Not after UniPC, the band's default: where the
+# pilot keeps it, the error is samples sent to another mode, and there the fitted run, far better on the bulk,
+# sent more samples to another mode than the pilot's half could see (up to 10 x UniPC's error on a large
+# batch on tuning mixtures; docs/calibration.md §19).
+AUTO_FIT = (9, 14)
+AUTO_FIT_AFTER = ("deis", "ipndm")
+
+
+def auto_fit(steps: int, solver: str) -> bool:
+    """Whether solver="auto" measures fitted DEIS corrections after choosing `solver` for `steps` steps."""
+    return AUTO_FIT[0] <= steps <= AUTO_FIT[1] and solver in AUTO_FIT_AFTER
+
+
 def recommended(nfe: int) -> dict:
     """The configuration to take for `nfe` model evaluations (5-50) without reading the theory:
 
@@ -687,8 +763,9 @@ def recommended(nfe: int) -> dict:
     `thermo_grid(solver="auto")` measures the two candidates of `auto_candidates(nfe)` on its pilot
     (calibrate.select) and keeps the default unless the alternative's pilot error is below
     calibrate.MARGIN times the default's; up to 14 steps it then checks that choice against
-    `auto_check(nfe)` on karras (AUTO_CHECK_MARGIN), from 18 it tries noise prediction on the low-noise steps
-    (AUTO_NOISE_CUTS); `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
+    `auto_check(nfe)` on karras (AUTO_CHECK_MARGIN) and from 9 (after DEIS or iPNDM) fits deis's corrections
+    on the pilot (AUTO_FIT), from 18 it tries noise prediction on the low-noise steps (AUTO_NOISE_CUTS);
+    `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
     return {"solver": AUTO_NAME, "grid": "calibrated", "steps": int(nfe)}
 
 

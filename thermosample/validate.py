@@ -135,14 +135,18 @@ def check_extra_args(extra_args) -> dict:
 
 
 _NONNEGATIVE_OPTIONS = ("churn", "eta", "s_noise", "s_tmin", "s_tmax")
+_SEQUENCE_OPTIONS = ("corrections",)
 
 
 def check_solver_options(options: dict, defaults: dict | None = None) -> None:
     """Numeric solver knobs are real numbers; churn, eta, s_noise and the churn window are >= 0 (s_tmax may
     be inf). An option whose default is a string (e.g. solver_type) takes a string; its solver checks it.
-    One whose default is None (e.g. unipc's max_h: off) also takes None."""
+    One whose default is None (e.g. unipc's max_h: off) also takes None. A sequence option (deis's
+    corrections) is checked by its solver."""
     for name, value in options.items():
         if defaults is not None and defaults.get(name, 0) is None and value is None:
+            continue
+        if name in _SEQUENCE_OPTIONS:
             continue
         if defaults is not None and isinstance(defaults.get(name), str):
             if not isinstance(value, str):

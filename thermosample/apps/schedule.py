@@ -30,7 +30,8 @@ def main(args) -> int:
     sch = den.schedule
     k = np.append(grids.karras(args.steps, sch.sigma_min, sch.sigma_max), 0.0)
     chosen = f" (chose {g.meta['chosen']})" if "chosen" in g.meta else ""
-    solver = g.meta["solver"] + (" " + str(g.meta["solver_options"]) if g.meta.get("solver_options") else "")
+    options = {k: ("fitted" if k == "corrections" else v) for k, v in (g.meta.get("solver_options") or {}).items()}
+    solver = g.meta["solver"] + (" " + str(options) if options else "")   # corrections: one list per step
     if g.meta.get("auto"):
         solver += " (chosen by solver auto)"
     print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {solver}, method "
