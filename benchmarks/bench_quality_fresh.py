@@ -6,11 +6,12 @@ high-dimensional NFE 20 miss that moved UniPC-3's band to 18 steps, so it is no 
 that change; "fresh2" was defined before either was measured and first run with both in place; "fresh3"
 was defined in session 8 before any of that session's changes was measured; fresh4/fresh5 in session 9,
 fresh6 in session 10, fresh7/fresh8 in session 11, fresh9-fresh12 in session 12, fresh13/fresh14 in
-session 13, fresh15/fresh16 in session 14 and fresh17/fresh18 in session 15, each before that session's
-changes were measured on it. fresh17 and fresh18 are a new kind of problem (spectral_mixture: image-like
-power-law spectra and overlapping classes), on which nothing was ever tuned.
+session 13, fresh15/fresh16 in session 14, fresh17/fresh18 in session 15 and fresh19/fresh20 in session 16,
+each before that session's changes were measured on it. fresh17 and fresh18 are a new kind of problem
+(spectral_mixture: image-like power-law spectra and overlapping classes), on which nothing was ever tuned;
+fresh19 is six more of them, fresh20 mixes them with separated-mode mixtures.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh18 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh20 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -258,6 +259,34 @@ SETS = {
         Problem("fr18-spec-d896-k2-a1/cosine",
                 lambda: spectral_mixture(896, 2, 1.0, 0.9, 2006).denoiser("cosine"), (896,), 256),
     ], (9550, 9551, 9552, 9553)),
+    "fresh19": ([
+        Problem("fr19-spec-d1280-k3-a1.3/vp",
+                lambda: spectral_mixture(1280, 3, 1.3, 0.25, 2101).denoiser(ts.schedules.VPLinear()), (1280,), 128),
+        Problem("fr19-spec-d640-k7-a0.9/condot",
+                lambda: spectral_mixture(640, 7, 0.9, 0.35, 2102).denoiser("condot"), (640,), 256),
+        Problem("fr19-spec-d320-k4-a1.7/edm", lambda: spectral_mixture(320, 4, 1.7, 0.5, 2103).denoiser(EDM), (320,),
+                512),
+        Problem("fr19-spec-d160-k6-a1.1/cosine",
+                lambda: spectral_mixture(160, 6, 1.1, 0.15, 2104).denoiser("cosine"), (160,), 1024),
+        Problem("fr19-spec-d1792-k5-a0.7/edm", lambda: spectral_mixture(1792, 5, 0.7, 0.4, 2105).denoiser(EDM),
+                (1792,), 128),
+        Problem("fr19-spec-d24-k3-a1.5-unequal/condot",
+                lambda: spectral_mixture(24, 3, 1.5, 0.6, 2106, weight_spread=8.0).denoiser("condot"), (24,), 2048),
+    ], (9600, 9601, 9602, 9603)),
+    "fresh20": ([
+        Problem("fr20-mix-d1152-k5/vp",
+                lambda: mixture(1152, 5, 0.03, 0.1, 2201).denoiser(ts.schedules.VPLinear()), (1152,), 128),
+        Problem("fr20-mix-d576-k4-aniso/edm", lambda: aniso_mixture(576, 4, 0.03, 0.2, 2202).denoiser(EDM), (576,),
+                256),
+        Problem("fr20-spec-d448-k5-a1.4/cosine",
+                lambda: spectral_mixture(448, 5, 1.4, 0.3, 2203).denoiser("cosine"), (448,), 512),
+        Problem("fr20-mix-d96-k8-sharp/condot", lambda: mixture(96, 8, 0.01, 0.06, 2204).denoiser("condot"), (96,),
+                1024),
+        Problem("fr20-spec-d2048-k4-a1.2/vp",
+                lambda: spectral_mixture(2048, 4, 1.2, 0.5, 2205).denoiser(ts.schedules.VPLinear()), (2048,), 128),
+        Problem("fr20-mix-d12-k6-unequal/edm",
+                lambda: mixture(12, 6, 0.03, 0.2, 2206, weight_spread=10.0).denoiser(EDM), (12,), 2048),
+    ], (9650, 9651, 9652, 9653)),
 }
 
 
