@@ -54,7 +54,8 @@ def test_compiled_loop_with_inductor_matches_eager():
 
 @pytest.mark.parametrize("solver,options", [("heun", {"churn": 1.5}), ("dpm_2", {}), ("dpmpp_2m", {}),
                                             ("euler_ancestral", {}), ("dpmpp_2m_sde", {}), ("lms", {}),
-                                            ("unipc", {"order": 3}), ("deis", {}), ("ipndm", {}), ("dpmpp_3m", {})])
+                                            ("unipc", {"order": 3}), ("deis", {}), ("ipndm", {}), ("dpmpp_3m", {}),
+                                            ("deis", {"corrections": [[], [0.2, -0.1], [0.3, 0.1, -0.2, 0.05]]})])
 def test_compiled_solvers_match_eager_bit_for_bit(solver, options):
     """Off-grid noise levels (EDM churn, midpoints) come from the host plan; noise from the in-kernel
     Philox stream: the compiled run (aot_eager: the traced graph, no codegen) equals the eager one."""

@@ -757,6 +757,11 @@ def _pilot_error(den, sig, solver, ref, backend, solver_options):
     return err if math.isfinite(err) else math.inf, sig, sq.numpy()
 
 
+# fit_corrections prices the rounding of a run's inputs (relative error FIT_ROUNDING x float32's eps, or the
+# model dtype's if coarser) next to the fit's squared error: 10, not 1, because later steps amplify it.
+FIT_ROUNDING = 10.0
+
+
 def reference_nodes(sig, ref: dict) -> np.ndarray | None:
     """Positive sigmas `sig` moved to the nearest nodes (in log sigma) of the reference trajectory, whose
     states the pilot recorded; None where two would land on one node."""
@@ -770,9 +775,9 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
     fitted on the reference's samples `rows` (indices): from their noise, step by step, the coefficients of
     `solvers.correction_terms` that move the DEIS-3 update closest, in least squares on the reference's
     recorded coordinates (or projections, ref_proj) weighted by ref_weight, to the reference's state at the
-    next node (its converged sample on the step to 0). Aiming each step back at the converged trajectory, it
-    corrects the error carried from the steps before as well as the step's own. Costs len(sig) evaluations
-    of those rows.
+    next node (its converged sample on the step to 0), plus the rounding a float32 run would add through
+    the coefficients (FIT_ROUNDING). Aiming each step back at the converged trajectory, it corrects the error
+    carried from the steps before as well as the step's own. Costs len(sig) evaluations of those rows.
     Returns one list of floats per step, or None if the reference lacks what the fit needs (ref_proj, or
     nodes at `sig`) or the fit is not finite."""
     from .solvers import correction_terms, deis_terms
@@ -790,6 +795,9 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
     root_w = _ref_weight(ref, states.shape[1])[rows]
     root_w = (root_w / root_w.sum()).sqrt()[:, None]
 
+    # a float32 run's relative rounding of its inputs (the model's own, if coarser): FIT_ROUNDING x its eps
+    rounding = FIT_ROUNDING * max(torch.finfo(torch.float32).eps, torch.finfo(dtype).eps)
+
     def coords(v):   # [b, ...] -> as the reference recorded it, float64 on the host, weighted
         return (v.reshape(b, -1) if proj is None else _project(v, proj)).double().cpu() * root_w
 
@@ -799,8 +807,10 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
         d = den(x, s[i])
         kept = ([(x, d)] + kept)[:3]
         sigmas = s[max(0, i - 2):i + 1][::-1]
-        base = _combine(kept, deis_terms(i, len(sig), sigmas, s[i + 1], 3))
-        basis = [_combine(kept, t) for t in correction_terms(sigmas, s[i + 1])]
+        base_terms = deis_terms(i, len(sig), sigmas, s[i + 1], 3)
+        basis_terms = correction_terms(sigmas, s[i + 1])
+        base = _combine(kept, base_terms)
+        basis = [_combine(kept, t) for t in basis_terms]
         if not basis:
             fitted.append([])
             x = base
@@ -808,7 +818,20 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
         goal = (coords(ref["ref_final"][rows].to(device)) if s[i + 1] == 0
                 else states[idx[i + 1]][rows].double() * root_w)
         a = torch.stack([coords(v) for v in basis], -1).reshape(-1, len(basis))
-        c = torch.linalg.lstsq(a, (goal - coords(base)).reshape(-1, 1)).solution[:, 0]
+        # least squares plus the rounding a run adds: each input x_j, D_j of the fused update carries a
+        # relative error of about `rounding`, which its coefficient scales. Without this term, where the
+        # differences are far below the state (D at high noise), the fit's coefficients reached 1e3-1e9,
+        # exact in float64 and 200 x the error in a float32 run (tests/test_fitted_corrections.py).
+        sizes = [(coords(xj).square().sum(), coords(dj).square().sum()) for xj, dj in kept]
+        bx = torch.tensor([[t[j][0] for j in range(len(kept))] for t in basis_terms], dtype=torch.float64)
+        bd = torch.tensor([[t[j][1] for j in range(len(kept))] for t in basis_terms], dtype=torch.float64)
+        nx = torch.stack([v[0] for v in sizes]) * rounding ** 2
+        nd = torch.stack([v[1] for v in sizes]) * rounding ** 2
+        gram = a.T @ a + (bx * nx) @ bx.T + (bd * nd) @ bd.T
+        base_x = torch.tensor([t[0] for t in base_terms], dtype=torch.float64)
+        base_d = torch.tensor([t[1] for t in base_terms], dtype=torch.float64)
+        rhs = a.T @ (goal - coords(base)).reshape(-1) - bx @ (base_x * nx) - bd @ (base_d * nd)
+        c = torch.linalg.solve(gram, rhs)
         if not bool(torch.isfinite(c).all()):
             return None
         fitted.append([float(v) for v in c])
@@ -875,7 +898,8 @@ def _fit_check(den, steps, choice, ref, backend, margin):
     if corrections is None:
         return choice[:4], {}, 0 if sig is None else int(steps)
     weight = _ref_weight(ref, b)[odd]
-    half = {"ref_noise": ref["ref_noise"][odd], "ref_final": ref["ref_final"][odd], "ref_weight": weight}
+    # in float32, as a run from float32 noise computes: a fit that only a float64 run reproduces is refused
+    half = {"ref_noise": ref["ref_noise"][odd].float(), "ref_final": ref["ref_final"][odd], "ref_weight": weight}
     options = {"corrections": corrections}
     err, _, sq = _pilot_error(den, sig, "deis", half, backend, options)
     choice_sq = np.asarray(choice[4], dtype=np.float64)[odd]

@@ -519,12 +519,22 @@ def correction_terms(kept_sigmas, s_next):
 
 
 def _corrections(corrections, n):
-    """deis's `corrections` option as a list of n tuples of floats (each checked when its step runs)."""
+    """deis's `corrections` option as a list of n tuples of finite floats, 2 min(FIT_HISTORY, i) at step i
+    (the size of correction_terms' basis there); a ValueError naming what is wrong, before any evaluation."""
     if corrections is None:
         return None
     if isinstance(corrections, (str, bytes)) or not hasattr(corrections, "__len__") or len(corrections) != n:
         raise ValueError(f"deis corrections must hold one sequence of floats per step ({n}), got {corrections!r}")
-    return [tuple(float(c) for c in step) for step in corrections]
+    try:
+        out = [tuple(float(c) for c in step) for step in corrections]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"deis corrections must hold one sequence of floats per step: {exc}") from None
+    for i, step in enumerate(out):
+        if len(step) != 2 * min(FIT_HISTORY, i):
+            raise ValueError(f"deis corrections[{i}] must hold {2 * min(FIT_HISTORY, i)} floats, got {len(step)}")
+    if not all(math.isfinite(c) for step in out for c in step):
+        raise ValueError("deis corrections must be finite")
+    return out
 
 
 def deis(run, x, sigmas, order=3, corrections=None):
@@ -550,10 +560,7 @@ def deis(run, x, sigmas, order=3, corrections=None):
         kept_sigmas = [k[2] for k in kept]
         terms = [list(t) for t in deis_terms(i, n, kept_sigmas, s_next, order)]
         if fit:
-            basis = correction_terms(kept_sigmas, s_next)
-            if len(fit[i]) != len(basis):
-                raise ValueError(f"deis corrections[{i}] must hold {len(basis)} floats, got {len(fit[i])}")
-            for c, b in zip(fit[i], basis):
+            for c, b in zip(fit[i], correction_terms(kept_sigmas, s_next)):
                 for t, bt in zip(terms, b):
                     t[0] += c * bt[0]
                     t[1] += c * bt[1]
