@@ -67,7 +67,8 @@ from .solvers import (
 )
 
 __all__ = ["ThermoGrid", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density", "critical_density",
-           "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default"]
+           "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default", "reference",
+           "reference_nodes", "fit_corrections"]
 
 
 
