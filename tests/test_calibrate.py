@@ -666,12 +666,13 @@ def test_auto_states_its_compared_errors_and_a_rerun_reproduces_them():
     assert g.meta["shared_outliers"] == int(calibrate.shared_outliers(np.stack(sq)).sum())
 
 
-def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_18_steps():
+def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps():
     """From AUTO_NOISE_FROM steps, solver="auto" also measures its UniPC choice with noise_below at each of
     AUTO_NOISE_CUTS times the data's scale (here about 1) and keeps the best when it clears AUTO_NOISE_MARGIN. On a
     256-dimensional mixture of narrow modes at 20 steps it takes a cut; the recorded errors are those of
     rerunning each cut from the pilot's noise; the evaluations are counted; and on fresh noise the chosen run
-    is closer to the converged solution than the same grid without the cut. Below 18 steps nothing is measured."""
+    is closer to the converged solution than the same grid without the cut. Below AUTO_NOISE_FROM (12) steps
+    nothing is measured."""
     from thermosample import solvers
     mix = toy.default_mixture(dim=256, modes=4, seed=3)
     den = mix.denoiser("edm")
@@ -699,8 +700,14 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_18_steps():
     chosen = ts.sample(den, noise=x.float(), grid=g, solver="auto", track=False).samples
     without = ts.sample(den, noise=x.float(), grid=g, solver="unipc", track=False, **plain).samples
     assert (chosen.double() - exact).square().mean() < (without.double() - exact).square().mean()
-    g17 = ts.thermo_grid(den, 17, solver="auto", pilot_data=g.pilot)
-    assert "noise_below_errors" not in g17.meta and "noise_below" not in g17.meta["solver_options"]
+    g16 = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot)    # below 18, the threshold before §21
+    assert g16.meta["solver"] == "unipc" and "noise_below" in g16.meta["solver_options"]
+    plain16 = {k: v for k, v in g16.meta["solver_options"].items() if k not in ("noise_below", "noise_order")}
+    chosen16 = ts.sample(den, noise=x.float(), grid=g16, solver="auto", track=False).samples
+    without16 = ts.sample(den, noise=x.float(), grid=g16, solver="unipc", track=False, **plain16).samples
+    assert (chosen16.double() - exact).square().mean() < (without16.double() - exact).square().mean()
+    below = ts.thermo_grid(den, solvers.AUTO_NOISE_FROM - 1, solver="auto", pilot_data=g.pilot)
+    assert "noise_below_errors" not in below.meta and "noise_below" not in below.meta["solver_options"]
 
 
 def test_the_single_solver_choice_keeps_every_sample(monkeypatch):

@@ -975,9 +975,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             default's (meta "solver", "solver_options"); up to 14 steps it then measures the one run of
             solvers.auto_check(steps) on karras and takes it if below max(margin,
             solvers.AUTO_CHECK_MARGIN) times the choice's error (meta "check_errors"; NFE more
-            evaluations); from solvers.AUTO_NOISE_FROM steps on it instead measures its UniPC run with
-            noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`) the same
-            way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta "noise_below_errors";
+            evaluations); from solvers.AUTO_NOISE_FROM steps on, where it then holds UniPC, it measures
+            that run with noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`)
+            the same way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta "noise_below_errors";
             len(AUTO_NOISE_CUTS) x NFE more evaluations); from 9 to 14 steps, where it then holds DEIS or
             iPNDM (solvers.auto_fit), it fits deis's corrections on half the pilot (`fit_corrections`) and
             takes them if the other half measures them better, as the check (meta "fit_errors"; 2 x NFE

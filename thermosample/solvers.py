@@ -711,8 +711,12 @@ AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC
 # 0.3: on 14 tuning mixtures it was the better cut on six, and the pilot rejected it where it left such a
 # tail; and since a cut changes only steps taken after the modes are chosen, its pilot
 # error ranks it reliably, so the margin is 0.8, not calibrate.MARGIN (every tuning cut whose pilot error was
-# 0.6-0.8 x the plain run's was also better on the large batches; docs/calibration.md §15).
-AUTO_NOISE_FROM = 18
+# 0.6-0.8 x the plain run's was also better on the large batches; docs/calibration.md §15). From 12 steps,
+# not 18 as first: UniPC's long low-noise steps are as weak at 12-17 steps (6-8 x the best peer on three
+# tuning mixtures at 16). On the thirty tuning mixtures `auto` within 0.8 x the best peer went 22 -> 24,
+# 17 -> 19 and 14 -> 18 of 30 at 12, 14 and 16 steps (one cell worse by over 5 %), and on the twenty unseen
+# sets at NFE 14 90 -> 96 of 118 (26 cells better, 2 worse, both far inside the bar; docs/calibration.md §21).
+AUTO_NOISE_FROM = 12
 AUTO_NOISE_CUTS = (0.3, 0.2, 0.1)
 AUTO_NOISE_MARGIN = 0.8
 AUTO_NOISE_ORDER = 3    # the cut's DEIS order, also after UniPC-2 (which would default to DEIS-2; §15)
@@ -771,7 +775,7 @@ def recommended(nfe: int) -> dict:
     (calibrate.select) and keeps the default unless the alternative's pilot error is below
     calibrate.MARGIN times the default's; up to 14 steps it then checks that choice against
     `auto_check(nfe)` on karras (AUTO_CHECK_MARGIN) and from 9 (after DEIS or iPNDM) fits deis's corrections
-    on the pilot (AUTO_FIT), from 18 it tries noise prediction on the low-noise steps (AUTO_NOISE_CUTS);
+    on the pilot (AUTO_FIT), from 12 it tries noise prediction on the low-noise steps (AUTO_NOISE_CUTS);
     `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
     return {"solver": AUTO_NAME, "grid": "calibrated", "steps": int(nfe)}
 
