@@ -9,9 +9,10 @@ fresh6 in session 10, fresh7/fresh8 in session 11, fresh9-fresh12 in session 12,
 session 13, fresh15/fresh16 in session 14, fresh17/fresh18 in session 15 and fresh19/fresh20 in session 16,
 each before that session's changes were measured on it. fresh17 and fresh18 are a new kind of problem
 (spectral_mixture: image-like power-law spectra and overlapping classes), on which nothing was ever tuned;
-fresh19 is six more of them, fresh20 mixes them with separated-mode mixtures.
+fresh19 is six more of them, fresh20 mixes them with separated-mode mixtures. fresh21 (separated-mode
+mixtures) and fresh22 (both kinds) were defined in session 18 before the 15-17-step change was measured.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh20 [bench_quality options]
+    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh22 [bench_quality options]
 
 Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
 """
@@ -287,6 +288,35 @@ SETS = {
         Problem("fr20-mix-d12-k6-unequal/edm",
                 lambda: mixture(12, 6, 0.03, 0.2, 2206, weight_spread=10.0).denoiser(EDM), (12,), 2048),
     ], (9650, 9651, 9652, 9653)),
+    # defined in session 18 before the 15-17-step band change was measured on any set
+    "fresh21": ([
+        Problem("fr21-mix-d1344-k4/cosine", lambda: mixture(1344, 4, 0.03, 0.12, 2301).denoiser("cosine"), (1344,),
+                128),
+        Problem("fr21-mix-d704-k6-aniso/vp",
+                lambda: aniso_mixture(704, 6, 0.02, 0.22, 2302).denoiser(ts.schedules.VPLinear()), (704,), 256),
+        Problem("fr21-mix-d352-k5-unequal/edm",
+                lambda: mixture(352, 5, 0.03, 0.15, 2303, weight_spread=8.0).denoiser(EDM), (352,), 512),
+        Problem("fr21-mix-d160-k10-sharp/cosine", lambda: mixture(160, 10, 0.01, 0.05, 2304).denoiser("cosine"),
+                (160,), 1024),
+        Problem("fr21-mix-d1920-k3/vp",
+                lambda: mixture(1920, 3, 0.04, 0.12, 2305).denoiser(ts.schedules.VPLinear()), (1920,), 128),
+        Problem("fr21-mix-d20-k7-aniso/condot", lambda: aniso_mixture(20, 7, 0.03, 0.2, 2306).denoiser("condot"),
+                (20,), 2048),
+    ], (9700, 9701, 9702, 9703)),
+    "fresh22": ([
+        Problem("fr22-spec-d1664-k4-a1.1/edm", lambda: spectral_mixture(1664, 4, 1.1, 0.3, 2401).denoiser(EDM),
+                (1664,), 128),
+        Problem("fr22-mix-d896-k5-aniso/cosine",
+                lambda: aniso_mixture(896, 5, 0.03, 0.2, 2402).denoiser("cosine"), (896,), 256),
+        Problem("fr22-spec-d512-k6-a1.6/vp",
+                lambda: spectral_mixture(512, 6, 1.6, 0.4, 2403).denoiser(ts.schedules.VPLinear()), (512,), 256),
+        Problem("fr22-mix-d256-k6/edm", lambda: mixture(256, 6, 0.03, 0.12, 2404).denoiser(EDM), (256,), 512),
+        Problem("fr22-spec-d96-k8-a0.8/condot", lambda: spectral_mixture(96, 8, 0.8, 0.5, 2405).denoiser("condot"),
+                (96,), 1024),
+        Problem("fr22-mix-d1024-k4-unequal/vp",
+                lambda: mixture(1024, 4, 0.03, 0.1, 2406, weight_spread=6.0).denoiser(ts.schedules.VPLinear()),
+                (1024,), 128),
+    ], (9750, 9751, 9752, 9753)),
 }
 
 
