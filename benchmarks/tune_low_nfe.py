@@ -33,7 +33,7 @@ from quality_problems import aniso_mixture, mixture, spectral_mixture  # noqa: E
 
 import thermosample as ts  # noqa: E402
 from thermosample import calibrate  # noqa: E402
-from thermosample.solvers import AUTO_CHECK_MARGIN, AUTO_MAX_H, get_solver  # noqa: E402
+from thermosample.solvers import AUTO_CHECK_MARGIN, AUTO_MAX_H, AUTO_NOISE_CUTS, AUTO_NOISE_MARGIN, get_solver  # noqa: E402
 
 VP, COS = ts.schedules.VPLinear, "cosine"
 TUNE = dict(tnc.TUNE)
@@ -81,6 +81,19 @@ BAND_CONFIGS[20] = (  # ("scale", c) in an option: c x the data's scale (calibra
     ("unipc", {**_O3, "noise_below": ("scale", 1.0), "noise_order": 3}, "error"),
     ("ipndm", {}, "karras"), ("dpmpp_3m", {}, "karras"), ("deis", {}, "jump"), ("unipc", _O3, "logsnr"),
 )
+_U2, _U3H = {}, {"order": 3, "max_h": AUTO_MAX_H}
+
+
+def _cut(opts: dict, c: float) -> dict:
+    return {**opts, "noise_below": ("scale", c), "noise_order": 3}
+
+
+BAND_CONFIGS[16] = (  # the 15-17 band: each UniPC default with and without solver="auto"'s noise cuts
+    *(cfg for o in (_U2, _U3H, _O3)
+      for cfg in (("unipc", o, "error"), *(("unipc", _cut(o, c), "error") for c in AUTO_NOISE_CUTS))),
+    ("ipndm", {}, "error"), ("ipndm", {}, "karras"), ("deis", {}, "karras"), ("deis", {}, "error"),
+    ("deis", {}, "logsnr"), ("unipc", _O3, "karras"), ("dpmpp_3m", {}, "karras"))
+BAND_CONFIGS[18] = BAND_CONFIGS[16]
 SMALL = (("ipndm", {}, "jump"), ("euler", {}, "jump"), ("deis", {}, "jump"), ("deis", {}, "error"),
          ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"), ("unipc", {}, "karras"))
 BAND_CONFIGS.update({5: SMALL, 7: SMALL})
@@ -106,6 +119,23 @@ POLICIES = {  # steps: {name: (candidates, default first; margin[; the check: a 
          "now: band, check deis@karras": ([_C10[0], _C10[1]], 0.6, _C10[10]),
          "min of all": (list(_C10), 1.0)},
 }
+_E = {k: ("unipc", o, "error") for k, o in (("u2", _U2), ("u3h", _U3H), ("u3", _O3))}
+_IE, _DK = ("ipndm", {}, "error"), ("deis", {}, "karras")
+for _n in (16, 18):
+    POLICIES[_n] = {  # (candidates, margin, check or None, noise stage)
+        "15-17 band: u2@error | ipndm@error + noise": ([_E["u2"], _IE], 0.6, None, True),
+        "15-17 band + check deis@karras": ([_E["u2"], _IE], 0.6, _DK, True),
+        "9-14 band: u3h@error | ipndm@error + noise": ([_E["u3h"], _IE], 0.6, None, True),
+        "9-14 band + check deis@karras": ([_E["u3h"], _IE], 0.6, _DK, True),
+        "18+ band: u3@error | u2@error + noise": ([_E["u3"], _E["u2"]], 0.6, None, True),
+        "18+ band + check deis@karras": ([_E["u3"], _E["u2"]], 0.6, _DK, True),
+        "15-17 band, noise, then check": ([_E["u2"], _IE], 0.6, _DK, True, True),
+        "9-14 band, noise, then check": ([_E["u3h"], _IE], 0.6, _DK, True, True),
+        "u3h@error | u2@error + noise": ([_E["u3h"], _E["u2"]], 0.6, None, True),
+        "u3h@error | u2@error | ipndm@error + noise": ([_E["u3h"], _E["u2"], _IE], 0.6, None, True),
+        "u2@error | u3h@error | ipndm@error + noise": ([_E["u2"], _E["u3h"], _IE], 0.6, None, True),
+        "u3h@error | u2@error | ipndm@error, 1.0 + noise": ([_E["u3h"], _E["u2"], _IE], 1.0, None, True),
+        "min of all": (list(BAND_CONFIGS[_n]), 1.0)}
 for _n in (8, 9):
     _C = BAND_CONFIGS[_n]
     POLICIES[_n] = {"second band's: unipc(o3,max_h)@error | ipndm@error, 0.6": ([_C[0], _C[1]], 0.6),
@@ -147,17 +177,30 @@ def measure(pname: str, n: int, seed: int, steps: int) -> dict:
     return out
 
 
-def choose(r: dict, cands, margin: float, check=None) -> str:
+def choose(r: dict, cands, margin: float, check=None, noise: bool = False, check_last: bool = False) -> str:
     """The configuration `cands` (default first) gives under calibrate's rule on the pilot's errors, then
-    `check` if calibrate.check_prefers it (solver="auto"'s check, solvers.AUTO_CHECK_MARGIN)."""
-    names = [name(c) for c in cands]
-    sq = np.stack([np.asarray(r["configs"][k]["pilot_sq"]) for k in names])
-    weight = np.full(sq.shape[1], 1.0 / sq.shape[1])
-    best, _, _ = calibrate._choose(sq, weight, margin, shared=True)
-    if check is None:
-        return names[best]
-    pair = np.stack([sq[best], np.asarray(r["configs"][name(check)]["pilot_sq"])])
-    return name(check) if calibrate.check_prefers(pair, weight, AUTO_CHECK_MARGIN) else names[best]
+    `check` if calibrate.check_prefers it (solver="auto"'s check, solvers.AUTO_CHECK_MARGIN), then, with
+    `noise` and UniPC chosen, the best of its noise cuts if below AUTO_NOISE_MARGIN x its error (the stage
+    solver="auto" runs from solvers.AUTO_NOISE_FROM steps); `check_last`: the check after the noise stage."""
+    pilot_sq = {k: np.asarray(v["pilot_sq"]) for k, v in r["configs"].items()}
+    weight = np.full(len(next(iter(pilot_sq.values()))), 1.0 / len(next(iter(pilot_sq.values()))))
+    best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cands]), weight, margin, shared=True)
+    chosen = cands[best]
+
+    def checked(chosen):
+        pair = np.stack([pilot_sq[name(chosen)], pilot_sq[name(check)]])
+        return check if calibrate.check_prefers(pair, weight, AUTO_CHECK_MARGIN) else chosen
+
+    if check is not None and not check_last:
+        chosen = checked(chosen)
+    if noise and chosen[0] == "unipc":
+        cuts = [chosen] + [(chosen[0], _cut(chosen[1], c), chosen[2]) for c in AUTO_NOISE_CUTS]
+        best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cuts]), weight,
+                                       max(margin, AUTO_NOISE_MARGIN), shared=True)
+        chosen = cuts[best]
+    if check is not None and check_last:
+        chosen = checked(chosen)
+    return name(chosen)
 
 
 def main(argv=None) -> int:
