@@ -44,6 +44,28 @@ def test_fresh_sets_are_disjoint_from_the_tuned_ones_and_run_one_problem(tmp_pat
     assert doc["meta"]["seeds"] == [3000, 3001, 3002, 3003] and list(doc["meta"]["problems"]) == ["fr-mix-d3-k4/edm"]
 
 
+def test_compare_fresh_counts_cells_at_each_bar(tmp_path, capsys):
+    """benchmarks/compare_fresh.py: per cell both ratios and a mark where one moved by over 5 %; per group the
+    cells within 1.0 x and 0.8 x before -> after, and how many moved; cells only one run holds are left out."""
+    spec = importlib.util.spec_from_file_location("_compare_fresh", _path.parent / "compare_fresh.py")
+    cf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cf)
+
+    def write(directory, ratios):
+        directory.mkdir()
+        rows = [{"problem": f"p{i}", "budget": 16, "recommended_ratio": r, "recommended_ci90": [r / 2, r * 2]}
+                for i, r in enumerate(ratios)]
+        (directory / "fresh2.json").write_text(json.dumps({"summary": rows}))
+
+    write(tmp_path / "b", [0.5, 2.0, 0.9, 0.3])
+    write(tmp_path / "a", [0.51, 0.7, 1.2])
+    assert cf.main([str(tmp_path / "b"), str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "within 1.0 x 2 -> 2, within 0.8 x 1 -> 2" in out and "1 better, 1 worse" in out
+    assert out.count("fresh2 ") == 3 and "p3" not in out
+    assert cf.main([]) == 2
+
+
 def test_selector_matches_tokens_not_prefixes():
     names = [p.name for p in bq.problems(select=["d2"])]
     assert names == ["mix-d2-k5-wide/condot"]                      # not d256
