@@ -135,6 +135,11 @@ for _n in (16, 18):
         "u3h@error | u2@error | ipndm@error + noise": ([_E["u3h"], _E["u2"], _IE], 0.6, None, True),
         "u2@error | u3h@error | ipndm@error + noise": ([_E["u2"], _E["u3h"], _IE], 0.6, None, True),
         "u3h@error | u2@error | ipndm@error, 1.0 + noise": ([_E["u3h"], _E["u2"], _IE], 1.0, None, True),
+        "noise first: u3h@error | ipndm@error": ([_E["u3h"], _IE], 0.6, None, False, False, True),
+        "noise first: u3h@error | ipndm@error + check": ([_E["u3h"], _IE], 0.6, _DK, False, True, True),
+        "noise first: u2@error | ipndm@error": ([_E["u2"], _IE], 0.6, None, False, False, True),
+        "noise first: u3h@error | u2@error": ([_E["u3h"], _E["u2"]], 0.6, None, False, False, True),
+        "noise first: u3@error | u2@error": ([_E["u3"], _E["u2"]], 0.6, None, False, False, True),
         "min of all": (list(BAND_CONFIGS[_n]), 1.0)}
 for _n in (8, 9):
     _C = BAND_CONFIGS[_n]
@@ -177,27 +182,36 @@ def measure(pname: str, n: int, seed: int, steps: int) -> dict:
     return out
 
 
-def choose(r: dict, cands, margin: float, check=None, noise: bool = False, check_last: bool = False) -> str:
+def choose(r: dict, cands, margin: float, check=None, noise: bool = False, check_last: bool = False,
+           noise_first: bool = False) -> str:
     """The configuration `cands` (default first) gives under calibrate's rule on the pilot's errors, then
     `check` if calibrate.check_prefers it (solver="auto"'s check, solvers.AUTO_CHECK_MARGIN), then, with
     `noise` and UniPC chosen, the best of its noise cuts if below AUTO_NOISE_MARGIN x its error (the stage
-    solver="auto" runs from solvers.AUTO_NOISE_FROM steps); `check_last`: the check after the noise stage."""
+    solver="auto" runs from solvers.AUTO_NOISE_FROM steps); `check_last`: the check after the noise stage;
+    `noise_first`: each UniPC candidate is replaced by its noise stage's choice before the candidates compete."""
     pilot_sq = {k: np.asarray(v["pilot_sq"]) for k, v in r["configs"].items()}
     weight = np.full(len(next(iter(pilot_sq.values()))), 1.0 / len(next(iter(pilot_sq.values()))))
-    best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cands]), weight, margin, shared=True)
-    chosen = cands[best]
+
+    def noise_stage(cfg):
+        if cfg[0] != "unipc":
+            return cfg
+        cuts = [cfg] + [(cfg[0], _cut(cfg[1], c), cfg[2]) for c in AUTO_NOISE_CUTS]
+        best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cuts]), weight,
+                                       max(margin, AUTO_NOISE_MARGIN), shared=True)
+        return cuts[best]
 
     def checked(chosen):
         pair = np.stack([pilot_sq[name(chosen)], pilot_sq[name(check)]])
         return check if calibrate.check_prefers(pair, weight, AUTO_CHECK_MARGIN) else chosen
 
+    if noise_first:
+        cands = [noise_stage(c) for c in cands]
+    best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cands]), weight, margin, shared=True)
+    chosen = cands[best]
     if check is not None and not check_last:
         chosen = checked(chosen)
-    if noise and chosen[0] == "unipc":
-        cuts = [chosen] + [(chosen[0], _cut(chosen[1], c), chosen[2]) for c in AUTO_NOISE_CUTS]
-        best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cuts]), weight,
-                                       max(margin, AUTO_NOISE_MARGIN), shared=True)
-        chosen = cuts[best]
+    if noise and not noise_first:
+        chosen = noise_stage(chosen)
     if check is not None and check_last:
         chosen = checked(chosen)
     return name(chosen)
