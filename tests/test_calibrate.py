@@ -666,7 +666,23 @@ def test_auto_states_its_compared_errors_and_a_rerun_reproduces_them():
     assert g.meta["shared_outliers"] == int(calibrate.shared_outliers(np.stack(sq)).sum())
 
 
-def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps():
+@pytest.fixture(scope="module")
+def narrow_auto20():
+    """A 256-dimensional mixture of narrow modes, solver="auto"'s 20-step grid on a 64-sample pilot, fresh noise
+    and its converged solution: (denoiser, grid, noise, exact samples)."""
+    den = toy.default_mixture(dim=256, modes=4, seed=3).denoiser("edm")
+    g = ts.thermo_grid(den, 20, solver="auto", sample_shape=(256,), pilot_batch=64, ref_steps=64)
+    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80.0
+    exact = ts.sample(den, noise=x, grid="logsnr", steps=400, solver="unipc", order=3, track=False).samples
+    return den, g, x, exact
+
+
+def _rms(den, grid, x, exact, **kw):
+    out = ts.sample(den, noise=x.float(), grid=grid, track=False, **{"solver": "auto", **kw}).samples
+    return (out.double() - exact).square().mean().sqrt().item()
+
+
+def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps(narrow_auto20):
     """From AUTO_NOISE_FROM steps, solver="auto" also measures its UniPC choice with noise_below at each of
     AUTO_NOISE_CUTS times the data's scale (here about 1) and keeps the best when it clears AUTO_NOISE_MARGIN. On a
     256-dimensional mixture of narrow modes at 20 steps it takes a cut; the recorded errors are those of
@@ -674,9 +690,7 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps():
     is closer to the converged solution than the same grid without the cut, at 20 steps and at 16 (below the
     18 of before §21). Below AUTO_NOISE_FROM (12) steps nothing is measured."""
     from thermosample import solvers
-    mix = toy.default_mixture(dim=256, modes=4, seed=3)
-    den = mix.denoiser("edm")
-    g = ts.thermo_grid(den, 20, solver="auto", sample_shape=(256,), pilot_batch=64, ref_steps=64)
+    den, g, x, exact = narrow_auto20
     meta = g.meta
     assert meta["solver"] == "unipc" and "noise_below" in meta["solver_options"]
     scale = calibrate.data_scale(g.pilot)
@@ -697,15 +711,48 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps():
     assert meta["calibration_nfe"] == 24 + 64 + 2 * 20 + len(solvers.AUTO_NOISE_CUTS) * 20
     g16 = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot)    # below 18, the threshold before §21
     assert g16.meta["solver"] == "unipc" and "noise_below" in g16.meta["solver_options"]
-    x = torch.randn(256, 256, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 80.0
-    exact = ts.sample(den, noise=x, grid="logsnr", steps=400, solver="unipc", order=3, track=False).samples
     for grid in (g, g16):
         uncut = {k: v for k, v in grid.meta["solver_options"].items() if k not in ("noise_below", "noise_order")}
-        chosen = ts.sample(den, noise=x.float(), grid=grid, solver="auto", track=False).samples
-        without = ts.sample(den, noise=x.float(), grid=grid, solver="unipc", track=False, **uncut).samples
-        assert (chosen.double() - exact).square().mean() < (without.double() - exact).square().mean(), grid.steps
+        assert _rms(den, grid, x, exact) < _rms(den, grid, x, exact, solver="unipc", **uncut), grid.steps
     below = ts.thermo_grid(den, solvers.AUTO_NOISE_FROM - 1, solver="auto", pilot_data=g.pilot)
     assert "noise_below_errors" not in below.meta and "noise_below" not in below.meta["solver_options"]
+
+
+def test_auto_runs_unipc3_with_max_h_up_to_17_steps(narrow_auto20, monkeypatch):
+    """From 9 to 17 steps solver="auto" measures UniPC-3 with max_h against iPNDM (15-17 steps had UniPC-2 as
+    the default before §22; with the noise cut it was 7.0 and 10.6 x the best peer on two tuning mixtures at 16).
+    On the narrow-mode mixture at 16 steps, from the same pilot, the choice lands over 10 x closer to the
+    converged solution on fresh noise than UniPC-2's with its cut, the old band's default (measured: about 130 x)."""
+    from thermosample import solvers
+    den, g, x, exact = narrow_auto20
+    assert solvers.auto_candidates(15) == solvers.auto_candidates(17) == solvers.auto_candidates(9)
+    new = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot)
+    assert new.meta["solver_options"]["order"] == 3 and new.meta["solver_options"]["max_h"] == solvers.AUTO_MAX_H
+    monkeypatch.setattr(solvers, "AUTO_PLAN", ((17, ("unipc", {}, "error"), ("ipndm", {}, "error")),
+                                               (None, *solvers.AUTO_PLAN[-1][1:])))
+    old = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot)
+    assert old.meta["solver"] == "unipc" and "order" not in old.meta["solver_options"]
+    assert 10 * _rms(den, new, x, exact) < _rms(den, old, x, exact)
+
+
+def test_auto_cuts_its_unipc_candidate_before_the_candidates_compete_at_15_to_17_steps(narrow_auto20, monkeypatch):
+    """At 15-17 steps (AUTO_NOISE_FIRST) the noise stage runs on the UniPC candidate before it meets iPNDM: the
+    error it competes with is that of its kept cut, not of the plain run (a plain UniPC run several times worse
+    than iPNDM can be far better with its cut, §22). Outside AUTO_NOISE_FIRST the plain run competes, and the
+    stage runs only on a UniPC choice. The evaluations are counted."""
+    from thermosample import solvers
+    den, g, _, _ = narrow_auto20
+    assert [n for n in range(5, 30) if solvers.auto_noise_first(n)] == [15, 16, 17]
+    first = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot).meta
+    unipc = next(k for k in first["candidate_errors"] if k.startswith("unipc"))
+    cuts = first["noise_below_errors"]
+    kept = min(list(cuts)[1:], key=cuts.get)
+    assert cuts[kept] < solvers.AUTO_NOISE_MARGIN * cuts["off"]          # a cut is kept here
+    assert first["candidate_errors"][unipc] == pytest.approx(cuts[kept], rel=1e-12) != cuts["off"]
+    assert first["calibration_nfe"] == (2 + len(solvers.AUTO_NOISE_CUTS)) * 16
+    monkeypatch.setattr(solvers, "AUTO_NOISE_FIRST", (15, 15))
+    after = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot).meta
+    assert after["candidate_errors"][unipc] == pytest.approx(cuts["off"], rel=1e-12)
 
 
 def test_the_single_solver_choice_keeps_every_sample(monkeypatch):

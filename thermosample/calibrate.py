@@ -63,6 +63,7 @@ from .solvers import (
     auto_candidates,
     auto_check,
     auto_fit,
+    auto_noise_first,
     get_solver,
 )
 
@@ -857,7 +858,7 @@ def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin)
     per-sample squared errors `sq`) against the same with noise_below = each of AUTO_NOISE_CUTS times
     `data_scale` and noise_order = AUTO_NOISE_ORDER; the first is kept unless another is below
     max(`margin`, AUTO_NOISE_MARGIN) times its error on the samples they do not all miss. Returns (options,
-    {noise_below: pilot error}, model evaluations spent)."""
+    {noise_below: pilot error}, model evaluations spent, the kept run's pilot error and per-sample errors)."""
     cuts = [c * data_scale(ref) for c in AUTO_NOISE_CUTS]
     tail = [{**options, "noise_below": c, "noise_order": AUTO_NOISE_ORDER} for c in cuts]
     runs = [_pilot_error(den, sig, solver, ref, backend, opts) for opts in tail]
@@ -868,7 +869,8 @@ def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin)
     chosen = dict(options) if best == 0 else tail[best - 1]
     errors = {"off": err}
     errors.update({f"{c:.4g}": r[0] for c, r in zip(cuts, runs)})
-    return chosen, errors, len(cuts) * get_solver(solver).evaluations(int(steps))
+    kept = (err, sq) if best == 0 else runs[best - 1][::2]
+    return chosen, errors, len(cuts) * get_solver(solver).evaluations(int(steps)), *kept
 
 
 def _check(den, steps, check, choice, ref, backend, density_kw, margin):
@@ -975,10 +977,12 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             default's (meta "solver", "solver_options"); up to 14 steps it then measures the one run of
             solvers.auto_check(steps) on karras and takes it if below max(margin,
             solvers.AUTO_CHECK_MARGIN) times the choice's error (meta "check_errors"; NFE more
-            evaluations); from solvers.AUTO_NOISE_FROM steps on, where it then holds UniPC, it measures
-            that run with noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`)
-            the same way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta "noise_below_errors";
-            len(AUTO_NOISE_CUTS) x NFE more evaluations); from 9 to 14 steps, where it then holds DEIS or
+            evaluations); from solvers.AUTO_NOISE_FROM steps on it measures the UniPC run with
+            noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`) and keeps
+            one the same way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta
+            "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more evaluations): at 15-17 steps on the UniPC
+            candidate before the candidates compete (solvers.auto_noise_first, AUTO_NOISE_FIRST), else on
+            the choice if it is UniPC; from 9 to 14 steps, where it then holds DEIS or
             iPNDM (solvers.auto_fit), it fits deis's corrections on half the pilot (`fit_corrections`) and
             takes them if the other half measures them better, as the check (meta "fit_errors"; 2 x NFE
             more evaluations of half the batch). ts.sample(solver="auto",
@@ -1124,12 +1128,19 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
         runs = ([(name, dict(opts), (g,)) for name, opts, g in plan] if auto
                 else [(solver, dict(solver_options or {}), candidates)])
         measured = []       # (label, error, solver, options, grid name, sigmas, per-sample errors), default first
+        noise_first = auto and auto_noise_first(int(steps))
+        tail_errors = None
         for name, opts, names in runs:
             res = _measure(den, int(steps), name, pilot_data, pilot_data if needs_twins else None, names,
                            backend, opts, density_kw)
             spent += len(res) * get_solver(name).evaluations(int(steps))
-            measured += [(_auto_label(name, opts, g) if auto else g, e, name, opts, g, sig_g, sq)
-                         for g, (e, sig_g, sq) in res.items()]
+            for g, (e, sig_g, sq) in res.items():
+                label, kept = (_auto_label(name, opts, g) if auto else g), opts
+                if noise_first and name == "unipc":   # UniPC competes with its noise stage's choice
+                    kept, tail_errors, tail_nfe, e, sq = _noise_tail(den, steps, name, opts, sig_g, e, sq,
+                                                                     pilot_data, backend, margin)
+                    spent += tail_nfe
+                measured.append((label, e, name, kept, g, sig_g, sq))
         errors = {m[0]: m[1] for m in measured}
         weight = _ref_weight(pilot_data, len(measured[0][6]))
         best, compared, outliers = _choose(np.stack([m[6] for m in measured]), weight, margin, shared=auto)
@@ -1145,10 +1156,12 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             spent += check_nfe
         order = get_solver(solver).order
         extra["chosen"] = chosen
-        if auto and steps >= AUTO_NOISE_FROM and solver == "unipc":
-            solver_options, tail_errors, tail_nfe = _noise_tail(den, steps, solver, solver_options, sig, chosen_err,
-                                                                chosen_sq, pilot_data, backend, margin)
+        if auto and steps >= AUTO_NOISE_FROM and solver == "unipc" and not noise_first:
+            solver_options, tail_errors, tail_nfe, _, _ = _noise_tail(den, steps, solver, solver_options, sig,
+                                                                      chosen_err, chosen_sq, pilot_data, backend,
+                                                                      margin)
             spent += tail_nfe
+        if tail_errors is not None:
             extra["noise_below_errors"] = tail_errors
         if auto and auto_fit(int(steps), solver):
             (solver, solver_options, chosen, sig), extra["fit_errors"], fit_nfe = _fit_check(
