@@ -122,7 +122,7 @@ POLICIES = {  # steps: {name: (candidates, default first; margin[; the check: a 
 _E = {k: ("unipc", o, "error") for k, o in (("u2", _U2), ("u3h", _U3H), ("u3", _O3))}
 _IE, _DK = ("ipndm", {}, "error"), ("deis", {}, "karras")
 for _n in (16, 18):
-    POLICIES[_n] = {  # (candidates, margin, check or None, noise stage)
+    POLICIES[_n] = {  # choose's arguments: candidates, margin, check or None, noise, check_last, noise_first
         "15-17 band: u2@error | ipndm@error + noise": ([_E["u2"], _IE], 0.6, None, True),
         "15-17 band + check deis@karras": ([_E["u2"], _IE], 0.6, _DK, True),
         "9-14 band: u3h@error | ipndm@error + noise": ([_E["u3h"], _IE], 0.6, None, True),
@@ -190,7 +190,8 @@ def choose(r: dict, cands, margin: float, check=None, noise: bool = False, check
     solver="auto" runs from solvers.AUTO_NOISE_FROM steps); `check_last`: the check after the noise stage;
     `noise_first`: each UniPC candidate is replaced by its noise stage's choice before the candidates compete."""
     pilot_sq = {k: np.asarray(v["pilot_sq"]) for k, v in r["configs"].items()}
-    weight = np.full(len(next(iter(pilot_sq.values()))), 1.0 / len(next(iter(pilot_sq.values()))))
+    n = len(next(iter(pilot_sq.values())))
+    weight = np.full(n, 1.0 / n)
 
     def noise_stage(cfg):
         if cfg[0] != "unipc":
