@@ -57,37 +57,32 @@ TUNE.update({  # image-like spectra and overlapping classes (the kind of fresh17
     "s1536c": (1536, lambda: spectral_mixture(1536, 2, 1.0, 0.5, 837).denoiser(COS)),
     "s128": (128, lambda: spectral_mixture(128, 10, 1.0, 0.3, 838).denoiser("edm")),
 })
+_O3, _U2, _U3H = {"order": 3}, {}, {"order": 3, "max_h": AUTO_MAX_H}
+
+
+def _cut(opts: dict, c: float) -> dict:
+    """`opts` with noise prediction below c x the data's scale (calibrate.data_scale of the pilot), DEIS-3."""
+    return {**opts, "noise_below": ("scale", c), "noise_order": 3}
+
+
 BAND_CONFIGS = {  # steps: (solver, options, grid) to measure at that many steps
     6: (("euler", {}, "jump"), ("deis", {}, "error"), ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"),
         ("deis", {}, "jump"), ("deis", {}, "logsnr"), ("unipc", {}, "karras"), ("unipc", {"order": 3}, "karras"),
         ("unipc", {}, "error"), ("unipc", {}, "jump"), ("ipndm", {}, "error"), ("ipndm", {}, "karras"),
         ("ipndm", {}, "jump"), ("dpmpp_3m", {}, "karras"), ("dpmpp_2m", {}, "jump")),
-    10: (("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error"), ("ipndm", {}, "jump"),
-         ("unipc", {}, "jump"), ("unipc", {"order": 3}, "jump"), ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "jump"),
+    10: (("unipc", _U3H, "error"), ("ipndm", {}, "error"), ("ipndm", {}, "jump"),
+         ("unipc", {}, "jump"), ("unipc", {"order": 3}, "jump"), ("unipc", _U3H, "jump"),
          ("deis", {}, "jump"), ("ipndm", {}, "karras"), ("unipc", {"order": 3}, "karras"), ("unipc", {}, "karras"),
          ("deis", {}, "karras"), ("deis", {}, "error"), ("unipc", {}, "error"), ("dpmpp_3m", {}, "karras"),
-         ("deis", {}, "logsnr"),
-         *(("unipc", {"order": 3, "max_h": AUTO_MAX_H, "noise_below": ("scale", c), "noise_order": 3}, "error")
-           for c in (1.0, 0.3, 0.2, 0.1))),
+         ("deis", {}, "logsnr"), *(("unipc", _cut(_U3H, c), "error") for c in (1.0, 0.3, 0.2, 0.1))),
 }
-_O3 = {"order": 3}
-BAND_CONFIGS[20] = (  # ("scale", c) in an option: c x the data's scale (calibrate.data_scale of the pilot)
-    ("unipc", _O3, "error"), ("unipc", {**_O3, "noise_below": ("scale", 0.3), "noise_order": 3}, "error"),
-    ("unipc", {**_O3, "noise_below": ("scale", 0.2), "noise_order": 3}, "error"),
-    ("unipc", {**_O3, "noise_below": ("scale", 0.1), "noise_order": 3}, "error"),
+BAND_CONFIGS[20] = (
+    ("unipc", _O3, "error"), *(("unipc", _cut(_O3, c), "error") for c in (0.3, 0.2, 0.1)),
     ("deis", {}, "karras"), ("deis", {}, "error"), ("deis", {}, "logsnr"), ("deis", {}, "kl_optimal"),
-    ("unipc", _O3, "karras"), ("unipc", {**_O3, "noise_below": ("scale", 0.3), "noise_order": 3}, "karras"),
-    ("unipc", {**_O3, "noise_below": ("scale", 1.0), "noise_order": 3}, "karras"),
-    ("unipc", {**_O3, "noise_below": ("scale", 1.0), "noise_order": 3}, "error"),
+    ("unipc", _O3, "karras"), ("unipc", _cut(_O3, 0.3), "karras"), ("unipc", _cut(_O3, 1.0), "karras"),
+    ("unipc", _cut(_O3, 1.0), "error"),
     ("ipndm", {}, "karras"), ("dpmpp_3m", {}, "karras"), ("deis", {}, "jump"), ("unipc", _O3, "logsnr"),
 )
-_U2, _U3H = {}, {"order": 3, "max_h": AUTO_MAX_H}
-
-
-def _cut(opts: dict, c: float) -> dict:
-    return {**opts, "noise_below": ("scale", c), "noise_order": 3}
-
-
 BAND_CONFIGS[16] = (  # the 15-17 band: each UniPC default with and without solver="auto"'s noise cuts
     *(cfg for o in (_U2, _U3H, _O3)
       for cfg in (("unipc", o, "error"), *(("unipc", _cut(o, c), "error") for c in AUTO_NOISE_CUTS))),
