@@ -718,14 +718,18 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps(nar
     assert "noise_below_errors" not in below.meta and "noise_below" not in below.meta["solver_options"]
 
 
-def test_auto_runs_unipc3_with_max_h_up_to_17_steps(narrow_auto20, monkeypatch):
-    """From 9 to 17 steps solver="auto" measures UniPC-3 with max_h against iPNDM (15-17 steps had UniPC-2 as
+def test_auto_runs_unipc3_with_max_h_up_to_19_steps(narrow_auto20, monkeypatch):
+    """From 9 to 19 steps solver="auto" measures UniPC-3 with max_h against iPNDM (15-17 steps had UniPC-2 as
     the default before §22; with the noise cut it was 7.0 and 10.6 x the best peer on two tuning mixtures at 16).
     On the narrow-mode mixture at 16 steps, from the same pilot, the choice lands over 10 x closer to the
-    converged solution on fresh noise than UniPC-2's with its cut, the old band's default (measured: about 130 x)."""
+    converged solution on fresh noise than UniPC-2's with its cut, the old band's default (measured: about 130 x);
+    at 18 steps over 2 x closer than plain UniPC-3 | UniPC-2 with the cut after the choice, the band it
+    replaced there (§23; measured: about 4.7 x)."""
     from thermosample import solvers
     den, g, x, exact = narrow_auto20
-    assert solvers.auto_candidates(15) == solvers.auto_candidates(17) == solvers.auto_candidates(9)
+    assert solvers.auto_candidates(15) == solvers.auto_candidates(19) == solvers.auto_candidates(9)
+    assert solvers.auto_candidates(20) != solvers.auto_candidates(19)
+    new18 = ts.thermo_grid(den, 18, solver="auto", pilot_data=g.pilot)
     new = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot)
     assert new.meta["solver_options"]["order"] == 3 and new.meta["solver_options"]["max_h"] == solvers.AUTO_MAX_H
     monkeypatch.setattr(solvers, "AUTO_PLAN", ((17, ("unipc", {}, "error"), ("ipndm", {}, "error")),
@@ -733,16 +737,20 @@ def test_auto_runs_unipc3_with_max_h_up_to_17_steps(narrow_auto20, monkeypatch):
     old = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot)
     assert old.meta["solver"] == "unipc" and "order" not in old.meta["solver_options"]
     assert 10 * _rms(den, new, x, exact) < _rms(den, old, x, exact)
+    monkeypatch.setattr(solvers, "AUTO_NOISE_FIRST", (15, 17))    # with the old plan above: 18 steps in the 20+ band
+    old18 = ts.thermo_grid(den, 18, solver="auto", pilot_data=g.pilot)
+    assert new18.meta["solver_options"]["max_h"] == solvers.AUTO_MAX_H and "max_h" not in old18.meta["solver_options"]
+    assert 2 * _rms(den, new18, x, exact) < _rms(den, old18, x, exact)
 
 
-def test_auto_cuts_its_unipc_candidate_before_the_candidates_compete_at_15_to_17_steps(narrow_auto20, monkeypatch):
-    """At 15-17 steps (AUTO_NOISE_FIRST) the noise stage runs on the UniPC candidate before it meets iPNDM: the
+def test_auto_cuts_its_unipc_candidate_before_the_candidates_compete_at_15_to_19_steps(narrow_auto20, monkeypatch):
+    """At 15-19 steps (AUTO_NOISE_FIRST) the noise stage runs on the UniPC candidate before it meets iPNDM: the
     error it competes with is that of its kept cut, not of the plain run (a plain UniPC run several times worse
     than iPNDM can be far better with its cut, §22). Outside AUTO_NOISE_FIRST the plain run competes, and the
     stage runs only on a UniPC choice. The evaluations are counted."""
     from thermosample import solvers
     den, g, _, _ = narrow_auto20
-    assert [n for n in range(5, 30) if solvers.auto_noise_first(n)] == [15, 16, 17]
+    assert [n for n in range(5, 30) if solvers.auto_noise_first(n)] == [15, 16, 17, 18, 19]
     first = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot).meta
     unipc = next(k for k in first["candidate_errors"] if k.startswith("unipc"))
     cuts = first["noise_below_errors"]

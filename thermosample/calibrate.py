@@ -980,7 +980,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24
             evaluations); from solvers.AUTO_NOISE_FROM steps on it measures the UniPC run with
             noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`) and keeps
             one the same way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta
-            "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more evaluations): at 15-17 steps on the UniPC
+            "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more evaluations): at 15-19 steps on the UniPC
             candidate before the candidates compete (solvers.auto_noise_first, AUTO_NOISE_FIRST), else on
             the choice if it is UniPC; from 9 to 14 steps, where it then holds DEIS or
             iPNDM (solvers.auto_fit), it fits deis's corrections on half the pilot (`fit_corrections`) and

@@ -676,10 +676,10 @@ AUTO_NAME = "auto"
 # in 22 of 36 cells of benchmarks/bench_quality.py; these defaults were the best or nearly the best pair
 # on its default problems (docs/calibration.md §7, benchmarks/bench_selection.py). "jump" (the
 # dynamic-programming grid of one-step DDIM jumps, its last node free) is Euler's own optimal grid;
-# "error" is the calibrated error density for the solver's order. Plain UniPC-3 takes over at 18 steps: on
+# "error" is the calibrated error density for the solver's order. Plain UniPC-3 takes over at 20 steps: on
 # the error grid it was better than UniPC-2 on 4 of the 9 default problems at 15 steps (and up to 4.6 x
 # worse on others), on 7 of 9 at 19-25 and on 8 of 9 at 30 (docs/calibration.md §9).
-# The default at 9-17 steps is UniPC with order 3 on the error grid's steps up to h = 0.8 in lambda and
+# The default at 9-19 steps is UniPC with order 3 on the error grid's steps up to h = 0.8 in lambda and
 # order 2 on the longer (low-noise) ones: UniPC-2's bulk error, and fewer samples sent to another mode where
 # the trajectories choose their mode (docs/calibration.md §12; with 1.2, a default problem blew up). It was
 # the alternative to iPNDM until, on the 73 problems of every set then measured, it was the better of the
@@ -690,7 +690,10 @@ AUTO_NAME = "auto"
 # iPNDM (AUTO_NOISE_FIRST): at 16 steps within 1.0 x the best peer on 26 of the thirty tuning mixtures against
 # 20 (geo-mean 0.335 against 0.487 x, worst 3.2 against 10.6 x) and on 117 of 130 cells of the twenty-two
 # unseen sets at NFE 16 against 102, though two cells became 35 and 98 x by samples sent to another mode
-# (docs/calibration.md §22).
+# (docs/calibration.md §22). At 18-19 steps it replaced plain UniPC-3 | UniPC-2 (cut after the choice): at 18
+# steps within 1.0 x the best peer on 26 of 30 tuning mixtures against 25 (geo-mean 0.265 against 0.469 x), and
+# on 118 of 130 cells of the twenty-two unseen sets at NFE 18 against 112 (geo-mean 0.254 against 0.379 x;
+# docs/calibration.md §23). From 20 steps the table budgets' band stands as measured.
 # Up to 8 steps the default is iPNDM on "jump": the multistep solver on Euler's optimal grid. At 6 steps on
 # 22 tuning mixtures (benchmarks/tune_low_nfe.py, 4096 samples) it was the best of 15 (solver, grid) pairs
 # on every one, 0.37-0.91 x the best peer on karras (Euler on "jump", the default before: 0.60-1.10 x);
@@ -700,7 +703,7 @@ AUTO_NAME = "auto"
 AUTO_MAX_H = 0.8
 AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
     (8, ("ipndm", {}, "jump"), ("euler", {}, "jump")),
-    (17, ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error")),
+    (19, ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error")),
     (None, ("unipc", {"order": 3}, "error"), ("unipc", {}, "error")),
 )
 AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC default (bh2, order 2)
@@ -727,9 +730,9 @@ AUTO_NOISE_FROM = 12
 # within 1.0 x the best peer on 26 of 30 either way, geo-mean 0.392 -> 0.335 x, worst 4.1 -> 3.2 x; on the
 # unseen sets at NFE 16 it removed two misses of 5-6 x that the band's extension to 17 steps made alone. At
 # 12-14 steps it was about neutral (tuning and unseen sets at NFE 14), so there the stage stays after the
-# choice and its check, as measured in §21; from 18 (both candidates UniPC) after the choice, as measured for
-# the NFE-20 and NFE-50 tables (docs/calibration.md §22).
-AUTO_NOISE_FIRST = (15, 17)
+# choice and its check, as measured in §21; from 20 (both candidates UniPC) after the choice, as measured for
+# the NFE-20 and NFE-50 tables (docs/calibration.md §22). 18-19 steps joined the band with it (§23).
+AUTO_NOISE_FIRST = (15, 19)
 AUTO_NOISE_CUTS = (0.3, 0.2, 0.1)
 AUTO_NOISE_MARGIN = 0.8
 AUTO_NOISE_ORDER = 3    # the cut's DEIS order, also after UniPC-2 (which would default to DEIS-2; §15)
@@ -794,7 +797,7 @@ def recommended(nfe: int) -> dict:
     calibrate.MARGIN times the default's; up to 14 steps it then checks that choice against
     `auto_check(nfe)` on karras (AUTO_CHECK_MARGIN) and from 9 (after DEIS or iPNDM) fits deis's corrections
     on the pilot (AUTO_FIT), from 12 it tries noise prediction on the low-noise steps (AUTO_NOISE_CUTS; at
-    15-17 steps on its UniPC candidate before the candidates compete, AUTO_NOISE_FIRST);
+    15-19 steps on its UniPC candidate before the candidates compete, AUTO_NOISE_FIRST);
     `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
     return {"solver": AUTO_NAME, "grid": "calibrated", "steps": int(nfe)}
 
