@@ -737,7 +737,7 @@ def test_auto_runs_unipc3_with_max_h_up_to_19_steps(narrow_auto20, monkeypatch):
     old = ts.thermo_grid(den, 16, solver="auto", pilot_data=g.pilot)
     assert old.meta["solver"] == "unipc" and "order" not in old.meta["solver_options"]
     assert 10 * _rms(den, new, x, exact) < _rms(den, old, x, exact)
-    monkeypatch.setattr(solvers, "AUTO_NOISE_FIRST", (15, 17))    # with the old plan above: 18 steps in the 20+ band
+    monkeypatch.setattr(solvers, "AUTO_NOISE_FIRST", (15, 17))    # the plan above puts 18 in its open UniPC-3 band
     old18 = ts.thermo_grid(den, 18, solver="auto", pilot_data=g.pilot)
     assert new18.meta["solver_options"]["max_h"] == solvers.AUTO_MAX_H and "max_h" not in old18.meta["solver_options"]
     assert 2 * _rms(den, new18, x, exact) < _rms(den, old18, x, exact)
