@@ -153,9 +153,54 @@ def calibrate_cases() -> dict:
     return out
 
 
+def _auto_config(den, steps):
+    """(sigmas, solver, options, meta) of thermo_grid(solver="auto") on a small pilot."""
+    import thermosample as ts
+    grid = ts.thermo_grid(den, steps, solver="auto", sample_shape=(den_dim(den),), pilot_batch=32, ref_steps=32,
+                          backend="torch")
+    meta = grid.meta
+    return [float(s) for s in grid], meta["solver"], dict(meta["solver_options"]), meta
+
+
+def den_dim(den) -> int:
+    return int(den.mixture.dim) if hasattr(den, "mixture") else 7
+
+
+def auto_cases() -> dict:
+    """solver="auto" on every band of its plan: the chosen configuration (solver and options), the sigmas,
+    the measured errors and the cost, and the samples it then draws."""
+    import json
+
+    import thermosample as ts
+    out = {}
+    sharp = ts.toy.GaussianMixture(torch.tensor([[2.0, -1.0, 0.0, 0.5, -2.0], [-2.0, 1.5, 0.3, -0.5, 1.0],
+                                                 [0.0, 0.0, 2.5, 0.0, 0.0]]), 0.05, [0.2, 0.5, 0.3])
+    for name, mix, schedule in (("vp", mixture(), "vp"), ("edm", sharp, "edm")):
+        den = mix.denoiser(schedule)
+        den.mixture = mix
+        for steps in (6, 10, 13, 16, 24):
+            sigmas, solver, options, meta = _auto_config(den, steps)
+            key = f"auto/{name}/{steps}"
+            label = json.dumps([solver, sorted(options)])     # the values as numbers: floats may round per machine
+            out[f"{key}/choice"] = torch.tensor(list(label.encode()), dtype=torch.uint8)
+            values = [options[k] for k in sorted(options)]
+            values = [float(v) for o in values for v in ([x for row in o for x in row] if isinstance(o, list) else [o])]
+            out[f"{key}/options"] = torch.tensor(values, dtype=torch.float64)
+            out[f"{key}/sigmas"] = torch.tensor(sigmas, dtype=torch.float64)
+            errs = {f"{part}/{k}": v for part in ("candidate_errors", "compared_errors", "check_errors",
+                                                  "noise_below_errors", "fit_errors")
+                    for k, v in sorted((meta.get(part) or {}).items())}
+            out[f"{key}/errors"] = torch.tensor([float(v) for v in errs.values()], dtype=torch.float64)
+            out[f"{key}/error_labels"] = torch.tensor(list(json.dumps(list(errs)).encode()), dtype=torch.uint8)
+            out[f"{key}/cost"] = torch.tensor([int(meta["calibration_nfe"]), int(meta["shared_outliers"])])
+            res = ts.sample(den, (6, den_dim(den)), solver=solver, grid=sigmas, seed=3, backend="torch", **options)
+            out[f"{key}/samples"] = res.samples.clone()
+    return out
+
+
 def all_cases() -> dict:
     out = {}
-    for fn in (sample_cases, k_diffusion_cases, diffusers_cases, calibrate_cases):
+    for fn in (sample_cases, k_diffusion_cases, diffusers_cases, calibrate_cases, auto_cases):
         out.update(fn())
     return out
 

@@ -22,7 +22,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.mark.parametrize("group", ["sample_cases", "k_diffusion_cases", "diffusers_cases", "calibrate_cases"])
+@pytest.mark.parametrize("group", ["sample_cases", "k_diffusion_cases", "diffusers_cases", "calibrate_cases",
+                                   "auto_cases"])
 def test_outputs_match_the_recording(group, one_thread):
     if group == "k_diffusion_cases":
         pytest.importorskip("thermosample.integrations.k_diffusion")
