@@ -156,10 +156,9 @@ def calibrate_cases() -> dict:
 def _auto_config(den, steps):
     """(sigmas, solver, options, meta) of thermo_grid(solver="auto") on a small pilot."""
     import thermosample as ts
-    grid = ts.thermo_grid(den, steps, solver="auto", sample_shape=(den_dim(den),), pilot_batch=32, ref_steps=32,
-                          backend="torch")
-    meta = grid.meta
-    return [float(s) for s in grid], meta["solver"], dict(meta["solver_options"]), meta
+    config = ts.thermo_grid(den, steps, solver="auto", sample_shape=(den_dim(den),), backend="torch",
+                            options=ts.CalibrationOptions(pilot_batch=32, ref_steps=32))
+    return [float(s) for s in config.sigmas], config.solver, config.options, config.meta
 
 
 def den_dim(den) -> int:

@@ -5,9 +5,10 @@
     out = ts.sample(den, (16, 3, 32, 32), steps=20, solver="heun", grid="karras", seed=0)
     out.samples, out.thermo
 """
-from . import calibrate, grids, schedules, toy
+from . import auto, calibrate, grids, schedules, toy
 from ._version import __version__
-from .calibrate import ThermoGrid, thermo_grid
+from .auto import SamplerConfig
+from .calibrate import CalibrationOptions, ThermoGrid, thermo_grid
 from .denoiser import Denoiser
 from .errors import BackendUnavailableWarning, NonFiniteError
 from .sampler import SampleOutput, sample
@@ -23,5 +24,5 @@ def __getattr__(name):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["sample", "thermo_grid", "ThermoGrid", "calibrate", "Denoiser", "schedules", "grids", "toy",
+__all__ = ["sample", "thermo_grid", "ThermoGrid", "SamplerConfig", "CalibrationOptions", "auto", "calibrate", "Denoiser", "schedules", "grids", "toy",
            "ThermoReport", "SampleOutput", "NonFiniteError", "BackendUnavailableWarning", "__version__"]

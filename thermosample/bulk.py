@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .auto import AUTO, SamplerConfig, is_config, resolve
 from .denoiser import Denoiser
 from .grids import make_grid
 from .sampler import sample as _sample
@@ -387,7 +388,7 @@ def _check_sampling(den, sample_shape, steps, solver, grid, seed, backend, track
 
 
 def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, steps: int | None = None,
-                   solver: str = "euler", grid="karras", seed: int = 0, backend: str = "auto",
+                   solver: str | None = None, grid="karras", seed: int = 0, backend: str = "auto",
                    track: bool = True, model_id: str | None = None, weights: str | None = None,
                    factory_kwargs: dict | None = None, solver_options: dict | None = None,
                    progress: bool | None = None, max_shards: int | None = None) -> BulkResult:
@@ -404,9 +405,9 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
             and "t" [E].
         sample_shape: shape of one sample, e.g. (3, 32, 32); default: the factory's `sample_shape`
             attribute on the Denoiser, else (dim,) of the toy factory — required otherwise.
-        steps, solver, grid, seed, backend, track: as `ts.sample`; grid may be a name or a list of sigmas
-            (steps: default 20 on a named grid; an explicit grid sets it, and a `steps` that disagrees is a
-            ValueError).
+        steps, solver, grid, seed, backend, track: as `ts.sample`; grid may be a name, a list of sigmas or a
+            `ts.SamplerConfig` (whose solver and options run unless `solver` names another; steps: default 20
+            on a named grid; an explicit grid sets it, and a `steps` that disagrees is a ValueError).
         weights: weights file passed to the factory; its sha256 enters the configuration hash.
         factory_kwargs: keyword arguments for the factory (JSON-serialisable).
         solver_options: e.g. {"eta": 1.0} for ddim.
@@ -445,6 +446,13 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
     if isinstance(sample_shape, int):
         sample_shape = (sample_shape,)
     sample_shape = tuple(_positive_int("sample_shape entries", s) for s in sample_shape)
+    if solver is None:
+        solver = AUTO if is_config(grid) else "euler"
+    if solver == AUTO:      # the config's choice, else the plan's uncalibrated default (ts.sample's rule)
+        solver, chosen = resolve(grid, steps)
+        solver_options = {**chosen, **solver_options}
+    if isinstance(grid, SamplerConfig):
+        grid = grid.sigmas
     if not isinstance(grid, str):
         grid = [float(s) for s in (grid.tolist() if hasattr(grid, "tolist") else grid)]
     steps = len(make_grid(grid, steps, den.schedule)) - 1   # as ts.sample resolves it (grids.make_grid)

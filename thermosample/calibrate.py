@@ -2,15 +2,16 @@
 
 `thermo_grid(den, steps, solver=...)` returns a `ThermoGrid`: a float64 numpy array of descending sigmas
 ending in 0, with `.meta`, `.pilot` (reusable), `save(path)` / `ThermoGrid.load(path)`, that
-`ts.sample(..., grid=...)` accepts like any explicit grid.
+`ts.sample(..., grid=...)` accepts like any explicit grid. With solver="auto" it runs the plan of
+thermosample/auto.py on the same pilot and returns a `SamplerConfig`.
 
 Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
 batch to convergence (UniPC-3, 128 log-sigma steps), then `measure` runs the solver on karras and on the
-calibrated "error" density below (any of CANDIDATES on request) and `prefer_default` keeps karras unless
-the other lands clearly closer to the converged samples (below MARGIN x its error; solver="auto" compares
-its candidates without the samples that every one sends far off, `compared_errors`). With
-`boundary_pool=` the reference batch also holds the samples nearest a mode boundary out of a screened pool
-(`boundary_noise`), with their stratum's weight. Its cost is stated in `grid.meta["calibration_nfe"]`.
+calibrated "error" density below (any of CANDIDATES on request) and `auto.challenge` keeps karras unless
+the other lands clearly closer to the converged samples (below MARGIN x its error). With
+CalibrationOptions(boundary_pool=...) the reference batch also holds the samples nearest a mode boundary out
+of a screened pool (`boundary_noise`), with their stratum's weight. Its cost is stated in
+`grid.meta["calibration_nfe"]`.
 The methods below are the candidates' densities (and the default for stochastic solvers, which have no
 converged solution to compare with).
 
@@ -48,28 +49,21 @@ import copy
 import json
 import math
 import numbers
+import time
+import warnings
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
 
 from .grids import logsnr, validate_sigmas
-from .solvers import (
-    AUTO_CHECK_MARGIN,
-    AUTO_NAME,
-    AUTO_NOISE_CUTS,
-    AUTO_NOISE_FROM,
-    AUTO_NOISE_MARGIN,
-    AUTO_NOISE_ORDER,
-    auto_candidates,
-    auto_check,
-    auto_fit,
-    auto_noise_first,
-    get_solver,
-)
+from .auto import MARGIN, challenge
+from .solvers import get_solver
 
-__all__ = ["ThermoGrid", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density", "critical_density",
-           "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default", "reference",
-           "reference_nodes", "fit_corrections"]
+__all__ = ["ThermoGrid", "CalibrationOptions", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density",
+           "critical_density", "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default",
+           "reference", "reference_nodes", "fit_corrections", "candidate_sigmas", "pilot_errors", "measure", "select",
+           "error_grid_defaults", "sample_weights", "data_scale"]
 
 
 
@@ -223,8 +217,7 @@ def boundary_noise(den, sample_shape, pool: int, keep: int, pilot_steps: int = 2
     start, by `twin_gain`. The largest gain marks trajectories that end near the boundary between two
     modes: the samples that a coarse grid sends to the other mode. They are rare (a few in 10,000 at 20
     steps on the benchmark's mixtures) and decide a large batch's RMS error, so a random pilot of a few
-    hundred samples seldom holds one; `reference` adds these to its batch with their stratum's weight
-    (docs/calibration.md §10).
+    hundred samples seldom holds one; `reference` adds these to its batch with their stratum's weight.
 
     Returns (z [keep, *sample_shape] float64, their scores [keep] descending, the evaluations spent)."""
     g = torch.Generator().manual_seed(int(pilot_seed) + 3)     # not the pilot's or the reference's noise
@@ -439,12 +432,8 @@ def toward_karras(sig: np.ndarray, schedule, weight: float) -> np.ndarray:
 def karras_weight_default(solver: str) -> float:
     """Default `karras_weight` of a calibrated grid: 0.5 for Heun and DEIS, 0 otherwise. Their error models
     are the least faithful (the density's local error is that of an exponential integrator in log sigma;
-    Heun is a trapezoid rule in sigma, DEIS integrates the noise prediction in sigma). On the default
-    benchmark problems the "error" grid cut Heun's median error but mostly sent more samples to another
-    mode than karras (7 of 9 problems at 19 evaluations), and halfway between the two beat the pure grid
-    in 7, 8 and 7 of 9 problems at 9, 19 and 49 evaluations (docs/calibration.md §8). For DEIS-2 and DEIS-3
-    on 30 tuning mixtures at 6, 10 and 20 steps, the pure grid, chosen over karras on the pilot, was worse
-    than karras beyond the interval in 2 of 180 cases and better in 9; halfway, in 0 and 13 (§18)."""
+    Heun is a trapezoid rule in sigma, DEIS integrates the noise prediction in sigma), and halfway toward
+    karras beat the pure grid on the quality benchmark (docs/decisions/)."""
     return 0.5 if solver in ("heun", "deis") else 0.0
 
 
@@ -470,73 +459,15 @@ def switch_weight(steps: int) -> float:
 # Selection by measured error (method="select", the default for deterministic solvers)
 # --------------------------------------------------------------------------------------------------
 CANDIDATES = ("karras", "logsnr", "kl_optimal", "uniform", "jump", "length", "error")
-# What thermo_grid measures by default: karras (the default) against the calibrated error density. The
-# pilot's samples rarely contain the few samples that dominate a large batch's RMS error (those an early
-# error sends to another mode), so the smallest of many pilot errors is often a candidate that only
-# suited the pilot. Hence few candidates, and the first (the default) is left only when another measures
-# below MARGIN times its error (docs/calibration.md §7). margin=1 in thermo_grid keeps the plain minimum.
+# Few candidates, the first kept unless another measures below MARGIN x its error: the smallest of many pilot
+# errors is often a grid that only suited the pilot (docs/decisions/0003-default-and-margin.md).
 DEFAULT_CANDIDATES = ("karras", "error")
-MARGIN = 0.6
-# Samples per pilot (twins pilot, reference and candidate runs). 32 was too few: a grid that sends 0.1-1 %
-# of samples to another mode costs 3-40x karras's RMS error on a large batch, and 32 samples hold none of
-# them; with 256 the twins also see the rare trajectories that decide the grid (docs/calibration.md §8).
+# 256 samples per pilot: a grid that sends 0.1-1 % of samples to another mode costs 3-40 x karras's error on a
+# large batch, and a smaller pilot holds none of them (docs/decisions/0004-pilot-of-256.md).
 PILOT_BATCH = 256
-# The reference batch's screened stratum (`reference`, `boundary_noise`), off by default: boundary_pool=4096
-# adds the 64 of 4096 twin-screened starting points whose solutions end nearest a mode boundary. On the
-# benchmark's problems the samples a coarse grid sends to another mode ranked in the top 1 % of that score,
-# but at the switch rates that matter (1-5 in 10,000 samples) 64 screened samples still decide between
-# candidates by one or two switches, and the benchmark did not measure a gain (docs/calibration.md §10).
+# The reference batch's screened stratum (`boundary_noise`), off: it measured no gain.
 BOUNDARY_POOL = 0
 BOUNDARY_SAMPLES = 64
-
-
-# A pilot sample that every candidate misses by more than SHARED_OUTLIER times the batch's median such miss
-# (per-sample RMS distance) is one they all send to another mode. It adds about the same to every
-# candidate's error, so it says nothing about which is better, yet one such sample in 256 can carry most of
-# each candidate's RMS error and pull their ratio to 1, which keeps the default whatever the rest shows
-# (fresh d1024 at 10 steps: pilot errors 0.095 and 0.091 with it, bulk errors 3.4x apart on 8192 samples).
-# So solver="auto" compares its candidates without those samples (docs/calibration.md §11). 100, not 10: at
-# 10 the heavy tail of a low-dimensional problem's ordinary errors at 6-10 steps was cut too. The single-solver
-# choice between karras and "error" keeps all samples: there the bulk error favours "error" more often than
-# its switched samples allow, and the rule's point is never to be worse than karras (bench_selection.py:
-# 0.5-1.7 expected choices worse than karras of 468 with the comparison, 0.4 without; default d8 narrow, DEIS-3
-# at 20 steps: 8 switched samples of 8192 against karras's 7, 1.09 x).
-SHARED_OUTLIER = 100.0
-
-
-def shared_outliers(sq) -> np.ndarray:
-    """[B] bool: the samples that every candidate misses by more than SHARED_OUTLIER times the median over
-    the batch of the smallest miss. sq: [C, B] per-sample squared errors (mean over coordinates)."""
-    miss = np.sqrt(np.nan_to_num(np.asarray(sq, dtype=np.float64), nan=np.inf)).min(0)
-    finite = miss[np.isfinite(miss)]
-    scale = float(np.median(finite)) if finite.size else 0.0
-    if not scale > 0.0:         # no typical miss to measure against (all diverged, or most samples exact)
-        return np.zeros(miss.shape, dtype=bool)
-    return miss > SHARED_OUTLIER * scale
-
-
-def compared_errors(sq, weight=None) -> tuple[np.ndarray, np.ndarray]:
-    """(RMS errors [C], the same without `shared_outliers` [C]) of [C, B] per-sample squared errors, each
-    sample weighted by `weight` [B] (uniform by default)."""
-    sq = np.nan_to_num(np.asarray(sq, dtype=np.float64), nan=np.inf)
-    w = np.full(sq.shape[1], 1.0 / sq.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64)
-    keep = ~shared_outliers(sq)
-
-    def rms(m):
-        with np.errstate(invalid="ignore"):
-            return np.sqrt((sq[:, m] * w[m]).sum(1) / w[m].sum())
-    return rms(np.ones_like(keep)), rms(keep)
-
-
-def prefer_default(errors: list[float], margin: float = MARGIN, compared: list[float] | None = None) -> int:
-    """Index of the chosen candidate: 0 (the default) unless the smallest error of the others is below
-    `margin` times the default's (ties go to the earlier candidate). With `compared` (the errors without
-    the samples every candidate misses, `compared_errors`), the margin applies to those, and the choice
-    must also be no worse than the default on the whole batch."""
-    if compared is None:
-        compared = errors
-    best = min(range(len(compared)), key=lambda k: (compared[k], k))
-    return best if compared[best] < margin * compared[0] and errors[best] <= errors[0] else 0
 
 
 def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend: str = "auto",
@@ -628,7 +559,7 @@ def _screen_of(ref: dict) -> tuple[int, int]:
     return tuple(int(v) for v in ref.get("ref_boundary", (0, 0)))
 
 
-def _ref_weight(ref: dict, b: int) -> torch.Tensor:
+def sample_weights(ref: dict, b: int) -> torch.Tensor:
     """The reference batch's B sample weights, float64 summing to 1 (uniform for a reference without them)."""
     w = ref.get("ref_weight")
     if w is None:
@@ -652,7 +583,7 @@ def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
     is better spent higher up. free_end=False ends at sigma_min."""
     sig = ref["ref_sigma"]
     x, d = ref["ref_x"].double(), ref["ref_D"].double()
-    w = _ref_weight(ref, x.shape[1])                # the batch mean of a squared distance: (.. * w).sum(-1)
+    w = sample_weights(ref, x.shape[1])                # the batch mean of a squared distance: (.. * w).sum(-1)
     n = len(sig)
     if steps == 1:
         return sig[:1].copy()
@@ -681,7 +612,7 @@ def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
     return sig[np.asarray(path[::-1])]
 
 
-def _error_defaults(solver: str, steps: int) -> dict:
+def error_grid_defaults(solver: str, steps: int) -> dict:
     """The "error" grid's default weights for `solver` with `steps` steps (one rule for method "error" and
     for the "select" candidate): floor 0.1 (0.35 for Heun), critical_weight(steps) (0 for Heun),
     switch_weight(steps), amplify 1, karras_weight_default(solver)."""
@@ -698,10 +629,12 @@ def _place_sigmas(lam: np.ndarray, rho: np.ndarray, steps: int, schedule, karras
     return toward_karras(sig, schedule, karras_weight)
 
 
-def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: dict | None, order: int,
-               density_kw: dict | None = None):
-    """Positive sigmas [steps] of candidate grid `name`; density_kw (floor, critical, switch, amplify,
-    karras_weight) overrides the "error" grid's defaults for `solver` and `steps`."""
+def candidate_sigmas(name: str, den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
+                     density_kw: dict | None = None) -> np.ndarray:
+    """Positive sigmas [steps] of candidate grid `name` (one of CANDIDATES) for `solver`: a named grid, the
+    reference's "jump" grid, or a density placed from the reference ("length") or the twins pilot `pilot_data`
+    ("error"); density_kw (floor, critical, switch, amplify, karras_weight) overrides the "error" grid's
+    defaults for `solver` and `steps` (`error_grid_defaults`)."""
     from . import grids
     sch = den.schedule
     if name in grids.GRIDS:
@@ -713,9 +646,9 @@ def _candidate(name: str, den, steps: int, solver: str, ref: dict, pilot_data: d
         lam, rho = density(p, sch, method="length", floor=0.1)
         return _place_sigmas(lam, rho, steps, sch, 0.0)
     if name == "error":
-        kw = {**_error_defaults(solver, steps), **(density_kw or {})}
+        kw = {**error_grid_defaults(solver, steps), **(density_kw or {})}
         weight = kw.pop("karras_weight")
-        lam, rho = density(pilot_data, sch, method="error", order=order, **kw)
+        lam, rho = density(pilot_data, sch, method="error", order=get_solver(solver).order, **kw)
         return _place_sigmas(lam, rho, steps, sch, weight)
     raise ValueError(f"candidates must name grids in {CANDIDATES}, got {name!r}")
 
@@ -728,35 +661,36 @@ def measure(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = N
     weights, positive sigmas [steps])}, in candidate order (only the first for a single step). Costs
     len(result) x NFE model evaluations on the pilot batch.
     density_kw: floor / critical / switch / amplify / karras_weight of the "error" candidate (default:
-    `_error_defaults(solver, steps)`)."""
+    `error_grid_defaults(solver, steps)`)."""
     return {k: (e, sig) for k, (e, sig, _) in _measure(den, steps, solver, ref, pilot_data, candidates, backend,
                                                        solver_options, density_kw).items()}
 
 
 def _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, density_kw):
     """`measure`, each value with the per-sample squared errors [B] (float64 numpy) after the sigmas."""
-    order = get_solver(solver).order
     result = {}
     for name in candidates:
         if steps == 1 and name != candidates[0]:
             continue
-        sig = _candidate(name, den, steps, solver, ref, pilot_data, order, density_kw)
-        result[name] = _pilot_error(den, sig, solver, ref, backend, solver_options)
+        sig = candidate_sigmas(name, den, steps, solver, ref, pilot_data, density_kw)
+        err, sq = pilot_errors(den, sig, solver, ref, backend, solver_options)
+        result[name] = (err, sig, sq)
     return result
 
 
-def _pilot_error(den, sig, solver, ref, backend, solver_options):
-    """(weighted RMS distance from the reference's converged samples, sig, per-sample squared errors [B]) of
-    `solver` on positive sigmas `sig` from the reference's noise."""
+def pilot_errors(den, sigmas, solver: str, ref: dict, backend: str = "auto",
+                 solver_options: dict | None = None) -> tuple[float, np.ndarray]:
+    """(weighted RMS distance from the reference's converged samples, per-sample squared errors [B] as float64
+    numpy) of `solver` on positive `sigmas` from the reference's noise (`reference`)."""
     from .sampler import sample
 
     target = ref["ref_final"].double()
-    weight = _ref_weight(ref, target.shape[0])
-    out = sample(den, noise=ref["ref_noise"], grid=np.append(sig, 0.0), solver=solver, backend=backend,
+    weight = sample_weights(ref, target.shape[0])
+    out = sample(den, noise=ref["ref_noise"], grid=np.append(sigmas, 0.0), solver=solver, backend=backend,
                  track=False, progress=False, **(solver_options or {}))
     sq = (out.samples.cpu().double() - target).reshape(len(weight), -1).square().mean(1)
     err = float((sq * weight).sum().sqrt())
-    return err if math.isfinite(err) else math.inf, sig, sq.numpy()
+    return (err if math.isfinite(err) else math.inf), sq.numpy()
 
 
 # fit_corrections prices the rounding of a run's inputs (relative error FIT_ROUNDING x float32's eps, or the
@@ -794,7 +728,7 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
     b = x.shape[0]
     states = ref["ref_x"] if ref["ref_proj"] is None else ref["ref_proj"]     # every coordinate, or projected
     proj = None if ref["ref_proj"] is None else _projection(x[0].numel(), states.shape[-1], ref["ref_proj_seed"])
-    root_w = _ref_weight(ref, states.shape[1])[rows]
+    root_w = sample_weights(ref, states.shape[1])[rows]
     root_w = (root_w / root_w.sum()).sqrt()[:, None]
 
     # a float32 run's relative rounding of its inputs (the model's own, if coarser): FIT_ROUNDING x its eps
@@ -849,341 +783,245 @@ def _combine(kept, terms) -> torch.Tensor:
 def data_scale(ref: dict) -> float:
     """The data's scale: the RMS per coordinate of the reference's converged samples (weighted)."""
     final = ref["ref_final"].double()
-    weight = _ref_weight(ref, final.shape[0])
+    weight = sample_weights(ref, final.shape[0])
     return float((final.reshape(len(weight), -1).square().mean(1) * weight).sum().sqrt())
 
 
-def _noise_tail(den, steps, solver, options, sig, err, sq, ref, backend, margin):
-    """solver="auto"'s last stage (AUTO_NOISE_FROM steps on, UniPC): the chosen run (pilot error `err`,
-    per-sample squared errors `sq`) against the same with noise_below = each of AUTO_NOISE_CUTS times
-    `data_scale` and noise_order = AUTO_NOISE_ORDER; the first is kept unless another is below
-    max(`margin`, AUTO_NOISE_MARGIN) times its error on the samples they do not all miss. Returns (options,
-    {noise_below: pilot error}, model evaluations spent, the kept run's pilot error and per-sample errors)."""
-    cuts = [c * data_scale(ref) for c in AUTO_NOISE_CUTS]
-    tail = [{**options, "noise_below": c, "noise_order": AUTO_NOISE_ORDER} for c in cuts]
-    runs = [_pilot_error(den, sig, solver, ref, backend, opts) for opts in tail]
-    weight = _ref_weight(ref, len(sq))
-    # a cut changes only the steps after the modes are chosen, so the pilot ranks it reliably (solvers.py)
-    best, _, _ = _choose(np.stack([sq] + [r[2] for r in runs]), weight, max(margin, AUTO_NOISE_MARGIN),
-                         shared=True)
-    chosen = dict(options) if best == 0 else tail[best - 1]
-    errors = {"off": err}
-    errors.update({f"{c:.4g}": r[0] for c, r in zip(cuts, runs)})
-    kept = (err, sq) if best == 0 else runs[best - 1][::2]
-    return chosen, errors, len(cuts) * get_solver(solver).evaluations(int(steps)), *kept
-
-
-def _check(den, steps, check, choice, ref, backend, density_kw, margin):
-    """solver="auto"'s check (solvers.AUTO_CHECK): `choice` = (solver, options, grid name, sigmas, pilot error,
-    per-sample squared errors) against the (solver, options, grid) `check` on the pilot; the check replaces
-    the choice if `check_prefers` it with margin max(`margin`, AUTO_CHECK_MARGIN). Returns the kept six,
-    {label: pilot error} of both, and the model evaluations spent."""
-    name, opts, g = check
-    err, sig, sq = _measure(den, int(steps), name, ref, None, (g,), backend, opts, density_kw)[g]
-    take = check_prefers(np.stack([choice[5], sq]), _ref_weight(ref, len(sq)), max(margin, AUTO_CHECK_MARGIN))
-    labels = [_auto_label(*choice[:3]), _auto_label(*check)]
-    kept = (name, dict(opts), g, sig, err, sq) if take else choice
-    return (*kept, {labels[0]: choice[4], labels[1]: err}, get_solver(name).evaluations(int(steps)))
-
-
-def _fit_check(den, steps, choice, ref, backend, margin):
-    """solver="auto"'s fitted check (solvers.AUTO_FIT): DEIS-3 with corrections (`fit_corrections`) on the
-    choice's grid moved to the reference's nodes (`reference_nodes`), fitted on the pilot's even samples and
-    measured on its odd ones against `choice` = (solver, options, grid name, sigmas, per-sample squared errors
-    [B]) there; taken if `check_prefers` it with margin max(`margin`, AUTO_CHECK_MARGIN). Returns the kept
-    (solver, options, grid name, sigmas), {label: RMS error on the odd samples} (empty if it could not fit)
-    and the evaluations spent (the fit and the check each one run of half the batch: 2 x NFE, counted as
-    whole ones)."""
-    sig = reference_nodes(choice[3], ref)
-    b = len(choice[4])
-    even, odd = np.arange(0, b, 2), np.arange(1, b, 2)
-    corrections = fit_corrections(den, sig, ref, even, backend) if sig is not None and len(odd) else None
-    if corrections is None:
-        return choice[:4], {}, 0 if sig is None else int(steps)
-    weight = _ref_weight(ref, b)[odd]
-    # in float32, as a run from float32 noise computes: a fit that only a float64 run reproduces is refused
-    half = {"ref_noise": ref["ref_noise"][odd].float(), "ref_final": ref["ref_final"][odd], "ref_weight": weight}
-    options = {"corrections": corrections}
-    err, _, sq = _pilot_error(den, sig, "deis", half, backend, options)
-    choice_sq = np.asarray(choice[4], dtype=np.float64)[odd]
-    w = (weight / weight.sum()).numpy()
-    take = check_prefers(np.stack([choice_sq, sq]), w, max(margin, AUTO_CHECK_MARGIN))
-    errors = {_auto_label(*choice[:3]): float(np.sqrt((choice_sq * w).sum())), f"deis,fitted@{choice[2]}": err}
-    kept = ("deis", options, choice[2], sig) if take else choice[:4]
-    return kept, errors, 2 * int(steps)
-
-
-def _auto_label(solver: str, options: dict, grid: str) -> str:
-    """solver="auto"'s name of a (solver, options, grid) in meta: "unipc,max_h=0.8,order=3@error"."""
-    return solver + "".join(f",{k}={v}" for k, v in sorted(options.items())) + "@" + grid
-
-
-def check_prefers(sq, weight, margin: float) -> bool:
-    """Whether solver="auto"'s check run (row 1 of per-sample squared errors [2, B]) replaces its choice (row
-    0): its RMS error on the bulk, the samples that neither run misses by more than SHARED_OUTLIER times
-    that run's median miss, is below `margin` times the choice's, and on all samples it is no worse. The
-    check is for data whose error is bulk error (solvers.AUTO_CHECK), so a pilot sample one run sends to
-    another mode must not decide it: where the choice had 5 times less bulk error and one such sample, the
-    check would have had 14 times its error on a large batch (docs/calibration.md §17)."""
-    sq = np.nan_to_num(np.asarray(sq, dtype=np.float64), nan=np.inf)
-    w = np.asarray(weight, dtype=np.float64)
-    miss = np.sqrt(sq)
-    scale = np.array([np.median(m[np.isfinite(m)]) if np.isfinite(m).any() else np.inf for m in miss])
-    bulk = ~(miss > SHARED_OUTLIER * scale[:, None]).any(0)
-
-    def rms(row, m):
-        with np.errstate(invalid="ignore"):
-            return float(np.sqrt((sq[row, m] * w[m]).sum() / w[m].sum())) if m.any() else math.inf
-    every = np.ones_like(bulk)
-    return rms(1, bulk) < margin * rms(0, bulk) and rms(1, every) <= rms(0, every)
-
-
-def _choose(sq, weight, margin: float, shared: bool) -> tuple[int, np.ndarray, int]:
-    """From per-sample squared errors [C, B] and sample weights [B]: (`prefer_default`'s index, on the
-    errors without the shared outliers if `shared` else on all samples; the errors without them [C]; how
-    many there are)."""
-    full, compared = compared_errors(sq, weight)
-    best = prefer_default(list(full), margin, list(compared) if shared else None)
-    return best, compared, int(shared_outliers(sq).sum())
 
 
 def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = None,
            candidates=DEFAULT_CANDIDATES, backend: str = "auto", solver_options: dict | None = None,
            margin: float = MARGIN) -> tuple[np.ndarray, dict]:
     """`measure` the candidate grids and keep the first unless another is below `margin` times its error
-    (`prefer_default`). Returns (positive sigmas [steps], {candidate: RMS error})."""
-    measured = measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options)
+    (`auto.challenge` on all samples). Returns (positive sigmas [steps], {candidate: RMS error})."""
+    measured = _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, None)
     names = list(measured)
-    best = names[prefer_default([measured[k][0] for k in names], margin)]
-    return measured[best][1], {k: e for k, (e, _) in measured.items()}
+    sq = np.stack([measured[k][2] for k in names])
+    best = names[challenge(sq, sample_weights(ref, sq.shape[1]), margin, outliers="none")]
+    return measured[best][1], {k: e for k, (e, _, _) in measured.items()}
 
 
-def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", pilot_steps: int = 24, pilot_batch: int = PILOT_BATCH,
-                sample_shape: tuple | None = None, method: str | None = None, floor: float | None = None,
-                critical: float | None = None, switch: float | None = None, amplify: float | None = None,
-                pilot_seed: int = 12345, backend: str = "auto", pilot_data: dict | None = None,
-                ref_steps: int = 128, candidates=None, solver_options: dict | None = None,
-                margin: float = MARGIN, pilot_rows: int | None = 64,
-                karras_weight: float | None = None, boundary_pool: int = BOUNDARY_POOL,
-                boundary_samples: int = BOUNDARY_SAMPLES) -> ThermoGrid:
-    """A time grid calibrated from a pilot run of `den` (docs/theory.md §6).
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """The expert settings of `thermo_grid` (the defaults are the measured ones):
+
+        ts.thermo_grid(den, 10, options=ts.CalibrationOptions(pilot_batch=512, pilot_seed=1))
+
+    pilot_steps: evaluations of the twins pilot (DPM-Solver++(2M), uniform in log sigma).
+    pilot_batch: samples B of the pilot (PILOT_BATCH = 256: smaller pilots miss the rare samples a grid sends
+        to another mode, which dominate a large batch's RMS error).
+    pilot_seed: seed of the pilot's noise (the grid never depends on the final run's seed).
+    pilot_rows: most rows the model sees in one call (64); None passes whole batches (2 B rows in the twins
+        pilot). Keyword tensors of the model whose leading size is the batch's are sliced alike.
+    ref_steps: evaluations of the converged reference solve (method "select").
+    candidates: the grids "select" chooses among, the first being the default (DEFAULT_CANDIDATES = karras,
+        "error"; any of CANDIDATES). solver="auto" measures its plan's own.
+    margin: "select" keeps its first candidate unless another measures below margin x its pilot error
+        (MARGIN = 0.6); 1.0 keeps the plain minimum.
+    floor, critical, switch, amplify, karras_weight: the "error" density's weights (None: the defaults of
+        `error_grid_defaults`): the uniform floor, the critical-time density (`critical_weight`), the
+        mode-switch amplification (`switch_weight`), the twins' amplification exponent, and the move toward
+        karras (`toward_karras`, `karras_weight_default`). They also shape the "error" candidate of "select".
+    boundary_pool, boundary_samples: with boundary_pool > 0 (default 0: off) the reference batch also holds
+        the boundary_samples (64) of boundary_pool screened starting points whose solutions end nearest a
+        mode boundary, weighted by their share (`boundary_noise`); costs pilot_steps x boundary_pool / 256
+        evaluations of 512 rows.
+    """
+    pilot_steps: int = 24
+    pilot_batch: int = PILOT_BATCH
+    pilot_seed: int = 12345
+    pilot_rows: int | None = 64
+    ref_steps: int = 128
+    candidates: tuple | None = None
+    margin: float = MARGIN
+    floor: float | None = None
+    critical: float | None = None
+    switch: float | None = None
+    amplify: float | None = None
+    karras_weight: float | None = None
+    boundary_pool: int = BOUNDARY_POOL
+    boundary_samples: int = BOUNDARY_SAMPLES
+
+
+def _calibration_options(options, legacy: dict) -> CalibrationOptions:
+    """`options` with the keyword arguments thermo_grid took before CalibrationOptions (deprecated)."""
+    if options is None:
+        options = CalibrationOptions()
+    elif not isinstance(options, CalibrationOptions):
+        raise TypeError(f"options must be a ts.CalibrationOptions, got {type(options).__name__}")
+    if legacy:
+        names = {f.name for f in fields(CalibrationOptions)}
+        unknown = sorted(set(legacy) - names)
+        if unknown:
+            raise TypeError(f"thermo_grid() got unexpected keyword argument(s) {unknown}")
+        given = ", ".join(f"{k}={v!r}" for k, v in legacy.items())
+        warnings.warn(f"thermo_grid({given}) is deprecated: pass options=ts.CalibrationOptions({given})",
+                      DeprecationWarning, stacklevel=3)
+        options = replace(options, **legacy)
+    return options
+
+
+def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tuple | None = None,
+                method: str | None = None, solver_options: dict | None = None, pilot_data: dict | None = None,
+                backend: str = "auto", options: CalibrationOptions | None = None, **legacy):
+    """A time grid calibrated from a pilot run of `den` (docs/theory.md §6, docs/calibration.md).
 
     Args:
         den: a `ts.Denoiser` (the model with its schedule).
         steps: solver steps of the final run; the grid holds steps sigmas plus a final 0 ([steps + 1]).
-        solver: the solver the grid is for (sets the order p of the error density), or "auto": method
-            "select" measures the (solver, options, grid) candidates of solvers.auto_candidates(steps)
-            and keeps the default unless an alternative's pilot error is below `margin` times the
-            default's (meta "solver", "solver_options"); up to 14 steps it then measures the one run of
-            solvers.auto_check(steps) on karras and takes it if below max(margin,
-            solvers.AUTO_CHECK_MARGIN) times the choice's error (meta "check_errors"; NFE more
-            evaluations); from solvers.AUTO_NOISE_FROM steps on it measures the UniPC run with
-            noise_below at each of solvers.AUTO_NOISE_CUTS times the data's scale (`data_scale`) and keeps
-            one the same way, with margin max(margin, solvers.AUTO_NOISE_MARGIN) (meta
-            "noise_below_errors"; len(AUTO_NOISE_CUTS) x NFE more evaluations): at 15-19 steps on the UniPC
-            candidate before the candidates compete (solvers.auto_noise_first, AUTO_NOISE_FIRST), else on
-            the choice if it is UniPC; from 9 to 14 steps, where it then holds DEIS or
-            iPNDM (solvers.auto_fit), it fits deis's corrections on half the pilot (`fit_corrections`) and
-            takes them if the other half measures them better, as the check (meta "fit_errors"; 2 x NFE
-            more evaluations of half the batch). ts.sample(solver="auto",
-            grid=this grid) then runs that solver (the recommended configuration, solvers.recommended).
-        pilot_steps: pilot evaluations (DPM-Solver++(2M) on a grid uniform in log sigma).
-        pilot_batch: pilot batch size B (default PILOT_BATCH = 256: smaller pilots miss the rare samples a
-            grid sends to another mode, which dominate a large batch's RMS error).
-        pilot_rows: most rows the model sees in one call during the calibration (default 64, the memory
-            of the earlier 32-sample pilot with its twins); None passes whole batches (2 B rows in the twins
-            pilot). Keyword tensors of the model whose leading size is the batch's are sliced alike.
-            Evaluation counts (meta "calibration_nfe") count batched evaluations, not calls.
+        solver: the solver the grid is for (it sets the order p of the error density), or "auto": run the
+            plan's band for `steps` (`auto.PLAN`, `auto.calibrate_plan`) on the pilot and return the
+            `auto.SamplerConfig` it chose, which `ts.sample(den, shape, grid=config)` runs.
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
-            the denoiser exposes `sample_shape`.
+            the denoiser exposes `sample_shape` or `pilot_data` holds the pilot.
         method: "select" (the default for deterministic solvers): solve the pilot batch once to convergence
-            (`reference`, `ref_steps` evaluations), then run `solver` on every grid of `candidates`, measure
-            how far its samples land from the converged ones, and keep the first candidate unless another
-            is clearly closer (`margin`). The default candidates are karras and "error" (the calibrated
-            density below); CANDIDATES also offers logsnr, kl_optimal, uniform, "jump" (the
-            dynamic-programming grid of `jump_grid`) and "length". With karras first, the result is never
-            worse than karras on the pilot's samples. Cost: ref_steps + (pilot_steps if "error" is a
-            candidate) + len(candidates) x NFE model evaluations on the pilot batch (plus the screen's, with
-            boundary_pool), all reusable through `pilot_data` except the candidate runs; `grid.meta`
-            records each candidate's error and the cost.
-            "error" (the default for stochastic solvers): equidistributed global error, the solver's local
-            truncation error times the amplification (the flow's, measured by the pilot's twin
-            trajectories, plus the mode-switch term of `switch`); "length": equal thermodynamic length
-            (Sivak & Crooks 2012: equal increments of integral sqrt(E||nu||^2) dt); "blend": the mean of
-            the two densities.
-        floor: weight of a uniform-in-log-sigma density mixed into the calibrated one. None (default):
-            0.1, or 0.35 for Heun (see `critical`).
-        critical: weight of the critical-time density (where the pilot's denoised estimates move fastest,
-            i.e. where trajectories choose their mode; `critical_density`). None (default) gives
-            `critical_weight(steps)`: about three steps' worth from 10 steps on (0.3 at 10, 0.15 at 20),
-            ramping down to 0 at 6 steps and below. For Heun (a trapezoid rule in sigma, not an
-            exponential integrator in lambda) the defaults stay floor 0.35 and critical 0: the benchmark
-            measured the critical-time density making Heun worse.
-        switch: weight of the mode-switch amplification (an error made before a trajectory has chosen its
-            mode can send it to another; see the module docstring). None (default) gives
-            `switch_weight(steps)`: 0 at 6 steps, 0.29 at 10, 1 from 20 on, for every solver. Used by
-            method "error" and "blend" ("length" has no amplification; its metadata records 0).
-        amplify: exponent of the twins' amplification factor in the error density (None: 1).
-        karras_weight: moves the calibrated grid toward karras, node by node in log sigma
-            (`toward_karras`): 0 keeps it, 1 gives karras. None: `karras_weight_default(solver)`, 0.5 for
-            Heun and 0 otherwise. floor, critical, switch, amplify and karras_weight also shape the
-            "error" candidate of method "select".
-        pilot_seed: seed of the pilot's noise (fixed: the grid does not depend on the final run's seed).
-        backend: fused-op backend for the pilot.
-        pilot_data: a pilot dict to reuse (`grid.pilot` of an earlier call, or `pilot(...)` and/or
-            `reference(...)` merged): then only what it lacks is computed. A reference screened otherwise
-            than boundary_pool / boundary_samples ask (its ref_boundary) is solved again.
-        ref_steps: evaluations of the converged reference solve (method "select").
-        candidates: the grids "select" chooses among, the first being the default (default
-            DEFAULT_CANDIDATES = karras, "error"; any of CANDIDATES).
+            (`reference`, ref_steps evaluations), run `solver` on every candidate grid (karras and the
+            calibrated "error" density by default), measure how far its samples land from the converged
+            ones, and keep the first candidate unless another is clearly closer (options.margin): never
+            worse than karras on the pilot's samples. "error" (the default for stochastic solvers):
+            equidistributed global error, the solver's local error times the flow's amplification measured
+            by the pilot's twin trajectories; "length": equal thermodynamic length (Sivak & Crooks 2012);
+            "blend": the mean of the two densities.
         solver_options: options of `solver` for the candidate runs (e.g. {"order": 3}).
-        margin: "select" (and solver="auto") keeps its first candidate, the default, unless another
-            measures below margin times its pilot error (`prefer_default`; default MARGIN = 0.6);
-            1.0 keeps the plain minimum. solver="auto" measures both errors without the pilot samples
-            that every candidate misses by far (`compared_errors`) and takes the alternative only if it
-            is also no worse on all samples; meta "compared_errors" and "shared_outliers" record them.
-        boundary_pool, boundary_samples: with boundary_pool > 0 (default BOUNDARY_POOL = 0: off), method
-            "select" screens boundary_pool starting points (e.g. 4096) with twin trajectories and adds the
-            boundary_samples (BOUNDARY_SAMPLES = 64) whose solutions end nearest a mode boundary to the
-            reference batch, with weight boundary_samples / boundary_pool in all (`boundary_noise`,
-            `reference`). Those are the samples a coarse grid can send to another mode: rare, so a random
-            pilot seldom holds one, yet they decide a large batch's RMS error. It costs
-            pilot_steps x boundary_pool / 256 evaluations of 512 rows; docs/calibration.md §10 says what
-            it measured.
+        pilot_data: a pilot dict to reuse (`grid.pilot` or `config.pilot` of an earlier call, or `pilot(...)`
+            and/or `reference(...)` merged): then only what it lacks is computed. A reference screened
+            otherwise than options.boundary_pool / boundary_samples ask is solved again.
+        backend: fused-op backend for the pilot.
+        options: a `CalibrationOptions` (pilot size and seed, reference steps, candidates, margin, the
+            density's weights). The same names as keyword arguments still work, with a DeprecationWarning.
     Returns:
-        ThermoGrid [steps + 1], descending from sigma_max to sigma_min, then 0; `.pilot` holds the pilot
-        data for reuse.
+        ThermoGrid [steps + 1], descending from sigma_max to sigma_min, then 0, with `.meta` (what was measured
+        and its cost: "calibration_nfe" batched evaluations) and `.pilot` for reuse; for solver="auto" a
+        `SamplerConfig` (solver, options, sigmas, calibrated_for, meta, pilot).
     """
+    from .auto import AUTO, SamplerConfig, band_for, calibrate_plan, fingerprint
+
+    opts = _calibration_options(options, legacy)
+    started = time.perf_counter()
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    auto = solver == AUTO_NAME
+    steps = int(steps)
+    auto = solver == AUTO
     if auto and method not in (None, "select"):
         raise ValueError("solver='auto' chooses the solver by measured error: it needs method='select'")
-    if auto and candidates is not None:
-        raise ValueError("solver='auto' measures its own candidates (solvers.auto_candidates): leave candidates=None")
+    if auto and opts.candidates is not None:
+        raise ValueError("solver='auto' measures its own candidates (auto.PLAN): leave candidates=None")
+    margin = opts.margin
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 < margin <= 1.0:
         raise ValueError(f"margin must be a number in (0, 1], got {margin!r}")
-    _check_boundary(boundary_pool, boundary_samples)
-    if pilot_rows is not None and (isinstance(pilot_rows, bool) or not isinstance(pilot_rows, int) or pilot_rows < 1):
-        raise ValueError(f"pilot_rows must be an int >= 1 or None, got {pilot_rows!r}")
-    den = _row_chunked(den, pilot_rows)
-    plan = auto_candidates(int(steps)) if auto else None
-    spec = get_solver(plan[0][0] if auto else solver)
+    _check_boundary(opts.boundary_pool, opts.boundary_samples)
+    rows = opts.pilot_rows
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"pilot_rows must be an int >= 1 or None, got {rows!r}")
+    model = getattr(den, "model", None)
+    den = _row_chunked(den, rows)
+    band = band_for(steps) if auto else None
+    spec = get_solver(band.default.solver if auto else solver)
     order = spec.order
     if method is None:
         method = "error" if spec.injects_noise(solver_options or {}) else "select"
     if method not in ("select", "blend", "error", "length"):
         raise ValueError(f"method must be 'select', 'blend', 'error' or 'length', got {method!r}")
-    candidates = tuple(DEFAULT_CANDIDATES if candidates is None else candidates)
+    candidates = tuple(DEFAULT_CANDIDATES if opts.candidates is None else opts.candidates)
     if auto:
-        candidates = tuple(dict.fromkeys(g for _, _, g in plan))
+        candidates = tuple(dict.fromkeys((band.default.grid, band.alternative.grid)))
     if method == "select":
         if spec.injects_noise(solver_options or {}):
             raise ValueError(f"method='select' compares against the converged ODE solution: {solver!r} with these "
                              "options is stochastic; use method='error'")
         if not candidates or any(c not in CANDIDATES for c in candidates):
             raise ValueError(f"candidates must be a non-empty subset of {CANDIDATES}, got {candidates!r}")
-    defaults = _error_defaults(solver, int(steps))
-    floor = _weight("floor", floor, defaults["floor"])
+    density_kw = _density_weights(opts, solver, steps, method)
+    pilot_data = dict(pilot_data or {})
+    needs_twins = method != "select" or "error" in candidates
+    pilot_data, spent = _pilots(den, pilot_data, needs_twins, method == "select", sample_shape, opts, backend)
+    sch = den.schedule
+    extra = {}
+    if method == "select" and auto:
+        solver, solver_options, chosen, sig, extra, nfe = calibrate_plan(
+            den, steps, pilot_data, pilot_data if needs_twins else None, backend, margin, density_kw)
+        spent += nfe
+        order = get_solver(solver).order
+    elif method == "select":
+        measured = _measure(den, steps, solver, pilot_data, pilot_data if needs_twins else None, candidates,
+                            backend, solver_options, density_kw)
+        spent += len(measured) * spec.evaluations(steps)
+        names = list(measured)
+        sq = np.stack([measured[k][2] for k in names])
+        chosen = names[challenge(sq, sample_weights(pilot_data, sq.shape[1]), margin, outliers="none")]
+        sig = measured[chosen][1]
+        extra = {"candidate_errors": {k: measured[k][0] for k in names},
+                 "ref_steps": int(len(pilot_data["ref_sigma"])), "margin": float(margin), "chosen": chosen}
+    elif steps == 1:
+        sig = np.array([sch.sigma_max])
+    else:
+        lam, rho = density(pilot_data, sch, method=method, order=order, floor=density_kw["floor"],
+                           critical=density_kw["critical"], amplify=density_kw["amplify"],
+                           switch=density_kw["switch"])
+        sig = _place_sigmas(lam, rho, steps, sch, density_kw["karras_weight"])
+    meta = {"method": method, "solver": solver, "order": order, **{k: float(v) for k, v in density_kw.items()},
+            "steps": steps, "pilot_steps": int(len(pilot_data["sigma"])) if "sigma" in pilot_data else 0,
+            "pilot_nfe": (int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0))
+                          + int(pilot_data.get("ref_screen_nfe", 0))),
+            "boundary": list(_screen_of(pilot_data)), "calibration_nfe": spent, "pilot_seed": int(opts.pilot_seed),
+            "schedule": repr(sch), **extra}
+    sigmas = np.append(sig, 0.0)
+    if not auto:
+        grid = ThermoGrid(sigmas, meta)
+        grid.pilot = pilot_data
+        return grid
+    shape = pilot_data["ref_final"].shape[1:]
+    made_for = {"schedule": repr(sch), "prediction": getattr(den, "prediction", None), "sample_shape": list(shape),
+                "dtype": str(pilot_data["ref_noise"].dtype).replace("torch.", ""),
+                "device": pilot_dtype_device(den)[1].type, "model": fingerprint(model),
+                "pilot": {"evaluations": spent, "batch": int(pilot_data["ref_final"].shape[0]),
+                          "seconds": round(time.perf_counter() - started, 3)}}
+    return SamplerConfig(solver, solver_options, sigmas, made_for, meta, pilot=pilot_data)
+
+
+def _density_weights(opts: CalibrationOptions, solver: str, steps: int, method: str) -> dict:
+    """The "error" density's weights: the options', checked, else `error_grid_defaults(solver, steps)`."""
+    defaults = error_grid_defaults(solver, steps)
+    floor = _weight("floor", opts.floor, defaults["floor"])
     if not floor <= 1.0:
         raise ValueError(f"floor must lie in [0, 1], got {floor!r}")
-    critical = _weight("critical", critical, defaults["critical"])
-    switch = 0.0 if method == "length" else _weight("switch", switch, defaults["switch"])
-    amplify = _weight("amplify", amplify, defaults["amplify"])
+    critical = _weight("critical", opts.critical, defaults["critical"])
+    switch = 0.0 if method == "length" else _weight("switch", opts.switch, defaults["switch"])
+    amplify = _weight("amplify", opts.amplify, defaults["amplify"])
     if not 0.0 <= critical <= 1.0 - floor:
         raise ValueError(f"critical must lie in [0, 1 - floor], got {critical!r}")
-    karras_weight = _weight("karras_weight", karras_weight, defaults["karras_weight"])
+    karras_weight = _weight("karras_weight", opts.karras_weight, defaults["karras_weight"])
     if not karras_weight <= 1.0:
         raise ValueError(f"karras_weight must lie in [0, 1], got {karras_weight!r}")
-    # the "error" grid of method "select" takes the same weights as method "error"
-    density_kw = {"floor": floor, "critical": critical, "switch": switch, "amplify": amplify,
-                  "karras_weight": karras_weight}
-    pilot_data = dict(pilot_data or {})
+    return {"floor": floor, "critical": critical, "switch": switch, "amplify": amplify,
+            "karras_weight": karras_weight}
+
+
+def _pilots(den, pilot_data: dict, twins: bool, ref: bool, sample_shape, opts: CalibrationOptions,
+            backend: str) -> tuple[dict, int]:
+    """`pilot_data` completed with the twins pilot (if `twins`) and the reference solve (if `ref`) it lacks,
+    and the evaluations that cost."""
     spent = 0
-    needs_twins = method != "select" or "error" in candidates
-    needs_ref = method == "select"
-    if needs_ref and "ref_final" in pilot_data and _screen_of(pilot_data) != _screen(boundary_pool, boundary_samples):
+    if ref and "ref_final" in pilot_data and _screen_of(pilot_data) != _screen(opts.boundary_pool,
+                                                                               opts.boundary_samples):
         # a reused reference screened otherwise than asked: solve it again rather than silently keep it
         pilot_data = {k: v for k, v in pilot_data.items() if not k.startswith("ref_")}
-    if (needs_twins and "D" not in pilot_data) or (needs_ref and "ref_final" not in pilot_data):
+    if (twins and "D" not in pilot_data) or (ref and "ref_final" not in pilot_data):
         if sample_shape is None:
             sample_shape = getattr(den, "sample_shape", None)
         if sample_shape is None:
             raise ValueError("thermo_grid needs sample_shape=(...) (the shape of one sample) for the pilot run")
-        if isinstance(pilot_batch, bool) or not isinstance(pilot_batch, int) or pilot_batch < 2:
-            raise ValueError(f"pilot_batch must be an int >= 2, got {pilot_batch!r}")
-        shape = (pilot_batch, *tuple(sample_shape))
-        if needs_twins and "D" not in pilot_data:
-            pilot_data.update(pilot(den, shape, pilot_steps=pilot_steps, pilot_seed=pilot_seed, backend=backend))
+        batch = opts.pilot_batch
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 2:
+            raise ValueError(f"pilot_batch must be an int >= 2, got {batch!r}")
+        shape = (batch, *tuple(sample_shape))
+        if twins and "D" not in pilot_data:
+            pilot_data.update(pilot(den, shape, pilot_steps=opts.pilot_steps, pilot_seed=opts.pilot_seed,
+                                    backend=backend))
             spent += int(pilot_data["nfe"])
-        if needs_ref and "ref_final" not in pilot_data:
-            pilot_data.update(reference(den, shape, ref_steps=ref_steps, pilot_seed=pilot_seed, backend=backend,
-                                        boundary_pool=boundary_pool, boundary_samples=boundary_samples,
-                                        pilot_steps=pilot_steps))
+        if ref and "ref_final" not in pilot_data:
+            pilot_data.update(reference(den, shape, ref_steps=opts.ref_steps, pilot_seed=opts.pilot_seed,
+                                        backend=backend, boundary_pool=opts.boundary_pool,
+                                        boundary_samples=opts.boundary_samples, pilot_steps=opts.pilot_steps))
             spent += int(pilot_data["ref_nfe"]) + int(pilot_data["ref_screen_nfe"])
-    sch = den.schedule
-    extra = {}
-    if method == "select":
-        # (solver, options, grids) to measure; auto: its default candidate first, then the alternative
-        runs = ([(name, dict(opts), (g,)) for name, opts, g in plan] if auto
-                else [(solver, dict(solver_options or {}), candidates)])
-        measured = []       # (label, error, solver, options, grid name, sigmas, per-sample errors), default first
-        noise_first = auto and auto_noise_first(int(steps))
-        tail_errors = None
-        for name, opts, names in runs:
-            res = _measure(den, int(steps), name, pilot_data, pilot_data if needs_twins else None, names,
-                           backend, opts, density_kw)
-            spent += len(res) * get_solver(name).evaluations(int(steps))
-            for g, (e, sig_g, sq) in res.items():
-                label, kept = (_auto_label(name, opts, g) if auto else g), opts
-                if noise_first and name == "unipc":   # UniPC competes with its noise stage's choice
-                    kept, tail_errors, tail_nfe, e, sq = _noise_tail(den, steps, name, opts, sig_g, e, sq,
-                                                                     pilot_data, backend, margin)
-                    spent += tail_nfe
-                measured.append((label, e, name, kept, g, sig_g, sq))
-        errors = {m[0]: m[1] for m in measured}
-        weight = _ref_weight(pilot_data, len(measured[0][6]))
-        best, compared, outliers = _choose(np.stack([m[6] for m in measured]), weight, margin, shared=auto)
-        _, chosen_err, solver, solver_options, chosen, sig, chosen_sq = measured[best]
-        extra = {"candidate_errors": errors, "ref_steps": int(len(pilot_data["ref_sigma"])),
-                 "compared_errors": {m[0]: float(c) for m, c in zip(measured, compared)},
-                 "shared_outliers": outliers, "margin": float(margin)}
-        check = auto_check(int(steps)) if auto else None
-        if check is not None:
-            solver, solver_options, chosen, sig, chosen_err, chosen_sq, extra["check_errors"], check_nfe = _check(
-                den, steps, check, (solver, solver_options, chosen, sig, chosen_err, chosen_sq), pilot_data,
-                backend, density_kw, margin)
-            spent += check_nfe
-        order = get_solver(solver).order
-        extra["chosen"] = chosen
-        if auto and steps >= AUTO_NOISE_FROM and solver == "unipc" and not noise_first:
-            solver_options, tail_errors, tail_nfe, _, _ = _noise_tail(den, steps, solver, solver_options, sig,
-                                                                      chosen_err, chosen_sq, pilot_data, backend,
-                                                                      margin)
-            spent += tail_nfe
-        if tail_errors is not None:
-            extra["noise_below_errors"] = tail_errors
-        if auto and auto_fit(int(steps), solver):
-            (solver, solver_options, chosen, sig), extra["fit_errors"], fit_nfe = _fit_check(
-                den, steps, (solver, solver_options, chosen, sig, chosen_sq), pilot_data, backend, margin)
-            spent += fit_nfe
-            order = get_solver(solver).order
-        if auto:
-            extra.update(auto=True, solver_options=dict(solver_options))
-    elif steps == 1:
-        sig = np.array([sch.sigma_max])
-    else:
-        lam, rho = density(pilot_data, sch, method=method, order=order, floor=floor, critical=critical,
-                           amplify=amplify, switch=switch)
-        sig = _place_sigmas(lam, rho, steps, sch, karras_weight)
-    meta = {"method": method, "solver": solver, "order": order, "floor": floor,
-            "critical": float(critical), "switch": float(switch), "amplify": float(amplify), "steps": int(steps),
-            "karras_weight": float(karras_weight),
-            "pilot_steps": int(len(pilot_data["sigma"])) if "sigma" in pilot_data else 0,
-            "pilot_nfe": (int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0))
-                          + int(pilot_data.get("ref_screen_nfe", 0))),
-            "boundary": list(_screen_of(pilot_data)),
-            "calibration_nfe": spent, "pilot_seed": int(pilot_seed), "schedule": repr(sch), **extra}
-    grid = ThermoGrid(np.append(sig, 0.0), meta)
-    grid.pilot = pilot_data
-    return grid
+    return pilot_data, spent

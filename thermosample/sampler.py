@@ -18,7 +18,8 @@ from . import ops
 from .graphs import GRAPHS
 from .grids import make_grid
 from .run import Run
-from .solvers import AUTO_NAME, check_options, get_solver, resolve_auto
+from .auto import AUTO, SamplerConfig, is_config, resolve
+from .solvers import check_options, get_solver
 from .thermo import ThermoReport
 from .validate import (
     check_callable,
@@ -47,7 +48,7 @@ class SampleOutput:
     seed: int | None = None
 
 
-def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int | None = None, solver: str = "euler",
+def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int | None = None, solver: str | None = None,
            grid="karras", seed: int | None = None, generator: torch.Generator | None = None,
            sample_offset: int = 0, backend: str = "auto", track: bool = True,
            progress: bool | None = None, callback=None, dtype: torch.dtype = torch.float32, device=None,
@@ -69,9 +70,12 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int | N
         solver: a name in ts.solvers.SOLVERS (deterministic: "euler", "heun", "dpm_2", "dpmpp_2m", "dpmpp_3m",
             "unipc", "deis", "ipndm", "lms", "ddim"; stochastic: "euler_ancestral", "dpm_2_ancestral",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde", "euler_maruyama"), or
-            "auto": the recommended configuration (ts.solvers.recommended): the solver a
-            `ts.thermo_grid(den, steps, solver="auto")` grid chose on its pilot, else UniPC.
-        grid: "karras" | "uniform" | "logsnr" | "kl_optimal" | a descending sequence/tensor of sigmas.
+            "auto": the recommended configuration: the choice of a `ts.SamplerConfig` passed as `grid`, else
+            the uncalibrated default of `ts.auto.band_for(steps)` (said once). Default: the config's solver
+            when `grid` is a SamplerConfig, else "euler".
+        grid: "karras" | "uniform" | "logsnr" | "kl_optimal" | a descending sequence/tensor of sigmas | a
+            `ts.SamplerConfig` from `ts.thermo_grid(den, steps, solver="auto")` (its sigmas, and its solver
+            and options unless `solver` names another).
         seed: seed of the Philox noise stream (initial noise and the stochastic solvers' noise): an int or
             NumPy integer in [0, 2**64); default 0. Sample i depends only on (seed, sample_offset + i).
         generator: a torch.Generator to draw the seed from instead (torch/diffusers convention): the seed
@@ -122,9 +126,13 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
     if not callable(den) or not hasattr(den, "schedule"):
         raise TypeError("den must be a thermosample.Denoiser (a callable with a .schedule); "
                         "wrap your model with ts.Denoiser(model, schedule, prediction=...)")
-    if solver == AUTO_NAME:   # the recommended configuration: the calibrated grid's choice (solvers.recommended)
-        solver, chosen = resolve_auto(grid)
+    if solver is None:
+        solver = AUTO if is_config(grid) else "euler"
+    if solver == AUTO:   # the recommended configuration: the config's choice, else the plan's uncalibrated default
+        solver, chosen = resolve(grid, steps)
         solver_options = {**chosen, **solver_options}
+    if isinstance(grid, SamplerConfig):
+        grid = grid.sigmas
     spec = get_solver(solver)
     if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)
                                     or check_every < 1):

@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from .auto import AUTO
 from .validate import check_solver_options
 
 
@@ -658,157 +659,9 @@ def injects_noise(solver: str, options: dict) -> bool:
 
 def evaluations(solver: str, steps: int, sigmas_end_in_zero: bool = True) -> int:
     """Model evaluations (NFE) a solver spends on `steps` steps ("auto": one per step, as all its choices)."""
-    if solver == AUTO_NAME:
+    if solver == AUTO:
         return steps
     return SOLVERS[solver].evaluations(steps, sigmas_end_in_zero)
-
-
-# --------------------------------------------------------------------------------------------------
-# solver="auto": the recommended configuration
-# --------------------------------------------------------------------------------------------------
-AUTO_NAME = "auto"
-# The candidates of solver="auto" (thermo_grid(solver="auto")): for each band of step counts a default
-# (solver, options, grid) and one alternative, all with one model evaluation per step. The pilot measures
-# both and leaves the default only when the alternative's error on it is below calibrate.MARGIN (0.6)
-# times the default's. Why a default and a margin rather than the best of many: a pilot (now 256 samples)
-# cannot see the rare samples that dominate a large batch's RMS error (those an early error sends to
-# another mode). Taking the best of 42 (solver, grid) pairs by pilot error met issue 12's accuracy bar
-# in 22 of 36 cells of benchmarks/bench_quality.py; these defaults were the best or nearly the best pair
-# on its default problems (docs/calibration.md §7, benchmarks/bench_selection.py). "jump" (the
-# dynamic-programming grid of one-step DDIM jumps, its last node free) is Euler's own optimal grid;
-# "error" is the calibrated error density for the solver's order. Plain UniPC-3 takes over at 20 steps: on
-# the error grid it was better than UniPC-2 on 4 of the 9 default problems at 15 steps (and up to 4.6 x
-# worse on others), on 7 of 9 at 19-25 and on 8 of 9 at 30 (docs/calibration.md §9).
-# The default at 9-19 steps is UniPC with order 3 on the error grid's steps up to h = 0.8 in lambda and
-# order 2 on the longer (low-noise) ones: UniPC-2's bulk error, and fewer samples sent to another mode where
-# the trajectories choose their mode (docs/calibration.md §12; with 1.2, a default problem blew up). It was
-# the alternative to iPNDM until, on the 73 problems of every set then measured, it was the better of the
-# two on 57, 61 and 35 at 8, 10 and 14 steps, and as the default it cut the geometric-mean excess over the
-# better one from 4.5 %, 10.5 % and 32 % to 2.0 %, 2.3 % and 13 % (docs/calibration.md §14). iPNDM, now the
-# alternative, is still taken where the pilot measures it far better (digits, the 2-5-dimensional mixtures).
-# At 15-17 steps it replaced UniPC-2 (the default there before), with its noise cut chosen before it meets
-# iPNDM (AUTO_NOISE_FIRST): at 16 steps within 1.0 x the best peer on 26 of the thirty tuning mixtures against
-# 20 (geo-mean 0.335 against 0.487 x, worst 3.2 against 10.6 x) and on 117 of 130 cells of the twenty-two
-# unseen sets at NFE 16 against 102, though two cells became 35 and 98 x by samples sent to another mode
-# (docs/calibration.md §22). At 18-19 steps it replaced plain UniPC-3 | UniPC-2 (cut after the choice): at 18
-# steps within 1.0 x the best peer on 26 of 30 tuning mixtures against 25 (geo-mean 0.265 against 0.469 x), and
-# on 118 of 130 cells of the twenty-two unseen sets at NFE 18 against 112 (geo-mean 0.254 against 0.379 x;
-# docs/calibration.md §23). From 20 steps the table budgets' band stands as measured.
-# Up to 8 steps the default is iPNDM on "jump": the multistep solver on Euler's optimal grid. At 6 steps on
-# 22 tuning mixtures (benchmarks/tune_low_nfe.py, 4096 samples) it was the best of 15 (solver, grid) pairs
-# on every one, 0.37-0.91 x the best peer on karras (Euler on "jump", the default before: 0.60-1.10 x);
-# Euler on "jump" stays as the alternative, for a model where the fourth-order steps misbehave. At 8 steps
-# the pair met 1.0 x the best peer on 14 of 17 tuning mixtures against 8 for the next band's; at 9 on 9 of
-# 12 against 12 (docs/calibration.md §16).
-AUTO_MAX_H = 0.8
-AUTO_PLAN = (  # (largest step count of the band or None, default, alternative)
-    (8, ("ipndm", {}, "jump"), ("euler", {}, "jump")),
-    (19, ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error")),
-    (None, ("unipc", {"order": 3}, "error"), ("unipc", {}, "error")),
-)
-AUTO_FALLBACK = ("unipc", {})      # without a calibrated grid: diffusers' UniPC default (bh2, order 2)
-# From AUTO_NOISE_FROM steps on, after choosing its configuration (UniPC there), solver="auto" also measures
-# it with unipc's noise_below at each of AUTO_NOISE_CUTS times the data's scale (the RMS of the pilot's
-# converged samples) and takes the best if it is below AUTO_NOISE_MARGIN times the plain run (or the
-# thermo_grid margin, if larger). At 20 steps on five 384-1536-dimensional tuning mixtures, noise prediction
-# below 0.2 cut UniPC-3's bulk error on its "error" grid 2.4-10 x (to below DEIS-3's on karras on four); on
-# two low-dimensional ones it did not help, and at 50 steps it helped on none, which the pilot sees and then
-# keeps the plain run. A cut of 0.5 left 4-24 of 4096 samples with 20 x the median error (those still
-# choosing their mode there), too rare for the pilot to see, so it is not offered (docs/calibration.md §13).
-# 0.3: on 14 tuning mixtures it was the better cut on six, and the pilot rejected it where it left such a
-# tail; and since a cut changes only steps taken after the modes are chosen, its pilot
-# error ranks it reliably, so the margin is 0.8, not calibrate.MARGIN (every tuning cut whose pilot error was
-# 0.6-0.8 x the plain run's was also better on the large batches; docs/calibration.md §15). From 12 steps,
-# not 18 as first: UniPC's long low-noise steps are as weak at 12-17 steps (6-8 x the best peer on three
-# tuning mixtures at 16). On the thirty tuning mixtures `auto` within 0.8 x the best peer went 22 -> 24,
-# 17 -> 19 and 14 -> 18 of 30 at 12, 14 and 16 steps (one cell worse by over 5 %), and on the twenty unseen
-# sets at NFE 14 90 -> 96 of 118 (26 cells better, 2 worse, both far inside the bar; docs/calibration.md §21).
-AUTO_NOISE_FROM = 12
-# From AUTO_NOISE_FIRST[0] to [1] steps the stage runs on the band's UniPC default before it competes with the
-# alternative (iPNDM), not after: there a plain UniPC-3 run several times worse than iPNDM on the pilot can be
-# far better with its cut, and iPNDM, once chosen, was never cut. At 16 steps on the thirty tuning mixtures:
-# within 1.0 x the best peer on 26 of 30 either way, geo-mean 0.392 -> 0.335 x, worst 4.1 -> 3.2 x; on the
-# unseen sets at NFE 16 it removed two misses of 5-6 x that the band's extension to 17 steps made alone. At
-# 12-14 steps it was about neutral (tuning and unseen sets at NFE 14), so there the stage stays after the
-# choice and its check, as measured in §21; from 20 (both candidates UniPC) after the choice, as measured for
-# the NFE-20 and NFE-50 tables (docs/calibration.md §22). 18-19 steps joined the band with it (§23).
-AUTO_NOISE_FIRST = (15, 19)
-AUTO_NOISE_CUTS = (0.3, 0.2, 0.1)
-AUTO_NOISE_MARGIN = 0.8
-AUTO_NOISE_ORDER = 3    # the cut's DEIS order, also after UniPC-2 (which would default to DEIS-2; §15)
-# Up to AUTO_CHECK's last step count of a band, solver="auto" then measures one more (solver, options, grid)
-# on karras and takes it if its pilot error on the bulk of the samples is below AUTO_CHECK_MARGIN times the
-# choice's and it is no worse over all of them (calibrate.check_prefers). On image-like data
-# (benchmarks/quality_problems.spectral_mixture: power-law spectra, classes that overlap) the error is bulk
-# error, which the pilot ranks as the large batch does, and there DEIS-3 and iPNDM on karras beat both
-# candidates at 10 and 6 steps (0.86-1.0 x the best peer where the band's pair had up to 2.2 x, on eight tuning
-# mixtures); on the 34 earlier tuning mixtures, where the error is samples sent to another mode, the check
-# was never taken, since there the karras runs switch far more samples on the pilot too (docs/calibration.md §17).
-AUTO_CHECK = ((8, ("ipndm", {}, "karras")), (14, ("deis", {}, "karras")))
-AUTO_CHECK_MARGIN = 0.8
-
-
-def auto_candidates(steps: int) -> tuple[tuple[str, dict, str], ...]:
-    """The (solver, options, grid) candidates solver="auto" measures for `steps` steps, default first."""
-    for last, default, alternative in AUTO_PLAN:
-        if last is None or steps <= last:
-            return default, alternative
-    raise AssertionError("AUTO_PLAN ends with an open band")
-
-
-def auto_noise_first(steps: int) -> bool:
-    """Whether solver="auto" runs its noise stage on its UniPC candidate before the candidates compete."""
-    return max(AUTO_NOISE_FROM, AUTO_NOISE_FIRST[0]) <= steps <= AUTO_NOISE_FIRST[1]
-
-
-def auto_check(steps: int) -> tuple[str, dict, str] | None:
-    """The (solver, options, grid) solver="auto" checks its choice against at `steps` steps (AUTO_CHECK), or None."""
-    for last, check in AUTO_CHECK:
-        if steps <= last:
-            return check
-    return None
-
-
-# From AUTO_FIT[0] to AUTO_FIT[1] steps, where the choice is one of AUTO_FIT_AFTER, solver="auto" ends with
-# one more check: DEIS-3 with corrections fitted on half of its pilot (calibrate.fit_corrections: per step,
-# the least-squares combination of the last two D and eps differences that moves the update toward the
-# converged trajectory) on the choice's grid, measured on the other half against the choice and taken as the
-# check above is (calibrate.check_prefers, AUTO_CHECK_MARGIN). Not after UniPC, the band's default: where the
-# pilot keeps it, the error is samples sent to another mode, and there the fitted run, far better on the bulk,
-# sent more samples to another mode than the pilot's half could see (up to 10 x UniPC's error on a large
-# batch on tuning mixtures; docs/calibration.md §19).
-AUTO_FIT = (9, 14)
-AUTO_FIT_AFTER = ("deis", "ipndm")
-
-
-def auto_fit(steps: int, solver: str) -> bool:
-    """Whether solver="auto" measures fitted DEIS corrections after choosing `solver` for `steps` steps."""
-    return AUTO_FIT[0] <= steps <= AUTO_FIT[1] and solver in AUTO_FIT_AFTER
-
-
-def recommended(nfe: int) -> dict:
-    """The configuration to take for `nfe` model evaluations (5-50) without reading the theory:
-
-        grid = ts.thermo_grid(den, nfe, solver="auto", sample_shape=...)   # pilot picks solver and grid
-        out = ts.sample(den, shape, steps=nfe, solver="auto", grid=grid)
-
-    `thermo_grid(solver="auto")` measures the two candidates of `auto_candidates(nfe)` on its pilot
-    (calibrate.select) and keeps the default unless the alternative's pilot error is below
-    calibrate.MARGIN times the default's; up to 14 steps it then checks that choice against
-    `auto_check(nfe)` on karras (AUTO_CHECK_MARGIN) and from 9 (after DEIS or iPNDM) fits deis's corrections
-    on the pilot (AUTO_FIT), from 12 it tries noise prediction on the low-noise steps (AUTO_NOISE_CUTS; at
-    15-19 steps on its UniPC candidate before the candidates compete, AUTO_NOISE_FIRST);
-    `ts.sample(solver="auto")` reads the choice from the grid's metadata."""
-    return {"solver": AUTO_NAME, "grid": "calibrated", "steps": int(nfe)}
-
-
-def resolve_auto(grid) -> tuple[str, dict]:
-    """(solver, options) that solver="auto" runs with `grid`: the choice a ThermoGrid of
-    thermo_grid(solver="auto") records, else AUTO_FALLBACK."""
-    meta = getattr(grid, "meta", None) or {}
-    if meta.get("auto") and meta.get("solver") in SOLVERS:
-        return meta["solver"], dict(meta.get("solver_options") or {})
-    return AUTO_FALLBACK[0], dict(AUTO_FALLBACK[1])
 
 
 # --------------------------------------------------------------------------------------------------

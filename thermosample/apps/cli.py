@@ -63,8 +63,9 @@ def _key_value(text: str) -> tuple:
 
 def _solver(text: str) -> str:
     """argparse type: a solver name of thermosample.solvers."""
-    from ..solvers import AUTO_NAME, SOLVERS
-    if text not in SOLVERS and text != AUTO_NAME:
+    from ..auto import AUTO
+    from ..solvers import SOLVERS
+    if text not in SOLVERS and text != AUTO:
         raise argparse.ArgumentTypeError(f"unknown solver {text!r}; one of {', '.join(sorted(SOLVERS))}")
     return text
 
@@ -82,14 +83,20 @@ e.g. thermosample.toy:toy_factory. `thermosample VERB --help` lists a verb's opt
 
 
 def _grid(text: str):
-    """argparse type: a grid name, or a JSON file written by ThermoGrid.save (`thermosample schedule --save`)."""
+    """argparse type: a grid name, or a JSON file written by `thermosample schedule --save` (a SamplerConfig
+    of solver auto, or a ThermoGrid)."""
     from ..grids import GRIDS
     if text in GRIDS:
         return text
     if text.endswith(".json"):
+        from ..auto import CONFIG_FORMAT, SamplerConfig
         from ..calibrate import ThermoGrid
         try:
-            return ThermoGrid.load(text)     # with its metadata: solver "auto" reads the solver it chose
+            with open(text) as f:
+                blob = json.load(f)
+            if isinstance(blob, dict) and blob.get("format") == CONFIG_FORMAT:
+                return SamplerConfig.from_dict(blob)
+            return ThermoGrid.load(text)
         except (OSError, ValueError) as exc:
             raise argparse.ArgumentTypeError(f"cannot read the grid file {text!r}: {exc}") from None
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(GRIDS)} or a grid .json file, got {text!r}")
@@ -140,8 +147,9 @@ def add_sample(sub):
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="solver steps (model evaluations: steps, 2 steps - 1 for heun/dpm_2; default 20, or a "
                         "grid file's own count)")
-    p.add_argument("--solver", default="euler", type=_solver,
-                   help="solver name (default euler), or auto: the solver a `schedule --solver auto` grid chose")
+    p.add_argument("--solver", default=None, type=_solver,
+                   help="solver name, or auto (default: the solver of a `schedule --solver auto` config given as "
+                        "--grid, else euler)")
     p.add_argument("--grid", default="karras", type=_grid,
                    help="karras | logsnr | kl_optimal | uniform, or a grid .json from `thermosample schedule "
                         "--save` (default karras)")
@@ -156,14 +164,19 @@ def add_sample(sub):
     def run(args):
         from .. import bulk
         options = {} if args.eta is None else {"eta": args.eta}
-        solver = args.solver
-        if solver == "auto":   # the recommended configuration: the solver a grid of `schedule --solver auto` chose
-            from ..solvers import resolve_auto
-            solver, chosen = resolve_auto(args.grid)
+        from ..auto import AUTO, SamplerConfig, is_config, resolve
+        grid, solver = args.grid, args.solver
+        if solver is None:
+            solver = AUTO if is_config(grid) else "euler"
+        if solver == AUTO:   # the recommended configuration: the config's choice, else the plan's default
+            solver, chosen = resolve(grid, args.steps)
             options = {**chosen, **options}
+            print(f"solver {solver}" + (" (from the config; --solver overrides it)" if is_config(grid) else ""))
+        if isinstance(grid, SamplerConfig):
+            grid = grid.grid
         # sample_to_disk checks every argument (and runs one trial step) before it creates the folder
         res = bulk.sample_to_disk(args.model, args.n, args.batch, args.out, sample_shape=args.shape,
-                                  steps=args.steps, solver=solver, grid=args.grid, seed=args.seed,
+                                  steps=args.steps, solver=solver, grid=grid, seed=args.seed,
                                   backend=args.backend, track=not args.no_track, weights=args.weights,
                                   factory_kwargs=dict(args.factory_arg), solver_options=options,
                                   progress=args.progress)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..calibrate import thermo_grid
+from ..auto import SamplerConfig
+from ..calibrate import CalibrationOptions, thermo_grid
 
 
 def main(args) -> int:
@@ -23,22 +24,24 @@ def main(args) -> int:
         shape = getattr(args, "shape", None) or getattr(den, "sample_shape", None)
         if shape is None:
             raise ValueError("pass --shape C,H,W (the shape of one sample): the factory's denoiser has no sample_shape")
+    options = CalibrationOptions(pilot_steps=args.pilot_steps, pilot_batch=args.pilot_batch,
+                                 pilot_rows=getattr(args, "pilot_rows", 64),
+                                 boundary_pool=getattr(args, "boundary_pool", 0))
     g = thermo_grid(den, args.steps, solver=args.solver, method=getattr(args, "method", None),
-                    pilot_steps=args.pilot_steps, pilot_batch=args.pilot_batch, sample_shape=tuple(shape),
-                    backend=getattr(args, "backend", "auto"), pilot_rows=getattr(args, "pilot_rows", 64),
-                    boundary_pool=getattr(args, "boundary_pool", 0))
+                    sample_shape=tuple(shape), backend=getattr(args, "backend", "auto"), options=options)
     sch = den.schedule
     k = np.append(grids.karras(args.steps, sch.sigma_min, sch.sigma_max), 0.0)
     chosen = f" (chose {g.meta['chosen']})" if "chosen" in g.meta else ""
-    options = {k: ("fitted" if k == "corrections" else v) for k, v in (g.meta.get("solver_options") or {}).items()}
-    solver = g.meta["solver"] + (" " + str(options) if options else "")   # corrections: one list per step
-    if g.meta.get("auto"):
+    auto = isinstance(g, SamplerConfig)
+    shown = {k: ("fitted" if k == "corrections" else v) for k, v in (g.options if auto else {}).items()}
+    solver = (g.solver if auto else g.meta["solver"]) + (" " + str(shown) if shown else "")   # corrections: per step
+    if auto:
         solver += " (chosen by solver auto)"
     print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {solver}, method "
           f"{g.meta['method']}{chosen}; calibration: {g.meta['calibration_nfe']} model evaluations on a batch of "
           f"{args.pilot_batch}")
     print(f"{'i':>3} {'sigma (calibrated)':>19} {'t':>9} {'sigma (karras)':>15}")
-    for i, (a, b) in enumerate(zip(np.asarray(g), k)):
+    for i, (a, b) in enumerate(zip(np.asarray(g.sigmas if auto else g), k)):
         t = float(sch.sigma_to_t(a)) if a > 0 else 0.0
         print(f"{i:>3} {a:>19.6g} {t:>9.5f} {b:>15.6g}")
     if args.save:

@@ -1,0 +1,403 @@
+"""solver="auto": which solver, options and grid to run for a number of steps, chosen on a pilot of the model.
+
+Three parts, each readable on its own:
+
+* `PLAN`, the policy as data: per band of step counts a default and an alternative `Candidate` (solver,
+  grid, options), an optional check on karras, where UniPC's low-noise cut is chosen, after which solvers
+  fitted DEIS corrections are tried, and what runs without a calibration. What auto does at 12 steps is
+  the row `band_for(12)`.
+* `challenge`, the one rule: a challenger replaces the incumbent when its RMS error on the bulk of the
+  pilot's samples is below `margin` times the incumbent's and it is no worse on all of them.
+* `calibrate_plan`, the one loop over a band, called by `ts.thermo_grid(den, steps, solver="auto")`, which
+  returns a `SamplerConfig`: the chosen solver, options and sigmas and what they were calibrated for,
+  JSON-serialisable, accepted by `ts.sample`, the CLI and both integrations.
+
+Why each row and number is what it is: docs/calibration.md ("The plan") and docs/decisions/.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["AUTO", "Band", "Candidate", "PLAN", "SamplerConfig", "band_for", "calibrate_plan", "challenge",
+           "recommended", "resolve", "MARGIN", "CHALLENGE_MARGIN", "OUTLIER", "MAX_H", "NOISE_CUTS", "NOISE_ORDER"]
+
+AUTO = "auto"
+MARGIN = 0.6            # the alternative must measure below 0.6 x the default: a pilot misses rare samples
+CHALLENGE_MARGIN = 0.8  # checks, noise cuts and fits, which the pilot ranks as a large batch does
+OUTLIER = 100.0         # a sample missed by over 100 x the median miss was sent to another mode
+MAX_H = 0.8             # UniPC-3's longest third-order step (in log sigma) in the 9-19-step bands
+NOISE_CUTS = (0.3, 0.2, 0.1)   # UniPC's noise_below tried, in units of the data's scale
+NOISE_ORDER = 3         # the DEIS order of the steps below the cut
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One configuration auto can run: `solver` with `options` on `grid` ("jump", "error" or a named grid)."""
+    solver: str
+    grid: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """"unipc,max_h=0.8,order=3@error": the name under which the calibration's meta records its error."""
+        return label(self.solver, self.options, self.grid)
+
+
+@dataclass(frozen=True)
+class Band:
+    """The plan for every step count up to `last` (None: no upper end), from the previous band's last + 1.
+
+    default, alternative: measured on the pilot; the alternative must win `challenge` with margin MARGIN.
+    check: measured next on the pilot; replaces the choice if it wins with CHALLENGE_MARGIN.
+    noise_cut: where UniPC runs are also measured with noise_below at NOISE_CUTS: "before" (each UniPC
+        candidate competes with its best cut) or "after" (the chosen UniPC run only), or None.
+    fit_after: the solvers after which DEIS-3 with corrections fitted on half the pilot is measured on
+        the other half (taken if it wins with CHALLENGE_MARGIN).
+    uncalibrated: what ts.sample(solver="auto") runs without a config (on the grid it is given).
+    decision: the record in docs/decisions/ that says why.
+    """
+    last: int | None
+    default: Candidate
+    alternative: Candidate
+    uncalibrated: Candidate
+    check: Candidate | None = None
+    noise_cut: str | None = None
+    fit_after: tuple[str, ...] = ()
+    decision: str = ""
+
+
+_UNIPC_MAX_H = Candidate("unipc", "error", {"order": 3, "max_h": MAX_H})
+_IPNDM = Candidate("ipndm", "error")
+_DEIS_KARRAS = Candidate("deis", "karras")
+_UNIPC3_KARRAS = Candidate("unipc", "karras", {"order": 3})
+_FIT = ("deis", "ipndm")
+
+PLAN: tuple[Band, ...] = (
+    Band(8, Candidate("ipndm", "jump"), Candidate("euler", "jump"), _DEIS_KARRAS,
+         check=Candidate("ipndm", "karras"), decision="docs/decisions/0016-ipndm-on-jump.md"),
+    Band(11, _UNIPC_MAX_H, _IPNDM, _DEIS_KARRAS, check=_DEIS_KARRAS, fit_after=_FIT,
+         decision="docs/decisions/0019-fitted-corrections.md"),
+    Band(14, _UNIPC_MAX_H, _IPNDM, _DEIS_KARRAS, check=_DEIS_KARRAS, noise_cut="after", fit_after=_FIT,
+         decision="docs/decisions/0021-noise-from-12.md"),
+    Band(19, _UNIPC_MAX_H, _IPNDM, _UNIPC3_KARRAS, noise_cut="before",
+         decision="docs/decisions/0023-band-to-19.md"),
+    Band(None, Candidate("unipc", "error", {"order": 3}), Candidate("unipc", "error"), _UNIPC3_KARRAS,
+         noise_cut="after", decision="docs/decisions/0007-unipc3-from-18.md"),
+)
+
+
+def band_for(steps: int) -> Band:
+    """The row of PLAN that holds `steps`."""
+    for band in PLAN:
+        if band.last is None or steps <= band.last:
+            return band
+    raise AssertionError("PLAN must end with an open band (last=None)")
+
+
+def label(solver: str, options: Mapping, grid: str) -> str:
+    return solver + "".join(f",{k}={v}" for k, v in sorted(options.items())) + "@" + grid
+
+
+# --------------------------------------------------------------------------------------------------
+# The rule
+# --------------------------------------------------------------------------------------------------
+def bulk(sq, outliers: str = "shared") -> np.ndarray:
+    """[B] bool: the pilot samples a comparison counts, from per-sample squared errors sq [C, B].
+
+    "shared": all but those every run misses by over OUTLIER x the median (over the batch) of the smallest
+    miss: they add alike to every run, so they say nothing about which is better. "each": all but those
+    any run misses by over OUTLIER x that run's median miss: one switched sample must not decide a check
+    meant for bulk error. "none": every sample."""
+    sq = np.nan_to_num(np.asarray(sq, dtype=np.float64), nan=np.inf)
+    if outliers == "none":
+        return np.ones(sq.shape[1], dtype=bool)
+    miss = np.sqrt(sq)
+    if outliers == "shared":
+        smallest = miss.min(0)
+        finite = smallest[np.isfinite(smallest)]
+        scale = float(np.median(finite)) if finite.size else 0.0
+        if not scale > 0.0:     # no typical miss to measure against (all diverged, or most samples exact)
+            return np.ones(sq.shape[1], dtype=bool)
+        return ~(smallest > OUTLIER * scale)
+    if outliers == "each":
+        scale = np.array([np.median(m[np.isfinite(m)]) if np.isfinite(m).any() else np.inf for m in miss])
+        return ~(miss > OUTLIER * scale[:, None]).any(0)
+    raise ValueError(f"outliers must be 'shared', 'each' or 'none', got {outliers!r}")
+
+
+def errors(sq, weight=None, outliers: str = "shared") -> tuple[np.ndarray, np.ndarray]:
+    """(weighted RMS error of each row of sq [C, B] over all samples, the same over `bulk`)."""
+    sq = np.nan_to_num(np.asarray(sq, dtype=np.float64), nan=np.inf)
+    w = np.full(sq.shape[1], 1.0 / sq.shape[1]) if weight is None else np.asarray(weight, dtype=np.float64)
+    keep = bulk(sq, outliers)
+
+    def rms(m):
+        with np.errstate(invalid="ignore"):
+            return np.sqrt((sq[:, m] * w[m]).sum(1) / w[m].sum())
+    return rms(np.ones_like(keep)), rms(keep)
+
+
+def challenge(sq, weight=None, margin: float = MARGIN, outliers: str = "shared") -> int:
+    """The one selection rule. sq [C, B]: per-sample squared errors on the pilot, row 0 the incumbent, the
+    others challengers; weight [B]: the samples' weights (uniform by default). The challenger with the
+    smallest error on the bulk (`bulk`; ties to the earlier row) wins if that error is below `margin`
+    times the incumbent's and its error on all samples is no larger. Returns the winning row (0: keep)."""
+    full, compared = errors(sq, weight, outliers)
+    best = min(range(len(compared)), key=lambda k: (compared[k], k))
+    return best if compared[best] < margin * compared[0] and full[best] <= full[0] else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class _Run:
+    """A configuration measured on the pilot: its label when measured, its solver, options (a noise cut may
+    add to them), grid name, positive sigmas, RMS error and per-sample squared errors [B]."""
+    label: str
+    solver: str
+    options: dict
+    grid: str
+    sigmas: np.ndarray
+    error: float
+    sq: np.ndarray
+
+
+def _measure(den, steps, cand: Candidate, ref, pilot_data, backend, density_kw) -> tuple[_Run, int]:
+    from . import calibrate
+    from .solvers import evaluations
+    sig = calibrate.candidate_sigmas(cand.grid, den, steps, cand.solver, ref, pilot_data, density_kw)
+    err, sq = calibrate.pilot_errors(den, sig, cand.solver, ref, backend, cand.options)
+    return _Run(cand.label, cand.solver, dict(cand.options), cand.grid, sig, err, sq), evaluations(cand.solver, steps)
+
+
+def _noise_cut(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
+    """`run` (UniPC) against the same with noise_below at each of NOISE_CUTS x the data's scale."""
+    from . import calibrate
+    from .solvers import evaluations
+    cuts = [c * calibrate.data_scale(ref) for c in NOISE_CUTS]
+    tails = [{**run.options, "noise_below": c, "noise_order": NOISE_ORDER} for c in cuts]
+    measured = [calibrate.pilot_errors(den, run.sigmas, run.solver, ref, backend, opts) for opts in tails]
+    weight = calibrate.sample_weights(ref, len(run.sq))
+    best = challenge(np.stack([run.sq] + [sq for _, sq in measured]), weight, max(margin, CHALLENGE_MARGIN))
+    found = {"off": run.error, **{f"{c:.4g}": e for c, (e, _) in zip(cuts, measured)}}
+    if best:
+        run = replace(run, options=tails[best - 1], error=measured[best - 1][0], sq=measured[best - 1][1])
+    return run, found, len(cuts) * evaluations(run.solver, steps)
+
+
+def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
+    """DEIS-3 with corrections fitted on the pilot's even samples (calibrate.fit_corrections), on `run`'s
+    grid moved to the reference's nodes, against `run` on the odd samples."""
+    from . import calibrate
+    sig = calibrate.reference_nodes(run.sigmas, ref)
+    b = len(run.sq)
+    even, odd = np.arange(0, b, 2), np.arange(1, b, 2)
+    corrections = calibrate.fit_corrections(den, sig, ref, even, backend) if sig is not None and len(odd) else None
+    if corrections is None:
+        return run, {}, 0 if sig is None else steps
+    weight = calibrate.sample_weights(ref, b)[odd]
+    # in float32, as a run from float32 noise computes: a fit that only a float64 run reproduces is refused
+    half = {"ref_noise": ref["ref_noise"][odd].float(), "ref_final": ref["ref_final"][odd], "ref_weight": weight}
+    options = {"corrections": corrections}
+    err, sq = calibrate.pilot_errors(den, sig, "deis", half, backend, options)
+    run_sq = np.asarray(run.sq, dtype=np.float64)[odd]
+    w = (weight / weight.sum()).numpy()
+    found = {label(run.solver, run.options, run.grid): float(np.sqrt((run_sq * w).sum())),
+             f"deis,fitted@{run.grid}": err}
+    if challenge(np.stack([run_sq, sq]), w, max(margin, CHALLENGE_MARGIN), outliers="each"):
+        run = replace(run, solver="deis", options=options, sigmas=sig)
+    return run, found, 2 * steps
+
+
+def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend: str = "auto",
+                   margin: float = MARGIN, density_kw: dict | None = None) -> tuple[str, dict, str, np.ndarray, dict,
+                                                                                     int]:
+    """Run band_for(steps) on the pilot `ref` (calibrate.reference; `pilot_data`: the twins pilot the
+    "error" grid needs). Returns (solver, options, grid name, positive sigmas, meta, evaluations spent)."""
+    from . import calibrate
+    band = band_for(steps)
+    spent, meta, runs = 0, {}, []
+    for cand in (band.default, band.alternative):
+        run, nfe = _measure(den, steps, cand, ref, pilot_data, backend, density_kw)
+        spent += nfe
+        if band.noise_cut == "before" and run.solver == "unipc":
+            run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
+            spent += nfe
+        runs.append(run)
+    sq = np.stack([r.sq for r in runs])
+    weight = calibrate.sample_weights(ref, sq.shape[1])
+    _, compared = errors(sq, weight)
+    run = runs[challenge(sq, weight, margin)]
+    meta.update(candidate_errors={r.label: r.error for r in runs}, ref_steps=int(len(ref["ref_sigma"])),
+                compared_errors={r.label: float(c) for r, c in zip(runs, compared)},
+                shared_outliers=int((~bulk(sq)).sum()), margin=float(margin))
+    if band.check is not None:
+        checked, nfe = _measure(den, steps, band.check, ref, None, backend, density_kw)
+        spent += nfe
+        meta["check_errors"] = {label(run.solver, run.options, run.grid): run.error, checked.label: checked.error}
+        if challenge(np.stack([run.sq, checked.sq]), weight, max(margin, CHALLENGE_MARGIN), outliers="each"):
+            run = checked
+    meta["chosen"] = run.grid
+    if band.noise_cut == "after" and run.solver == "unipc":
+        run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
+        spent += nfe
+    if run.solver in band.fit_after:
+        run, meta["fit_errors"], nfe = _fit(den, steps, run, ref, backend, margin)
+        spent += nfe
+    return run.solver, dict(run.options), run.grid, run.sigmas, meta, spent
+
+
+# --------------------------------------------------------------------------------------------------
+# The config, and what runs without one
+# --------------------------------------------------------------------------------------------------
+CONFIG_FORMAT = "thermosample.SamplerConfig/1"
+
+
+@dataclass
+class SamplerConfig:
+    """What `ts.thermo_grid(den, steps, solver="auto")` chose, and what for. JSON-serialisable
+    (`save` / `load`, `to_dict` / `from_dict`).
+
+    solver, options: the solver table's name and its options. sigmas: descending float64 sigmas [steps + 1]
+    ending in 0. calibrated_for: schedule, prediction, sample_shape, dtype, device, model (a fingerprint of
+    a module's parameters, else None) and pilot (its evaluations, batch and seconds). meta: what the pilot
+    measured (each candidate's error, the checks'). `pilot` (not saved) is the pilot data, which
+    `thermo_grid(..., pilot_data=config.pilot)` reuses at no cost.
+
+        config = ts.thermo_grid(den, 10, solver="auto", sample_shape=(3, 32, 32))
+        out = ts.sample(den, (16, 3, 32, 32), grid=config)      # runs config.solver on config.sigmas
+    """
+    solver: str
+    options: dict
+    sigmas: np.ndarray
+    calibrated_for: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    pilot: dict | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        from .grids import validate_sigmas
+        self.sigmas = np.asarray(validate_sigmas(self.sigmas), dtype=np.float64)
+        self.options = dict(self.options)
+
+    @property
+    def steps(self) -> int:
+        return int(len(self.sigmas)) - 1
+
+    @property
+    def grid(self):
+        """The sigmas as a ThermoGrid whose meta names the choice (what older code read)."""
+        from .calibrate import ThermoGrid
+        meta = {**self.meta, "auto": True, "solver": self.solver, "solver_options": dict(self.options)}
+        grid = ThermoGrid(self.sigmas, meta)
+        grid.pilot = self.pilot
+        return grid
+
+    def __array__(self, dtype=None, copy=None):
+        return self.sigmas if dtype is None else self.sigmas.astype(dtype)
+
+    def to_dict(self) -> dict:
+        return {"format": CONFIG_FORMAT, "solver": self.solver, "options": _jsonable(self.options),
+                "sigmas": [float(s) for s in self.sigmas], "calibrated_for": _jsonable(self.calibrated_for),
+                "meta": _jsonable(self.meta)}
+
+    @classmethod
+    def from_dict(cls, blob: Mapping) -> SamplerConfig:
+        if not isinstance(blob, Mapping) or blob.get("format") != CONFIG_FORMAT:
+            raise ValueError(f"not a saved SamplerConfig (expected format {CONFIG_FORMAT!r})")
+        for key, kind in (("solver", str), ("options", dict), ("sigmas", list)):
+            if not isinstance(blob.get(key), kind):
+                raise ValueError(f"SamplerConfig {key!r} must be a {kind.__name__}, got {blob.get(key)!r}")
+        return cls(blob["solver"], blob["options"], np.asarray(blob["sigmas"], dtype=np.float64),
+                   dict(blob.get("calibrated_for") or {}), dict(blob.get("meta") or {}))
+
+    def save(self, path) -> str:
+        """Write the config as JSON; returns the path."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+        return str(path)
+
+    @classmethod
+    def load(cls, path) -> SamplerConfig:
+        """Read a config written by `save`."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def __repr__(self) -> str:
+        opts = "".join(f", {k}={_short(v)}" for k, v in sorted(self.options.items()))
+        return f"SamplerConfig({self.solver}{opts}, steps={self.steps})"
+
+
+def _short(v) -> str:
+    return "[...]" if isinstance(v, list) else repr(v)
+
+
+def _jsonable(v):
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def fingerprint(model) -> str | None:
+    """sha256 of a torch module's parameters and buffers (names, shapes, dtypes, values); None for a
+    model without them (a closure)."""
+    import torch
+    state = getattr(model, "state_dict", None)
+    if not callable(state):
+        return None
+    h = hashlib.sha256()
+    for name, t in state().items():
+        if isinstance(t, torch.Tensor):
+            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def is_config(grid) -> bool:
+    """Whether `grid` carries a choice: a SamplerConfig, or a ThermoGrid of an older auto calibration."""
+    return isinstance(grid, SamplerConfig) or bool((getattr(grid, "meta", None) or {}).get("auto"))
+
+
+_SAID = set()
+
+
+def resolve(grid, steps: int | None) -> tuple[str, dict]:
+    """(solver, options) that solver="auto" runs: a config's choice, else the plan's uncalibrated default
+    for the step count (said once per band)."""
+    from .solvers import SOLVERS
+    if isinstance(grid, SamplerConfig):
+        return grid.solver, dict(grid.options)
+    meta = getattr(grid, "meta", None) or {}
+    if meta.get("auto") and meta.get("solver") in SOLVERS:
+        return meta["solver"], dict(meta.get("solver_options") or {})
+    n = steps if steps is not None else (len(grid) - 1 if not isinstance(grid, str) and grid is not None else 20)
+    band = band_for(int(n))
+    if band.last not in _SAID:
+        _SAID.add(band.last)
+        run = band.uncalibrated
+        warnings.warn(f"solver='auto' without a calibrated config runs the plan's uncalibrated default for {n} steps, "
+                      f"{label(run.solver, run.options, 'the given grid')}; calibrate with "
+                      f"ts.thermo_grid(den, {n}, solver='auto') and pass grid=config", UserWarning, stacklevel=4)
+    return band.uncalibrated.solver, dict(band.uncalibrated.options)
+
+
+def recommended(nfe: int) -> dict:
+    """The configuration to take for `nfe` model evaluations (5-50):
+
+        config = ts.thermo_grid(den, nfe, solver="auto", sample_shape=...)   # the pilot picks solver and grid
+        out = ts.sample(den, shape, grid=config)
+    """
+    return {"solver": AUTO, "grid": "calibrated", "steps": int(nfe)}
