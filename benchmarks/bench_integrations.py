@@ -21,9 +21,9 @@ runs with cuda_graph=True: the model replays inside the graph too, so that row's
 run's time beyond the eager model calls and can be negative. Prints one table per state size and writes
 JSON naming the device to benchmarks/out/bench_integrations.json.
 
-    python benchmarks/bench_integrations.py [--sizes-kb 64 1024 16384] [--repeats 15] [--device cpu] [--threads 1]
+    python -m benchmarks.bench_integrations [--sizes-kb 64 1024 16384] [--repeats 15] [--device cpu] [--threads 1]
         [--model scale|conv]
-    python benchmarks/bench_integrations.py --sizes-kb 64 --only diffusers.Euler   # one row, quickly
+    python -m benchmarks.bench_integrations --sizes-kb 64 --only diffusers.Euler   # one row, quickly
 """
 from __future__ import annotations
 

@@ -10,11 +10,13 @@ benchmarks/quality_peers.py), scored against bench_quality's converged reference
 RMS error, its switched samples (per-sample RMS error above bench_quality.SWITCH) and the ratio to the best
 peer with its paired-bootstrap 90% interval, the best peer chosen again in every replicate.
 
-    python benchmarks/bench_population.py fresh2:d768 fresh3:d1536 [--n 8192] [--budgets 10 20]
+    python -m benchmarks.bench_population fresh2:d768 fresh3:d1536 [--n 8192] [--budgets 10 20] [--save-results]
 
-Problems are SET:TOKEN with SET one of default, heldout, fresh, fresh2, ..., fresh16 and TOKEN a name token as
-bench_quality --problems takes it. Writes benchmarks/results/bench_population.{txt,json} (--out STEM to
-change). A few minutes per problem on two cores.
+Problems are SET:TOKEN with SET one of default, heldout, fresh, fresh2, ..., fresh22 and TOKEN a name token as
+bench_quality --problems takes it. Writes benchmarks/out/bench_population.{txt,json} (--out STEM to change);
+--save-results also writes the committed summary benchmarks/results/bench_population.{txt,json}, whose
+nineteen problems (the commands are in its first line) tuning/bench_selection_population.py reads. A few
+minutes per problem on two cores.
 """
 from __future__ import annotations
 
@@ -27,16 +29,13 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_quality as bq  # noqa: E402
-import bench_quality_fresh as bf  # noqa: E402
-import quality_peers as peers  # noqa: E402
-import quality_problems as qp  # noqa: E402
+import thermosample as ts
+from thermosample import solvers as ts_solvers
 
-import thermosample as ts  # noqa: E402
-from thermosample import solvers as ts_solvers  # noqa: E402
+from . import bench_quality as bq
+from . import bench_quality_fresh as bf
+from . import quality_peers as peers
+from . import quality_problems as qp
 
 SEED = 7000           # the fresh noise's seed: not a seed of any bench_quality set
 
@@ -55,7 +54,7 @@ def problem(spec: str):
 
 def per_sample(out, ref) -> np.ndarray:
     """[N] per-sample mean squared error (inf where the run is not finite), as bench_quality scores it."""
-    return bq._score(out, ref, ref.shape[0], 1)["_sq"]
+    return bq.score_run(out, ref, ref.shape[0], 1)["_sq"]
 
 
 def run_problem(prob, n: int, budgets, log=print) -> list[dict]:
@@ -68,9 +67,8 @@ def run_problem(prob, n: int, budgets, log=print) -> list[dict]:
     rows = []
     for budget in budgets:
         steps = bq.steps_within(lambda k: ts_solvers.evaluations("auto", k), budget)
-        grid = bq.calibrated_grid(den, steps, "auto", {}, prob.shape, pilot)
-        auto = per_sample(ts.sample(den, noise=x_t.float(), steps=steps, solver="auto", grid=grid,
-                                    track=False).samples, ref)
+        config = bq.calibrated_grid(den, steps, "auto", {}, prob.shape, pilot)      # a ts.SamplerConfig
+        auto = per_sample(ts.sample(den, noise=x_t.float(), grid=config, track=False).samples, ref)
         peer_sq = {}
         for pname, ev in peers.peer_configs().items():
             k = bq.steps_within(ev, budget)
@@ -85,9 +83,9 @@ def run_problem(prob, n: int, budgets, log=print) -> list[dict]:
         lo, hi = bq.bootstrap_ratio(auto, peer_sq)
         rms = lambda sq: float(np.sqrt(sq.mean()))
         switched = lambda sq: int((np.sqrt(sq) > bq.SWITCH).sum())
-        choice = bq.label(grid.meta.get("solver", "?"), grid.meta.get("solver_options") or {})
-        rows.append({"problem": prob.name, "budget": budget, "n": n, "auto_choice": choice,
-                     "auto_grid": grid.meta.get("chosen"), "auto_error": rms(auto), "auto_switched": switched(auto),
+        rows.append({"problem": prob.name, "budget": budget, "n": n,
+                     "auto_choice": bq.choice_label(config.solver, config.options),
+                     "auto_grid": config.meta.get("chosen"), "auto_error": rms(auto), "auto_switched": switched(auto),
                      "best_peer": best, "best_peer_error": rms(peer_sq[best]),
                      "best_peer_switched": switched(peer_sq[best]), "ratio": rms(auto) / rms(peer_sq[best]),
                      "ratio_ci90": [lo, hi], "bar": bq.BAR[budget],
@@ -115,7 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=8192, help="fresh samples per problem (default 8192)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[10, 20])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_population"), help="output stem")
+    ap.add_argument("--out", default=os.path.join(bq.OUT, "bench_population"), help="output stem")
+    ap.add_argument("--save-results", action="store_true",
+                    help="also write the committed summary benchmarks/results/bench_population.{txt,json}")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     probs = [problem(s) for s in args.problems]
@@ -126,13 +126,15 @@ def main(argv=None) -> int:
             f"> {bq.SWITCH} (switched mode)")
     text = head + "\n" + table(rows)
     print(text)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".txt", "w") as f:
-        f.write(text + "\n")
-    with open(args.out + ".json", "w") as f:
-        json.dump({"argv": sys.argv[1:] if argv is None else list(argv), "n": args.n, "seed": SEED,
-                   "rows": rows}, f, indent=1)
-    print(f"wrote {args.out}.txt, {args.out}.json")
+    doc = {"argv": sys.argv[1:] if argv is None else list(argv), "n": args.n, "seed": SEED, "rows": rows}
+    stems = [args.out] + ([os.path.join(bq.RESULTS, "bench_population")] if args.save_results else [])
+    for stem in stems:
+        os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+        with open(stem + ".txt", "w") as f:
+            f.write(text + "\n")
+        with open(stem + ".json", "w") as f:
+            json.dump(doc, f, indent=1)
+        print(f"wrote {stem}.txt, {stem}.json")
     return 0
 
 

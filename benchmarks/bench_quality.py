@@ -18,9 +18,10 @@ converged probability-flow ODE solution from that noise. Methods:
   DPM-Solver++ multistep (orders 2-3) and DEIS (orders 2-3), fed the VE problem as x_vp = x/sqrt(1+s^2)
   with prediction_type="sample"; the mapping is verified on a Gaussian with a closed-form ODE solution
   at the start of every run (table "mapping check").
-* thermosample.solvers.recommended(nfe), when the package defines it: the configuration a user gets
+* thermosample.auto.recommended(nfe), when the package defines it: the configuration a user gets
   without reading the theory; it may return a solver name, (solver, grid[, options]) or a dict with keys
-  solver / grid / options / steps. Grid "calibrated" (or "thermo") means ts.thermo_grid.
+  solver / grid / options / steps. Grid "calibrated" (or "thermo") means ts.thermo_grid; for solver "auto"
+  that returns a ts.SamplerConfig, and the row runs its solver, options and sigmas.
 
 NFE is counted by a wrapper around the model for every method; a method gets the largest step count
 whose evaluations fit the budget (Heun and DPM-2 spend 2 steps - 1: 5, 9, 19, 49).
@@ -44,7 +45,7 @@ HELD-OUT PROBLEMS. `--heldout` runs a separate set of problems and noise seeds (
 seeds 1000-1003). Tuning (grids, defaults, the recommended configuration, solver options) must only look at
 the default set; the held-out numbers are for checking that a change transfers, never for choosing it.
 
-    python benchmarks/bench_quality.py [--quick] [--heldout] [--seeds 0,1,2,3] [--batch N]
+    python -m benchmarks.bench_quality [--quick] [--heldout] [--seeds 0,1,2,3] [--batch N]
         [--problems d16,digits] [--solvers dpmpp_2m,heun] [--peers kd:,diffusers:unipc] [--budgets 6,10,20,50]
         [--ref-steps 400] [--json PATH] [--out PATH] [--plot PNG] [--save-results]
 
@@ -56,7 +57,6 @@ NFE 6/10/20, a 200-step reference (well under 2 minutes on two cores; used by te
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -66,14 +66,15 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import quality_peers as peers  # noqa: E402
-import quality_problems as qp  # noqa: E402
+import thermosample as ts
+from thermosample import solvers as ts_solvers
 
-import thermosample as ts  # noqa: E402
-from thermosample import solvers as ts_solvers  # noqa: E402
+from . import quality_peers as peers
+from . import quality_problems as qp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")   # the committed summaries (benchmarks/README.md)
+OUT = os.path.join(HERE, "out")           # everything else a run writes (git-ignored)
 
 BUDGETS = (6, 10, 20, 50)
 QUICK_BUDGETS = (6, 10, 20)
@@ -121,6 +122,13 @@ def label(name: str, options: dict) -> str:
     return name + ("(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")" if options else "")
 
 
+def choice_label(name: str, options: dict) -> str:
+    """`label` of a calibrated choice, short: floats to 3 significant digits (noise_below), fitted
+    corrections as "fitted"."""
+    return label(name, {k: "fitted" if isinstance(v, (list, tuple)) else f"{v:.3g}" if isinstance(v, float) else v
+                        for k, v in options.items()})
+
+
 def ts_configs(only=None) -> list[tuple[str, str, dict]]:
     """(label, solver, options) of every deterministic row of thermosample's solver table."""
     out = []
@@ -137,10 +145,16 @@ def ts_configs(only=None) -> list[tuple[str, str, dict]]:
     return out
 
 
+def _recommender():
+    """thermosample.auto.recommended (thermosample.solvers.recommended before the plan moved to auto.py), or
+    None when the package defines no recommendation."""
+    return getattr(getattr(ts, "auto", None), "recommended", None) or getattr(ts_solvers, "recommended", None)
+
+
 def recommended_config(nfe: int):
-    """thermosample.solvers.recommended(nfe) normalised to (solver, grid, options, steps or None), or None
-    when the package defines no recommendation."""
-    fn = getattr(ts_solvers, "recommended", None)
+    """The recommended configuration for nfe (`_recommender`) normalised to (solver, grid, options, steps or
+    None), or None when the package defines no recommendation."""
+    fn = _recommender()
     if fn is None:
         return None
     rec = fn(nfe)
@@ -231,7 +245,10 @@ def reference(den, x_t, steps: int, tol: float = 1e-2):
     return ref, {"error_bound": bound, "refined": int(len(bad)), "unresolved": unresolved}
 
 
-def _score(out, ref, batch, nseeds):
+def score_run(out, ref, batch, nseeds):
+    """A run's error against the reference: pooled RMS error per coordinate, median per-sample RMS error,
+    samples beyond SWITCH, the RMS error of each seed's batch, and "_sq" the per-sample squared errors
+    (non-finite runs count as inf)."""
     n = ref.shape[0]
     sq = (out.double() - ref).reshape(n, -1).square().mean(1)
     sq = torch.where(torch.isfinite(sq), sq, torch.full_like(sq, float("inf")))
@@ -242,23 +259,21 @@ def _score(out, ref, batch, nseeds):
 
 
 def calibrated_grid(den, steps, solver, options, shape, cache: dict):
-    """ts.thermo_grid for this solver (and its options, where thermo_grid takes them), reusing the pilot
-    data of earlier calls on the same problem through `cache` (updated in place)."""
-    params = inspect.signature(ts.thermo_grid).parameters
-    kw = {}
-    if "sample_shape" in params:
-        kw["sample_shape"] = tuple(shape)
-    if options and "solver_options" in params:
-        kw["solver_options"] = dict(options)
-    if cache:
-        kw["pilot_data"] = cache
-    grid = ts.thermo_grid(den, steps, solver=solver, **kw)
-    data = getattr(grid, "pilot", None)
-    if isinstance(data, dict):
-        cache.update(data)
-    elif not cache:  # an API without grid.pilot: one pilot per problem, as pilot(...) gives it
-        cache.update(ts.calibrate.pilot(den, (32, *shape)))
+    """ts.thermo_grid for this solver and its options, reusing the pilot data of earlier calls on the same
+    problem through `cache` (updated in place): a ThermoGrid, or for solver="auto" the ts.SamplerConfig it
+    chose (`configured` gives what to run with either)."""
+    grid = ts.thermo_grid(den, steps, solver=solver, sample_shape=tuple(shape), solver_options=dict(options) or None,
+                          pilot_data=cache or None)
+    cache.update(grid.pilot)
     return grid
+
+
+def configured(grid, solver: str, options: dict) -> tuple[str, dict, object]:
+    """(solver, options, grid) to pass to ts.sample: a SamplerConfig's own choice and sigmas (ts.sample would
+    read them too, from solver="auto" and grid=config), else the given solver and options on `grid`."""
+    if isinstance(grid, ts.SamplerConfig):
+        return grid.solver, dict(grid.options), grid.sigmas
+    return solver, dict(options), grid
 
 
 def _scalars(meta):
@@ -290,7 +305,7 @@ def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None,
     rows, meta = [], {"seeds": list(seeds), "budgets": list(budgets), "ref_steps": ref_steps, "grids": gl,
                       "ts_configs": [c[0] for c in configs], "peers": list(peer_table), "problems": {},
                       "dtype": str(dtype).replace("torch.", ""), "heldout": bool(heldout), "quick": bool(quick),
-                      "recommended": getattr(ts_solvers, "recommended", None) is not None}
+                      "recommended": _recommender() is not None}
     for prob in problems(quick, select, heldout):
         try:
             den = prob.make()
@@ -313,7 +328,7 @@ def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None,
             if out is None:
                 row.update({"error": float("inf"), "median": float("inf"), "switched": -1, "seed_errors": []})
             else:
-                row.update(_score(out, ref, b, len(seeds)))
+                row.update(score_run(out, ref, b, len(seeds)))
             if row["nfe"] > row["budget"]:
                 row["over_budget"] = True
             rows.append(row)
@@ -367,8 +382,11 @@ def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None,
                 cden = CountingDenoiser(den)
                 try:
                     grid = calibrated_grid(den, steps, name, opts, prob.shape, pilot) if g == "calibrated" else g
-                    out = ts.sample(cden, noise=noise, steps=steps, solver=name, grid=grid, track=False,
-                                    **opts).samples
+                    run_solver, run_opts, run_grid = configured(grid, name, opts)
+                    if isinstance(grid, ts.SamplerConfig):
+                        row["grid_meta"] = {**_scalars(grid.meta), "choice": choice_label(run_solver, run_opts)}
+                    out = ts.sample(cden, noise=noise, steps=steps, solver=run_solver, grid=run_grid, track=False,
+                                    **run_opts).samples
                 except Exception as exc:  # noqa: BLE001
                     row["failed"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                     out = None
@@ -479,7 +497,7 @@ def acceptance(summary, cvk) -> list[str]:
     lines = []
     have_rec = any("recommended" in s for s in summary)
     if not have_rec:
-        lines.append("SKIP recommended vs best peer: thermosample.solvers.recommended(nfe) is not defined")
+        lines.append("SKIP recommended vs best peer: thermosample.auto.recommended(nfe) is not defined")
     met = missed = firm = 0
     for s in summary:
         if "recommended" not in s or "best_peer" not in s:
@@ -622,6 +640,12 @@ def _clean(o):
     return o
 
 
+def summary_doc(doc: dict) -> dict:
+    """What --save-results commits of a run's JSON: meta, summary and acceptance (compare_fresh and
+    bench_selection read the summary); the rows and calibrated_vs_karras stay in the full JSON."""
+    return {k: doc[k] for k in ("meta", "summary", "acceptance")}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="three problems, two seeds, 128 samples per seed, NFE 6/10/20")
@@ -639,14 +663,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--out", default=None, help="text table path")
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--save-results", action="store_true", help="also write benchmarks/results/bench_quality_peers.*")
+    ap.add_argument("--save-results", action="store_true",
+                    help="also write the summary (text table; JSON without the per-run rows) to benchmarks/results/")
+    ap.add_argument("--results-stem", default=None,
+                    help="path stem of --save-results (default benchmarks/results/bench_quality_peers[_heldout])")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     stem = "bench_quality" + ("_heldout" if args.heldout else "") + ("_quick" if args.quick else "")
-    outdir = os.path.join(HERE, "out")
-    paths = {"json": args.json or os.path.join(outdir, stem + ".json"),
-             "out": args.out or os.path.join(outdir, stem + ".txt"),
-             "plot": args.plot or os.path.join(outdir, stem + ".png")}
+    paths = {"json": args.json or os.path.join(OUT, stem + ".json"),
+             "out": args.out or os.path.join(OUT, stem + ".txt"),
+             "plot": args.plot or os.path.join(OUT, stem + ".png")}
     start = time.perf_counter()
     peer_filter = None if not args.peers else [] if args.peers == "none" else args.peers.split(",")
     check_steps = (10, 20, 40)
@@ -684,24 +710,29 @@ def main(argv=None) -> int:
     print(text)
     doc = {"meta": meta, "summary": summary, "calibrated_vs_karras": cvk, "acceptance": verdict,
            "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]}
-    targets = [paths]
+    for p in paths.values():
+        os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+    with open(paths["json"], "w") as f:
+        json.dump(_clean(doc), f, indent=1)
+    with open(paths["out"], "w") as f:
+        f.write(text + "\n")
+    written = [paths["json"], paths["out"]]
+    try:
+        written.append(plot(rows, summary, paths["plot"]))
+    except Exception as exc:  # noqa: BLE001 - no matplotlib: the table and JSON still count
+        print(f"(plot skipped: {exc})", file=sys.stderr)
     if args.save_results:
-        rstem = os.path.join(HERE, "results", "bench_quality_peers" + ("_heldout" if args.heldout else "")
-                             + ("_quick" if args.quick else ""))
-        targets.append({"json": rstem + ".json", "out": rstem + ".txt", "plot": rstem + ".png"})
-    for t in targets:
-        for p in t.values():
-            os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
-        with open(t["json"], "w") as f:
-            json.dump(_clean(doc), f, indent=1)
-        with open(t["out"], "w") as f:
+        # the committed summary: the text table and the JSON less its per-run rows and the per-solver
+        # calibrated / karras intervals (the acceptance lines state both verdicts); the full JSON stays in out/
+        rstem = args.results_stem or os.path.join(RESULTS, "bench_quality_peers" + ("_heldout" if args.heldout else "")
+                                                  + ("_quick" if args.quick else ""))
+        os.makedirs(os.path.dirname(os.path.abspath(rstem)), exist_ok=True)
+        with open(rstem + ".json", "w") as f:
+            json.dump(_clean(summary_doc(doc)), f, indent=1)
+        with open(rstem + ".txt", "w") as f:
             f.write(text + "\n")
-        try:
-            plot(rows, summary, t["plot"])
-        except Exception as exc:  # noqa: BLE001 - no matplotlib: the table and JSON still count
-            print(f"(plot skipped: {exc})", file=sys.stderr)
-    print(f"wrote {', '.join(p for t in targets for p in t.values())} in {time.perf_counter() - start:.1f} s",
-          file=sys.stderr)
+        written += [rstem + ".json", rstem + ".txt"]
+    print(f"wrote {', '.join(written)} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -12,23 +12,24 @@ each before that session's changes were measured on it. fresh17 and fresh18 are 
 fresh19 is six more of them, fresh20 mixes them with separated-mode mixtures. fresh21 (separated-mode
 mixtures) and fresh22 (both kinds) were defined in session 18 before the 15-17-step change was measured.
 
-    python benchmarks/bench_quality_fresh.py fresh|fresh2|...|fresh22 [bench_quality options]
+    python -m benchmarks.bench_quality_fresh fresh|fresh2|...|fresh22 [bench_quality options] [--save-results]
 
-Writes benchmarks/results/bench_quality_<set>.{txt,json,png}. About 3 minutes per set on two cores.
+Writes benchmarks/out/bench_quality_<set>.{txt,json,png}; --save-results also writes the committed summary,
+benchmarks/results/bench_quality_<set>.{txt,json} (the JSON without the per-run rows). About 3 minutes per
+set on two cores (10-15 minutes for the sets of 1000-2000-dimensional problems).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_quality as bq  # noqa: E402
-import quality_problems as qp  # noqa: E402
-from quality_problems import Problem, aniso_mixture, mixture, spectral_mixture  # noqa: E402
+import thermosample as ts
 
-import thermosample as ts  # noqa: E402
+from . import bench_quality as bq
+from . import quality_problems as qp
+from .quality_problems import Problem, aniso_mixture, mixture, spectral_mixture
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 EDM = "edm"
 SETS = {
@@ -327,9 +328,10 @@ def main(argv=None) -> int:
         return 2
     name, rest = argv[0], argv[1:]
     qp.HELDOUT[:], qp.HELDOUT_SEEDS = SETS[name]
-    stem = os.path.join(HERE, "results", f"bench_quality_{name}")
+    stem = os.path.join(HERE, "out", f"bench_quality_{name}")
     return bq.main(["--heldout", "--threads", "1", "--json", stem + ".json", "--out", stem + ".txt",
-                    "--plot", stem + ".png", *rest])
+                    "--plot", stem + ".png", "--results-stem", os.path.join(HERE, "results", f"bench_quality_{name}"),
+                    *rest])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ per-sample squared-velocity reduction as separate torch ops). The model is a 1x1
 so the figures are the per-step cost of the sampler itself: on a GPU that is mostly host launch overhead,
 which cuda_graph=True removes. Prints a table and writes JSON naming the device.
 
-    python benchmarks/bench_sampler.py [--shape 4 4 64 64] [--steps 50] [--device cuda]
+    python -m benchmarks.bench_sampler [--shape 4 4 64 64] [--steps 50] [--device cuda]
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@
 
 Prints a table and writes JSON (default benchmarks/out/soak.json). About a minute on 2 CPU cores.
 
-    python benchmarks/bench_soak.py [--shards 2000] [--steps 1000] [--json PATH]
+    python -m benchmarks.bench_soak [--shards 2000] [--steps 1000] [--json PATH]
 """
 from __future__ import annotations
 

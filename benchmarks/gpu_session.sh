@@ -105,10 +105,10 @@ step tests 240 python3 -m pytest -q -p no:cacheprovider -rs "${PYTEST_TIMEOUT[@]
 step roofline 120 python3 -m thermosample.apps.cli bench --device "$DEVICE" "${ROOFLINE[@]}" \
   --out "$DEST/bench_step.json"
 for shape in "${SAMPLER_SHAPES[@]}"; do
-  step "sampler_${shape// /x}" 60 python3 benchmarks/bench_sampler.py --device "$DEVICE" --shape $shape \
+  step "sampler_${shape// /x}" 60 python3 -m benchmarks.bench_sampler --device "$DEVICE" --shape $shape \
     --out "$DEST/bench_sampler_${shape// /x}.json"
 done
-step integrations 150 python3 benchmarks/bench_integrations.py --device "$DEVICE" --sizes-kb "${SIZES_KB[@]}" \
+step integrations 150 python3 -m benchmarks.bench_integrations --device "$DEVICE" --sizes-kb "${SIZES_KB[@]}" \
   "${INTEGRATIONS[@]}" --out "$DEST/bench_integrations.json"
 if ((${#MORE_TESTS[@]})); then
   step tests_triton 150 python3 -m pytest -q -p no:cacheprovider -rs "${PYTEST_TIMEOUT[@]}" "${MORE_TESTS[@]}"

@@ -18,17 +18,14 @@ diagonal covariance per component (widths differing by up to 10x between coordin
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import thermosample as ts  # noqa: E402
-from thermosample import toy  # noqa: E402
+import thermosample as ts
+from thermosample import toy
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
 HELDOUT_SEEDS = (1000, 1001, 1002, 1003)

@@ -4,7 +4,7 @@ Patches kernels.fused_step._block_size for each candidate, checks the output aga
 (poisoned output, fresh random inputs) and times it with bench.Timer (device events, cold L2) beside a
 copy of the same state. Prints a table and writes JSON.
 
-    python benchmarks/sweep_triton_block.py --sizes 8 64 512 --out benchmarks/out/sweep.json
+    python -m benchmarks.sweep_triton_block --sizes 8 64 512 --out benchmarks/out/sweep.json
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """benchmarks/bench_quality.py: the problem selector, the paired bootstrap interval, the peers' mapping and a
-reduced --quick run (JSON structure, peers in the same table, every deterministic solver of the table)."""
-import importlib.util
+reduced --quick run (JSON structure, peers in the same table, every deterministic solver of the table).
+The benchmarks are a package run from the repository root (python -m pytest puts it on sys.path)."""
 import json
 import math
 import pathlib
@@ -9,20 +9,17 @@ import numpy as np
 import pytest
 
 import thermosample as ts
-
-_path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
-_spec = importlib.util.spec_from_file_location("_bench_quality", _path)
-bq = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bq)
+from benchmarks import bench_population as pop
+from benchmarks import bench_quality as bq
+from benchmarks import bench_quality_fresh as fresh
+from benchmarks.tuning import bench_selection_population as sp
+from benchmarks.tuning import compare_fresh as cf
 
 
 def test_fresh_sets_are_disjoint_from_the_tuned_ones_and_run_one_problem(tmp_path, monkeypatch):
     """benchmarks/bench_quality_fresh.py: its problems and seeds share nothing with the default and held-out
-    sets, an unknown set name is refused, and one fresh problem runs end to end through bench_quality."""
-    fpath = _path.parent / "bench_quality_fresh.py"
-    spec = importlib.util.spec_from_file_location("_bench_quality_fresh", fpath)
-    fresh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fresh)
+    sets, an unknown set name is refused, and one fresh problem runs end to end through bench_quality: the
+    full JSON under out/, and with --save-results the summary (no per-run rows) under results/."""
     tuned = {p.name for p in bq.problems()} | {p.name for p in bq.problems(heldout=True)}
     seeds = set(bq.qp.DEFAULT_SEEDS) | set(bq.qp.HELDOUT_SEEDS)
     names = [p.name for probs, _ in fresh.SETS.values() for p in probs]
@@ -33,23 +30,23 @@ def test_fresh_sets_are_disjoint_from_the_tuned_ones_and_run_one_problem(tmp_pat
     assert fresh.main(["nope"]) == 2
     held, held_seeds = list(bq.qp.HELDOUT), bq.qp.HELDOUT_SEEDS
     monkeypatch.setattr(fresh, "HERE", str(tmp_path))
-    (tmp_path / "results").mkdir()
     try:
         rc = fresh.main(["fresh", "--problems", "d3", "--batch", "32", "--budgets", "6", "--solvers", "euler",
-                         "--peers", "none", "--ref-steps", "40"])
+                         "--peers", "none", "--ref-steps", "40", "--save-results"])
     finally:
         bq.qp.HELDOUT[:], bq.qp.HELDOUT_SEEDS = held, held_seeds
     assert rc == 0
+    full = json.loads((tmp_path / "out" / "bench_quality_fresh.json").read_text())
     doc = json.loads((tmp_path / "results" / "bench_quality_fresh.json").read_text())
     assert doc["meta"]["seeds"] == [3000, 3001, 3002, 3003] and list(doc["meta"]["problems"]) == ["fr-mix-d3-k4/edm"]
+    assert full["rows"] and set(doc) == {"meta", "summary", "acceptance"} and doc["summary"] == full["summary"]
+    assert (tmp_path / "results" / "bench_quality_fresh.txt").read_text() == (
+        tmp_path / "out" / "bench_quality_fresh.txt").read_text()
 
 
 def test_compare_fresh_counts_cells_at_each_bar(tmp_path, capsys):
-    """benchmarks/compare_fresh.py: per cell both ratios and a mark where one moved by over 5 %; per group the
-    cells within 1.0 x and 0.8 x before -> after, and how many moved; cells only one run holds are left out."""
-    spec = importlib.util.spec_from_file_location("_compare_fresh", _path.parent / "compare_fresh.py")
-    cf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cf)
+    """benchmarks/tuning/compare_fresh.py: per cell both ratios and a mark where one moved by over 5 %; per group
+    the cells within 1.0 x and 0.8 x before -> after, and how many moved; cells only one run holds are left out."""
 
     def write(directory, ratios):
         directory.mkdir()
@@ -153,15 +150,13 @@ def test_quick_run_json(tmp_path):
 def test_population_check_runs_and_names_the_best_peer(tmp_path):
     """benchmarks/bench_population.py on one small problem: its best peer is the smallest error of its peer
     table, the ratio is auto's error over it, and a bad problem spec is refused."""
-    spec = importlib.util.spec_from_file_location("_bench_population", _path.parent / "bench_population.py")
-    pop = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pop)
     assert pop.main(["default:d2", "--n", "64", "--budgets", "6", "--out", str(tmp_path / "pop")]) == 0
     doc = json.loads((tmp_path / "pop.json").read_text())
     (row,) = doc["rows"]
     assert row["problem"] == "mix-d2-k5-wide/condot" and row["n"] == 64
-    plan = {(solver, grid) for solver, _, grid in ts.solvers.auto_candidates(6)}
-    assert (row["auto_choice"], row["auto_grid"]) in plan                          # one of auto's 6-NFE pairs
+    band = ts.auto.band_for(6)
+    plan = {(c.solver, c.grid) for c in (band.default, band.alternative, band.check) if c is not None}
+    assert (row["auto_choice"], row["auto_grid"]) in plan                          # one of auto's 6-NFE runs
     errors = {p: v["error"] for p, v in row["peers"].items()}
     assert row["best_peer"] == min(errors, key=errors.get) and len(errors) >= 1
     assert row["ratio"] == pytest.approx(row["auto_error"] / row["best_peer_error"])
@@ -172,21 +167,17 @@ def test_population_check_runs_and_names_the_best_peer(tmp_path):
 
 
 def test_bench_selection_population_reproduces_bench_populations_auto_run(tmp_path):
-    """benchmarks/bench_selection_population.py rebuilds auto's candidates from the calibration's parts; on
-    default d2 at NFE 10 (where bench_population's auto chose iPNDM on "error") that candidate's error over
+    """benchmarks/tuning/bench_selection_population.py rebuilds auto's candidates from the calibration's parts;
+    on default d2 at NFE 10 (where bench_population's auto chose iPNDM on "error") that candidate's error over
     the best peer must equal the ratio bench_population recorded, and the simulated pass fractions must be
     fractions."""
-    spath = _path.parent / "bench_selection_population.py"
-    spec = importlib.util.spec_from_file_location("_bench_selection_population", spath)
-    sp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sp)
     out = tmp_path / "sel.json"
     assert sp.main(["default:d2", "--budgets", "10", "--draws", "5", "--threads", "1", "--out", str(out)]) == 0
     row = json.loads(out.read_text())["rows"][0]
-    recorded = json.loads((_path.parent / "results" / "bench_population.json").read_text())["rows"]
+    recorded = json.loads((pathlib.Path(bq.RESULTS) / "bench_population.json").read_text())["rows"]
     auto = next(r for r in recorded if r["problem"] == row["problem"] and r["budget"] == 10)
     assert auto["auto_choice"] == "ipndm" and auto["auto_grid"] == "error"
-    k = [(name, grid) for name, _, grid in bq.ts_solvers.auto_candidates(10)].index(("ipndm", "error"))
+    k = [(name, grid) for name, _, grid in sp.bs.plan_candidates(10)].index(("ipndm", "error"))
     assert row["candidates_vs_peer"][k] == pytest.approx(auto["ratio"], rel=1e-4)   # float32 runs, any CPU
     assert all(0.0 <= row[rule] <= 1.0 for rule in sp.RULES)
 

@@ -1,14 +1,8 @@
-"""benchmarks/bench_selection.py: the simulated-pilot scoring on hand-built per-sample errors whose
+"""benchmarks/tuning/bench_selection.py: the simulated-pilot scoring on hand-built per-sample errors whose
 outcome is known (the collection step is the bench_quality machinery, tested in test_bench_quality)."""
-import importlib.util
-import pathlib
-
 import numpy as np
 
-_path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_selection.py"
-_spec = importlib.util.spec_from_file_location("_bench_selection", _path)
-bs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bs)
+from benchmarks.tuning import bench_selection as bs
 
 
 def _errors(n, typical, rare_every, rare):

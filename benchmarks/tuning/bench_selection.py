@@ -13,11 +13,13 @@ bar (<= 0.8 x the best peer at NFE 10 and 20, <= 1.0 x at 6 and 50).
 Rules:
 * best-of-42: the smallest pilot error over the six solvers of the previous solver="auto" (UniPC 2/3,
   iPNDM, DEIS 2/3, DPM-Solver++(3M)) on all seven candidate grids;
-* plan, margin 1: solvers.auto_candidates (default and alternative), the smaller pilot error;
-* plan, margin 0.6, all samples: the same, leaving the default only below calibrate.MARGIN x its pilot
-  error (what solver="auto" did before session 9);
-* plan, margin 0.6: the same on the pilot errors without the samples every candidate misses by far
-  (calibrate.compared_errors), the choice also no worse on all of them (what solver="auto" does);
+* plan, margin 1: the default and alternative of auto.band_for(steps) (`plan_candidates`), the smaller
+  pilot error;
+* plan, margin 0.6, all samples: the same, leaving the default only below auto.MARGIN x its pilot error
+  (auto.challenge with outliers="none": what solver="auto" did before session 9);
+* plan, margin 0.6: the same on the pilot errors without the samples every candidate misses by far, the
+  choice also no worse on all of them (auto.challenge, outliers="shared": what solver="auto" does; the
+  band's check, noise cuts and fitted corrections are not simulated);
 * screened, margin 0.6: the same on the pilot thermo_grid(boundary_pool=4096) builds (calibrate.reference):
   the random samples plus the top 64 of 4096 by calibrate.twin_gain, weighted by their stratum's share.
   The pool is drawn from the batch itself, so for batches below 4096 it is the whole batch and its top
@@ -29,37 +31,42 @@ shared outliers (solver="auto"'s comparison, not used for one solver) and 0.6 on
 scored by how often the choice is worse than karras on the whole batch by more than its paired-bootstrap
 90% interval.
 
-    python benchmarks/bench_selection.py [--heldout] [--problems d16,d8] [--pilot 256] [--draws 200]
+    python -m benchmarks.tuning.bench_selection [--heldout] [--problems d16,d8] [--pilot 256] [--draws 200]
         [--cache DIR]
 
 Prints a table and writes JSON (benchmarks/out/bench_selection[_heldout].json). About 10 minutes on two
-cores (the candidate runs), then seconds for the rules.
+cores (the candidate runs), then seconds for the rules. --heldout checks that a rule chosen on the default
+set transfers; it is not a set to choose on.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_quality as bq  # noqa: E402
-import quality_problems as qp  # noqa: E402
+import thermosample as ts
+from thermosample import auto
+from thermosample import calibrate as cal
+from thermosample import solvers as S
+from thermosample.grids import logsnr
 
-import thermosample as ts  # noqa: E402
-from thermosample import calibrate as cal  # noqa: E402
-from thermosample import solvers as S  # noqa: E402
-from thermosample.grids import logsnr  # noqa: E402
+from .. import bench_quality as bq
+from .. import quality_problems as qp
 
 BUDGETS = (6, 10, 20, 50)
 OLD_AUTO = (("unipc", {"order": 3}), ("unipc", {}), ("ipndm", {}), ("deis", {}), ("deis", {"order": 2}),
             ("dpmpp_3m", {}))
+
+
+def plan_candidates(steps: int) -> list[tuple[str, dict, str]]:
+    """(solver, options, grid) of the default and the alternative that solver="auto" measures at `steps`
+    (the row auto.band_for(steps) of auto.PLAN)."""
+    band = auto.band_for(steps)
+    return [(c.solver, dict(c.options), c.grid) for c in (band.default, band.alternative)]
 
 
 def references(den, x_t, shape):
@@ -88,10 +95,9 @@ def collect(prob, seeds, log=print) -> dict:
     noise = x_t.float()
     for budget in BUDGETS:
         for lab, name, opts in configs:
-            order = S.get_solver(name).order
             steps = bq.steps_within(lambda k, name=name: S.evaluations(name, k), budget)  # Heun: 2 steps - 1
             for g in cal.CANDIDATES:
-                sig_c = cal._candidate(g, den, steps, name, pilot, pilot, order)
+                sig_c = cal.candidate_sigmas(g, den, steps, name, pilot, pilot)
                 y = ts.sample(den, noise=noise, grid=np.append(sig_c, 0.0), solver=name, track=False,
                               **opts).samples.double()
                 sq = [(y - r).reshape(n, -1).square().mean(1).numpy() for r in (ref, quick_ref)]
@@ -129,7 +135,8 @@ def screen_scores(prob, seeds) -> np.ndarray:
 SCREEN_POOL, SCREEN_KEEP = 4096, 64     # thermo_grid(boundary_pool=4096), boundary_samples 64
 # (margin, screened pilot, without the shared outliers): margin 0.6 on all samples is what thermo_grid does for
 # one solver; the comparison without the shared outliers (solver="auto"'s) is shown beside it
-KARRAS_RULES = ((1.0, False, False), (cal.MARGIN, False, False), (cal.MARGIN, False, True), (cal.MARGIN, True, False))
+KARRAS_RULES = ((1.0, False, False), (auto.MARGIN, False, False), (auto.MARGIN, False, True),
+                (auto.MARGIN, True, False))
 
 
 def pilot_draw(n, pilot_b, rng, score=None):
@@ -150,10 +157,10 @@ def pilot_draw(n, pilot_b, rng, score=None):
 
 
 def choice(pilot_sq, w, margin, shared=True):
-    """The candidate thermo_grid picks from a pilot's per-sample errors [C, B] and weights [B]: as
-    solver="auto" does (without the samples every candidate misses, calibrate.compared_errors), or with
-    shared=False on the plain pilot RMS errors (the single-solver choice, and auto's before session 9)."""
-    return cal._choose(pilot_sq, w, margin, shared)[0]
+    """The candidate thermo_grid picks from a pilot's per-sample errors [C, B] and weights [B] by auto.challenge:
+    as solver="auto" does (without the samples every candidate misses by far, outliers="shared"), or with
+    shared=False on all samples (the single-solver choice, and auto's before session 9)."""
+    return auto.challenge(pilot_sq, w, margin, outliers="shared" if shared else "none")
 
 
 def simulate(errs, keys, peer, budget, pilot_b, draws, margin, rng, score=None, shared=True):
@@ -196,7 +203,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     suffix = "_heldout" if args.heldout else ""
-    peers_json = os.path.join(HERE, "results", f"bench_quality_peers{suffix}.json")
+    peers_json = os.path.join(bq.RESULTS, f"bench_quality_peers{suffix}.json")
     summary = json.load(open(peers_json))["summary"]
     best_peer = {(s["problem"], s["budget"]): s["best_peer_error"] for s in summary}
     seeds = qp.HELDOUT_SEEDS if args.heldout else qp.DEFAULT_SEEDS
@@ -204,9 +211,9 @@ def main():
     rng = np.random.default_rng(0)
     # (margin, screened pilot, without the shared outliers); "plan, margin 0.6" is what solver="auto" does
     rules = {"best-of-42": (None, False, False), "plan, margin 1": (1.0, False, True),
-             f"plan, margin {cal.MARGIN}, all samples": (cal.MARGIN, False, False),
-             f"plan, margin {cal.MARGIN}": (cal.MARGIN, False, True),
-             f"screened, margin {cal.MARGIN}": (cal.MARGIN, True, True)}
+             f"plan, margin {auto.MARGIN}, all samples": (auto.MARGIN, False, False),
+             f"plan, margin {auto.MARGIN}": (auto.MARGIN, False, True),
+             f"screened, margin {auto.MARGIN}": (auto.MARGIN, True, True)}
     rows, karras_rows = [], []
     print(f"bench_selection: {'HELD-OUT' if args.heldout else 'default'} problems, pilot {args.pilot} samples, "
           f"{args.draws} simulated pilots per cell")
@@ -224,7 +231,7 @@ def main():
                     keys = [(budget, bq.label(n, o), g) for n, o in OLD_AUTO for g in cal.CANDIDATES]
                     margin = 1.0
                 else:
-                    keys = [(budget, bq.label(n, o), g) for n, o, g in S.auto_candidates(budget)]
+                    keys = [(budget, bq.label(n, o), g) for n, o, g in plan_candidates(budget)]
                 row[rule] = simulate(errs, keys, peer, budget, args.pilot, args.draws, margin, rng,
                                      score if screened else None, shared)
             rows.append(row)
@@ -252,10 +259,10 @@ def main():
                == (margin, screened, shared)]
         how = (", screened pilot" if screened else "") + (", without shared outliers" if shared else "")
         print(f"  margin {margin}{how}: {sum(r['worse_than_karras'] for r in sel):.1f}")
-    out = args.out or os.path.join(HERE, "out", f"bench_selection{suffix}.json")
+    out = args.out or os.path.join(bq.OUT, f"bench_selection{suffix}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"heldout": args.heldout, "pilot": args.pilot, "draws": args.draws, "margin": cal.MARGIN,
+        json.dump({"heldout": args.heldout, "pilot": args.pilot, "draws": args.draws, "margin": auto.MARGIN,
                    "rows": rows, "karras": karras_rows}, f, indent=1)
     print(f"wrote {out}")
 

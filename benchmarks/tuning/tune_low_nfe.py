@@ -1,13 +1,16 @@
 """solver="auto" at few steps on tuning mixtures: which (solver, grid) candidates, and which rule.
 
-solver="auto" measures the two (solver, options, grid) candidates of solvers.auto_candidates(steps) on its
-pilot and keeps the default unless the alternative is below calibrate.MARGIN times its error
-(docs/calibration.md §7). This measures, on mixtures that no benchmark set contains (construction seeds
-801-818 of tune_noise_cuts.py and 821-828 here), every configuration of BAND_CONFIGS[steps] on the pilot (its errors
-against the pilot's converged samples) and on a large fresh batch (RMS error against the converged ODE
-solution), next to every peer on karras, and then what each policy of POLICIES[steps] would have chosen:
+solver="auto" measures the default and the alternative (solver, options, grid) of auto.band_for(steps) on
+its pilot and keeps the default unless the alternative wins auto.challenge with margin auto.MARGIN
+(docs/decisions/0002-default-and-margin.md, 0003-two-candidates-per-band.md), then the band's check, noise
+cuts and fitted corrections. This measures, on mixtures that no benchmark set contains (construction seeds
+801-818 of tune_noise_cuts.py and 821-838 here), every configuration of BAND_CONFIGS[steps] on the pilot (its
+errors against the pilot's converged samples) and on a large fresh batch (RMS error against the converged ODE
+solution), next to every peer on karras, and then what each policy of POLICIES[steps] would have chosen,
+and the plan itself ("plan": the band as auto.PLAN has it, less the fitted corrections) where
+BAND_CONFIGS[steps] holds every configuration it measures:
 
-    python benchmarks/tune_low_nfe.py [--n 4096] [--seed 9300] [--steps 6] [--problems t512,t32]
+    python -m benchmarks.tuning.tune_low_nfe [--n 4096] [--seed 9300] [--steps 6] [--problems t512,t32]
 
 Prints one table per problem and the policies' summary; writes --json if given. A tuning tool: its
 problems and seeds are not checks.
@@ -16,24 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_quality as bq  # noqa: E402
-import quality_peers as peers  # noqa: E402
-import tune_noise_cuts as tnc  # noqa: E402
-from quality_problems import aniso_mixture, mixture, spectral_mixture  # noqa: E402
+import thermosample as ts
+from thermosample import auto, calibrate
+from thermosample.solvers import get_solver
 
-import thermosample as ts  # noqa: E402
-from thermosample import calibrate  # noqa: E402
-from thermosample.solvers import AUTO_CHECK_MARGIN, AUTO_MAX_H, AUTO_NOISE_CUTS, AUTO_NOISE_MARGIN, get_solver  # noqa: E402
+from .. import bench_quality as bq
+from .. import quality_peers as peers
+from ..quality_problems import aniso_mixture, mixture, spectral_mixture
+from . import tune_noise_cuts as tnc
 
 VP, COS = ts.schedules.VPLinear, "cosine"
 TUNE = dict(tnc.TUNE)
@@ -57,12 +56,12 @@ TUNE.update({  # image-like spectra and overlapping classes (the kind of fresh17
     "s1536c": (1536, lambda: spectral_mixture(1536, 2, 1.0, 0.5, 837).denoiser(COS)),
     "s128": (128, lambda: spectral_mixture(128, 10, 1.0, 0.3, 838).denoiser("edm")),
 })
-_O3, _U2, _U3H = {"order": 3}, {}, {"order": 3, "max_h": AUTO_MAX_H}
+_O3, _U2, _U3H = {"order": 3}, {}, {"order": 3, "max_h": auto.MAX_H}
 
 
 def _cut(opts: dict, c: float) -> dict:
     """`opts` with noise prediction below c x the data's scale (calibrate.data_scale of the pilot), DEIS-3."""
-    return {**opts, "noise_below": ("scale", c), "noise_order": 3}
+    return {**opts, "noise_below": ("scale", c), "noise_order": auto.NOISE_ORDER}
 
 
 BAND_CONFIGS = {  # steps: (solver, options, grid) to measure at that many steps
@@ -85,7 +84,7 @@ BAND_CONFIGS[20] = (
 )
 BAND_CONFIGS[16] = (  # the 15-17 band: each UniPC default with and without solver="auto"'s noise cuts
     *(cfg for o in (_U2, _U3H, _O3)
-      for cfg in (("unipc", o, "error"), *(("unipc", _cut(o, c), "error") for c in AUTO_NOISE_CUTS))),
+      for cfg in (("unipc", o, "error"), *(("unipc", _cut(o, c), "error") for c in auto.NOISE_CUTS))),
     ("ipndm", {}, "error"), ("ipndm", {}, "karras"), ("deis", {}, "karras"), ("deis", {}, "error"),
     ("deis", {}, "logsnr"), ("unipc", _O3, "karras"), ("dpmpp_3m", {}, "karras"))
 BAND_CONFIGS[18] = BAND_CONFIGS[16]
@@ -93,7 +92,7 @@ SMALL = (("ipndm", {}, "jump"), ("euler", {}, "jump"), ("deis", {}, "jump"), ("d
          ("deis", {}, "karras"), ("deis", {"order": 2}, "karras"), ("unipc", {}, "karras"))
 BAND_CONFIGS.update({5: SMALL, 7: SMALL})
 BAND_CONFIGS[8] = BAND_CONFIGS[9] = (  # where the first band hands over to the second
-    ("unipc", {"order": 3, "max_h": AUTO_MAX_H}, "error"), ("ipndm", {}, "error"), ("ipndm", {}, "jump"),
+    ("unipc", {"order": 3, "max_h": auto.MAX_H}, "error"), ("ipndm", {}, "error"), ("ipndm", {}, "jump"),
     ("euler", {}, "jump"), ("deis", {}, "jump"), ("unipc", {}, "jump"), ("deis", {}, "karras"),
     ("unipc", {"order": 3}, "karras"))
 
@@ -145,28 +144,47 @@ for _n in (5, 7):
                     "band: ipndm@jump | euler@jump, 0.6": ([SMALL[0], SMALL[1]], 0.6)}
 
 
+def _config(c: auto.Candidate) -> tuple[str, dict, str]:
+    return c.solver, dict(c.options), c.grid
+
+
+def plan_policy(steps: int):
+    """The policy (choose's arguments) that auto.band_for(steps) runs, less its fitted corrections, or None
+    when BAND_CONFIGS[steps] lacks a configuration it measures."""
+    band = auto.band_for(steps)
+    cands = [_config(band.default), _config(band.alternative)]
+    check = _config(band.check) if band.check is not None else None
+    needed = cands + ([check] if check else [])
+    if band.noise_cut:
+        needed += [(s, _cut(o, c), g) for s, o, g in cands if s == "unipc" for c in auto.NOISE_CUTS]
+    measured = {name(c) for c in BAND_CONFIGS.get(steps, ())}
+    if not all(name(c) in measured for c in needed):
+        return None
+    return cands, auto.MARGIN, check, band.noise_cut == "after", False, band.noise_cut == "before"
+
+
 def measure(pname: str, n: int, seed: int, steps: int) -> dict:
     dim, make = TUNE[pname]
     den = make()
     # a single-solver grid runs both pilots ("error" needs the twin pilot, which auto skips up to 8 steps)
     pd = ts.thermo_grid(den, steps, solver="dpmpp_2m", sample_shape=(dim,)).pilot
-    grid = ts.thermo_grid(den, steps, solver="auto", pilot_data=pd)
+    config = ts.thermo_grid(den, steps, solver="auto", pilot_data=pd)
     scale = calibrate.data_scale(pd)
     x_t = bq.initial_noise((n, dim), [seed], den.schedule.sigma_max)
     ref, _ = bq.reference(den, x_t, 400)
 
     def score(res) -> dict:
-        s = bq._score(res, ref, n, 1)
+        s = bq.score_run(res, ref, n, 1)
         return {"rms": s["error"], "switched": s["switched"]}
 
-    out = {"auto": [grid.meta["solver"], grid.meta["solver_options"], grid.meta["chosen"]], "configs": {},
-           "peers": {}}
+    out = {"auto": [config.solver, bq.choice_label(config.solver, config.options), config.meta["chosen"]],
+           "configs": {}, "peers": {}}
     for cfg in BAND_CONFIGS[steps]:
         solver, opts, g = cfg
         opts = {k: (v[1] * scale if isinstance(v, tuple) else v) for k, v in opts.items()}
-        spec = get_solver(solver)
-        sig = calibrate._candidate(g, den, bq.steps_within(spec.evaluations, steps), solver, pd, pd, spec.order)
-        err, _, sq = calibrate._pilot_error(den, sig, solver, pd, "auto", opts)
+        sig = calibrate.candidate_sigmas(g, den, bq.steps_within(get_solver(solver).evaluations, steps), solver,
+                                         pd, pd)
+        err, sq = calibrate.pilot_errors(den, sig, solver, pd, "auto", opts)
         res = ts.sample(den, noise=x_t.float(), grid=np.append(sig, 0.0), solver=solver, track=False,
                         progress=False, **opts).samples
         out["configs"][name(cfg)] = {"pilot": err, "pilot_sq": sq.tolist(), **score(res)}
@@ -179,11 +197,12 @@ def measure(pname: str, n: int, seed: int, steps: int) -> dict:
 
 def choose(r: dict, cands, margin: float, check=None, noise: bool = False, check_last: bool = False,
            noise_first: bool = False) -> str:
-    """The configuration `cands` (default first) gives under calibrate's rule on the pilot's errors, then
-    `check` if calibrate.check_prefers it (solver="auto"'s check, solvers.AUTO_CHECK_MARGIN), then, with
-    `noise` and UniPC chosen, the best of its noise cuts if below AUTO_NOISE_MARGIN x its error (the stage
-    solver="auto" runs from solvers.AUTO_NOISE_FROM steps); `check_last`: the check after the noise stage;
-    `noise_first`: each UniPC candidate is replaced by its noise stage's choice before the candidates compete."""
+    """The configuration `cands` (default first) gives under auto.challenge on the pilot's errors with
+    `margin`, then `check` if it wins auto.challenge with auto.CHALLENGE_MARGIN leaving out the samples either
+    run misses by far (solver="auto"'s check), then, with `noise` and UniPC chosen, the noise cut at
+    auto.NOISE_CUTS that wins auto.challenge with auto.CHALLENGE_MARGIN (the bands with noise_cut="after");
+    `check_last`: the check after the noise stage; `noise_first`: each UniPC candidate is replaced by its
+    noise stage's choice before the candidates compete (noise_cut="before")."""
     pilot_sq = {k: np.asarray(v["pilot_sq"]) for k, v in r["configs"].items()}
     n = len(next(iter(pilot_sq.values())))
     weight = np.full(n, 1.0 / n)
@@ -191,19 +210,17 @@ def choose(r: dict, cands, margin: float, check=None, noise: bool = False, check
     def noise_stage(cfg):
         if cfg[0] != "unipc":
             return cfg
-        cuts = [cfg] + [(cfg[0], _cut(cfg[1], c), cfg[2]) for c in AUTO_NOISE_CUTS]
-        best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cuts]), weight,
-                                       max(margin, AUTO_NOISE_MARGIN), shared=True)
+        cuts = [cfg] + [(cfg[0], _cut(cfg[1], c), cfg[2]) for c in auto.NOISE_CUTS]
+        best = auto.challenge(np.stack([pilot_sq[name(c)] for c in cuts]), weight, max(margin, auto.CHALLENGE_MARGIN))
         return cuts[best]
 
     def checked(chosen):
         pair = np.stack([pilot_sq[name(chosen)], pilot_sq[name(check)]])
-        return check if calibrate.check_prefers(pair, weight, AUTO_CHECK_MARGIN) else chosen
+        return check if auto.challenge(pair, weight, max(margin, auto.CHALLENGE_MARGIN), outliers="each") else chosen
 
     if noise_first:
         cands = [noise_stage(c) for c in cands]
-    best, _, _ = calibrate._choose(np.stack([pilot_sq[name(c)] for c in cands]), weight, margin, shared=True)
-    chosen = cands[best]
+    chosen = cands[auto.challenge(np.stack([pilot_sq[name(c)] for c in cands]), weight, margin)]
     if check is not None and not check_last:
         chosen = checked(chosen)
     if noise and not noise_first:
@@ -245,7 +262,10 @@ def main(argv=None) -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"args": vars(args), "results": results}, f)
-    policies = POLICIES.get(args.steps, {})
+    policies = dict(POLICIES.get(args.steps, {}))
+    plan = plan_policy(args.steps)
+    if plan is not None:
+        policies["plan: auto.band_for(steps), no fit"] = plan
     ratios = {p: [] for p in policies}
     for pname, r in results.items():
         bp = min(v["rms"] for v in r["peers"].values())

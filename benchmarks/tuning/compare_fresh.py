@@ -1,11 +1,13 @@
 """Side by side: solver="auto" against the best peer in two runs of bench_quality_fresh.py (before, after).
 
-    python benchmarks/compare_fresh.py BEFORE_DIR AFTER_DIR
+    python -m benchmarks.tuning.compare_fresh BEFORE_DIR AFTER_DIR
 
-Each directory holds <set>.json files written with `bench_quality_fresh.py <set> --json DIR/<set>.json`. Prints,
-for every problem and budget both runs hold, the recommended/best-peer ratio with its paired-bootstrap 90 %
-interval before and after (marked when it moved by more than 5 %), then per group of sets how many cells meet
-1.0 x and 0.8 x, the geometric mean, and how many moved.
+Each directory holds <set>.json files written with `python -m benchmarks.bench_quality_fresh <set> --json
+DIR/<set>.json`, or bench_quality_<set>.json as --save-results writes them (so BEFORE_DIR may be
+benchmarks/results, the committed summaries). Prints, for every problem and budget both runs hold, the
+recommended/best-peer ratio with its paired-bootstrap 90 % interval before and after (marked when it moved
+by more than 5 %), then per group of sets how many cells meet 1.0 x and 0.8 x, the geometric mean, and how
+many moved.
 """
 from __future__ import annotations
 
@@ -15,15 +17,15 @@ import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench_quality_fresh import SETS  # noqa: E402
+from ..bench_quality_fresh import SETS
 
 GROUPS = {"fresh-fresh16": list(SETS)[:16], "fresh17-fresh20": list(SETS)[16:20], "fresh21-": list(SETS)[20:]}
 
 
 def load(directory: str, name: str) -> dict:
     path = os.path.join(directory, name + ".json")
+    if not os.path.exists(path):
+        path = os.path.join(directory, f"bench_quality_{name}.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:

@@ -1,34 +1,29 @@
 """Tuning tool: a solver's calibrated "error" grid pure and moved halfway to karras (karras_weight 0.5).
 
-On the tuning mixtures of benchmarks/tune_low_nfe.py (none of them in a benchmark set) at 6, 10 and 20 steps:
-the pilot of thermo_grid chooses between karras (the default) and each "error" variant as calibrate.select
-does (margin 0.6), and the choice's RMS error on a fresh batch (noise seed 9300) is compared with karras's by
-a paired bootstrap. Counts the choices worse and better than karras beyond the 90% interval, and the
-geometric mean of chosen / karras:
+On the tuning mixtures of benchmarks/tuning/tune_low_nfe.py (none of them in a benchmark set) at 6, 10 and 20
+steps: the pilot of thermo_grid chooses between karras (the default) and each "error" variant as
+calibrate.select does (auto.challenge on all samples, margin auto.MARGIN), and the choice's RMS error on a
+fresh batch (noise seed 9300) is compared with karras's by a paired bootstrap. Counts the choices worse and
+better than karras beyond the 90% interval, and the geometric mean of chosen / karras:
 
-    python benchmarks/tune_karras_weight.py --solver deis --orders 3,2 [--n 1024] [--problems t512,s1024]
+    python -m benchmarks.tuning.tune_karras_weight --solver deis --orders 3,2 [--n 1024] [--problems t512,s1024]
 
-A tuning tool: its problems and seeds are not checks (docs/calibration.md §18).
+A tuning tool: its problems and seeds are not checks (docs/decisions/0018-deis-halfway-to-karras.md).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_quality as bq  # noqa: E402
-import tune_low_nfe as tl  # noqa: E402
+import thermosample as ts
+from thermosample import auto, calibrate
 
-import thermosample as ts  # noqa: E402
-from thermosample import calibrate  # noqa: E402
-from thermosample.solvers import get_solver  # noqa: E402
+from .. import bench_quality as bq
+from . import tune_low_nfe as tl
 
 VARIANTS = {"error": 0.0, "error halfway": 0.5}   # name: karras_weight
 
@@ -45,13 +40,13 @@ def measure(pname: str, solver: str, orders, n: int, seed: int, steps_list) -> d
         for order in orders:
             opts = {"order": order} if order else {}
             for grid, weight in [("karras", None), *VARIANTS.items()]:
-                kw = None if weight is None else {**calibrate._error_defaults(solver, steps), "karras_weight": weight}
-                sig = calibrate._candidate("karras" if kw is None else "error", den, steps, solver, pd, pd,
-                                           get_solver(solver).order, kw)
-                _, _, pilot_sq = calibrate._pilot_error(den, sig, solver, pd, "auto", opts)
+                kw = None if weight is None else {**calibrate.error_grid_defaults(solver, steps),
+                                                  "karras_weight": weight}
+                sig = calibrate.candidate_sigmas("karras" if kw is None else "error", den, steps, solver, pd, pd, kw)
+                _, pilot_sq = calibrate.pilot_errors(den, sig, solver, pd, "auto", opts)
                 res = ts.sample(den, noise=x_t.float(), grid=np.append(sig, 0.0), solver=solver, track=False,
                                 progress=False, **opts).samples
-                out[steps, order, grid] = (pilot_sq, bq._score(res, ref, n, 1)["_sq"])
+                out[steps, order, grid] = (pilot_sq, bq.score_run(res, ref, n, 1)["_sq"])
     return out
 
 
@@ -77,8 +72,7 @@ def main(argv=None) -> int:
                 continue
             k_pilot, k_sq = runs[steps, order, "karras"]
             pair = np.stack([k_pilot, pilot_sq])
-            taken, _, _ = calibrate._choose(pair, np.full(pair.shape[1], 1.0 / pair.shape[1]), calibrate.MARGIN,
-                                            shared=False)
+            taken = auto.challenge(pair, np.full(pair.shape[1], 1.0 / pair.shape[1]), auto.MARGIN, outliers="none")
             chosen = sq if taken else k_sq
             idx = rng.integers(0, len(sq), (500, len(sq)))
             lo, hi = np.quantile(np.sqrt(chosen[idx].mean(1) / k_sq[idx].mean(1)), [0.05, 0.95])

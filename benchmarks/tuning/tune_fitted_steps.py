@@ -1,55 +1,61 @@
 """Tuning tool: solver="auto" with and without its fitted check (DEIS-3 with pilot-fitted corrections).
 
-solvers.AUTO_FIT: from 9 to 14 steps, after choosing DEIS or iPNDM, solver="auto" fits deis's `corrections`
-on half of its pilot (calibrate.fit_corrections: per step, the least-squares combination of the last two D
-and eps differences that moves the DEIS-3 update toward the converged trajectory) on the choice's grid moved
-to the reference's nodes, and takes it if the other half measures it better (calibrate.check_prefers). This
-measures, on the tuning mixtures of benchmarks/tune_low_nfe.py (none of them in a benchmark set), the choice
-without the fitted check ("before"), with it ("after"), and the fitted run itself whatever the choice (on
-its grid) on a fresh batch (noise seed 9300), against the choice and the best peer on karras, with
-paired-bootstrap 90 % intervals:
+Where a band of auto.PLAN lists solvers in `fit_after` (9 to 14 steps, after DEIS or iPNDM), solver="auto"
+fits deis's `corrections` on half of its pilot (calibrate.fit_corrections: per step, the least-squares
+combination of the last two D and eps differences that moves the DEIS-3 update toward the converged
+trajectory) on the choice's grid moved to the reference's nodes, and takes it if the other half measures it
+better (auto.challenge with auto.CHALLENGE_MARGIN). This measures, on the tuning mixtures of
+benchmarks/tuning/tune_low_nfe.py (none of them in a benchmark set), the choice without the fitted check
+("before": the plan with every band's fit_after emptied), with it ("after": the plan as it is), and the
+fitted run itself whatever the choice (on its grid) on a fresh batch (noise seed 9300), against the choice
+and the best peer on karras, with paired-bootstrap 90 % intervals:
 
-    python benchmarks/tune_fitted_steps.py [--steps 10] [--problems s1024,t512] [--n 1024]
+    python -m benchmarks.tuning.tune_fitted_steps [--steps 10] [--problems s1024,t512] [--n 1024]
 
-A tuning tool: its problems and seeds are not checks (docs/calibration.md §19).
+A tuning tool: its problems and seeds are not checks (docs/decisions/0019-fitted-corrections.md).
 """
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
+import dataclasses
 import sys
 import time
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_quality as bq  # noqa: E402
-import quality_peers as peers  # noqa: E402
-import tune_low_nfe as tl  # noqa: E402
+import thermosample as ts
+from thermosample import auto, calibrate
 
-import thermosample as ts  # noqa: E402
-from thermosample import calibrate, solvers  # noqa: E402
+from .. import bench_quality as bq
+from .. import quality_peers as peers
+from . import tune_low_nfe as tl
 
 
-def auto_grid(den, steps: int, pd: dict, fit: bool):
-    """thermo_grid(solver="auto") on the pilot `pd`, with or without the fitted check."""
-    saved = solvers.AUTO_FIT
-    solvers.AUTO_FIT = saved if fit else (0, -1)
+@contextlib.contextmanager
+def plan_without_fit():
+    """auto.PLAN with no band's fitted check (fit_after emptied) while the block runs."""
+    saved = auto.PLAN
+    auto.PLAN = tuple(dataclasses.replace(band, fit_after=()) for band in saved)
     try:
-        return ts.thermo_grid(den, steps, solver="auto", pilot_data=pd)
+        yield
     finally:
-        solvers.AUTO_FIT = saved
+        auto.PLAN = saved
+
+
+def auto_config(den, steps: int, pd: dict, fit: bool) -> ts.SamplerConfig:
+    """thermo_grid(solver="auto") on the pilot `pd`, with or without the fitted check."""
+    with plan_without_fit() if not fit else contextlib.nullcontext():
+        return ts.thermo_grid(den, steps, solver="auto", pilot_data=pd)
 
 
 def measure(pname: str, steps: int, n: int, seed: int) -> dict:
     dim, make = tl.TUNE[pname]
     den = make()
     pd = ts.thermo_grid(den, steps, solver="dpmpp_2m", sample_shape=(dim,)).pilot
-    before, after = auto_grid(den, steps, pd, False), auto_grid(den, steps, pd, True)
-    sig = calibrate.reference_nodes(np.asarray(before[:-1]), pd)
+    before, after = auto_config(den, steps, pd, False), auto_config(den, steps, pd, True)
+    sig = calibrate.reference_nodes(before.sigmas[:-1], pd)
     b = pd["ref_final"].shape[0]
     fitted = calibrate.fit_corrections(den, sig, pd, np.arange(0, b, 2))
     x_t = bq.initial_noise((n, dim), [seed], den.schedule.sigma_max)
@@ -57,18 +63,19 @@ def measure(pname: str, steps: int, n: int, seed: int) -> dict:
 
     def run(grid, solver, opts):
         out = ts.sample(den, noise=x_t.float(), grid=grid, solver=solver, track=False, progress=False, **opts)
-        return bq._score(out.samples, ref, n, 1)
+        return bq.score_run(out.samples, ref, n, 1)
 
-    out = {"before": run(before, "auto", {}), "after": run(after, "auto", {}),
+    out = {"before": run(before.sigmas, before.solver, before.options),
+           "after": run(after.sigmas, after.solver, after.options),
            "fitted": run(np.append(sig, 0.0), "deis", {"corrections": fitted}),
-           "choice": [before.meta["solver"], before.meta["chosen"]],
-           "taken": after.meta["solver_options"].get("corrections") is not None,
+           "choice": [before.solver, before.meta["chosen"]],
+           "taken": after.options.get("corrections") is not None,
            "pilot": after.meta.get("fit_errors", {})}
     out["peers"] = {}
     for p, ev in peers.peer_configs().items():
         res, _ = peers.run_peer(p, den, x_t.float().clone(), peers.karras_sigmas(bq.steps_within(ev, steps),
                                                                                   den.schedule))
-        out["peers"][p] = bq._score(res, ref, n, 1)["_sq"]
+        out["peers"][p] = bq.score_run(res, ref, n, 1)["_sq"]
     return out
 
 

@@ -4,16 +4,16 @@ bench_selection.py scores simulated pilots against the benchmark's own batch (10
 holds few of the rare samples a grid sends to another mode. This scores them against N fresh samples
 (default 8192, bench_population.py's seed 7000, the same converged reference) and against
 bench_population's best peer on those samples (benchmarks/results/bench_population.json, so the problems
-and N must be among the ones it ran). For each problem and budget it runs both candidates of
-solvers.auto_candidates on all N samples once, keeps every sample's squared error (against the converged
+and N must be among the ones it ran). For each problem and budget it runs the default and alternative of
+auto.band_for(budget) on all N samples once, keeps every sample's squared error (against the converged
 reference, and against the pilot-style UniPC-3 128-step one that a pilot would measure with), then draws
---draws pilots of --pilot samples and applies two rules:
+--draws pilots of --pilot samples and applies auto.challenge with margin auto.MARGIN two ways:
 
-* all samples: prefer_default on the pilot's plain RMS errors (the rule before session 9);
-* compared: prefer_default on the errors without the samples every candidate misses by far
-  (calibrate.compared_errors), the choice no worse on all of them (what thermo_grid does).
+* all samples: outliers="none", on the pilot's plain RMS errors (the rule before session 9);
+* compared: outliers="shared", on the errors without the samples every candidate misses by far, the choice
+  no worse on all of them (what thermo_grid(solver="auto") does).
 
-    python benchmarks/bench_selection_population.py [SET:TOKEN ...] [--budgets 10 20] [--draws 400]
+    python -m benchmarks.tuning.bench_selection_population [SET:TOKEN ...] [--budgets 10 20] [--draws 400]
 
 Without problems it takes the 19 that bench_population.json holds (PROBLEMS). Prints a table and the
 expected number of cells meeting issue 12's bar under each rule; writes
@@ -31,16 +31,13 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_population as bp  # noqa: E402
-import bench_quality as bq  # noqa: E402
-import bench_selection as bs  # noqa: E402
+import thermosample as ts
+from thermosample import auto
+from thermosample import calibrate as cal
 
-import thermosample as ts  # noqa: E402
-from thermosample import calibrate as cal  # noqa: E402
-from thermosample import solvers as S  # noqa: E402
+from .. import bench_population as bp
+from .. import bench_quality as bq
+from . import bench_selection as bs
 
 RULES = {"all samples": False, "compared": True}     # rule name: leave the shared outliers out
 PROBLEMS = ("fresh3:d1536", "fresh:d200", "fresh2:d64", "heldout:d512", "default:d256", "fresh2:d768", "fresh:d1024",
@@ -57,8 +54,8 @@ def candidate_errors(prob, n: int, budgets) -> dict:
     out = {}
     for budget in budgets:
         errs = []
-        for name, opts, grid in S.auto_candidates(budget):
-            sig_c = cal._candidate(grid, den, budget, name, pilot, pilot, S.get_solver(name).order)
+        for name, opts, grid in bs.plan_candidates(budget):
+            sig_c = cal.candidate_sigmas(grid, den, budget, name, pilot, pilot)
             y = ts.sample(den, noise=x_t.float(), grid=np.append(sig_c, 0.0), solver=name, track=False,
                           **opts).samples.double()
             errs.append(np.stack([bp.per_sample(y, r) for r in (ref, quick)]))
@@ -73,10 +70,10 @@ def main(argv=None) -> int:
     ap.add_argument("--pilot", type=int, default=cal.PILOT_BATCH)
     ap.add_argument("--draws", type=int, default=400)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=os.path.join(HERE, "out", "bench_selection_population.json"))
+    ap.add_argument("--out", default=os.path.join(bq.OUT, "bench_selection_population.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pop = json.load(open(os.path.join(HERE, "results", "bench_population.json")))
+    pop = json.load(open(os.path.join(bq.RESULTS, "bench_population.json")))
     n = int(pop["n"])
     peer = {(r["problem"], r["budget"]): r["best_peer_error"] for r in pop["rows"]}
     specs = args.problems or PROBLEMS
@@ -94,7 +91,7 @@ def main(argv=None) -> int:
                 ok = 0
                 for _ in range(args.draws):
                     idx, w = bs.pilot_draw(A.shape[2], args.pilot, rng)
-                    ok += truth[bs.choice(A[:, 1, idx], w, cal.MARGIN, shared)] <= bq.BAR[budget]
+                    ok += truth[bs.choice(A[:, 1, idx], w, auto.MARGIN, shared)] <= bq.BAR[budget]
                 row[rule] = ok / args.draws
             rows.append(row)
     lines = [f"bench_selection_population: pilots of {args.pilot} drawn {args.draws} times from {n} samples "

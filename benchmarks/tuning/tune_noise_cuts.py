@@ -1,13 +1,16 @@
 """solver="auto"'s low-noise stage on tuning mixtures: which noise_below cut, and which margin.
 
-From solvers.AUTO_NOISE_FROM steps, solver="auto" reruns its UniPC choice on the pilot with noise_below at
-each of solvers.AUTO_NOISE_CUTS times the data's scale and keeps a cut whose pilot error is below
-AUTO_NOISE_MARGIN times the plain run's (docs/calibration.md §13, §15). This measures, on mixtures that
-no benchmark set contains (construction seeds 801-807 and 811-818), the pilot's errors for every cut and
-each cut's RMS error on a large fresh batch against the converged ODE solution, next to the best peer on
-karras (diffusers' UniPC-3/2, DPM++ 3M and DEIS-3), and then what two policies would have chosen:
+In the bands of auto.PLAN with a `noise_cut`, solver="auto" reruns its UniPC run on the pilot with
+noise_below at each of auto.NOISE_CUTS times the data's scale (DEIS-auto.NOISE_ORDER below the cut) and
+keeps the cut that wins auto.challenge with auto.CHALLENGE_MARGIN (docs/decisions/0012-noise-below.md,
+0015-cut-03-margin-08.md). This measures, on mixtures that no benchmark set contains (construction seeds
+801-807 and 811-818), the pilot's errors for every cut of CUTS on the grid solver="auto" chose
+(calibrate.pilot_errors) and each cut's RMS error on a large fresh batch against the converged ODE solution,
+next to the best peer on karras (diffusers' UniPC-3/2, DPM++ 3M and DEIS-3), and then what each policy
+(cuts, margin; auto.challenge on the pilot's per-sample errors) would have chosen. A problem on which auto
+chooses another solver than UniPC is reported and skipped.
 
-    python benchmarks/tune_noise_cuts.py [--n 2048] [--seed 9200] [--steps 20] [--problems t512,t32]
+    python -m benchmarks.tuning.tune_noise_cuts [--n 2048] [--seed 9200] [--steps 20] [--problems t512,t32]
 
 Prints one table per problem and the policies' summary; writes --json if given. About 10 minutes for the
 fourteen problems at 2048 samples on two cores. A tuning tool: its problems and seeds are not checks.
@@ -16,23 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))
-sys.path.insert(0, HERE)
-import bench_quality as bq  # noqa: E402
-import quality_peers as peers  # noqa: E402
-from quality_problems import aniso_mixture, mixture  # noqa: E402
+import thermosample as ts
+from thermosample import auto, calibrate
 
-import thermosample as ts  # noqa: E402
-from thermosample import calibrate  # noqa: E402
-from thermosample.solvers import AUTO_NOISE_ORDER  # noqa: E402
+from .. import bench_quality as bq
+from .. import quality_peers as peers
+from ..quality_problems import aniso_mixture, mixture
 
 VP = ts.schedules.VPLinear
 TUNE = {  # name: (dimension, denoiser factory)
@@ -52,8 +50,10 @@ TUNE = {  # name: (dimension, denoiser factory)
     "t900c": (900, lambda: mixture(900, 5, 0.03, 0.12, 818).denoiser("cosine")),
 }
 PEERS = ("diffusers:unipc(bh2,o3)", "diffusers:unipc(bh2,o2)", "diffusers:dpmpp(o3)", "diffusers:deis(o3)")
-CUTS = (0.3, 0.2, 0.1)
-POLICIES = {"cuts 0.2/0.1, margin 0.6": ((0.2, 0.1), 0.6), "cuts 0.3/0.2/0.1, margin 0.8": ((0.3, 0.2, 0.1), 0.8)}
+POLICIES = {"cuts 0.2/0.1, margin 0.6": ((0.2, 0.1), 0.6),
+            f"plan: cuts {'/'.join(map(str, auto.NOISE_CUTS))}, margin {auto.CHALLENGE_MARGIN}":
+            (auto.NOISE_CUTS, auto.CHALLENGE_MARGIN)}
+CUTS = tuple(sorted({c for cuts, _ in POLICIES.values() for c in cuts}, reverse=True))   # every cut measured
 
 
 def _rms(out, ref) -> tuple[float, int]:
@@ -69,28 +69,31 @@ def measure(name: str, n: int, seed: int, steps: int) -> dict:
     ref, _ = bq.reference(den, x_t, 400)
     peer = {p: _rms(peers.run_peer(p, den, x_t.float().clone(), peers.karras_sigmas(steps, den.schedule))[0], ref)[0]
             for p in PEERS}
-    saved = calibrate.AUTO_NOISE_CUTS
-    calibrate.AUTO_NOISE_CUTS = CUTS      # measure every cut on the pilot (the choice is redone below)
-    try:
-        grid = ts.thermo_grid(den, steps, solver="auto", sample_shape=(dim,))
-    finally:
-        calibrate.AUTO_NOISE_CUTS = saved
-    scale = calibrate.data_scale(grid.pilot)
-    pilot = list(grid.meta["noise_below_errors"].values())       # off, then CUTS in order
-    plain = {k: v for k, v in grid.meta["solver_options"].items() if k not in ("noise_below", "noise_order")}
-    runs = {}
+    config = ts.thermo_grid(den, steps, solver="auto", sample_shape=(dim,))
+    plain = {k: v for k, v in config.options.items() if k not in ("noise_below", "noise_order")}
+    out = {"solver": config.solver, "options": plain, "best_peer": min(peer.values()), "peers": peer}
+    if config.solver != "unipc":      # the noise cuts are UniPC's
+        return out
+    pd, sig = config.pilot, config.sigmas[:-1]
+    scale = calibrate.data_scale(pd)
+    pilot, pilot_sq, runs = {}, {}, {}
     for cut in (None, *CUTS):
-        opts = plain if cut is None else {**plain, "noise_below": cut * scale, "noise_order": AUTO_NOISE_ORDER}
-        out = ts.sample(den, noise=x_t.float(), grid=grid, solver=grid.meta["solver"], track=False, **opts).samples
-        runs[cut] = _rms(out, ref)
-    return {"solver": grid.meta["solver"], "options": plain, "pilot": dict(zip(["off", *CUTS], pilot)),
-            "runs": {str(k): v for k, v in runs.items()}, "best_peer": min(peer.values()), "peers": peer}
+        key = "off" if cut is None else str(cut)
+        opts = plain if cut is None else {**plain, "noise_below": cut * scale, "noise_order": auto.NOISE_ORDER}
+        pilot[key], sq = calibrate.pilot_errors(den, sig, config.solver, pd, "auto", opts)
+        pilot_sq[key] = sq.tolist()
+        res = ts.sample(den, noise=x_t.float(), grid=config.sigmas, solver=config.solver, track=False, **opts)
+        runs[key] = _rms(res.samples, ref)
+    weight = calibrate.sample_weights(pd, len(sq)).tolist()
+    return {**out, "pilot": pilot, "pilot_sq": pilot_sq, "weight": weight, "runs": runs}
 
 
-def choose(pilot: dict, cuts, margin: float):
-    """The cut a policy takes from the pilot's errors (calibrate.prefer_default on the plain RMS errors)."""
-    k = calibrate.prefer_default([pilot["off"]] + [pilot[c] for c in cuts], margin)
-    return None if k == 0 else cuts[k - 1]
+def choose(r: dict, cuts, margin: float) -> str:
+    """The cut a policy takes from the pilot's per-sample errors: auto.challenge of every cut against the
+    plain run ("off"), as solver="auto"'s noise stage decides."""
+    sq = np.stack([r["pilot_sq"]["off"]] + [r["pilot_sq"][str(c)] for c in cuts])
+    k = auto.challenge(sq, np.asarray(r["weight"]), margin)
+    return "off" if k == 0 else str(cuts[k - 1])
 
 
 def main(argv=None) -> int:
@@ -108,15 +111,19 @@ def main(argv=None) -> int:
         t0 = time.time()
         r = results[name] = measure(name, args.n, args.seed, args.steps)
         print(f"== {name} ({time.time() - t0:.0f} s): {r['solver']} {r['options']}, best peer {r['best_peer']:.3e}")
+        if "runs" not in r:
+            print(f"  auto chose {r['solver']}, not UniPC: no noise cut to measure")
+            continue
         for cut, (rms, tail) in r["runs"].items():
-            p = r["pilot"]["off" if cut == "None" else float(cut)]
-            print(f"  cut {cut:5s} pilot {p:.3e}  batch {rms:.3e} ({rms / r['best_peer']:.2f} x best peer, "
-                  f"{tail} samples > 20 x median)")
+            print(f"  cut {cut:5s} pilot {r['pilot'][cut]:.3e}  batch {rms:.3e} ({rms / r['best_peer']:.2f} x best "
+                  f"peer, {tail} samples > 20 x median)")
         for policy, (cuts, margin) in POLICIES.items():
-            cut = choose(r["pilot"], cuts, margin)
-            ratios[policy].append(r["runs"][str(cut)][0] / r["best_peer"])
+            cut = choose(r, cuts, margin)
+            ratios[policy].append(r["runs"][cut][0] / r["best_peer"])
             print(f"  {policy}: cut {cut} -> {ratios[policy][-1]:.2f} x best peer")
     for policy, v in ratios.items():
+        if not v:
+            continue
         print(f"{policy}: at most 0.8 x the best peer on {sum(x <= 0.8 for x in v)} of {len(v)}, "
               f"geometric mean {np.exp(np.mean(np.log(v))):.3f} x")
     if args.json:

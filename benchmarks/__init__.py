@@ -1,0 +1,3 @@
+"""thermosample's benchmarks, run as modules from the repository root with the package installed
+(`pip install -e .`): `python -m benchmarks.bench_step`, `python -m benchmarks.bench_quality`, ...
+benchmarks/README.md lists every entry point, what it prints and how long it takes."""
