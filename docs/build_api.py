@@ -25,6 +25,7 @@ MODULES = [
     ("thermosample.grids", "time grids (descending sigmas ending in 0)"),
     ("thermosample.solvers", "the solver table"),
     ("thermosample.calibrate", "calibrated grids (`ts.thermo_grid`)"),
+    ("thermosample.auto", "solver=\"auto\": the plan, the rule, the config"),
     ("thermosample.thermo", "the thermodynamic report"),
     ("thermosample.toy", "exact-score toy models"),
     ("thermosample.bulk", "bulk sampling to disk (`ts.bulk`)"),

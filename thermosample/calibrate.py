@@ -56,8 +56,8 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-from .grids import logsnr, validate_sigmas
 from .auto import MARGIN, challenge
+from .grids import logsnr, validate_sigmas
 from .solvers import get_solver
 
 __all__ = ["ThermoGrid", "CalibrationOptions", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density",

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from . import ops
+from .auto import AUTO, SamplerConfig, is_config, resolve
 from .graphs import GRAPHS
 from .grids import make_grid
 from .run import Run
-from .auto import AUTO, SamplerConfig, is_config, resolve
 from .solvers import check_options, get_solver
 from .thermo import ThermoReport
 from .validate import (
