@@ -221,12 +221,12 @@ def dpmpp_2m_sde(run, x, sigmas, eta=1.0, s_noise=1.0, solver_type="midpoint"):
             eh = eta * h
             inputs, coeffs = [x, denoised], [s_next / s * math.exp(-eh), -math.expm1(-h - eh)]
             if old is not None:
-                r = h_last / h
                 if solver_type == "heun":
-                    c = (-math.expm1(-h - eh) / (-h - eh) + 1.0) / r
+                    c1 = -math.expm1(-h - eh) / (-h - eh) + 1.0
                 else:
-                    c = 0.5 * -math.expm1(-h - eh) / r
-                inputs, coeffs = inputs + [old], [coeffs[0], coeffs[1] + c, -c]
+                    c1 = 0.5 * -math.expm1(-h - eh)
+                w = dpmpp_multistep(c1, 0.0, [h_last / h])
+                inputs, coeffs = inputs + [old], [coeffs[0], coeffs[1] + w[0], w[1]]
             noise = s_next * math.sqrt(-math.expm1(-2.0 * eh)) * s_noise if eta else 0.0
             x = run.update(inputs, coeffs, i, noise=noise, noise_sigmas=(s, s_next), track_sigma=s)
             h_last = h
@@ -235,13 +235,25 @@ def dpmpp_2m_sde(run, x, sigmas, eta=1.0, s_noise=1.0, solver_type="midpoint"):
 
 
 # --------------------------------------------------------------------------------------------------
-# Third-order and predictor-corrector multistep solvers (issue 12): UniPC, DPM-Solver++(3M), iPNDM, DEIS.
-# Each step is one fused update (iPNDM's 4th order: two) over the state and the kept model outputs.
+# Third-order and predictor-corrector multistep solvers: UniPC, DPM-Solver++(3M), iPNDM, DEIS. Each step is
+# one fused update (iPNDM's 4th order: two) over the state and the kept model outputs. The coefficient
+# functions here (multistep_order, unipc_corrector, unipc_predictor, dpmpp_multistep, deis_coeffs) are
+# also what the diffusers schedulers call, in their own coordinates: each method is derived once.
 # --------------------------------------------------------------------------------------------------
 def _check_order(name, value, low, high):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not low <= value <= high:
         raise ValueError(f"{name} must be an int in {low}..{high}, got {value!r}")
     return int(value)
+
+
+LOWER_ORDER_FINAL_BELOW = 15   # diffusers' DEIS and DPM-Solver lower the order of the last two steps below 15 steps
+
+
+def multistep_order(order, available, left=None):
+    """The order of a multistep step: at most `order`, the kept model outputs `available` (lower-order warm
+    start) and `left`, the steps left with lower-order final steps (1st order on the last step, 2nd on the
+    one before; None: no such cap), as diffusers' multistep schedulers."""
+    return min(order, available) if left is None else min(order, available, left)
 
 
 @_host_constant
@@ -267,89 +279,121 @@ def unipc_rhos(h, rks, variant, corrector):
     return b_h, [float(r) for r in rhos]
 
 
+def unipc_predictor(h, rks, variant, scale=1.0):
+    """UniP-p's extrapolation of the model outputs over a step of length h in lambda, beyond the first-order
+    step: [(age, weight)] over the kept outputs (age 0: the newest; rks as in unipc_rhos), each weight
+    times `scale` (the state's alpha at the step's end in diffusers' coordinates)."""
+    b_h, rho_p = unipc_rhos(h, rks, variant, corrector=False)
+    terms = []
+    for k in range(1, len(rks)):
+        w = -scale * b_h * rho_p[k - 1] / rks[k - 1]
+        terms += [(k, w), (0, -w)]
+    return terms
+
+
+def unipc_corrector(h, rks, variant, scale=1.0, relative=True):
+    """UniC-p's correction of the state reached by a step of length h, with the output evaluated there
+    (age 0) and the kept ones (age k + 1 is the k-th before the step): [(age, weight)] times `scale`.
+    relative=True: the corrector minus the predictor that made the state (x_c = x + sum); False: the
+    corrector's own extrapolation terms (for a state that the predictor did not make)."""
+    b_h, rho_c = unipc_rhos(h, rks, variant, corrector=True)
+    if relative:
+        _, rho_p = unipc_rhos(h, rks, variant, corrector=False)
+        rho = [rc - rp for rc, rp in zip(rho_c[:-1], rho_p)]
+    else:
+        rho = rho_c[:-1]
+    terms = []
+    for k in range(1, len(rks)):
+        w = -scale * b_h * rho[k - 1] / rks[k - 1]
+        terms += [(k + 1, w), (1, -w)]
+    last = scale * b_h * rho_c[-1]
+    return terms + [(0, -last), (1, last)]
+
+
 def unipc(run, x, sigmas, order=2, variant="bh2", max_h=None, noise_below=None, noise_order=None):
     """UniPC (Zhao et al. 2023), data prediction, B(h) variant "bh1" or "bh2", as diffusers'
-    UniPCMultistepScheduler(solver_order=order, solver_type=variant, lower_order_final=True): UniP-p
-    multistep predictor in lambda = -log sigma with lower-order warm start and a first-order last step,
-    and the UniC corrector, which refines the state at sigma_i with the model output at sigma_i (no extra
-    evaluation).
+    UniPCMultistepScheduler(solver_order=order, solver_type=variant, lower_order_final=True): the UniP-p
+    multistep predictor in lambda = -log sigma with lower-order warm start and a first-order last step, and
+    the UniC corrector, which refines the state at sigma_i with the model output there (no extra evaluation).
+    max_h, noise_below and noise_order select solver="auto"'s variant (`UniPCVariant`); off by default.
 
-    max_h (None: off, as diffusers): with order 3, a step longer than max_h in lambda (h = log(sigma_i /
-    sigma_{i+1})) predicts with order 2. UniP-3 extrapolates the model output quadratically in lambda; over
-    the long low-noise steps of a 10-step grid that overshoots (the bulk error of UniPC-3 on karras), while
-    on the short high-noise steps, where a trajectory chooses its mode, the third order sends fewer samples
-    to the wrong mode (docs/calibration.md §12). solver="auto" uses max_h=AUTO_MAX_H.
-
-    noise_below (None: off, as diffusers): the steps from a sigma <= noise_below are DEIS tAB steps
-    (`deis_step`: the model's noise predictions eps_j = (x_j - D_j) / sigma_j extrapolated in log sigma and
-    integrated in sigma, of order noise_order (default min(order, 3)), over the evaluations already kept),
-    from the state the last UniC corrector gives. At low noise a step is short in sigma however long it is
-    in lambda, so an extrapolation error there moves x little, while UniP's data prediction weighs it by
-    1 - sigma'/sigma; on 20-step grids of five high-dimensional tuning mixtures that cut the bulk error
-    2.4-10 x (docs/calibration.md §13). solver="auto" measures AUTO_NOISE_CUTS on its pilot from
-    AUTO_NOISE_FROM steps on, with noise_order=3 (after UniPC-2 too: on a sharp tuning mixture DEIS-3 had
-    half DEIS-2's bulk error, §15).
-
-    The corrected state x_c_i = x_i + Delta_i, where x_i is the predicted state the model was evaluated at
-    and Delta_i is a combination of the kept model outputs (the corrector and the predictor that made x_i
-    share the r x and (1 - r) D terms). So one fused update per step takes x_i to x_{i+1} = UniP(x_c_i)
-    over x_i and up to four outputs, and tracks the evaluation (x_i, D_i); x_c_i is never stored."""
+    The corrected state is x_c_i = x_i + Delta_i, with x_i the state the model was evaluated at and Delta_i
+    a combination of the kept outputs, so one fused update per step takes x_i to x_{i+1} = UniP(x_c_i) over
+    x_i and up to four outputs and tracks the evaluation (x_i, D_i); x_c_i is never stored."""
     order = _check_order("order", order, 1, 3)
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
-    if max_h is not None and not max_h > 0:
-        raise ValueError(f"max_h must be None or > 0, got {max_h!r}")
-    if noise_below is not None and not noise_below >= 0:
-        raise ValueError(f"noise_below must be None or >= 0, got {noise_below!r}")
-    noise_order = min(order, 3) if noise_order is None else _check_order("noise_order", noise_order, 1, 3)
+    auto = UniPCVariant.of(max_h, noise_below, noise_order, order)
     n = len(sigmas) - 1
-    outs = []                # model outputs, newest first
-    states = []              # the states they were evaluated at (for noise_below's eps), newest first
+    outs, states = [], []    # model outputs and (for the variant's DEIS steps) their states, newest first
     p_prev = None            # order of the previous predictor (the corrector's order, as diffusers)
     for i in run.steps():
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = run.denoise(x, s)
         run.callback(i, x, s, s, denoised)
-        outs = ([denoised] + outs)[:max(order + 1, noise_order)]
-        states = ([x] + states)[:max(order, noise_order)]
-        coeffs = {"x": 1.0}  # over x (the evaluated state) and outs[age]
+        outs = ([denoised] + outs)[:max(order + 1, auto.deis_order)]
+        states = ([x] + states)[:auto.deis_order]
+        coeffs = {"x": 1.0}  # x_c over x (the evaluated state) and outs[age]
         if p_prev is not None:  # UniC: x_c = x + Delta, redoing the step sigmas[i - 1] -> s just taken
-            p_c = p_prev
             h = math.log(sigmas[i - 1] / s)
-            rks = [math.log(sigmas[i - 1] / sigmas[i - 1 - k]) / h for k in range(1, p_c)] + [1.0]
-            b_h, rho_c = unipc_rhos(h, rks, variant, corrector=True)
-            _, rho_p = unipc_rhos(h, rks, variant, corrector=False)
-            # Delta = -B_h [sum_k (rho_c[k] - rho_p[k]) (D_{age k+1} - D_{age 1}) / rk + rho_c[-1] (D_0 - D_1)]
-            for k in range(1, p_c):
-                w = -b_h * (rho_c[k - 1] - rho_p[k - 1]) / rks[k - 1]
-                coeffs[k + 1] = coeffs.get(k + 1, 0.0) + w
-                coeffs[1] = coeffs.get(1, 0.0) - w
-            coeffs[0] = coeffs.get(0, 0.0) - b_h * rho_c[-1]
-            coeffs[1] = coeffs.get(1, 0.0) + b_h * rho_c[-1]
-        if noise_below is not None and s <= noise_below and s_next > 0:
-            x = deis_step(run, i, sigmas, coeffs, outs, states, noise_order)
+            rks = [math.log(sigmas[i - 1] / sigmas[i - 1 - k]) / h for k in range(1, p_prev)] + [1.0]
+            for age, c in unipc_corrector(h, rks, variant):
+                coeffs[age] = coeffs.get(age, 0.0) + c
+        if auto.is_deis_step(s, s_next):
+            x = deis_step(run, i, sigmas, coeffs, outs, states, auto.deis_order)
             p_prev = None    # DEIS has no corrector
             continue
-        # UniP-p from x_c to s_next (lower-order warm start and last step, as diffusers)
-        p = min(order, n - i, i + 1)
-        if max_h is not None and s_next > 0 and math.log(s / s_next) > max_h:
-            p = min(p, 2)
+        # UniP-p from x_c to s_next: x_{i+1} = r x_c + (1 - r) D_i + the extrapolation terms
+        p = auto.predictor_order(multistep_order(order, i + 1, n - i), s, s_next)
         r = s_next / s
         step = {key: r * c for key, c in coeffs.items()}
         step[0] = step.get(0, 0.0) + (1.0 - r)
         if p > 1:
             h = math.log(s / s_next)
             rks = [math.log(s / sigmas[i - k]) / h for k in range(1, p)] + [1.0]
-            b_h, rho_p = unipc_rhos(h, rks, variant, corrector=False)
-            for k in range(1, p):
-                w = -b_h * rho_p[k - 1] / rks[k - 1]
-                step[k] = step.get(k, 0.0) + w
-                step[0] -= w
+            for age, w in unipc_predictor(h, rks, variant):
+                step[age] = step.get(age, 0.0) + w
         ages = sorted(key for key in step if key != "x")
         x = run.update([x] + [outs[a] for a in ages], [step["x"]] + [step[a] for a in ages], i, track_sigma=s,
                        u=0, d=1 + ages.index(0))
         p_prev = p
     return x
+
+
+@dataclass(frozen=True)
+class UniPCVariant:
+    """solver="auto"'s variant of UniPC (unipc's max_h, noise_below, noise_order); all off is diffusers' UniPC.
+
+    max_h: a step longer than max_h in lambda = -log sigma predicts with order at most 2. UniP-3
+        extrapolates the model output quadratically in lambda, which overshoots over the long low-noise
+        steps of a short grid, while the short high-noise steps gain from the third order.
+    noise_below: the steps from a sigma <= noise_below (to a positive sigma) are DEIS tAB steps of order
+        deis_order (`deis_step`) from the corrected state: a low-noise step is short in sigma however long
+        in lambda, so an extrapolation error of the noise prediction moves x little, where UniP's data
+        prediction weighs it by 1 - sigma'/sigma. How auto measures both: docs/calibration.md."""
+    max_h: float | None = None
+    noise_below: float | None = None
+    deis_order: int = 0     # 0 without noise_below: no states kept
+
+    @classmethod
+    def of(cls, max_h, noise_below, noise_order, order):
+        """The variant of unipc's options (checked); noise_order None: min(order, 3)."""
+        if max_h is not None and not max_h > 0:
+            raise ValueError(f"max_h must be None or > 0, got {max_h!r}")
+        if noise_below is not None and not noise_below >= 0:
+            raise ValueError(f"noise_below must be None or >= 0, got {noise_below!r}")
+        noise_order = min(order, 3) if noise_order is None else _check_order("noise_order", noise_order, 1, 3)
+        return cls(max_h, noise_below, noise_order if noise_below is not None else 0)
+
+    def is_deis_step(self, s, s_next) -> bool:
+        """Whether the step from s to s_next is a DEIS step."""
+        return self.noise_below is not None and s <= self.noise_below and s_next > 0
+
+    def predictor_order(self, p, s, s_next) -> int:
+        """UniP's order p on the step from s to s_next, capped at 2 on a step longer than max_h."""
+        if self.max_h is not None and s_next > 0 and math.log(s / s_next) > self.max_h:
+            return min(p, 2)
+        return p
 
 
 def deis_step(run, i, sigmas, coeffs, outs, states, order):
@@ -382,6 +426,19 @@ def update_in_passes(run, inputs, coeffs, i, track_sigma):
     return out
 
 
+def dpmpp_multistep(c1, c2, rs):
+    """DPM-Solver++'s multistep terms c1 D1 + c2 D2 (Lu et al. 2022) as weights on the model outputs D_0
+    (newest), D_1, D_2, from the divided differences D1_0 = (D_0 - D_1) / r0 and D1_1 = (D_1 - D_2) / r1
+    (rs = [r0] or [r0, r1]: the previous steps over this one in lambda). Order 2: D1 = D1_0. Order 3:
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1)."""
+    if len(rs) == 1:
+        return [c1 / rs[0], -c1 / rs[0]]
+    r0, r1 = rs
+    w0 = c1 * (1.0 + r0 / (r0 + r1)) + c2 / (r0 + r1)      # on D1_0
+    w1 = -c1 * r0 / (r0 + r1) - c2 / (r0 + r1)             # on D1_1
+    return [w0 / r0, -w0 / r0 + w1 / r1, -w1 / r1]
+
+
 def dpmpp_3m_sde(run, x, sigmas, eta=1.0, s_noise=1.0):
     """DPM-Solver++(3M) SDE (k-diffusion's sample_dpmpp_3m_sde; Lu et al. 2022): third-order multistep in
     h = log(sigma / sigma_next) with data prediction, 1st then 2nd order to warm up, x = D on the step to 0;
@@ -399,19 +456,11 @@ def dpmpp_3m_sde(run, x, sigmas, eta=1.0, s_noise=1.0):
             he = h * (eta + 1.0)
             inputs, coeffs = [x, denoised], [math.exp(-he), -math.expm1(-he)]
             phi_2 = math.expm1(-he) / he + 1.0
-            if len(old) >= 2:
-                r0, r1 = h_old[0] / h, h_old[1] / h
-                # x += phi_2 d1 - phi_3 d2, d1 = d10 + (d10 - d11) r0 / (r0 + r1), d2 = (d10 - d11) / (r0 + r1),
-                # d10 = (D - D1) / r0, d11 = (D1 - D2) / r1
+            if old:   # x += phi_2 D1 - phi_3 D2 (order 3), phi_2 D1 (order 2)
                 phi_3 = phi_2 / he - 0.5
-                a = phi_2 * (1.0 + r0 / (r0 + r1)) - phi_3 / (r0 + r1)   # on d10
-                b = -phi_2 * r0 / (r0 + r1) + phi_3 / (r0 + r1)          # on d11
-                inputs += [old[0], old[1]]
-                coeffs = [coeffs[0], coeffs[1] + a / r0, -a / r0 + b / r1, -b / r1]
-            elif old:
-                r = h_old[0] / h
-                inputs += [old[0]]
-                coeffs = [coeffs[0], coeffs[1] + phi_2 / r, -phi_2 / r]
+                w = dpmpp_multistep(phi_2, -phi_3, [h_j / h for h_j in h_old])
+                inputs += old
+                coeffs = [coeffs[0], coeffs[1] + w[0]] + w[1:]
             noise = s_next * math.sqrt(-math.expm1(-2.0 * h * eta)) * s_noise if eta else 0.0
             x = run.update(inputs, coeffs, i, noise=noise, noise_sigmas=(s, s_next), track_sigma=s)
             h_old = [h] + h_old[:1]
@@ -487,9 +536,7 @@ def deis_terms(i, n, kept_sigmas, s_next, order):
     the kept evaluations' sigmas: x' = sum_j c_x,j x_j + c_D,j D_j."""
     if s_next == 0:
         return [(0.0, 1.0)] + [(0.0, 0.0)] * (len(kept_sigmas) - 1)
-    p = min(order, len(kept_sigmas))
-    if n < 15:
-        p = min(p, n - i)  # 2 on the last but one step, 1 on the last
+    p = multistep_order(order, len(kept_sigmas), n - i if n < LOWER_ORDER_FINAL_BELOW else None)
     terms = [[0.0, 0.0] for _ in kept_sigmas]
     terms[0][0] = 1.0
     for j, c in enumerate(deis_coeffs(list(kept_sigmas[:p]), s_next)):
@@ -538,6 +585,17 @@ def _corrections(corrections, n):
     return out
 
 
+def fitted_deis_terms(fit, i, n, kept_sigmas, s_next, order):
+    """deis's `corrections` variant (solver="auto" tries it on short grids): deis_terms plus the step's
+    fitted coefficients `fit` (calibrate.fit_corrections, least squares on a pilot) of `correction_terms`."""
+    terms = [list(t) for t in deis_terms(i, n, kept_sigmas, s_next, order)]
+    for c, b in zip(fit, correction_terms(kept_sigmas, s_next)):
+        for t, bt in zip(terms, b):
+            t[0] += c * bt[0]
+            t[1] += c * bt[1]
+    return terms
+
+
 def deis(run, x, sigmas, order=3, corrections=None):
     """DEIS tAB (Zhang & Chen 2023), as diffusers' DEISMultistepScheduler(solver_order=order,
     algorithm_type="deis"): x_hat' = x_hat + sum_j c_j eps_j with eps_j = (x_j - D_j) / sigma_j, the
@@ -545,9 +603,8 @@ def deis(run, x, sigmas, order=3, corrections=None):
     (as diffusers) 1st/2nd order on the last two steps of a run of fewer than 15 steps; x = D on a step
     to 0. One fused update over up to three (x, D) pairs.
 
-    corrections: None (plain DEIS), or per step the coefficients of `correction_terms` added to the step
-    (2 min(FIT_HISTORY, i) floats at step i): least squares fitted on a pilot by calibrate.fit_corrections,
-    which solver="auto" measures up to 14 steps (docs/calibration.md §19)."""
+    corrections: None (plain DEIS), or solver="auto"'s fitted variant (`fitted_deis_terms`): per step
+    2 min(FIT_HISTORY, i) floats."""
     order = _check_order("order", order, 1, 3)
     n = len(sigmas) - 1
     fit = _corrections(corrections, n)
@@ -559,12 +616,10 @@ def deis(run, x, sigmas, order=3, corrections=None):
         run.callback(i, x, s, s, denoised)
         kept = ([(x, denoised, s)] + kept)[:depth]
         kept_sigmas = [k[2] for k in kept]
-        terms = [list(t) for t in deis_terms(i, n, kept_sigmas, s_next, order)]
         if fit:
-            for c, b in zip(fit[i], correction_terms(kept_sigmas, s_next)):
-                for t, bt in zip(terms, b):
-                    t[0] += c * bt[0]
-                    t[1] += c * bt[1]
+            terms = fitted_deis_terms(fit[i], i, n, kept_sigmas, s_next, order)
+        else:
+            terms = deis_terms(i, n, kept_sigmas, s_next, order)
         inputs, coeffs = [], []
         for (x_j, d_j, _), (cx, cd) in zip(kept, terms):
             if cx != 0.0 or cd != 0.0 or not inputs:
@@ -665,8 +720,8 @@ def evaluations(solver: str, steps: int, sigmas_end_in_zero: bool = True) -> int
 
 
 # --------------------------------------------------------------------------------------------------
-# k-diffusion's remaining ancestral / SDE solvers (issue 12 item 1, issue 14 item 1). Their rows are added
-# to SOLVERS at the end of this file (a row must follow the function it names).
+# k-diffusion's remaining ancestral / SDE solvers. Their rows are added to SOLVERS at the end of this file
+# (a row must follow the function it names).
 # --------------------------------------------------------------------------------------------------
 def dpm_2_ancestral(run, x, sigmas, eta=1.0, s_noise=1.0):
     """DPM-Solver-2 ancestral (k-diffusion's sample_dpm_2_ancestral): a DPM-Solver-2 step (Lu et al. 2022)

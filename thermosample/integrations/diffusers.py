@@ -76,7 +76,18 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..run import Run
 from ..schedules import EDM, CondOT, DiscreteVP
-from ..solvers import ancestral_step, churn_sigma, deis_coeffs, heun_correction, linear_multistep_coeff, unipc_rhos
+from ..solvers import (
+    LOWER_ORDER_FINAL_BELOW,
+    ancestral_step,
+    churn_sigma,
+    deis_coeffs,
+    dpmpp_multistep,
+    heun_correction,
+    linear_multistep_coeff,
+    multistep_order,
+    unipc_corrector,
+    unipc_predictor,
+)
 from ..thermo import ThermoReport
 
 __all__ = ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler", "ThermoHeunDiscreteScheduler",
@@ -439,14 +450,10 @@ class _VPMultistep:
         if self.num_inference_steps is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' first")
 
-    def _multistep_order(self, final, second):
-        """diffusers' order of this step: lower-order warm start, and 1st/2nd order on `final`/`second`."""
-        c = self.config
-        if c.solver_order == 1 or self.lower_order_nums < 1 or final:
-            return 1
-        if c.solver_order == 2 or self.lower_order_nums < 2 or second:
-            return 2
-        return 3
+    def _multistep_order(self, left):
+        """diffusers' order of this step (solvers.multistep_order): lower-order warm start over the outputs
+        kept so far, and `left` (the steps left, or None) for lower-order final steps."""
+        return multistep_order(self.config.solver_order, self.lower_order_nums + 1, left)
 
     def _finish(self, prev, return_dict):
         """Advance the warm-start count and the step index; diffusers' output form."""
@@ -513,15 +520,16 @@ class ThermoDPMSolverMultistepScheduler(_VPMultistep, _ThermoStep, DPMSolverMult
         c = self.config
         i = self._index(timestep)
         n = len(self._ts)
-        final = i == n - 1 and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
-        second = i == n - 2 and c.lower_order_final and n < 15
+        lower_final = c.lower_order_final and n < LOWER_ORDER_FINAL_BELOW
+        final = i == n - 1 and (c.euler_at_final or lower_final or c.final_sigmas_type == "zero")
+        left = 1 if final else (n - i if lower_final else None)
         x, o = _f32(sample), _f32(model_output)
         s, s_next = self._sig[i], self._sig[i + 1]
         a_s, sg_s = self._alpha_sigma(s)
         denoised, _, _ = self._convert(i, x, o)
         self.model_outputs = list(self.model_outputs[1:]) + [denoised]
         sde = c.algorithm_type == "sde-dpmsolver++"
-        order = self._multistep_order(final, second)
+        order = self._multistep_order(left)
         a_t, sg_t = self._alpha_sigma(s_next)
         inputs, coeffs, noise = [x, denoised], [0.0, 1.0], 0.0  # sigma_t = 0: x = D
         if sde and generator is not None and variance_noise is None:
@@ -543,15 +551,12 @@ class ThermoDPMSolverMultistepScheduler(_VPMultistep, _ThermoStep, DPMSolverMult
             ms = self.model_outputs
             if order == 2:
                 r0 = (self._lam(s) - self._lam(self._sig[i - 1])) / h
-                c1 = 0.5 * cd if c.solver_type == "midpoint" else c1_heun   # on D1 = (m0 - m1) / r0
-                terms += [(ms[-1], c1 / r0), (ms[-2], -c1 / r0)]
+                c1 = 0.5 * cd if c.solver_type == "midpoint" else c1_heun
+                terms += zip(ms[::-1], dpmpp_multistep(c1, 0.0, [r0]))
             elif order == 3:
                 lam1, lam2 = self._lam(self._sig[i - 1]), self._lam(self._sig[i - 2])
                 r0, r1 = (self._lam(s) - lam1) / h, (lam1 - lam2) / h
-                # D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1)/(r0+r1), D1_0 = (m0-m1)/r0, D1_1 = (m1-m2)/r1
-                w0 = c1_heun * (1.0 + r0 / (r0 + r1)) + c2 / (r0 + r1)      # on D1_0
-                w1 = -c1_heun * r0 / (r0 + r1) - c2 / (r0 + r1)             # on D1_1
-                terms += [(ms[-1], w0 / r0), (ms[-2], -w0 / r0 + w1 / r1), (ms[-3], -w1 / r1)]
+                terms += zip(ms[::-1], dpmpp_multistep(c1_heun, c2, [r0, r1]))
             inputs, coeffs = _merge(terms)
             if sde:
                 if variance_noise is not None:
@@ -666,26 +671,18 @@ class ThermoUniPCMultistepScheduler(_VPMultistep, _ThermoStep, UniPCMultistepSch
             p_c, s_p = self.this_order, self._sig[i - 1]
             h = self._lam(s) - self._lam(s_p)
             rks = [(self._lam(self._sig[i - 1 - k]) - self._lam(s_p)) / h for k in range(1, p_c)] + [1.0]
-            b_h, rho_c = unipc_rhos(h, rks, c.solver_type, corrector=True)
-            if sample is self._returned:   # x_c = x + (UniC - UniP) over the kept predictions
-                _, rho_p = unipc_rhos(h, rks, c.solver_type, corrector=False)
-                rho_p = rho_p + [0.0] * (p_c - 1 - len(rho_p))
-                diff = [rc - rp for rc, rp in zip(rho_c[:-1], rho_p)]
-            else:                           # diffusers' UniC from last_sample
+            relative = sample is self._returned   # x_c = x + (UniC - UniP) over the kept predictions
+            if not relative:                       # diffusers' UniC from last_sample
                 terms = [(self.last_sample, g_s / self._alpha_sigma(s_p)[1]), (old[0], -a_s * math.expm1(-h))]
-                diff = rho_c[:-1]
-            for k in range(1, p_c):
-                w = -a_s * b_h * diff[k - 1] / rks[k - 1]
-                terms += [(old[k], w), (old[0], -w)]
-            terms += [(m, -a_s * b_h * rho_c[-1]), (old[0], a_s * b_h * rho_c[-1])]
+            outs = [m] + old                       # by age
+            terms += [(outs[a], w) for a, w in unipc_corrector(h, rks, c.solver_type, scale=a_s, relative=relative)]
         self._kept = ([m] + old)[:c.solver_order]
         for k in range(c.solver_order - 1):
             self.model_outputs[k] = self.model_outputs[k + 1]
             self.timestep_list[k] = self.timestep_list[k + 1]
         self.model_outputs[-1], self.timestep_list[-1] = m, timestep
         n = len(self._ts)
-        order = min(c.solver_order, n - i) if c.lower_order_final else c.solver_order
-        self.this_order = p = min(order, self.lower_order_nums + 1)
+        self.this_order = p = self._multistep_order(n - i if c.lower_order_final else None)
         self._xc = terms
         s_t = self._sig[i + 1]
         a_t, g_t = self._alpha_sigma(s_t)
@@ -696,10 +693,7 @@ class ThermoUniPCMultistepScheduler(_VPMultistep, _ThermoStep, UniPCMultistepSch
             step = [(t, c_ * g_t / g_s) for t, c_ in terms] + [(m, -a_t * math.expm1(-h))]
             if p > 1:
                 rks = [(self._lam(self._sig[i - k]) - self._lam(s)) / h for k in range(1, p)] + [1.0]
-                b_h, rho_p = unipc_rhos(h, rks, c.solver_type, corrector=False)
-                for k in range(1, p):
-                    w = -a_t * b_h * rho_p[k - 1] / rks[k - 1]
-                    step += [(self._kept[k], w), (m, -w)]
+                step += [(self._kept[a], w) for a, w in unipc_predictor(h, rks, c.solver_type, scale=a_t)]
         inputs, coeffs = _merge(step)
         prev = self._stored(i, self._fused(i, inputs, coeffs), model_output.dtype)
         self._returned = prev
@@ -735,8 +729,6 @@ class ThermoDEISMultistepScheduler(_VPMultistep, _ThermoStep, DEISMultistepSched
         c = self.config
         i = self._index(timestep)
         n = len(self._ts)
-        final = i == n - 1 and c.lower_order_final and n < 15
-        second = i == n - 2 and c.lower_order_final and n < 15
         x, o = _f32(sample), _f32(model_output)
         s, s_t = self._sig[i], self._sig[i + 1]
         a_s, g_s = self._alpha_sigma(s)
@@ -744,7 +736,7 @@ class ThermoDEISMultistepScheduler(_VPMultistep, _ThermoStep, DEISMultistepSched
         # eps = (x - alpha x0) / sigma, x0 = kx x + ko o; the rate is that of x0
         eps = self._fused(i, [x, o], [(1.0 - a_s * kx) / g_s, -a_s * ko / g_s], track=(s, 1.0 / a_s, kx, ko))
         self.model_outputs = list(self.model_outputs[1:]) + [eps]
-        order = self._multistep_order(final, second)
+        order = self._multistep_order(n - i if c.lower_order_final and n < LOWER_ORDER_FINAL_BELOW else None)
         a_t, g_t = self._alpha_sigma(s_t)
         rhos = [self._rho(self._sig[i - k]) for k in range(order)]
         cs = deis_coeffs(rhos, self._rho(s_t))
