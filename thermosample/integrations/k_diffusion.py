@@ -50,16 +50,18 @@ import os
 import sys
 import types
 
+import numpy as np
 import torch
 
 from .. import solvers as _solvers
+from ..auto import is_config, resolve
 from ..run import Run
 from ..schedules import EDM, Schedule, get_schedule
 from ..solvers import linear_multistep_coeff  # noqa: F401  (k-diffusion's public name)
 
 __all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
            "sample_lms", "sample_dpm_fast", "sample_dpm_adaptive", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
-           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "get_sigmas_karras",
+           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_auto", "get_sigmas_karras",
            "get_sigmas_exponential", "get_sigmas_polyexponential", "get_sigmas_vp", "append_zero", "to_d",
            "get_ancestral_step", "linear_multistep_coeff", "default_noise_sampler",
            "BrownianTreeNoiseSampler"]  # noqa: F822  (k-diffusion's own, through the module __getattr__)
@@ -431,6 +433,24 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     return _run("dpmpp_3m_sde", model, x, sigmas, extra_args, callback, disable,
                 noise_sampler=noise_sampler, seed=seed, schedule=schedule, thermo=thermo, backend=backend,
                 eta=eta, s_noise=s_noise)
+
+
+@torch.no_grad()
+@_doc("solver=\"auto\" with k-diffusion's calling convention. `sigmas` is either a `ts.SamplerConfig` from "
+      "`ts.thermo_grid(den, steps, solver=\"auto\")` (or `SamplerConfig.load(path)`): its solver and options run "
+      "on its sigmas, which are in the calibrated denoiser's sigma coordinates and are read in float64, so a "
+      "float64 run gives what `ts.sample(den, noise=x, grid=config)` gives, bit for bit; or descending sigmas, on "
+      "which the plan's uncalibrated default for their step count runs (said once, as in ts.sample).")
+def sample_auto(model, x, sigmas, extra_args=None, callback=None, disable=None, *, thermo=None, schedule=None,
+                seed=None, backend="auto"):
+    config = sigmas if is_config(sigmas) else None
+    if not isinstance(sigmas, torch.Tensor):    # a config, an array or a list: its float64 values
+        sigmas = torch.as_tensor(np.asarray(sigmas, dtype=np.float64))
+    solver, options = resolve(config, None if config is not None or sigmas.dim() != 1 else len(sigmas) - 1)
+    _solvers.get_solver(solver)                 # a saved config's solver and options are checked before the run
+    _solvers.check_options(solver, options)
+    return _run(solver, model, x, sigmas, extra_args, callback, disable, seed=seed, schedule=schedule,
+                thermo=thermo, backend=backend, **options)
 
 
 @torch.no_grad()
