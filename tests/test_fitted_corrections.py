@@ -1,4 +1,5 @@
-"""deis's fitted corrections (calibrate.fit_corrections; solver="auto" measures them, solvers.AUTO_FIT).
+"""deis's fitted corrections (calibrate.fit_corrections; solver="auto" measures them after DEIS or iPNDM in the
+bands whose auto.Band.fit_after names them: tests/test_calibrate.py).
 
 - The corrected step is DEIS's update plus the stated combination of D and eps differences: against a
   pure-PyTorch reference of that formula in float64, on the torch, cpp and (interpreted) Triton backends.
