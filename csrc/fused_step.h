@@ -1,15 +1,16 @@
-// The fused solver step on raw CPU buffers (see thermosample/_reference.py for the contract).
+// The fused solver step on raw CPU buffers (see thermosample/ops/reference.py for the contract).
 #pragma once
 
 #include <cstdint>
 
 namespace thermosample {
 
-// Storage dtype codes, shared with thermosample/_cpp.py.
+// Storage dtype codes, shared with thermosample/ops/cpp.py.
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-constexpr int kMaxInputs = 6;
+constexpr int kMaxInputs = 6;  // exported as _C.MAX_INPUTS: thermosample/ops/cpp.py checks it on load
 
+// Mirrored field for field by StepArgs in thermosample/ops/contract.py, which checks the arguments.
 struct StepArgs {
   const void* inputs[kMaxInputs] = {};  // each [batch, numel], contiguous (unused slots null)
   double coeffs[kMaxInputs] = {};

@@ -1,7 +1,9 @@
 // thermosample._C: the fused solver step on CPU tensors (pybind11, no torch headers).
 //
-// thermosample/_cpp.py allocates the outputs with torch and passes raw data pointers (t.data_ptr()) as
-// integers with the sizes and a dtype code; the computation runs without the GIL.
+// thermosample/ops/cpp.py allocates the outputs with torch and passes raw data pointers (t.data_ptr()) as
+// integers with the sizes and a dtype code; the computation runs without the GIL. The arguments were
+// checked in Python (thermosample/ops/contract.py); this entry refuses only what would touch memory out
+// of bounds (null pointers, too many inputs, u/d past them), since it takes raw addresses from anyone.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -84,11 +86,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FLOAT64") = int(ts::kFloat64);
   m.attr("FLOAT16") = int(ts::kFloat16);
   m.attr("BFLOAT16") = int(ts::kBFloat16);
+  m.attr("MAX_INPUTS") = ts::kMaxInputs;
   m.def("fused_step", &fused_step_py, py::arg("inputs"), py::arg("coeffs"), py::arg("out"), py::arg("rate"),
         py::arg("batch"), py::arg("numel"), py::arg("dtype"), py::arg("noise"), py::arg("seed"), py::arg("step"),
         py::arg("sample_offset"), py::arg("track"), py::arg("alpha"), py::arg("beta"), py::arg("u"), py::arg("d"),
         py::arg("num_threads"),
-        "Fused solver step on raw contiguous CPU buffers (pointers as ints); see thermosample/_cpp.py.");
+        "Fused solver step on raw contiguous CPU buffers (pointers as ints); see thermosample/ops/cpp.py.");
   m.def("philox_normal", &philox_normal_py, py::arg("z"), py::arg("first"), py::arg("count"), py::arg("sample"),
         py::arg("step"), py::arg("seed"),
         "Standard normals (float32) of one sample's Philox stream, elements [first, first + count).");

@@ -1,4 +1,4 @@
-// Philox4x32-10 and the thermosample normal stream (see thermosample/_reference.py, module docstring).
+// Philox4x32-10 and the thermosample normal stream (see thermosample/ops/reference.py, module docstring).
 //
 //   counter = (e >> 2, sample_offset + b, step, 0),  key = (seed & 0xffffffff, seed >> 32)
 //   r0..r3  = Philox4x32-10(counter, key)                       (same rounds as triton philox_impl)
