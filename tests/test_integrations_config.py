@@ -87,3 +87,74 @@ def test_sample_auto_refuses_a_config_it_cannot_run(den, config):
         K.sample_auto(_kmodel(den), noise, ts.SamplerConfig("ipndm", {"max_h": 0.8}, config.sigmas), disable=True)
     with pytest.raises(ValueError, match="solver must be one of"):
         K.sample_auto(_kmodel(den), noise, ts.SamplerConfig("nope", {}, config.sigmas), disable=True)
+
+
+# -- diffusers -----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def diffusers_config():
+    pytest.importorskip("diffusers")
+    from diffusers import DDPMScheduler
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    assert torch.equal(scheduler.alphas_cumprod, ALPHAS_CUMPROD)
+    return dict(scheduler.config)
+
+
+def _scheduler(cfg, diffusers_config, **kwargs):
+    from thermosample.integrations.diffusers import ThermoAutoScheduler
+    scheduler = ThermoAutoScheduler.from_sampler_config(cfg, diffusers_config, **kwargs)
+    scheduler.backend = "torch"
+    return scheduler
+
+
+def test_auto_scheduler_is_ts_sample_bit_for_bit(den, config, diffusers_config):
+    # an x0 model given the scheduler's state and the config's sigma: the solver sees ts.sample's D's, and the
+    # scheduler's x0 conversion of a "sample" prediction is exact, so the samples are identical
+    noise = _noise(config, torch.float32)
+    for cfg in _variants(config):
+        want = ts.sample(den, noise=noise, grid=cfg, backend="torch").samples
+        for edit in (False, True):
+            scheduler = _scheduler(cfg, diffusers_config, prediction_type="sample")
+            scheduler.set_timesteps(cfg.steps)
+            x = noise.clone()
+            for i, t in enumerate(scheduler.timesteps):
+                x = scheduler.step(den(x, float(cfg.sigmas[i])), t, x).prev_sample
+                if edit:   # a pipeline that hands back other latents (here equal ones): the solver goes on from them
+                    x = x.clone()
+            assert torch.equal(x, want), (cfg, edit)
+            assert scheduler.thermo.rate.shape == (cfg.steps, 6)
+
+
+def test_auto_scheduler_in_a_pipeline_loop(config, diffusers_config):
+    # the pipeline's convention: an eps model of the physical x at the timestep; scale_model_input, diffusers'
+    # timesteps (float32, log-sigma interpolated) and the eps -> x0 conversion round in float32
+    schedule = DiscreteVP(ALPHAS_CUMPROD)
+    eps = MIX.as_model(schedule, "eps")
+    noise = _noise(config, torch.float32)
+    want = ts.sample(MIX.denoiser(schedule, "eps"), noise=noise, grid=config, backend="torch").samples
+    scheduler = _scheduler(config, diffusers_config)
+    scheduler.set_timesteps(config.steps)
+    x = noise * 1.0
+    for t in scheduler.timesteps:
+        t_phys = torch.full((x.shape[0],), float(t) / 999.0, dtype=torch.float64)
+        x = scheduler.step(eps(scheduler.scale_model_input(x, t), t_phys), t, x).prev_sample
+    torch.testing.assert_close(x, want, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_scheduler_refusals(config, diffusers_config, tmp_path):
+    from thermosample.integrations.diffusers import ThermoAutoScheduler
+    scheduler = _scheduler(str(config.save(tmp_path / "auto.json")), diffusers_config)
+    with pytest.raises(ValueError, match="calibrated for 10 steps"):
+        scheduler.set_timesteps(12)
+    with pytest.raises(ValueError, match="sigmas"):
+        scheduler.set_timesteps(sigmas=[1.0, 0.0])
+    scheduler.set_timesteps()
+    assert len(scheduler.timesteps) == 10
+    with pytest.raises(ValueError, match="one model evaluation per step"):
+        _scheduler(ts.SamplerConfig("heun", {}, config.sigmas), diffusers_config)
+    with pytest.raises(ValueError, match="no SamplerConfig"):
+        ThermoAutoScheduler.from_config(diffusers_config).set_timesteps(10)
+    scheduler.set_timesteps(10)
+    scheduler.set_begin_index(3)
+    x = _noise(config, torch.float32)
+    with pytest.raises(ValueError, match="from the first step"):
+        scheduler.step(x, scheduler.timesteps[3], x)

@@ -74,14 +74,17 @@ from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOut
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..auto import SamplerConfig, resolve
 from ..run import Run
 from ..schedules import EDM, CondOT, DiscreteVP
 from ..solvers import (
     LOWER_ORDER_FINAL_BELOW,
     ancestral_step,
+    check_options,
     churn_sigma,
     deis_coeffs,
     dpmpp_multistep,
+    get_solver,
     heun_correction,
     linear_multistep_coeff,
     multistep_order,
@@ -93,7 +96,7 @@ from ..thermo import ThermoReport
 __all__ = ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler", "ThermoHeunDiscreteScheduler",
            "ThermoDPMSolverMultistepScheduler", "ThermoFlowMatchEulerDiscreteScheduler",
            "ThermoUniPCMultistepScheduler", "ThermoDDIMScheduler", "ThermoDDPMScheduler",
-           "ThermoDEISMultistepScheduler", "ThermoLMSDiscreteScheduler"]
+           "ThermoDEISMultistepScheduler", "ThermoLMSDiscreteScheduler", "ThermoAutoScheduler"]
 
 _FLOW_T_MAX = 1.0 - 1e-6
 
@@ -335,6 +338,150 @@ class ThermoEulerDiscreteScheduler(_ThermoStep, EulerDiscreteScheduler):
 
     def _stochastic(self):
         return getattr(self, "_churned", False)
+
+
+class _Pause(Exception):
+    """Raised by _ReplayRun at the first model evaluation past the outputs given, with the state it was for."""
+
+    def __init__(self, x):
+        super().__init__()
+        self.x = x
+
+
+class _ReplayRun:
+    """What a table solver sees inside ThermoAutoScheduler. The pipeline calls the model one step at a time,
+    while a solver is a loop that calls the model, so every `step` re-runs the solver from its start: its
+    evaluations return the model outputs given so far, its updates the results already computed (only the
+    new step's updates run, on the scheduler's fused op) and it stops at the first evaluation past them,
+    whose state is the step's result. Host maths is redone each step, tensor work is not."""
+
+    noise_sampler = None
+    seed = 0
+
+    def __init__(self, scheduler, generator):
+        self.scheduler, self.generator = scheduler, generator
+        self.sigmas = scheduler._sig
+        self.evals = self.updates = 0
+
+    def steps(self):
+        return range(len(self.sigmas) - 1)
+
+    def denoise(self, x, sigma):
+        outputs = self.scheduler._outputs
+        self.evals += 1
+        if self.evals > len(outputs):
+            raise _Pause(x)
+        return outputs[self.evals - 1]
+
+    def update(self, inputs, coeffs, i, *, noise=0.0, **_):
+        results = self.scheduler._results
+        self.updates += 1
+        if self.updates > len(results):
+            sch, inputs, coeffs = self.scheduler, list(inputs), list(coeffs)
+            z = inputs[0]
+            noise = sch._noise(i, z.shape, z.device, z.dtype, self.generator, noise, inputs, coeffs) if noise else 0.0
+            results.append(sch._fused(i, inputs, coeffs, noise=noise))
+        return results[self.updates - 1]
+
+    def callback(self, *args):
+        pass
+
+
+class ThermoAutoScheduler(_ThermoStep, EulerDiscreteScheduler):
+    """Runs a `ts.SamplerConfig` (from `ts.thermo_grid(den, steps, solver="auto")`) in a diffusers pipeline:
+    the config's solver and options, through the solver table's own function, on the config's sigmas.
+
+        config = ts.thermo_grid(den, 10, solver="auto", sample_shape=(4, 64, 64))   # den: the pipeline's model
+        pipe.scheduler = ThermoAutoScheduler.from_sampler_config(config, pipe.scheduler.config)
+        images = pipe(..., num_inference_steps=10).images
+
+    Conventions are EulerDiscreteScheduler's (the state is x_hat = x / alpha, `scale_model_input` divides by
+    sqrt(sigma^2 + 1), `init_noise_sigma`, the timesteps from the sigmas by diffusers' log-sigma
+    interpolation); the config's sigmas must be in the sigma coordinates of this alphas_cumprod (a den built
+    with ts.schedules.DiscreteVP(scheduler.alphas_cumprod)). Each step is the x0 prediction (tracked) and the
+    solver's updates of that step (`_ReplayRun`): the states of the run are kept until set_timesteps. A
+    pipeline may edit the latents between steps; it may not start mid-grid (img2img's strength < 1).
+    Stochastic solvers take their noise from `generator` when given, else in-kernel Philox noise."""
+
+    sampler_config: SamplerConfig | None = None
+
+    @classmethod
+    def from_sampler_config(cls, config, scheduler_config=None, **kwargs):
+        """A scheduler that runs `config` (a SamplerConfig or the path of one saved with `config.save`);
+        scheduler_config (e.g. the pipeline's `pipe.scheduler.config`) and kwargs as in `from_config`. A
+        solver that evaluates the model twice per step (heun, dpm_2, ...) is a ValueError: the pipeline
+        calls the model once per timestep."""
+        if not isinstance(config, SamplerConfig):
+            config = SamplerConfig.load(config)
+        solver, options = resolve(config, None)
+        if get_solver(solver).evals_per_step != 1:
+            raise ValueError(f"ThermoAutoScheduler runs solvers with one model evaluation per step; the config's "
+                             f"{solver!r} takes {get_solver(solver).evals_per_step}")
+        check_options(solver, options)
+        scheduler = cls.from_config(dict(scheduler_config or {}), **kwargs)
+        scheduler.sampler_config = config
+        return scheduler
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+        """The config's grid: num_inference_steps may be omitted, and must otherwise be the config's steps."""
+        config = self.sampler_config
+        if config is None:
+            raise ValueError("ThermoAutoScheduler has no SamplerConfig: build it with "
+                             "ThermoAutoScheduler.from_sampler_config(config, scheduler_config)")
+        if timesteps is not None or sigmas is not None:
+            raise ValueError("ThermoAutoScheduler runs its SamplerConfig's sigmas; do not pass timesteps= or sigmas=")
+        if num_inference_steps is not None and num_inference_steps != config.steps:
+            raise ValueError(f"the SamplerConfig was calibrated for {config.steps} steps, got num_inference_steps="
+                             f"{num_inference_steps}: pass {config.steps}, or calibrate for {num_inference_steps} with "
+                             f"ts.thermo_grid(den, {num_inference_steps}, solver='auto')")
+        super().set_timesteps(device=device, sigmas=[float(s) for s in config.sigmas])
+
+    def _host_grid(self):
+        """The config's float64 sigmas (diffusers' own are float32), the timesteps, a fresh run."""
+        self._sig = [float(s) for s in self.sampler_config.sigmas]
+        self._ts = self.timesteps.detach().to("cpu", torch.float64).tolist()
+        self._outputs, self._results, self._returned = [], [], None
+        self._new_run()
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        """The x0 prediction of `model_output` (tracked), then the config's solver to the next sigma.
+
+        Args:
+            model_output: [B, ...] epsilon, v or sample prediction; sample: [B, ...] x_hat;
+            generator: the noise of a stochastic solver (diffusers' randn_tensor), else in-kernel Philox.
+        """
+        if getattr(self, "_ts", None) is None:
+            raise ValueError("ThermoAutoScheduler: call set_timesteps() before step()")
+        i = self._index(timestep)
+        if i != len(self._outputs):
+            raise ValueError(f"ThermoAutoScheduler runs its SamplerConfig from the first step: step {i} came "
+                             f"after {len(self._outputs)} (a pipeline that starts mid-grid is not supported)")
+        if sample is self._returned:
+            x = self._state                         # the float32 state, not its copy in the pipeline's dtype
+        else:
+            x = _f32(sample)
+            if i == 0:
+                self._start = x
+            else:                                   # the pipeline edited the latents: the solver goes on from them
+                self._results[next(k for k, r in enumerate(self._results) if r is self._state)] = x
+        s = self._sig[i]
+        kx, ko = self._x0_coeffs(s)
+        denoised = self._fused(i, [x, _f32(model_output)], [kx, ko], track=(s, 1.0, kx, ko))
+        self._outputs.append(denoised)
+        solver, options = resolve(self.sampler_config, None)
+        try:
+            self._state = get_solver(solver).fn(_ReplayRun(self, generator), self._start, self._sig, **options)
+        except _Pause as pause:
+            self._state = pause.x
+        prev = self._returned = self._stored(i, self._state, model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev, denoised
+        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+
+    def _stochastic(self):
+        solver, options = resolve(self.sampler_config, None)
+        return get_solver(solver).injects_noise(options)
 
 
 class ThermoEulerAncestralDiscreteScheduler(_ThermoStep, EulerAncestralDiscreteScheduler):
