@@ -261,7 +261,7 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
 CONFIG_FORMAT = "thermosample.SamplerConfig/1"
 
 
-@dataclass
+@dataclass(eq=False)
 class SamplerConfig:
     """What `ts.thermo_grid(den, steps, solver="auto")` chose, and what for. JSON-serialisable
     (`save` / `load`, `to_dict` / `from_dict`).
@@ -300,6 +300,13 @@ class SamplerConfig:
         grid.pilot = self.pilot
         return grid
 
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, SamplerConfig):
+            return NotImplemented
+        return self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
     def __array__(self, dtype=None, copy=None):
         return self.sigmas if dtype is None else self.sigmas.astype(dtype)
 
@@ -312,11 +319,22 @@ class SamplerConfig:
     def from_dict(cls, blob: Mapping) -> SamplerConfig:
         if not isinstance(blob, Mapping) or blob.get("format") != CONFIG_FORMAT:
             raise ValueError(f"not a saved SamplerConfig (expected format {CONFIG_FORMAT!r})")
-        for key, kind in (("solver", str), ("options", dict), ("sigmas", list)):
-            if not isinstance(blob.get(key), kind):
+        from .solvers import SOLVERS, check_options
+        for key, kind in (("solver", str), ("options", dict), ("sigmas", list), ("calibrated_for", dict),
+                          ("meta", dict)):
+            if not isinstance(blob.get(key, {}), kind):
                 raise ValueError(f"SamplerConfig {key!r} must be a {kind.__name__}, got {blob.get(key)!r}")
-        return cls(blob["solver"], blob["options"], np.asarray(blob["sigmas"], dtype=np.float64),
-                   dict(blob.get("calibrated_for") or {}), dict(blob.get("meta") or {}))
+        if blob["solver"] not in SOLVERS:
+            raise ValueError(f"SamplerConfig solver {blob['solver']!r} is not one of {sorted(SOLVERS)}")
+        try:
+            check_options(blob["solver"], blob["options"])
+        except TypeError as exc:
+            raise ValueError(f"SamplerConfig options: {exc}") from None
+        config = cls(blob["solver"], blob["options"], np.asarray(blob["sigmas"], dtype=np.float64),
+                     dict(blob.get("calibrated_for", {})), dict(blob.get("meta", {})))
+        if config.sigmas[-1] != 0:
+            raise ValueError("SamplerConfig sigmas must end in 0")
+        return config
 
     def save(self, path) -> str:
         """Write the config as JSON; returns the path."""
