@@ -1,7 +1,8 @@
 """Accuracy at fixed model-evaluation budgets: thermosample's solvers and grids side by side with the peers.
 
 For each problem (exact-score Gaussian-mixture oracles of several dimensions, mode counts, widths and
-weights, and the shipped digits model; benchmarks/quality_problems.py) and each budget NFE in
+weights, and the shipped digits model; benchmarks/quality_problems.py; with `--learned`, MLP denoisers
+trained here on scikit-learn's data, benchmarks/learned.py) and each budget NFE in
 (6, 10, 20, 50), every method samples from the SAME initial noise (thermosample's Philox stream for each
 noise seed; the seeds pool into one batch) and is scored by the RMS error per coordinate against the
 converged probability-flow ODE solution from that noise. Methods:
@@ -31,10 +32,15 @@ Reference: thermosample's DPM-Solver++(2M) in float64 on a grid uniform in log s
 different modes are re-solved with 8x the steps (`reference`). The JSON records the estimated error of the
 unextrapolated solution (|x_M - x_M/2| / 3), which bounds the reference's error from above. Like every
 sampler here, the reference ends with the denoiser at the schedule's sigma_min (a step to sigma = 0).
+A learned model's reference runs its float64 twin (`reference_denoiser`: the same weights in float64), so
+that it converges to the ODE of the function the weights define; the methods run the float32 network.
 
 Statistics: errors pool over all seeds (each its own batch of noise); ratios between two configurations
 come with a paired (Poisson) bootstrap 90% interval over samples (every replicate reweights the samples
-alike for both configurations: they share the noise).
+alike for both configurations: they share the noise). Beside the RMS error every row, and the summary for
+the best peer, the best thermosample configuration and the recommended one, has the bulk ("median": the
+median per-sample RMS error) and "switched" (samples whose error exceeds SWITCH: sent to another mode), so
+that a ratio decided by a few switched samples shows as such.
 
 Acceptance (issue 12): on every problem, recommended / best peer <= 0.8 at NFE 10 and 20 and <= 1.0 at NFE
 6 and 50 (pooled); and for every deterministic thermosample solver at every NFE, calibrated is not worse
@@ -45,14 +51,20 @@ HELD-OUT PROBLEMS. `--heldout` runs a separate set of problems and noise seeds (
 seeds 1000-1003). Tuning (grids, defaults, the recommended configuration, solver options) must only look at
 the default set; the held-out numbers are for checking that a change transfers, never for choosing it.
 
-    python -m benchmarks.bench_quality [--quick] [--heldout] [--seeds 0,1,2,3] [--batch N]
+LEARNED MODELS. `--learned` runs quality_problems.LEARNED (seeds 0, 1; 512-1024 samples per seed): MLPs with
+EDM preconditioning trained on digits (image-like), wine (tabular) and the swiss roll (a 3-d manifold), which
+tuning may use, and last ho-learned-breastcancer (learned.HELDOUT_LEARNED), held out of all tuning. A
+missing model is trained and cached on first use (benchmarks/learned.py); about 15 minutes on two cores.
+
+    python -m benchmarks.bench_quality [--quick] [--heldout | --learned] [--seeds 0,1,2,3] [--batch N]
         [--problems d16,digits] [--solvers dpmpp_2m,heun] [--peers kd:,diffusers:unipc] [--budgets 6,10,20,50]
         [--ref-steps 400] [--json PATH] [--out PATH] [--plot PNG] [--save-results]
 
 Outputs: JSON (all rows), a text table (printed and --out) and a PNG of error vs NFE per problem, in
 benchmarks/out/ (git-ignored) by default; --save-results also writes benchmarks/results/bench_quality_peers.*
-(bench_quality_peers_heldout.* with --heldout). --quick: three problems, two seeds, 128 samples per seed,
-NFE 6/10/20, a 200-step reference (well under 2 minutes on two cores; used by tests/test_bench_quality.py).
+(bench_quality_peers_heldout.* with --heldout, bench_quality_peers_learned.* with --learned). --quick: three
+problems, two seeds, 128 samples per seed, NFE 6/10/20, a 200-step reference (well under 2 minutes on two
+cores; used by tests/test_bench_quality.py).
 """
 from __future__ import annotations
 
@@ -81,7 +93,12 @@ QUICK_BUDGETS = (6, 10, 20)
 FIXED_GRIDS = ("karras", "logsnr", "kl_optimal", "uniform")
 # the acceptance bar of issue 12: recommended / best peer at most this, per budget
 BAR = {6: 1.0, 10: 0.8, 20: 0.8, 50: 1.0}
-# a sample whose per-coordinate RMS error exceeds this ended in another mode than the converged solution
+# a sample whose per-coordinate RMS error exceeds this ended in another mode than the converged solution. Every
+# problem's data has about unit variance per coordinate; for the learned models (benchmarks/learned.py) 0.3 is
+# about the median distance between neighbouring training rows (per coordinate: digits 0.25, wine 0.48, breast
+# cancer 0.38) and half the gap between the swiss roll's sheets (0.51-0.56): a sample moved that far became
+# another sample, not the same one slightly off. (The class of the nearest training row, which the rows also
+# count as "class_switched", flips for errors as small as 0.03 on digits, whose samples lie between rows.)
 SWITCH = 0.3
 INIT_NOISE_STEP = 0xFFFFFFFF  # thermosample's Philox step id of the initial noise (sampler.INIT_NOISE_STEP)
 
@@ -199,9 +216,9 @@ class CountingDenoiser:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-def problems(quick: bool = False, select=None, heldout: bool = False):
-    """The Problem records to run (quality_problems.DEFAULT, or HELDOUT), filtered by `select` tokens."""
-    base = qp.HELDOUT if heldout else qp.DEFAULT
+def problems(quick: bool = False, select=None, heldout: bool = False, learned: bool = False):
+    """The Problem records to run (quality_problems.DEFAULT, HELDOUT or LEARNED), filtered by `select` tokens."""
+    base = qp.LEARNED if learned else qp.HELDOUT if heldout else qp.DEFAULT
     if quick:
         base = [p for p in base if p.quick] or base[:3]
     return qp.select(base, select)
@@ -245,17 +262,23 @@ def reference(den, x_t, steps: int, tol: float = 1e-2):
     return ref, {"error_bound": bound, "refined": int(len(bad)), "unresolved": unresolved}
 
 
-def score_run(out, ref, batch, nseeds):
-    """A run's error against the reference: pooled RMS error per coordinate, median per-sample RMS error,
-    samples beyond SWITCH, the RMS error of each seed's batch, and "_sq" the per-sample squared errors
-    (non-finite runs count as inf)."""
+def score_run(out, ref, batch, nseeds, classes=None, ref_classes=None):
+    """A run's error against the reference: pooled RMS error per coordinate, "median" the median per-sample
+    RMS error (the bulk), "switched" the samples whose RMS error per coordinate exceeds SWITCH (sent to
+    another mode), the RMS error of each seed's batch, and "_sq" the per-sample squared errors (non-finite
+    runs count as inf). With `classes` (a function of samples, e.g. a learned model's nearest-training-row
+    class) and the reference's `ref_classes`, also "class_switched": the samples whose class differs."""
     n = ref.shape[0]
     sq = (out.double() - ref).reshape(n, -1).square().mean(1)
     sq = torch.where(torch.isfinite(sq), sq, torch.full_like(sq, float("inf")))
     per = sq.sqrt()
     seed_err = [float(sq[i * batch:(i + 1) * batch].mean().sqrt()) for i in range(nseeds)]
-    return {"error": float(sq.mean().sqrt()), "median": float(per.median()), "switched": int((per > SWITCH).sum()),
-            "seed_errors": seed_err, "_sq": sq.numpy()}
+    row = {"error": float(sq.mean().sqrt()), "median": float(per.median()), "switched": int((per > SWITCH).sum()),
+           "seed_errors": seed_err, "_sq": sq.numpy()}
+    if classes is not None and ref_classes is not None:
+        finite = torch.isfinite(out.reshape(n, -1)).all(1).numpy()
+        row["class_switched"] = int(((classes(out.double()) != ref_classes) | ~finite).sum())
+    return row
 
 
 def calibrated_grid(den, steps, solver, options, shape, cache: dict):
@@ -289,10 +312,10 @@ def _pilot_nfe(pilot: dict) -> int:
 
 
 def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None, select=None, heldout=False,
-        budgets=None, peer_filter=None, ref_steps=None, dtype=torch.float32, log=print):
+        budgets=None, peer_filter=None, ref_steps=None, dtype=torch.float32, log=print, learned=False):
     """One row per (problem, budget, method configuration). Returns (rows, meta)."""
     if not seeds:
-        seeds = qp.HELDOUT_SEEDS if heldout else qp.DEFAULT_SEEDS
+        seeds = qp.LEARNED_SEEDS if learned else qp.HELDOUT_SEEDS if heldout else qp.DEFAULT_SEEDS
         seeds = seeds[:2] if quick else seeds
     seeds = tuple(seeds)
     budgets = tuple(budgets) if budgets else (QUICK_BUDGETS if quick else BUDGETS)
@@ -305,8 +328,8 @@ def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None,
     rows, meta = [], {"seeds": list(seeds), "budgets": list(budgets), "ref_steps": ref_steps, "grids": gl,
                       "ts_configs": [c[0] for c in configs], "peers": list(peer_table), "problems": {},
                       "dtype": str(dtype).replace("torch.", ""), "heldout": bool(heldout), "quick": bool(quick),
-                      "recommended": _recommender() is not None}
-    for prob in problems(quick, select, heldout):
+                      "learned": bool(learned), "recommended": _recommender() is not None}
+    for prob in problems(quick, select, heldout, learned):
         try:
             den = prob.make()
         except Exception as exc:  # noqa: BLE001 - the digits weights are optional for the benchmark
@@ -317,7 +340,12 @@ def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None,
         sch = den.schedule
         x_t = initial_noise((b, *prob.shape), seeds, sch.sigma_max)
         noise = x_t.to(dtype)
-        ref, ref_info = reference(den, x_t, ref_steps)
+        # a learned model's reference runs its float64 twin (benchmarks/learned.py): the ODE of the function the
+        # weights define, free of float32 rounding in every evaluation; the methods run the float32 model
+        ref_den = getattr(den, "reference_denoiser", None) or den
+        ref, ref_info = reference(ref_den, x_t, ref_steps)
+        classes = getattr(den, "classes", None)
+        ref_classes = classes(ref) if classes is not None else None
         t_ref = time.perf_counter() - t0
         pilot = {}  # the calibration's pilot data, reused across calls (thermo_grid's pilot_data)
         base = {"problem": prob.name, "batch": b * len(seeds), "seeds": list(seeds)}
@@ -328,7 +356,7 @@ def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None,
             if out is None:
                 row.update({"error": float("inf"), "median": float("inf"), "switched": -1, "seed_errors": []})
             else:
-                row.update(score_run(out, ref, b, len(seeds)))
+                row.update(score_run(out, ref, b, len(seeds), classes, ref_classes))
             if row["nfe"] > row["budget"]:
                 row["over_budget"] = True
             rows.append(row)
@@ -396,6 +424,8 @@ def run(quick: bool = False, batch: int | None = None, seeds=None, solvers=None,
                                        "sigma_min": sch.sigma_min, "sigma_max": sch.sigma_max,
                                        "ref_error_bound": ref_info["error_bound"], "ref_refined": ref_info["refined"],
                                        "ref_unresolved": ref_info["unresolved"], "pilot_nfe": _pilot_nfe(pilot),
+                                       **({"reference_model_dtype": str(ref_den.model_dtype()).replace("torch.", ""),
+                                           "train_info": den.train_info} if ref_den is not den else {}),
                                        "seconds": round(dt, 1), "reference_seconds": round(t_ref, 1)}
         log(f"  {prob.name}: {dt:.1f} s (reference {t_ref:.1f} s, its error < {ref_info['error_bound']:.1e}, "
             f"{ref_info['refined']} samples refined, {ref_info['unresolved']} unresolved)")
@@ -438,10 +468,20 @@ def _key(r):
     return r["config"] if r["method"] == "peer" else f"{r['config']}@{r['grid']}"
 
 
+def _tail(prefix, r):
+    """The bulk and the tail of row r beside its RMS error: its median per-sample error and its switched
+    samples (and class switches where the problem has classes), under keys prefix_median etc."""
+    out = {f"{prefix}_median": r.get("median", float("nan")), f"{prefix}_switched": r.get("switched", -1)}
+    if "class_switched" in r:
+        out[f"{prefix}_class_switched"] = r["class_switched"]
+    return out
+
+
 def summarize(rows):
     """Per (problem, budget): best thermosample configuration (any solver on any grid, or the recommended
     one), best peer, their ratio with a bootstrap interval, and the recommended configuration's ratio to
-    the best peer."""
+    the best peer; beside each of the three RMS errors its bulk (median per-sample error) and its switched
+    samples (`_tail`), so that a ratio decided by a few samples in another mode shows as such."""
     out = []
     for p in dict.fromkeys(r["problem"] for r in rows):
         for b in sorted({r["budget"] for r in rows if r["problem"] == p}):
@@ -452,17 +492,20 @@ def summarize(rows):
             s = {"problem": p, "budget": b}
             if ours:
                 o = min(ours, key=lambda r: r["error"])
-                s.update(best_ours=_key(o), best_ours_error=o["error"], best_ours_nfe=o["nfe"])
+                s.update(best_ours=_key(o), best_ours_error=o["error"], best_ours_nfe=o["nfe"], **_tail("best_ours", o))
             if peer:
                 q = min(peer, key=lambda r: r["error"])
-                s.update(best_peer=q["config"], best_peer_error=q["error"], best_peer_nfe=q["nfe"])
+                s.update(best_peer=q["config"], best_peer_error=q["error"], best_peer_nfe=q["nfe"],
+                         **_tail("best_peer", q))
             if ours and peer:
                 s["ratio"] = o["error"] / q["error"]
                 if "_sq" in o:
                     s["ratio_ci90"] = bootstrap_ratio(o["_sq"], q["_sq"])
             if rec and peer:
                 s.update(recommended=rec[0]["config"].split(":", 1)[-1] + "@" + rec[0]["grid"],
-                         recommended_error=rec[0]["error"], recommended_ratio=rec[0]["error"] / q["error"])
+                         recommended_error=rec[0]["error"], recommended_ratio=rec[0]["error"] / q["error"],
+                         recommended_median_ratio=rec[0]["median"] / max(q["median"], 1e-300),
+                         **_tail("recommended", rec[0]))
                 if "_sq" in rec[0]:
                     s["recommended_ci90"] = bootstrap_ratio(rec[0]["_sq"], q["_sq"])
             elif peer and any(r["method"] == "recommended" for r in rows if r["problem"] == p and r["budget"] == b):
@@ -537,20 +580,33 @@ def _fmt_ci(ci):
     return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-"
 
 
+def _bulk(s, prefix) -> str:
+    """`bulk sw` cells: the median per-sample error and the switched samples."""
+    sw = s.get(f"{prefix}_switched")
+    return f" {s.get(f'{prefix}_median', float('nan')):>8.1e} {'-' if sw is None or sw < 0 else sw:>5}"
+
+
 def summary_table(summary) -> str:
+    """Best thermosample vs best peer per problem and budget; beside the best peer's and the recommended
+    configuration's RMS error their bulk (median per-sample error) and `sw`, the samples sent to another
+    mode (error > SWITCH), and bulk/peer, the recommended configuration's median over the best peer's (the
+    JSON has the same for the best thermosample configuration, and the class switches where a problem has
+    classes)."""
     has_rec = any("recommended" in s for s in summary)
-    head = (f"{'problem':<26} {'NFE':>3}  {'best thermosample':<38} {'error':>9}  {'best peer':<28} {'error':>9}"
-            f"  {'ours/peer':>9} {'90% CI':>11}")
+    width = max([26] + [len(s["problem"]) for s in summary])
+    head = (f"{'problem':<{width}} {'NFE':>3}  {'best thermosample':<38} {'error':>9}"
+            f"  {'best peer':<28} {'error':>9} {'bulk':>8} {'sw':>5}  {'ours/peer':>9} {'90% CI':>11}")
     if has_rec:
-        head += f"  {'recommended/peer':>16} {'90% CI':>11}"
+        head += f"  {'recommended/peer':>16} {'90% CI':>11} {'bulk':>8} {'sw':>5} {'bulk/peer':>9}"
     lines = [head, "-" * len(head)]
     for s in summary:
-        line = (f"{s['problem']:<26} {s['budget']:>3}  {s.get('best_ours', '-'):<38}"
+        line = (f"{s['problem']:<{width}} {s['budget']:>3}  {s.get('best_ours', '-'):<38}"
                 f" {s.get('best_ours_error', float('nan')):>9.2e}"
-                f"  {s.get('best_peer', '-'):<28} {s.get('best_peer_error', float('nan')):>9.2e}"
+                f"  {s.get('best_peer', '-'):<28} {s.get('best_peer_error', float('nan')):>9.2e}{_bulk(s, 'best_peer')}"
                 f"  {s.get('ratio', float('nan')):>9.3f} {_fmt_ci(s.get('ratio_ci90')):>11}")
         if has_rec:
-            line += f"  {s.get('recommended_ratio', float('nan')):>16.3f} {_fmt_ci(s.get('recommended_ci90')):>11}"
+            line += (f"  {s.get('recommended_ratio', float('nan')):>16.3f} {_fmt_ci(s.get('recommended_ci90')):>11}"
+                     f"{_bulk(s, 'recommended')} {s.get('recommended_median_ratio', float('nan')):>9.3f}")
         lines.append(line)
     return "\n".join(lines)
 
@@ -646,10 +702,20 @@ def summary_doc(doc: dict) -> dict:
     return {k: doc[k] for k in ("meta", "summary", "acceptance")}
 
 
+def _learned_note() -> str:
+    from . import learned
+    held = [p.name for p in qp.LEARNED if p.name.startswith("ho-")]
+    return (f"(LEARNED denoisers, benchmarks/learned.py; {', '.join(held)} ({learned.HELDOUT_LEARNED}) is held out of "
+            "all tuning; reference with the float64 twin of each network) ")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="three problems, two seeds, 128 samples per seed, NFE 6/10/20")
     ap.add_argument("--heldout", action="store_true", help="the held-out problems and seeds (never tune on them)")
+    ap.add_argument("--learned", action="store_true",
+                    help="the learned denoisers of benchmarks/learned.py (trained and cached on first use; the last, "
+                         "ho-..., held out of all tuning), seeds 0,1")
     ap.add_argument("--batch", type=int, default=None, help="samples per seed for every problem (default: per problem)")
     ap.add_argument("--seeds", default=None, help="comma-separated noise seeds (default 0,1,2,3; held out 1000-1003)")
     ap.add_argument("--problems", default=None, help="comma-separated problem names or name tokens, e.g. d16,digits")
@@ -669,7 +735,10 @@ def main(argv=None) -> int:
                     help="path stem of --save-results (default benchmarks/results/bench_quality_peers[_heldout])")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
-    stem = "bench_quality" + ("_heldout" if args.heldout else "") + ("_quick" if args.quick else "")
+    if args.learned and args.heldout:
+        ap.error("--learned and --heldout are separate sets (the learned set holds its own held-out model)")
+    stem = ("bench_quality" + ("_learned" if args.learned else "") + ("_heldout" if args.heldout else "")
+            + ("_quick" if args.quick else ""))
     paths = {"json": args.json or os.path.join(OUT, stem + ".json"),
              "out": args.out or os.path.join(OUT, stem + ".txt"),
              "plot": args.plot or os.path.join(OUT, stem + ".png")}
@@ -681,6 +750,7 @@ def main(argv=None) -> int:
                      seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
                      solvers=args.solvers.split(",") if args.solvers else None,
                      select=args.problems.split(",") if args.problems else None, heldout=args.heldout,
+                     learned=args.learned,
                      budgets=[int(b) for b in args.budgets.split(",")] if args.budgets else None,
                      peer_filter=peer_filter, ref_steps=args.ref_steps,
                      dtype=torch.float64 if args.dtype == "float64" else torch.float32,
@@ -694,6 +764,7 @@ def main(argv=None) -> int:
                  "mapping_check": {"steps": list(check_steps), "errors": check}})
     text = "\n\n".join([
         f"bench_quality {'(HELD-OUT problems and seeds) ' if args.heldout else ''}{'(quick) ' if args.quick else ''}"
+        f"{_learned_note() if args.learned else ''}"
         f"seeds {meta['seeds']}, budgets {meta['budgets']}, reference DPM++(2M) float64 {meta['ref_steps']}"
         f"+{meta['ref_steps'] // 2} steps (Richardson), methods in {meta['dtype']}; {elapsed:.0f} s",
         mapping_table(check, check_steps) if check else "(no peers)",
@@ -724,7 +795,8 @@ def main(argv=None) -> int:
     if args.save_results:
         # the committed summary: the text table and the JSON less its per-run rows and the per-solver
         # calibrated / karras intervals (the acceptance lines state both verdicts); the full JSON stays in out/
-        rstem = args.results_stem or os.path.join(RESULTS, "bench_quality_peers" + ("_heldout" if args.heldout else "")
+        rstem = args.results_stem or os.path.join(RESULTS, "bench_quality_peers" + ("_learned" if args.learned else "")
+                                                  + ("_heldout" if args.heldout else "")
                                                   + ("_quick" if args.quick else ""))
         os.makedirs(os.path.dirname(os.path.abspath(rstem)), exist_ok=True)
         with open(rstem + ".json", "w") as f:

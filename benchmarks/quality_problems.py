@@ -1,11 +1,17 @@
-"""Problems of benchmarks/bench_quality.py: exact-score Gaussian-mixture oracles and the shipped digits model.
+"""Problems of benchmarks/bench_quality.py: exact-score Gaussian-mixture oracles, the shipped digits model and
+learned denoisers trained here (benchmarks/learned.py).
 
-Two disjoint sets:
+Three disjoint sets:
 
 * DEFAULT (seeds 0-3): the problems the package may be tuned on (grids, defaults, recommended configuration).
 * HELDOUT (seeds 1000-1003): run only with `bench_quality.py --heldout`. Nobody tunes on them: they exist to
   check that whatever was tuned on DEFAULT transfers. Do not look at their numbers while tuning; change them
   only by adding problems, never to make a result look better.
+* LEARNED (seeds 0-1): run with `bench_quality.py --learned`: MLP denoisers trained on scikit-learn's bundled
+  data (benchmarks/learned.py) of three kinds (image-like digits, tabular wine, the 3-d swiss roll), which
+  tuning may use, and last the held-out one (learned.HELDOUT_LEARNED, breast_cancer, named "ho-..."),
+  which nobody tunes on. Two seeds and smaller batches than DEFAULT: a network evaluation costs more than a
+  mixture's, and the whole set runs in about 15 minutes on two cores.
 
 Every mixture is standardised so that each coordinate has variance about 1 (spectral_mixture: 1 on average
 over the coordinates, falling as a power law). The anisotropic and spectral mixtures have a
@@ -18,6 +24,7 @@ diagonal covariance per component (widths differing by up to 10x between coordin
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -29,6 +36,7 @@ from thermosample import toy
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
 HELDOUT_SEEDS = (1000, 1001, 1002, 1003)
+LEARNED_SEEDS = (0, 1)
 
 
 class DiagonalMixture:
@@ -181,6 +189,24 @@ HELDOUT = [
     Problem("ho-mix-d12-k5-aniso/vp", lambda: aniso_mixture(12, 5, 0.01, 0.1, 105).denoiser(ts.schedules.VPLinear()),
             (12,), 2048),
     Problem("ho-mix-d96-k20-vsharp/edm", lambda: mixture(96, 20, 0.005, 0.02, 106).denoiser(EDM), (96,), 1024),
+]
+
+
+def _learned(name):
+    """The factory of learned model `name` (benchmarks/learned.py: trained on first use, then cached)."""
+    def make():
+        from . import learned
+        return learned.denoiser(name, log=lambda m: print(m, file=sys.stderr, flush=True))
+    make.dataset = name
+    return make
+
+
+LEARNED = [
+    Problem("learned-digits-8x8/edm", _learned("digits"), (1, 8, 8), 512),
+    Problem("learned-wine-d13/edm", _learned("wine"), (13,), 1024),
+    Problem("learned-swissroll-d3/edm", _learned("swiss_roll"), (3,), 1024),
+    # held out of all tuning (learned.HELDOUT_LEARNED): listed last, "ho-" like the HELDOUT set
+    Problem("ho-learned-breastcancer-d30/edm", _learned("breast_cancer"), (30,), 1024),
 ]
 
 
