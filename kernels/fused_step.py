@@ -1,30 +1,30 @@
-"""The fused solver step in Triton: one pass over memory per step (DESIGN.md, "the one idea").
+"""The fused solver step in Triton: one pass over memory per step (docs/design.md, "The one op").
 
     out     = sum_k c_k * in_k + noise * z           z: in-kernel Philox normal noise
     rate[b] = sum_e (alpha * in_u[b, e] + beta * in_d[b, e]) ** 2 + sum_e 0 * out[b, e]
 
-Exactly the contract of thermosample._reference.fused_step_reference (read its docstring for the Philox
-stream). Kernel + launcher in the style of the Triton tutorial 01-vector-add: the grid is
-(blocks per sample, samples); each program handles BLOCK elements of one sample, writes its slice of
-`out` and one partial sum of the rate into a [B, n_blocks] buffer; a second small kernel sums each
-sample's partials in a fixed order (float64), so the rate is deterministic and independent of the batch
-(no float atomics, no torch .sum whose strategy depends on the shape). The rate reads `out` as stored:
-an fp16/bf16 overflow to inf on the store makes it NaN.
-
-Coefficients travel as the int64 bit patterns of Python floats (float64) and are bitcast in the kernel:
-Triton types a Python float argument as fp32, which would round the coefficients of a float64 step;
-the bit pattern keeps them exact and is rounded to fp32 in the kernel for every other dtype (the same
-rounding torch applies to a Python scalar times a float32 tensor).
+The contract of thermosample/ops/reference.py; `launch` takes a StepArgs (thermosample/ops/contract.py)
+that was checked there. The grid is (blocks per sample, samples), as in the Triton tutorial 01-vector-add:
+each program writes BLOCK elements of one sample's `out` and one partial rate into a [B, n_blocks] buffer,
+which a second kernel sums per sample in a fixed order (float64): no float atomics, no torch .sum whose
+strategy depends on the shape, so the rate is deterministic and independent of the batch. Coefficients
+travel as the int64 bit patterns of the Python floats and are bitcast in the kernel: Triton would type a
+float argument fp32, rounding a float64 step's coefficients (every other dtype rounds them to fp32 as
+torch does for a Python scalar times a float32 tensor).
 """
 from __future__ import annotations
 
 import struct
-from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.random import philox
+
+from thermosample.ops.contract import MAX_INPUTS, StepArgs, keyword_entry
+
+# _fused_step_kernel and _pick spell out one pointer and one coefficient slot per input: x0..x5, c0..c5.
+assert MAX_INPUTS == 6, "give _fused_step_kernel and _pick one slot per input"
 
 _MAX_GRID_Y = 65535          # CUDA limit on grid dimension 1: larger batches launch in chunks
 # Globals a kernel reads must be constexpr: compiled Triton rejects plain Python floats (the interpreter
@@ -57,7 +57,8 @@ def _pick(K: tl.constexpr, x0, x1, x2, x3, x4, x5):
 
 @triton.jit
 def _box_muller(a, c):
-    # two uint32 Philox words -> two standard normals (radius * cos, radius * sin), as _reference does
+    # two uint32 Philox words -> two standard normals (radius * cos, radius * sin), as philox_normal in
+    # thermosample/ops/reference.py
     u1 = ((a >> 9).to(tl.float32) + 0.5) * _TWO_POW_M23   # in (0, 1): log(u1) is finite
     u2 = (c >> 9).to(tl.float32) * _TWO_POW_M23           # in [0, 1)
     radius = tl.sqrt_rn(-2.0 * tl.log(u1))
@@ -119,8 +120,8 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, x5_ptr, out_ptr, 
     stored = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, stored, mask=mask)
 
-    # partial rate: squared velocity (THEORY.md §2) plus 0 * out as stored, so a non-finite out poisons
-    # the rate (an fp16/bf16 value that overflows to inf on the store included)
+    # partial rate: squared velocity (docs/theory.md §2) plus 0 * out as stored, so a non-finite out
+    # poisons the rate (an fp16/bf16 value that overflows to inf on the store included)
     probe = stored.to(COMPUTE_DTYPE) * 0.0
     if TRACK:
         v = (_coeff(alpha, COMPUTE_DTYPE) * _pick(U, x0, x1, x2, x3, x4, x5)
@@ -145,7 +146,6 @@ def _sum_partials_kernel(partial_ptr, rate_ptr, n_blocks, PBLOCK: tl.constexpr):
 
 
 _PBLOCK = 128                # lanes of _sum_partials_kernel
-_MAX_INPUTS = 6              # pointer and coefficient slots of _fused_step_kernel (ops.MAX_INPUTS)
 
 
 def _block_size(numel: int) -> tuple[int, int]:
@@ -159,35 +159,13 @@ def _bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise: float = 0.0, seed: int = 0,
-               step: int = 0, sample_offset: int = 0, track: bool = False, alpha: float = 0.0,
-               beta: float = 0.0, u: int = 0, d: int = 1, out: torch.Tensor | None = None,
-               rate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused solver step in Triton; same contract as _reference.fused_step_reference.
-
-    Args:
-        inputs: 1-6 contiguous tensors [B, ...] of one shape, dtype and device (validated by ops.py).
-        coeffs: one Python float per input.
-        noise: coefficient of the in-kernel Philox normal noise (0 draws none).
-        seed, step, sample_offset: Philox stream key (seed < 2**64) and counters.
-        track: reduce rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 (THEORY.md §2).
-        out: None or a contiguous [B, ...] tensor, possibly one of the inputs (in-place update).
-        rate: None or a contiguous float32 [B] tensor on the device to write the rate into.
-    Returns:
-        (out [B, ...] in the inputs' dtype, rate [B] float32)
-    """
-    # Kernels read raw memory: resolve conj/neg views (torch._neg_view) first; a no-op for plain tensors.
-    inputs = [t.resolve_conj().resolve_neg() if (t.is_neg() or t.is_conj()) else t for t in inputs]
-    if out is not None and (out.is_neg() or out.is_conj()):
-        result, rate = fused_step(inputs, coeffs, noise=noise, seed=seed, step=step, sample_offset=sample_offset,
-                                  track=track, alpha=alpha, beta=beta, u=u, d=d, rate=rate)
-        out.copy_(result)                      # copy_ honours the view's bit
-        return out, rate
-    x0 = inputs[0]
+def launch(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused step in Triton for arguments thermosample.ops.contract.check passed (contiguous inputs of
+    one shape, dtype and device). Returns (out [B, ...] in the inputs' dtype, rate [B] float32)."""
+    x0 = a.inputs[0]
     batch = x0.shape[0]
     numel = x0.numel() // batch
-    if out is None:
-        out = torch.empty_like(x0, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x0) if a.out is None else a.out      # x0 is contiguous: out too
     compute = tl.float64 if x0.dtype == torch.float64 else tl.float32
     block, num_warps = _block_size(numel)
     n_blocks = triton.cdiv(numel, block)
@@ -195,26 +173,26 @@ def fused_step(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise
                           device=x0.device)
     # The kernel indexes flat contiguous memory, so the tensors go in as they are (no reshape): the
     # launch costs host time that small states (a latent of a few hundred KB) are bound by.
-    ptrs = list(inputs) + [x0] * (_MAX_INPUTS - len(inputs))     # unused pointers: never loaded
-    c = [_bits(v) for v in coeffs] + [0] * (_MAX_INPUTS - len(coeffs))
-    has_noise = float(noise) != 0.0
+    ptrs = list(a.inputs) + [x0] * (MAX_INPUTS - len(a.inputs))     # unused pointers: never loaded
+    c = [_bits(v) for v in a.coeffs] + [0] * (MAX_INPUTS - len(a.coeffs))
     for b0 in range(0, batch, _MAX_GRID_Y):
         b1 = min(batch, b0 + _MAX_GRID_Y)
         chunk = (lambda t: t) if batch <= _MAX_GRID_Y else (lambda t, b0=b0, b1=b1: t[b0:b1])
         _fused_step_kernel[(n_blocks, b1 - b0)](
             *(chunk(t) for t in ptrs), chunk(out), chunk(partial),
-            *c, _bits(noise), _bits(alpha), _bits(beta),
-            seed, step, sample_offset + b0, numel, n_blocks,
-            N_INPUTS=len(inputs), HAS_NOISE=has_noise, TRACK=bool(track),
-            U=int(u) if track else 0, D=int(d) if track else 0,
+            *c, _bits(a.noise), _bits(a.alpha), _bits(a.beta),
+            a.seed, a.step, a.sample_offset + b0, numel, n_blocks,
+            N_INPUTS=len(a.inputs), HAS_NOISE=a.noise != 0.0, TRACK=a.track,
+            U=a.u if a.track else 0, D=a.d if a.track else 0,
             COMPUTE_DTYPE=compute, BLOCK=block, num_warps=num_warps,
         )
     if n_blocks == 1:                                   # one block per sample: its partial is the rate
-        if rate is None:
+        if a.rate is None:
             return out, partial.view(batch).to(torch.float32)
-        rate.copy_(partial.view(batch))
-        return out, rate
-    if rate is None:
-        rate = torch.empty(batch, dtype=torch.float32, device=x0.device)
+        return out, a.rate.copy_(partial.view(batch))
+    rate = torch.empty(batch, dtype=torch.float32, device=x0.device) if a.rate is None else a.rate
     _sum_partials_kernel[(batch,)](partial, rate, n_blocks, PBLOCK=_PBLOCK, num_warps=1)
     return out, rate                                    # fixed-order sum over blocks: deterministic
+
+
+fused_step = keyword_entry(launch)   # fused_step(inputs, coeffs, **StepArgs fields), checked

@@ -27,9 +27,9 @@ def test_a_new_backend_is_one_table_row(monkeypatch):
     """Adding a backend touches the table and its implementation only: dispatch picks it up."""
     calls = []
 
-    def doubled_reference(inputs, coeffs, **kw):
-        calls.append(len(inputs))
-        return ops.reference.fused_step_reference(inputs, coeffs, **kw)
+    def doubled_reference(args):
+        calls.append(len(args.inputs))
+        return ops.reference.launch(args)
 
     monkeypatch.setitem(ops.BACKENDS, "mine", ops.Backend("mine", ("cpu",), lambda: True, lambda: doubled_reference))
     monkeypatch.setattr(ops, "BACKEND_CHOICES", ops.BACKEND_CHOICES + ("mine",))
@@ -78,4 +78,4 @@ def test_broken_kernel_module_raises_its_own_error(monkeypatch):
 def test_the_loader_imports_the_packaged_kernel():
     pytest.importorskip("triton", reason="triton is not installed")
     from thermosample.kernels import fused_step as kernel_module
-    assert triton_loader.launcher() is kernel_module.fused_step
+    assert triton_loader.launcher() is kernel_module.launch

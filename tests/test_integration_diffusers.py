@@ -236,8 +236,8 @@ def test_the_backend_is_read_at_every_step(monkeypatch):
     sch.set_timesteps(6)
     x = torch.randn(2, 3, 4, 4) * sch.init_noise_sigma
     seen = []
-    reference = ops.reference.fused_step_reference
-    monkeypatch.setattr(ops.reference, "fused_step_reference", lambda *a, **k: seen.append(1) or reference(*a, **k))
+    reference = ops.reference.launch
+    monkeypatch.setattr(ops.reference, "launch", lambda *a, **k: seen.append(1) or reference(*a, **k))
     ops.implementation.cache_clear()
     try:
         for k, t in enumerate(sch.timesteps):

@@ -260,8 +260,10 @@ def test_neg_view_through_ops_dispatch_in_place():
 
 def test_max_inputs_is_six_everywhere():
     assert ops.MAX_INPUTS == 6
+    if HAVE_CPP:
+        assert _cpp._C.MAX_INPUTS == ops.MAX_INPUTS
     if HAVE_TRITON:
-        assert _triton_module()._MAX_INPUTS == ops.MAX_INPUTS
+        assert _triton_module().MAX_INPUTS is ops.MAX_INPUTS
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -338,19 +340,23 @@ def test_cpp_launch_matches_the_checked_wrapper():
         kw = dict(noise=0.25, seed=2 ** 64 - 5, step=7, sample_offset=11, track=True, alpha=0.5, beta=-1.5, u=1, d=2)
         want, want_rate = _cpp.fused_step(xs, [0.5, -0.25, 0.75], **kw)
         rates = torch.full((5, 3), math.nan)
-        out = _cpp.launch(xs, [0.5, -0.25, 0.75], rates, 3, *kw.values())
+        out, _ = _cpp.launch(ops.StepArgs(xs, [0.5, -0.25, 0.75], rate=rates[3], **kw))
         assert torch.equal(out, want) and torch.equal(rates[3], want_rate) and torch.isnan(rates[:3]).all()
 
 
 def test_checked_step_accepts_only_what_validation_would_pass():
-    """CheckedStep.accepts is the per-call rest of validate_step_args for a run whose first call passed:
-    anything it turns down goes back through ops.fused_step (and its error messages)."""
+    """CheckedStep.accepts (contract.is_plain_call) is the per-call rest of contract.check for a run whose
+    first call passed: anything it turns down goes back through ops.fused_step (and its error messages)."""
     x, d = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     checked = ops.CheckedStep("auto", x)
-    ok = dict(step=3, noise=0.0, alpha=0.5, beta=-0.5, track=True, u=0, d=1)
+    ok = dict(step=3, noise=0.0, alpha=0.5, beta=-0.5, track=True, u=0, d=1, seed=7, sample_offset=5)
 
     def accepts(inputs=(x, d), coeffs=(0.5, 0.5), **kw):
-        return checked.accepts(list(inputs), list(coeffs), *dict(ok, **kw).values())
+        args = ops.StepArgs(list(inputs), list(coeffs), **dict(ok, **kw))
+        if checked.accepts(args):       # then check passes it unchanged
+            assert ops.check(args) == args._replace(inputs=tuple(args.inputs), coeffs=tuple(args.coeffs))
+            return True
+        return False
     assert accepts()
     assert not accepts(inputs=(x, d.double()))                            # another dtype
     assert not accepts(inputs=(x, torch.randn(3, 3, 4)))                  # another shape
@@ -364,6 +370,9 @@ def test_checked_step_accepts_only_what_validation_would_pass():
     assert not accepts(coeffs=(0.5, math.nan)) and not accepts(noise=math.inf)
     assert not accepts(step=2 ** 32) and not accepts(step=-1) and not accepts(step=True)
     assert not accepts(u=2) and accepts(u=2, track=False)
+    assert not accepts(seed=2 ** 64) and not accepts(seed=-1) and not accepts(seed=1.0)
+    assert not accepts(sample_offset=2 ** 32 - 1) and accepts(sample_offset=2 ** 32 - 2)
+    assert not accepts(out=x) and not accepts(rate=torch.zeros(2)) and not accepts(track=1)
     with torch.enable_grad():
         assert not accepts(inputs=(x, d.clone().requires_grad_()))
     with torch.no_grad():

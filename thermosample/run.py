@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .errors import NonFiniteError
-from .ops import CheckedStep
+from .ops import CheckedStep, StepArgs
 from .ops.library import _needs_op, fused_step_op
 from .ops.reference import fixed_order_sum
 from .thermo import ThermoReport
@@ -136,19 +136,19 @@ class Run:
             inputs = list(inputs) + [self._sampled_noise(inputs[0], noise_sigmas)]
             coeffs = list(coeffs) + [noise]
             noise = 0.0
-        tracked = self.track and track_sigma is not None
+        tracked = bool(self.track) and track_sigma is not None
         alpha = beta = 0.0
         if tracked:
             t, alpha, beta = self.tracked_velocity(track_sigma, track_map)
+        args = StepArgs(inputs, coeffs, out=out, noise=noise, seed=self.seed, step=i, sample_offset=self.sample_offset,
+                        track=tracked, alpha=alpha, beta=beta, u=u, d=d)
         checked = self._checked
-        if out is None and checked is not None and checked.backend == self.backend \
-                and checked.accepts(inputs, coeffs, i, noise, alpha, beta, tracked, u, d):
-            # The run's constant checks were done by its first call: the backend directly, the rate into its row.
+        if checked is not None and checked.backend == self.backend and checked.accepts(args):
+            # The run's first call of this kind passed the op's checks: the backend directly, the rate into its row.
             row = self._new_row(inputs[0])
-            out = checked.launch(inputs, coeffs, self._rates, row, noise, self.seed, i, self.sample_offset, tracked,
-                                 alpha, beta, u, d)
+            out = checked.launch(args._replace(rate=self._rates[row]))[0]
         else:
-            out, row = self._checked_op(inputs, coeffs, i, noise, tracked, alpha, beta, u, d, out)
+            out, row = self._checked_op(args)
         if tracked:
             self.eval_t.append(t)
             self.eval_rows.append(row)
@@ -157,18 +157,18 @@ class Run:
             self.check_finite()
         return out
 
-    def _checked_op(self, inputs, coeffs, i, noise, track, alpha, beta, u, d, out):
+    def _checked_op(self, args: StepArgs):
         """The fused op with every argument check (and the torch.library op under compile/autograd): a run's
         first call, and any call `CheckedStep.accepts` turns down. Returns (out, row of its rate). After an
         eager call passed, the run keeps a CheckedStep of its kind for the calls that follow."""
-        out, rate = fused_step_op(inputs, coeffs, noise=noise, seed=self.seed, step=i, sample_offset=self.sample_offset,
-                                  track=track, alpha=alpha, beta=beta, u=u, d=d, out=out, backend=self.backend)
+        out, rate = fused_step_op(backend=self.backend, **args._asdict())
         row = self._new_row(rate)              # (before indexing: it allocates the buffer on the first call)
         self._rates[row].copy_(rate)
-        checked, x = self._checked, inputs[0]
-        if not _needs_op(inputs) and (checked is None or checked.backend != self.backend or checked.shape != x.shape
-                                      or checked.dtype != x.dtype or checked.device != x.device):
-            self._checked = CheckedStep(self.backend, x)   # seed, offset and this kind of call: checked above
+        checked, x = self._checked, args.inputs[0]
+        if not _needs_op(args.inputs) and (checked is None or checked.backend != self.backend
+                                           or checked.shape != x.shape or checked.dtype != x.dtype
+                                           or checked.device != x.device):
+            self._checked = CheckedStep(self.backend, x)   # this kind of call: checked above
         return out, row
 
     def _sampled_noise(self, like: torch.Tensor, sigmas) -> torch.Tensor:

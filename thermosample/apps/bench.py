@@ -6,7 +6,7 @@ every variant alike):
 - ours:     the fused op on this device's backend (cpp on CPU, triton on CUDA), tracking on and off;
             the backend function itself, without ops.fused_step's argument validation
 - eager:    the same math as plain eager torch expressions (linear combination + per-sample squared norm)
-- ref:      thermosample.ops.reference.fused_step_reference (the oracle; slow for noise steps, capped in size)
+- ref:      thermosample.ops.reference.launch (the oracle; slow for noise steps, capped in size)
 - compile:  torch.compile of the eager function, timed in a second pass beside ours ("x comp" compares
             the two from that pass; see bench_one for why)
 - copy:     dst.copy_(src) of one state; copy GB/s = 2 * state bytes / time
@@ -64,7 +64,7 @@ def device_name(device: torch.device) -> str:
 
 
 def backend_fn(backend: str) -> Callable:
-    """The backend's fused_step itself (ops.fused_step adds argument validation, ~20 us per call)."""
+    """The backend's launch(StepArgs) itself (ops.fused_step adds the argument check, ~20 us per call)."""
     return ops.implementation(backend)
 
 
@@ -144,15 +144,17 @@ def bench_one(name: str, size_mb: float, dtype: torch.dtype, device: torch.devic
     kw = dict(noise=noise, seed=1234, step=3, alpha=ALPHA, beta=BETA, u=u, d=d)
 
     ours = backend_fn(backend)
+    tracked = ops.check(ops.StepArgs(inputs, coeffs, out=out, track=True, **kw))    # checked once, not timed
+    untracked = tracked._replace(track=False)
     fns = {
         "copy": lambda: out.copy_(inputs[0]),
-        "ours": lambda: ours(inputs, coeffs, track=True, out=out, **kw),
+        "ours": lambda: ours(tracked),
     }
     if compiled is None:
-        fns["ours_notrack"] = lambda: ours(inputs, coeffs, track=False, out=out, **kw)
+        fns["ours_notrack"] = lambda: ours(untracked)
         fns["eager"] = lambda: eager_step(inputs, coeffs, noise, u, d, True)
         if size_mb <= ref_max_mb or noise == 0.0:
-            fns["ref"] = lambda: _reference.fused_step_reference(inputs, coeffs, track=True, out=out, **kw)
+            fns["ref"] = lambda: _reference.launch(tracked)
     else:
         if name not in compiled:
             compiled[name] = torch.compile(eager_step, dynamic=False)

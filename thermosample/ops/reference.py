@@ -1,6 +1,6 @@
 """The fused solver step in plain PyTorch: the oracle every backend is tested against.
 
-The op (DESIGN.md, "the one idea"):
+The op (docs/design.md, "The one op"):
 
     out     = sum_k coeffs[k] * inputs[k] + noise * z
     rate[b] = sum_e (alpha * inputs[u][b, e] + beta * inputs[d][b, e]) ** 2     if track
@@ -28,9 +28,10 @@ The integer part is bit-exact on every backend; only log/sqrt/cos/sin round diff
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
+
+from .contract import StepArgs, keyword_entry
 
 MASK32 = 0xFFFFFFFF
 PHILOX_KEY_A = 0x9E3779B9
@@ -85,48 +86,36 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def fused_step_reference(inputs: Sequence[torch.Tensor], coeffs: Sequence[float], *, noise: float = 0.0,
-                         seed: int = 0, step: int = 0, sample_offset: int = 0, track: bool = False,
-                         alpha: float = 0.0, beta: float = 0.0, u: int = 0, d: int = 1,
-                         out: torch.Tensor | None = None,
-                         rate: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused solver step in eager PyTorch (see module docstring). Inputs are validated by ops.py.
+def launch(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused solver step in eager PyTorch (see the module docstring), for arguments contract.check passed.
 
-    Args:
-        inputs: 1 to 6 tensors [B, ...] of one shape, dtype and device.
-        coeffs: one Python float per input.
-        noise: coefficient of the in-kernel Philox normal noise (0 draws none).
-        track: reduce ||alpha * inputs[u] + beta * inputs[d]||^2 per sample.
-        out: optional [B, ...] tensor written in place (may alias an input).
-        rate: optional float32 [B] tensor the rate is written into.
     Returns:
-        (out [B, ...] in the inputs' dtype, rate [B] float32)
+        (out [B, ...] in the inputs' dtype, rate [B] float32), written into a.out and a.rate when given.
     """
-    x0 = inputs[0]
+    x0 = a.inputs[0]
     ct = compute_dtype(x0.dtype)
     batch = x0.shape[0]
-    flat = [t.reshape(batch, -1).to(ct) for t in inputs]
+    flat = [t.reshape(batch, -1).to(ct) for t in a.inputs]
     acc = torch.zeros_like(flat[0])
-    for c, t in zip(coeffs, flat):
+    for c, t in zip(a.coeffs, flat):
         acc = acc + c * t
-    if noise != 0.0:
-        z = philox_normal(batch, flat[0].shape[1], seed=seed, step=step, sample_offset=sample_offset,
+    if a.noise != 0.0:
+        z = philox_normal(batch, flat[0].shape[1], seed=a.seed, step=a.step, sample_offset=a.sample_offset,
                           device=x0.device)
-        acc = acc + noise * z.to(ct)
+        acc = acc + a.noise * z.to(ct)
     stored = acc.to(x0.dtype)                       # out as stored (fp16/bf16 may overflow to inf here)
     probe = stored.to(ct) * 0                       # 0, or NaN where the stored out is non-finite
-    if track:
-        probe = (alpha * flat[u] + beta * flat[d]) ** 2 + probe
+    if a.track:
+        probe = (a.alpha * flat[a.u] + a.beta * flat[a.d]) ** 2 + probe
     sums = fixed_order_sum(probe).to(torch.float32)
     result = stored.reshape(x0.shape)
-    if out is None:
-        out = result
-    else:
-        out.copy_(result)
-    if rate is None:
+    out = result if a.out is None else a.out.copy_(result)
+    if a.rate is None:
         return out, sums
-    rate.copy_(sums)
-    return out, rate
+    return out, a.rate.copy_(sums)
+
+
+fused_step_reference = keyword_entry(launch)   # fused_step_reference(inputs, coeffs, **StepArgs fields)
 
 
 RATE_CHUNK = 256     # elements per chunk partial of the rate (csrc/fused_step.cpp: kPart)

@@ -30,6 +30,6 @@ def available() -> bool:
 
 
 def launcher():
-    """The Triton `fused_step(inputs, coeffs, **kwargs)` launcher."""
+    """The Triton `launch(StepArgs)` of kernels/fused_step.py."""
     from ..kernels import fused_step as triton_fused_step
-    return triton_fused_step.fused_step
+    return triton_fused_step.launch
