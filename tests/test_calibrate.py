@@ -18,7 +18,12 @@ import torch
 import thermosample as ts
 from thermosample import auto, calibrate, grids, solvers, toy
 
-Opts = ts.CalibrationOptions
+
+
+def Opts(**kw):
+    """CalibrationOptions at the size these tests were written for, cost "thorough": the pilot and reference they
+    name, a twins pilot as large as the pilot, 24 steps (tests/test_calibration_price.py covers the other tiers)."""
+    return ts.CalibrationOptions(**{"cost": "thorough", **kw})
 
 
 @pytest.fixture(scope="module")

@@ -204,8 +204,7 @@ def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
     if corrections is None:
         return run, {}, 0 if sig is None else steps
     weight = calibrate.sample_weights(ref, b)[odd]
-    # in float32, as a run from float32 noise computes: a fit that only a float64 run reproduces is refused
-    half = {"ref_noise": ref["ref_noise"][odd].float(), "ref_final": ref["ref_final"][odd], "ref_weight": weight}
+    half = {"ref_noise": ref["ref_noise"][odd], "ref_final": ref["ref_final"][odd], "ref_weight": weight}
     options = {"corrections": corrections}
     err, sq = calibrate.pilot_errors(den, sig, "deis", half, backend, options)
     run_sq = np.asarray(run.sq, dtype=np.float64)[odd]
@@ -382,6 +381,48 @@ def fingerprint(model) -> str | None:
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+_FINGERPRINTS: dict = {}
+
+
+def _fingerprint_now(model) -> str | None:
+    """`fingerprint`, recomputed only when a parameter or buffer changed (torch's in-place version counters)."""
+    state = getattr(model, "state_dict", None)
+    if not callable(state):
+        return None
+    key = (id(model), tuple((t.data_ptr(), t._version) for t in state().values() if hasattr(t, "_version")))
+    if key not in _FINGERPRINTS:
+        if len(_FINGERPRINTS) >= 8:
+            _FINGERPRINTS.clear()
+        _FINGERPRINTS[key] = fingerprint(model)
+    return _FINGERPRINTS[key]
+
+
+_WARNED: set = set()
+
+
+def check_made_for(config: SamplerConfig, den, sample_shape, solver: str, options: dict) -> None:
+    """Warn once per config and field when `config` runs with another solver, options, schedule, prediction,
+    sample shape or (fingerprinted) model than it was calibrated for."""
+    made = config.calibrated_for or {}
+    found = {"solver": (label(solver, options, "")[:-1], label(config.solver, config.options, "")[:-1])}
+    if (solver, options) == (config.solver, config.options):
+        found.pop("solver")
+    for name, now in (("schedule", repr(getattr(den, "schedule", None))), ("prediction", getattr(den, "prediction", None)),
+                      ("sample_shape", [int(v) for v in sample_shape])):
+        if name in made and made[name] != now:
+            found[name] = (now, made[name])
+    if made.get("model") is not None:
+        now = _fingerprint_now(getattr(den, "model", None))
+        if now != made["model"]:
+            found["model"] = ("another model" if now else "a model without parameters", made["model"][:12])
+    for name, (now, then) in found.items():
+        if (id(config), name) not in _WARNED:
+            _WARNED.add((id(config), name))
+            warnings.warn(f"this SamplerConfig was calibrated for {name} {then}, not {now}: its choice may not "
+                          f"suit this run; calibrate again with ts.thermo_grid(..., solver='auto')", UserWarning,
+                          stacklevel=4)
 
 
 def is_config(grid) -> bool:

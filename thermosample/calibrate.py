@@ -258,45 +258,103 @@ def _project(v: torch.Tensor, proj: torch.Tensor) -> torch.Tensor:
 
 
 class _RowChunks:
-    """A model that evaluates its input in slices of at most `rows` rows (keyword tensors with the same
-    leading size are sliced alike), so a large pilot batch never reaches the model at once."""
+    """The model as the calibration calls it: in slices of at most `rows` rows (None: whole batches; keyword
+    tensors with the same leading size are sliced alike), counting the rows and calls it passes on and
+    advancing `meter`'s progress bar, and turning a dtype mismatch the model raises into an error that
+    names thermo_grid's dtype= argument."""
 
-    def __init__(self, model, rows: int):
-        self.model, self.rows = model, int(rows)
+    def __init__(self, model, rows: int | None, meter: _Meter | None = None):
+        self.model, self.rows, self.meter = model, (None if rows is None else int(rows)), meter
 
     def __call__(self, x, t, **kwargs):
         n = x.shape[0]
-        if n <= self.rows:
-            return self.model(x, t, **kwargs)
+        if self.rows is None or n <= self.rows:
+            return self._call(x, t, kwargs)
         cut = lambda v, i: v[i:i + self.rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-        return torch.cat([self.model(x[i:i + self.rows], cut(t, i), **{k: cut(v, i) for k, v in kwargs.items()})
+        return torch.cat([self._call(x[i:i + self.rows], cut(t, i), {k: cut(v, i) for k, v in kwargs.items()})
                           for i in range(0, n, self.rows)])
+
+    def _call(self, x, t, kwargs):
+        try:
+            out = self.model(x, t, **kwargs)
+        except RuntimeError as exc:
+            if "dtype" not in str(exc) and "scalar type" not in str(exc):
+                raise
+            raise TypeError(f"the model failed on {x.dtype} inputs during calibration ({exc}): pass "
+                            "thermo_grid(..., dtype=torch.float64) for a float64 model; a half-precision model "
+                            "calibrates in float32, so wrap it as a torch.nn.Module (ts.Denoiser casts a module's "
+                            "inputs to its dtype) or cast x inside the function") from exc
+        if self.meter is not None:
+            self.meter.add(int(x.shape[0]))
+        return out
 
     def parameters(self):   # the model's dtype and device, as Denoiser.model_dtype and the pilot read them
         params = getattr(self.model, "parameters", None)
         return params() if callable(params) else iter(())
 
 
-def _row_chunked(den, rows: int | None):
-    """`den` with its model behind _RowChunks(rows) (a shallow copy; den itself is untouched); other
-    denoiser types pass through whole."""
+class _Meter:
+    """Model rows and calls of a calibration, and its progress bar over the planned rows (None: no bar)."""
+
+    def __init__(self, planned: int, bar=None):
+        self.planned, self.rows, self.calls, self.bar = int(planned), 0, 0, bar
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+        self.calls += 1
+        if self.bar is not None:
+            self.bar.update(rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.total = self.rows      # the plan is an upper bound: stages the pilot skipped are not run
+            self.bar.refresh()
+            self.bar.close()
+
+
+def _row_chunked(den, rows: int | None, meter: _Meter | None = None, dtype_device=None):
+    """A shallow copy of `den` (den itself is untouched) whose model sits behind _RowChunks(rows, meter) (plain
+    Denoisers only: a wrapper or subclass may hold the model elsewhere) and that calibrates in `dtype_device`."""
     from .denoiser import Denoiser
 
-    if rows is None or type(den) is not Denoiser:   # a wrapper or subclass may hold the model elsewhere
+    if rows is None and meter is None and dtype_device is None:
         return den
     out = copy.copy(den)
-    out.model = _RowChunks(den.model, rows)
+    if type(den) is Denoiser:
+        out.model = _RowChunks(den.model, rows, meter)
+    if dtype_device is not None:
+        out.calibration_dtype = dtype_device
     return out
 
 
+_SAID_CLOSURE = []
+
+
 def pilot_dtype_device(den) -> tuple[torch.dtype, torch.device]:
-    """The state dtype and device of a pilot: the model's device; float64 unless the model has parameters
-    of a narrower dtype (a float32 or half model gets a float32 state, as ts.sample gives it)."""
-    params = getattr(getattr(den, "model", None), "parameters", None)
-    p = next(iter(params()), None) if callable(params) else None
+    """The state dtype and device of a calibration: what thermo_grid fixed (its dtype= and device=), else
+    the model's device, and float64 for a float64 model, float32 for a float32 or half one (as ts.sample
+    gives it); for a model without parameters or buffers (a function), torch's default dtype on the CPU."""
+    fixed = getattr(den, "calibration_dtype", None)
+    if fixed is not None:
+        return fixed
+    model = getattr(den, "model", None)
+    model = getattr(model, "model", model) if isinstance(model, _RowChunks) else model
+    p = next((t for t in _model_tensors(model) if t.is_floating_point()), None)
     if p is None:
-        return torch.float64, torch.device("cpu")
+        if not _SAID_CLOSURE:
+            _SAID_CLOSURE.append(True)
+            warnings.warn(f"the model has no parameters to read its dtype from: calibrating in "
+                          f"{torch.get_default_dtype()} (torch's default dtype) on the CPU; pass "
+                          "thermo_grid(..., dtype=torch.float64, device=...) to change it", UserWarning, stacklevel=3)
+        return torch.get_default_dtype(), torch.device("cpu")
     return (torch.float64 if p.dtype == torch.float64 else torch.float32), p.device
+
+
+def _model_tensors(model):
+    for name in ("parameters", "buffers"):
+        fn = getattr(model, name, None)
+        if callable(fn):
+            yield from fn()
 
 
 def _smooth(y: np.ndarray, passes: int = 1) -> np.ndarray:
@@ -462,9 +520,6 @@ CANDIDATES = ("karras", "logsnr", "kl_optimal", "uniform", "jump", "length", "er
 # Few candidates, the first kept unless another measures below MARGIN x its error: the smallest of many pilot
 # errors is often a grid that only suited the pilot (docs/decisions/0003-default-and-margin.md).
 DEFAULT_CANDIDATES = ("karras", "error")
-# 256 samples per pilot: a grid that sends 0.1-1 % of samples to another mode costs 3-40 x karras's error on a
-# large batch, and a smaller pilot holds none of them (docs/decisions/0004-pilot-of-256.md).
-PILOT_BATCH = 256
 # The reference batch's screened stratum (`boundary_noise`), off: it measured no gain.
 BOUNDARY_POOL = 0
 BOUNDARY_SAMPLES = 64
@@ -801,19 +856,44 @@ def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = No
     return measured[best][1], {k: e for k, (e, _, _) in measured.items()}
 
 
+# CalibrationOptions.cost: "low" and "default" are budgets of model rows (`row_budget`) that the largest pilot
+# fitting them fills; "thorough" is the fixed pilot of 256 samples and a 128-step reference.
+COSTS = ("low", "default", "thorough")
+THOROUGH = (256, 128)
+
+
+def row_budget(cost: str, steps: int) -> int:
+    """The model rows cost "default" may spend on a calibration for `steps` steps: 6,000 up to 10 steps,
+    10,000 up to 20, 500 per step beyond; "low" half of that."""
+    rows = 6000 if steps <= 10 else 10000 if steps <= 20 else 500 * steps
+    return rows // 2 if cost == "low" else rows
+
+
+def reference_steps(steps: int) -> int:
+    """The reference solve's steps for a calibration of `steps` steps (cost "low" and "default"): UniPC-3 on
+    6 x steps, at least 64 and at most 128, stays about ten times more accurate than the runs it ranks."""
+    return int(min(128, max(64, 6 * steps)))
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """The expert settings of `thermo_grid` (the defaults are the measured ones):
 
-        ts.thermo_grid(den, 10, options=ts.CalibrationOptions(pilot_batch=512, pilot_seed=1))
+        ts.thermo_grid(den, 10, solver="auto", options=ts.CalibrationOptions(cost="thorough", progress=False))
 
-    pilot_steps: evaluations of the twins pilot (DPM-Solver++(2M), uniform in log sigma).
-    pilot_batch: samples B of the pilot (PILOT_BATCH = 256: smaller pilots miss the rare samples a grid sends
-        to another mode, which dominate a large batch's RMS error).
+    cost: None: "default" for solver="auto", "thorough" for a single solver's grid (the size its calibrated
+        grids were validated at). "default": at most `row_budget(steps)` model rows (6,000 up to 10 steps, 10,000 up to 20), the
+        largest pilot that fits with a reference of `reference_steps(steps)`; "low": half that; "thorough": a
+        pilot of 256 samples and a 128-step reference (about 6 x the rows of "default"); or a number of model
+        rows. docs/calibration.md states each tier's measured gain and break-even.
+    progress: a tqdm bar over the model rows, after a line stating their planned number (None: when stderr
+        is a terminal).
+    pilot_batch, ref_steps: the reference solve's samples B and evaluations (None: from `cost`).
+    pilot_steps: evaluations of the twins pilot (DPM-Solver++(2M), uniform in log sigma; B samples, each
+        with its twin), which the "error" grid is read from.
     pilot_seed: seed of the pilot's noise (the grid never depends on the final run's seed).
     pilot_rows: most rows the model sees in one call (64); None passes whole batches (2 B rows in the twins
         pilot). Keyword tensors of the model whose leading size is the batch's are sliced alike.
-    ref_steps: evaluations of the converged reference solve (method "select").
     candidates: the grids "select" chooses among, the first being the default (DEFAULT_CANDIDATES = karras,
         "error"; any of CANDIDATES). solver="auto" measures its plan's own.
     margin: "select" keeps its first candidate unless another measures below margin x its pilot error
@@ -827,11 +907,13 @@ class CalibrationOptions:
         mode boundary, weighted by their share (`boundary_noise`); costs pilot_steps x boundary_pool / 256
         evaluations of 512 rows.
     """
+    cost: str | int | None = None
+    progress: bool | None = None
+    pilot_batch: int | None = None
+    ref_steps: int | None = None
     pilot_steps: int = 24
-    pilot_batch: int = PILOT_BATCH
     pilot_seed: int = 12345
     pilot_rows: int | None = 64
-    ref_steps: int = 128
     candidates: tuple | None = None
     margin: float = MARGIN
     floor: float | None = None
@@ -863,7 +945,8 @@ def _calibration_options(options, legacy: dict) -> CalibrationOptions:
 
 def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tuple | None = None,
                 method: str | None = None, solver_options: dict | None = None, pilot_data: dict | None = None,
-                backend: str = "auto", options: CalibrationOptions | None = None, **legacy):
+                backend: str = "auto", dtype: torch.dtype | None = None, device=None,
+                options: CalibrationOptions | None = None, **legacy):
     """A time grid calibrated from a pilot run of `den` (docs/theory.md §6, docs/calibration.md).
 
     Args:
@@ -875,24 +958,28 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
         sample_shape: the shape of one sample (without the batch), e.g. (64,) or (1, 8, 8). Needed unless
             the denoiser exposes `sample_shape` or `pilot_data` holds the pilot.
         method: "select" (the default for deterministic solvers): solve the pilot batch once to convergence
-            (`reference`, ref_steps evaluations), run `solver` on every candidate grid (karras and the
-            calibrated "error" density by default), measure how far its samples land from the converged
-            ones, and keep the first candidate unless another is clearly closer (options.margin): never
-            worse than karras on the pilot's samples. "error" (the default for stochastic solvers):
-            equidistributed global error, the solver's local error times the flow's amplification measured
-            by the pilot's twin trajectories; "length": equal thermodynamic length (Sivak & Crooks 2012);
-            "blend": the mean of the two densities.
+            (`reference`), run `solver` on every candidate grid (karras and the calibrated "error" density
+            by default), measure how far its samples land from the converged ones, and keep the first
+            candidate unless another is clearly closer (options.margin): never worse than karras on the
+            pilot's samples. "error" (the default for stochastic solvers): equidistributed global error, the
+            solver's local error times the flow's amplification measured by the pilot's twin trajectories;
+            "length": equal thermodynamic length (Sivak & Crooks 2012); "blend": the mean of the two.
         solver_options: options of `solver` for the candidate runs (e.g. {"order": 3}).
         pilot_data: a pilot dict to reuse (`grid.pilot` or `config.pilot` of an earlier call, or `pilot(...)`
             and/or `reference(...)` merged): then only what it lacks is computed. A reference screened
             otherwise than options.boundary_pool / boundary_samples ask is solved again.
         backend: fused-op backend for the pilot.
-        options: a `CalibrationOptions` (pilot size and seed, reference steps, candidates, margin, the
-            density's weights). The same names as keyword arguments still work, with a DeprecationWarning.
+        dtype, device: the calibration's state dtype (float32 or float64) and device. Default: from the
+            model's parameters (float64 for a float64 model, else float32; their device); for a model without
+            parameters (a function) torch's default dtype on the CPU, said once. Every stage runs in it.
+        options: a `CalibrationOptions` (cost tier, progress bar, pilot size and seed, reference steps,
+            candidates, margin, the density's weights). Its names as keyword arguments still work, with a
+            DeprecationWarning.
     Returns:
         ThermoGrid [steps + 1], descending from sigma_max to sigma_min, then 0, with `.meta` (what was measured
-        and its cost: "calibration_nfe" batched evaluations) and `.pilot` for reuse; for solver="auto" a
-        `SamplerConfig` (solver, options, sigmas, calibrated_for, meta, pilot).
+        and its cost: "calibration_rows" model rows in "calibration_calls" calls, "calibration_nfe" batched
+        evaluations) and `.pilot` for reuse; for solver="auto" a `SamplerConfig` (solver, options, sigmas,
+        calibrated_for, meta, pilot).
     """
     from .auto import AUTO, SamplerConfig, band_for, calibrate_plan, fingerprint
 
@@ -913,8 +1000,6 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
     rows = opts.pilot_rows
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"pilot_rows must be an int >= 1 or None, got {rows!r}")
-    model = getattr(den, "model", None)
-    den = _row_chunked(den, rows)
     band = band_for(steps) if auto else None
     spec = get_solver(band.default.solver if auto else solver)
     order = spec.order
@@ -934,36 +1019,48 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
     density_kw = _density_weights(opts, solver, steps, method)
     pilot_data = dict(pilot_data or {})
     needs_twins = method != "select" or "error" in candidates
-    pilot_data, spent = _pilots(den, pilot_data, needs_twins, method == "select", sample_shape, opts, backend)
-    sch = den.schedule
-    extra = {}
-    if method == "select" and auto:
-        solver, solver_options, chosen, sig, extra, nfe = calibrate_plan(
-            den, steps, pilot_data, pilot_data if needs_twins else None, backend, margin, density_kw)
-        spent += nfe
-        order = get_solver(solver).order
-    elif method == "select":
-        measured = _measure(den, steps, solver, pilot_data, pilot_data if needs_twins else None, candidates,
-                            backend, solver_options, density_kw)
-        spent += len(measured) * spec.evaluations(steps)
-        names = list(measured)
-        sq = np.stack([measured[k][2] for k in names])
-        chosen = names[challenge(sq, sample_weights(pilot_data, sq.shape[1]), margin, outliers="none")]
-        sig = measured[chosen][1]
-        extra = {"candidate_errors": {k: measured[k][0] for k in names},
-                 "ref_steps": int(len(pilot_data["ref_sigma"])), "margin": float(margin), "chosen": chosen}
-    elif steps == 1:
-        sig = np.array([sch.sigma_max])
-    else:
-        lam, rho = density(pilot_data, sch, method=method, order=order, floor=density_kw["floor"],
-                           critical=density_kw["critical"], amplify=density_kw["amplify"],
-                           switch=density_kw["switch"])
-        sig = _place_sigmas(lam, rho, steps, sch, density_kw["karras_weight"])
+    plan = _Plan(steps, spec, band, candidates, method, needs_twins)
+    opts = _sized(opts, plan, pilot_data)
+    model = getattr(den, "model", None)
+    made_in = _dtype_device(den, dtype, device)
+    meter = _Meter(plan.rows(opts, pilot_data))
+    meter.bar = _progress_bar(opts.progress, meter.planned, f"thermo_grid {solver} {steps} steps")
+    den = _row_chunked(den, rows, meter, made_in)
+    try:
+        pilot_data, spent = _pilots(den, pilot_data, needs_twins, method == "select", sample_shape, opts, backend)
+        sch = den.schedule
+        extra = {}
+        if method == "select" and auto:
+            solver, solver_options, chosen, sig, extra, nfe = calibrate_plan(
+                den, steps, pilot_data, pilot_data if needs_twins else None, backend, margin, density_kw)
+            spent += nfe
+            order = get_solver(solver).order
+        elif method == "select":
+            measured = _measure(den, steps, solver, pilot_data, pilot_data if needs_twins else None, candidates,
+                                backend, solver_options, density_kw)
+            spent += len(measured) * spec.evaluations(steps)
+            names = list(measured)
+            sq = np.stack([measured[k][2] for k in names])
+            chosen = names[challenge(sq, sample_weights(pilot_data, sq.shape[1]), margin, outliers="none")]
+            sig = measured[chosen][1]
+            extra = {"candidate_errors": {k: measured[k][0] for k in names},
+                     "ref_steps": int(len(pilot_data["ref_sigma"])), "margin": float(margin), "chosen": chosen}
+        elif steps == 1:
+            sig = np.array([sch.sigma_max])
+        else:
+            lam, rho = density(pilot_data, sch, method=method, order=order, floor=density_kw["floor"],
+                               critical=density_kw["critical"], amplify=density_kw["amplify"],
+                               switch=density_kw["switch"])
+            sig = _place_sigmas(lam, rho, steps, sch, density_kw["karras_weight"])
+    finally:
+        meter.close()
+    seconds = round(time.perf_counter() - started, 3)
     meta = {"method": method, "solver": solver, "order": order, **{k: float(v) for k, v in density_kw.items()},
             "steps": steps, "pilot_steps": int(len(pilot_data["sigma"])) if "sigma" in pilot_data else 0,
             "pilot_nfe": (int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0))
                           + int(pilot_data.get("ref_screen_nfe", 0))),
-            "boundary": list(_screen_of(pilot_data)), "calibration_nfe": spent, "pilot_seed": int(opts.pilot_seed),
+            "boundary": list(_screen_of(pilot_data)), "calibration_nfe": spent, "calibration_rows": meter.rows,
+            "calibration_calls": meter.calls, "calibration_seconds": seconds, "pilot_seed": int(opts.pilot_seed),
             "schedule": repr(sch), **extra}
     sigmas = np.append(sig, 0.0)
     if not auto:
@@ -972,11 +1069,92 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
         return grid
     shape = pilot_data["ref_final"].shape[1:]
     made_for = {"schedule": repr(sch), "prediction": getattr(den, "prediction", None), "sample_shape": list(shape),
-                "dtype": str(pilot_data["ref_noise"].dtype).replace("torch.", ""),
-                "device": pilot_dtype_device(den)[1].type, "model": fingerprint(model),
-                "pilot": {"evaluations": spent, "batch": int(pilot_data["ref_final"].shape[0]),
-                          "seconds": round(time.perf_counter() - started, 3)}}
+                "dtype": str(made_in[0]).replace("torch.", ""), "device": made_in[1].type, "model": fingerprint(model),
+                "pilot": {"rows": meter.rows, "calls": meter.calls, "evaluations": spent,
+                          "batch": int(pilot_data["ref_final"].shape[0]), "seconds": seconds}}
     return SamplerConfig(solver, solver_options, sigmas, made_for, meta, pilot=pilot_data)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a calibration will run, to state its price in model rows before it starts."""
+    steps: int
+    spec: object
+    band: object
+    candidates: tuple
+    method: str
+    twins: bool
+
+    def rows(self, opts: CalibrationOptions, pilot_data: dict) -> int:
+        """An upper bound on the model rows (stages the pilot may skip count as run)."""
+        from .auto import NOISE_CUTS
+        b = int(opts.pilot_batch)
+        rows = opts.pilot_steps * 2 * b if self.twins and "D" not in pilot_data else 0
+        if self.method != "select":
+            return rows
+        screened, pool = _screen(opts.boundary_pool, opts.boundary_samples)
+        if "ref_final" in pilot_data and _screen_of(pilot_data) == (screened, pool):
+            b = int(pilot_data["ref_final"].shape[0])
+        else:
+            rows += opts.ref_steps * b + opts.pilot_steps * 2 * pool
+            b += screened
+        runs = len(self.candidates) if self.steps > 1 else 1
+        if self.band is not None:
+            unipc = sum(c.solver == "unipc" for c in (self.band.default, self.band.alternative))
+            cuts = {"before": unipc, "after": 1}.get(self.band.noise_cut, 0) * len(NOISE_CUTS)
+            runs = 2 + (self.band.check is not None) + cuts + bool(self.band.fit_after)
+        return rows + runs * self.spec.evaluations(self.steps) * b
+
+
+def _sized(opts: CalibrationOptions, plan: _Plan, pilot_data: dict) -> CalibrationOptions:
+    """`opts` with pilot_batch and ref_steps set: "thorough" takes THOROUGH, a row budget (cost "low",
+    "default" or a number) the largest pilot that fits it with `reference_steps(steps)`."""
+    for name, least in (("pilot_batch", 2), ("ref_steps", 8)):
+        v = getattr(opts, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise ValueError(f"{name} must be an int >= {least}, got {v!r}")
+    cost = opts.cost if opts.cost is not None else ("default" if plan.band is not None else "thorough")
+    if cost == "thorough":
+        return replace(opts, pilot_batch=opts.pilot_batch or THOROUGH[0], ref_steps=opts.ref_steps or THOROUGH[1])
+    if isinstance(cost, str) and cost in COSTS:
+        budget = row_budget(cost, plan.steps)
+    elif isinstance(cost, int) and not isinstance(cost, bool) and cost >= 1:
+        budget = cost
+    else:
+        raise ValueError(f"cost must be one of {list(COSTS)} or a number of model rows, got {cost!r}")
+    opts = replace(opts, ref_steps=opts.ref_steps or reference_steps(plan.steps))
+    if opts.pilot_batch is not None:
+        return opts
+    fits = [b for b in range(8, 4097, 2) if plan.rows(replace(opts, pilot_batch=b), pilot_data) <= budget]
+    if not fits:
+        need = plan.rows(replace(opts, pilot_batch=8), pilot_data)
+        raise ValueError(f"cost={cost!r} ({budget} model rows) is too small for this calibration: a pilot of 8 "
+                         f"samples needs {need}")
+    return replace(opts, pilot_batch=fits[-1])
+
+
+def _dtype_device(den, dtype, device) -> tuple[torch.dtype, torch.device]:
+    """thermo_grid's dtype= and device=, each defaulting to the model's (`pilot_dtype_device`)."""
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64 (a half-precision model calibrates in "
+                        f"float32 and gets its inputs in its own dtype), got {dtype!r}")
+    if dtype is None or device is None:
+        found = pilot_dtype_device(den)
+        dtype, device = dtype or found[0], found[1] if device is None else device
+    return dtype, torch.device(device)
+
+
+def _progress_bar(progress: bool | None, planned: int, desc: str):
+    """A tqdm bar over `planned` model rows after a line stating them, or None (progress False, or None and
+    stderr is not a terminal)."""
+    import sys
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    tqdm.write(f"{desc}: at most {planned:,} model rows", file=sys.stderr)
+    return tqdm(total=planned, unit="row", unit_scale=True, desc=desc, file=sys.stderr, leave=False)
 
 
 def _density_weights(opts: CalibrationOptions, solver: str, steps: int, method: str) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .auto import AUTO, SamplerConfig, is_config, resolve
+from .auto import AUTO, SamplerConfig, check_made_for, is_config, resolve
 from .graphs import GRAPHS
 from .grids import make_grid
 from .run import Run
@@ -132,6 +132,8 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
         solver, chosen = resolve(grid, steps)
         solver_options = {**chosen, **solver_options}
     if isinstance(grid, SamplerConfig):
+        if shape is not None or noise is not None:
+            check_made_for(grid, den, (shape if noise is None else noise.shape)[1:], solver, solver_options)
         grid = grid.sigmas
     spec = get_solver(solver)
     if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)

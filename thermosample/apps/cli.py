@@ -217,7 +217,12 @@ def add_schedule(sub):
     p.add_argument("--method", default=None, choices=["select", "error", "length", "blend"],
                    help="calibration method (default: select for deterministic solvers, error for stochastic)")
     p.add_argument("--pilot-steps", type=_positive_int, default=24, help="evaluations of the twin pilot (default 24)")
-    p.add_argument("--pilot-batch", type=_positive_int, default=256, help="pilot batch size (default 256)")
+    p.add_argument("--cost", default=None,
+                   help="low | default | thorough, or a budget of model rows (default: default for --solver auto, "
+                        "thorough otherwise; see ts.CalibrationOptions)")
+    p.add_argument("--pilot-batch", type=_positive_int, default=None, help="pilot batch size (default: from --cost)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar over the calibration's model rows (default: when stderr is a terminal)")
     p.add_argument("--pilot-rows", type=_positive_int, default=64,
                    help="most rows the model sees per call during the calibration (default 64; lower it for a "
                         "large model, the grid does not change)")

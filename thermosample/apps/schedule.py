@@ -24,9 +24,10 @@ def main(args) -> int:
         shape = getattr(args, "shape", None) or getattr(den, "sample_shape", None)
         if shape is None:
             raise ValueError("pass --shape C,H,W (the shape of one sample): the factory's denoiser has no sample_shape")
-    options = CalibrationOptions(pilot_steps=args.pilot_steps, pilot_batch=args.pilot_batch,
-                                 pilot_rows=getattr(args, "pilot_rows", 64),
-                                 boundary_pool=getattr(args, "boundary_pool", 0))
+    cost = getattr(args, "cost", None)
+    options = CalibrationOptions(cost=int(cost) if str(cost).isdigit() else cost, pilot_steps=args.pilot_steps,
+                                 pilot_batch=args.pilot_batch, pilot_rows=getattr(args, "pilot_rows", 64),
+                                 boundary_pool=getattr(args, "boundary_pool", 0), progress=getattr(args, "progress", None))
     g = thermo_grid(den, args.steps, solver=args.solver, method=getattr(args, "method", None),
                     sample_shape=tuple(shape), backend=getattr(args, "backend", "auto"), options=options)
     sch = den.schedule
@@ -38,8 +39,8 @@ def main(args) -> int:
     if auto:
         solver += " (chosen by solver auto)"
     print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {solver}, method "
-          f"{g.meta['method']}{chosen}; calibration: {g.meta['calibration_nfe']} model evaluations on a batch of "
-          f"{args.pilot_batch}")
+          f"{g.meta['method']}{chosen}; calibration: {g.meta['calibration_rows']:,} model rows in "
+          f"{g.meta['calibration_calls']} calls, {g.meta['calibration_seconds']:.1f} s")
     print(f"{'i':>3} {'sigma (calibrated)':>19} {'t':>9} {'sigma (karras)':>15}")
     for i, (a, b) in enumerate(zip(np.asarray(g.sigmas if auto else g), k)):
         t = float(sch.sigma_to_t(a)) if a > 0 else 0.0
