@@ -54,7 +54,7 @@ the default set; the held-out numbers are for checking that a change transfers, 
 LEARNED MODELS. `--learned` runs quality_problems.LEARNED (seeds 0, 1; 512-1024 samples per seed): MLPs with
 EDM preconditioning trained on digits (image-like), wine (tabular) and the swiss roll (a 3-d manifold), which
 tuning may use, and last ho-learned-breastcancer (learned.HELDOUT_LEARNED), held out of all tuning. A
-missing model is trained and cached on first use (benchmarks/learned.py); about 15 minutes on two cores.
+missing model is trained and cached on first use (benchmarks/learned.py); 10 minutes on two shared cores.
 
     python -m benchmarks.bench_quality [--quick] [--heldout | --learned] [--seeds 0,1,2,3] [--batch N]
         [--problems d16,digits] [--solvers dpmpp_2m,heun] [--peers kd:,diffusers:unipc] [--budgets 6,10,20,50]

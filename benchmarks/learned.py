@@ -25,8 +25,10 @@ layer. Trained with EDM's loss (log-normal sigma, P_mean -1.2, P_std 1.2, weight
 Cache: ``$THERMOSAMPLE_LEARNED_CACHE`` or ``~/.cache/thermosample/learned``, one file
 ``<name>-<hash>.pt`` per model, where the hash covers the whole `TrainConfig` and `CODE_VERSION` (bump it
 when the training code changes what a config produces). A cached model loads in well under a second; a
-missing one is trained (seconds to a minute each on 2 CPU threads; `python -m benchmarks.learned` trains
-and times them all).
+missing one is trained on torch's current thread count (`python -m benchmarks.learned [--threads N]` trains
+and times them all): 16-71 s of CPU time each, so well under a minute on two idle cores. On the shared 2-core
+VM, with other jobs at a load of 5-10, one thread took 33-94 s and two threads 208-307 s per model (the two
+threads wait on each other); the weights are bit-identical either way.
 
 `denoiser(name)` returns a ts.Denoiser (EDM schedule, x0 prediction, time = sigma) over the float32
 network, with `reference_denoiser` (the same weights in float64, for bench_quality's converged
@@ -152,7 +154,7 @@ class TrainConfig:
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-# the benchmark's models: sizes chosen so that each trains in well under a minute on 2 CPU threads
+# the benchmark's models: sizes chosen so that each trains in well under a minute of CPU time (module docstring)
 CONFIGS = {
     "digits": TrainConfig("digits", hidden=256, depth=3, steps=3000, seed=11),
     "wine": TrainConfig("wine", hidden=256, depth=3, steps=2000, batch=128, seed=12),

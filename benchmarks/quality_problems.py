@@ -11,7 +11,7 @@ Three disjoint sets:
   data (benchmarks/learned.py) of three kinds (image-like digits, tabular wine, the 3-d swiss roll), which
   tuning may use, and last the held-out one (learned.HELDOUT_LEARNED, breast_cancer, named "ho-..."),
   which nobody tunes on. Two seeds and smaller batches than DEFAULT: a network evaluation costs more than a
-  mixture's, and the whole set runs in about 15 minutes on two cores.
+  mixture's, and the whole set runs in 10 minutes on two shared cores (the models cached).
 
 Every mixture is standardised so that each coordinate has variance about 1 (spectral_mixture: 1 on average
 over the coordinates, falling as a power law). The anisotropic and spectral mixtures have a
