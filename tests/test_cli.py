@@ -36,13 +36,15 @@ def test_schedule_pilot_rows_reach_the_calibration_and_leave_the_grid_alone(caps
     from thermosample.apps import schedule
     seen = []
     real = schedule.thermo_grid
-    monkeypatch.setattr(schedule, "thermo_grid", lambda *a, **k: (seen.append(k["pilot_rows"]), real(*a, **k))[1])
+    monkeypatch.setattr(schedule, "thermo_grid",
+                        lambda *a, **k: (seen.append(k["options"].pilot_rows), real(*a, **k))[1])
     grids = []
     for rows in ("8", "64"):
         assert cli.main(["schedule", "--steps", "6", "--pilot-rows", rows]) == 0
         grids.append([line for line in capsys.readouterr().out.splitlines() if line[:3].strip().isdigit()])
     assert seen == [8, 64] and grids[0] == grids[1] and len(grids[0]) == 7
     pools = []
-    monkeypatch.setattr(schedule, "thermo_grid", lambda *a, **k: (pools.append(k["boundary_pool"]), real(*a, **k))[1])
+    monkeypatch.setattr(schedule, "thermo_grid",
+                        lambda *a, **k: (pools.append(k["options"].boundary_pool), real(*a, **k))[1])
     assert cli.main(["schedule", "--steps", "6", "--boundary-pool", "0"]) == 0
     assert pools == [0] and "calibration:" in capsys.readouterr().out

@@ -24,5 +24,6 @@ def __getattr__(name):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = ["sample", "thermo_grid", "ThermoGrid", "SamplerConfig", "CalibrationOptions", "auto", "calibrate", "Denoiser", "schedules", "grids", "toy",
+__all__ = ["sample", "thermo_grid", "ThermoGrid", "SamplerConfig", "CalibrationOptions", "auto", "calibrate",
+           "Denoiser", "schedules", "grids", "toy",
            "ThermoReport", "SampleOutput", "NonFiniteError", "BackendUnavailableWarning", "__version__"]

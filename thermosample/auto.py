@@ -409,7 +409,8 @@ def check_made_for(config: SamplerConfig, den, sample_shape, solver: str, option
     found = {"solver": (label(solver, options, "")[:-1], label(config.solver, config.options, "")[:-1])}
     if (solver, options) == (config.solver, config.options):
         found.pop("solver")
-    for name, now in (("schedule", repr(getattr(den, "schedule", None))), ("prediction", getattr(den, "prediction", None)),
+    for name, now in (("schedule", repr(getattr(den, "schedule", None))),
+                      ("prediction", getattr(den, "prediction", None)),
                       ("sample_shape", [int(v) for v in sample_shape])):
         if name in made and made[name] != now:
             found[name] = (now, made[name])

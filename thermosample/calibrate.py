@@ -112,7 +112,7 @@ class ThermoGrid(np.ndarray):
 
 
 def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: str = "dpmpp_2m",
-          backend: str = "auto", sigmas=None, keep_dims: int = 1024) -> dict:
+          backend: str = "auto", sigmas=None, keep_dims: int = 1024, dtype=None, device=None) -> dict:
     """Run the pilot: `solver` on `pilot_steps` steps uniform in log sigma, batch shape [B, ...].
 
     Each trajectory runs beside a twin started 1e-6 (relative) away in the same model calls, so the model
@@ -124,9 +124,13 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
     evaluation), spread [J] (RMS distance of the batch's x from their mean at each evaluation), and nfe
     (model evaluations spent). D keeps at most `keep_dims` fixed coordinates of each sample, scaled so
     that squared norms estimate the full ones (the densities use only such norms), which bounds its
-    memory at J x B x keep_dims float64 for image-sized samples.
+    memory at J x B x keep_dims float64 for image-sized samples. dtype, device: as thermo_grid's (default:
+    the model's, `pilot_dtype_device`).
     """
     from .sampler import sample
+
+    if dtype is not None or device is not None:
+        den = _row_chunked(den, None, None, _dtype_device(den, dtype, device))
 
     if isinstance(pilot_steps, bool) or not isinstance(pilot_steps, int) or pilot_steps < 4:
         raise ValueError(f"pilot_steps must be an int >= 4, got {pilot_steps!r}")
@@ -527,7 +531,7 @@ BOUNDARY_SAMPLES = 64
 
 def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend: str = "auto",
               keep_dims: int | None = None, boundary_pool: int = BOUNDARY_POOL,
-              boundary_samples: int = BOUNDARY_SAMPLES, pilot_steps: int = 24) -> dict:
+              boundary_samples: int = BOUNDARY_SAMPLES, pilot_steps: int = 24, dtype=None, device=None) -> dict:
     """A converged reference solve of the pilot batch: UniPC of order 3 on `ref_steps` sigmas uniform in
     log sigma (NFE = ref_steps), from noise of its own seed. Third order because the reference must be far
     more accurate than the candidates it ranks: DPM-Solver++(2M) on 128 steps was off by 1e-4 to 1e-3
@@ -550,6 +554,9 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
     None when ref_x holds every coordinate), ref_proj_seed; B' = B + the screened samples.
     """
     from .sampler import sample
+
+    if dtype is not None or device is not None:
+        den = _row_chunked(den, None, None, _dtype_device(den, dtype, device))
 
     if isinstance(ref_steps, bool) or not isinstance(ref_steps, int) or ref_steps < 8:
         raise ValueError(f"ref_steps must be an int >= 8, got {ref_steps!r}")
@@ -859,7 +866,8 @@ def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = No
 # CalibrationOptions.cost: "low" and "default" are budgets of model rows (`row_budget`) that the largest pilot
 # fitting them fills; "thorough" is the fixed pilot of 256 samples and a 128-step reference.
 COSTS = ("low", "default", "thorough")
-THOROUGH = (256, 128)
+PILOT_BATCH = 256            # "thorough": a smaller pilot misses more of the rare samples that decide a grid
+THOROUGH = (PILOT_BATCH, 128)
 
 
 def row_budget(cost: str, steps: int) -> int:
@@ -882,10 +890,10 @@ class CalibrationOptions:
         ts.thermo_grid(den, 10, solver="auto", options=ts.CalibrationOptions(cost="thorough", progress=False))
 
     cost: None: "default" for solver="auto", "thorough" for a single solver's grid (the size its calibrated
-        grids were validated at). "default": at most `row_budget(steps)` model rows (6,000 up to 10 steps, 10,000 up to 20), the
-        largest pilot that fits with a reference of `reference_steps(steps)`; "low": half that; "thorough": a
-        pilot of 256 samples and a 128-step reference (about 6 x the rows of "default"); or a number of model
-        rows. docs/calibration.md states each tier's measured gain and break-even.
+        grids were validated at). "default": at most `row_budget(steps)` model rows (6,000 up to 10 steps,
+        10,000 up to 20), the largest pilot that fits with a reference of `reference_steps(steps)`; "low":
+        half that; "thorough": a pilot of 256 samples and a 128-step reference; or a number of model rows.
+        docs/calibration.md §9 states each tier's measured gain and break-even.
     progress: a tqdm bar over the model rows, after a line stating their planned number (None: when stderr
         is a terminal).
     pilot_batch, ref_steps: the reference solve's samples B and evaluations (None: from `cost`).

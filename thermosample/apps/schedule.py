@@ -27,7 +27,8 @@ def main(args) -> int:
     cost = getattr(args, "cost", None)
     options = CalibrationOptions(cost=int(cost) if str(cost).isdigit() else cost, pilot_steps=args.pilot_steps,
                                  pilot_batch=args.pilot_batch, pilot_rows=getattr(args, "pilot_rows", 64),
-                                 boundary_pool=getattr(args, "boundary_pool", 0), progress=getattr(args, "progress", None))
+                                 boundary_pool=getattr(args, "boundary_pool", 0),
+                                 progress=getattr(args, "progress", None))
     g = thermo_grid(den, args.steps, solver=args.solver, method=getattr(args, "method", None),
                     sample_shape=tuple(shape), backend=getattr(args, "backend", "auto"), options=options)
     sch = den.schedule
