@@ -144,11 +144,11 @@ def calibrate_cases() -> dict:
     mix = mixture()
     out = {}
     for solver, steps in (("dpmpp_2m", 8), ("euler", 10), ("heun", 6)):
-        grid = ts.thermo_grid(mix.denoiser("condot"), steps, solver=solver, sample_shape=(7,), pilot_batch=16,
-                              backend="torch", method="error")
+        grid = ts.thermo_grid(mix.denoiser("condot"), steps, solver=solver, sample_shape=(7,), backend="torch",
+                              method="error", options=ts.CalibrationOptions(pilot_batch=16))
         out[f"calibrate/{solver}/{steps}"] = torch.as_tensor(grid.copy())
-    grid = ts.thermo_grid(mix.denoiser("vp"), 8, solver="dpmpp_2m", sample_shape=(7,), pilot_batch=16, ref_steps=32,
-                          backend="torch")
+    grid = ts.thermo_grid(mix.denoiser("vp"), 8, solver="dpmpp_2m", sample_shape=(7,), backend="torch",
+                          options=ts.CalibrationOptions(pilot_batch=16, ref_steps=32))
     out["calibrate/select/dpmpp_2m/8"] = torch.as_tensor(grid.copy())
     return out
 

@@ -56,6 +56,6 @@ def test_denoiser_is_a_denoiser():
 
 def test_calibrated_grid_for_the_digits_model_runs():
     den = digits.load_denoiser()
-    g = ts.thermo_grid(den, 10, pilot_batch=16, pilot_steps=16)
+    g = ts.thermo_grid(den, 10, options=ts.CalibrationOptions(pilot_batch=16, pilot_steps=16))
     out = ts.sample(den, (4, 1, 8, 8), grid=g, solver="dpmpp_2m", seed=0)
     assert out.nfe == 10 and torch.isfinite(out.samples).all()

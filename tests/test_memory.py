@@ -56,7 +56,7 @@ def test_sampling_runs_the_model_without_autograd():
     assert model.grad_enabled and not any(model.grad_enabled)
     assert not out.samples.requires_grad
     out.thermo.profile()                                  # numpy() works: nothing requires grad
-    grid = ts.thermo_grid(den, 4, sample_shape=(3,), pilot_batch=4, pilot_steps=6)
+    grid = ts.thermo_grid(den, 4, sample_shape=(3,), options=ts.CalibrationOptions(pilot_batch=4, pilot_steps=6))
     assert len(grid) == 5 and not any(model.grad_enabled)
 
 
