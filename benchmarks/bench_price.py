@@ -53,15 +53,6 @@ def peer_nfe(envelope: dict, err: float) -> float | None:
     return None
 
 
-def fresh_rows(den, budget: int, shape, options) -> int:
-    """Model rows of a fresh calibration (`thermo_grid`'s stated plan, the stages a pilot may skip counted)."""
-    from thermosample import calibrate
-    band = ts.auto.band_for(budget)
-    plan = calibrate._Plan(budget, ts.solvers.get_solver(band.default.solver), band, (), "select",
-                           "error" in (band.default.grid, band.alternative.grid))
-    return plan.rows(calibrate._sized(options, plan, {}), {})
-
-
 def run(which: str, tiers, budgets, tokens=None, peers_json=None, log=print) -> list[dict]:
     peers = best_peers(which, peers_json)
     envelope = collections.defaultdict(dict)
@@ -85,7 +76,7 @@ def run(which: str, tiers, budgets, tokens=None, peers_json=None, log=print) -> 
                 cache.update(cfg.pilot)
                 out = ts.sample(den, noise=x_t.float(), grid=cfg, track=False).samples
                 rows.append(_row(prob.name, budget, tier, bq.score_run(out, ref, b, len(seeds)), peers, envelope,
-                                 fresh_rows(den, budget, prob.shape, options), repr(cfg)))
+                                 ts.calibrate.planned_rows(budget, "auto", options), repr(cfg)))
         for budget in budgets:
             u = ts.auto.band_for(budget).uncalibrated
             out = ts.sample(den, noise=x_t.float(), steps=budget, solver=u.solver, grid="karras", track=False,

@@ -454,6 +454,18 @@ def resolve(grid, steps: int | None) -> tuple[str, dict]:
     return band.uncalibrated.solver, dict(band.uncalibrated.options)
 
 
+def runnable(solver: str | None, grid, steps: int | None, options: dict) -> tuple[str, dict, object]:
+    """(solver, options, grid) a run takes from what the user passed: solver None is the config's solver when
+    `grid` carries one, else "euler"; "auto" is `resolve`'s choice (its options under the given ones); a
+    SamplerConfig grid becomes its sigmas."""
+    if solver is None:
+        solver = AUTO if is_config(grid) else "euler"
+    if solver == AUTO:
+        solver, chosen = resolve(grid, steps)
+        options = {**chosen, **options}
+    return solver, options, grid.sigmas if isinstance(grid, SamplerConfig) else grid
+
+
 def recommended(nfe: int) -> dict:
     """The configuration to take for `nfe` model evaluations (5-50):
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .auto import AUTO, SamplerConfig, is_config, resolve
+from .auto import runnable
 from .denoiser import Denoiser
 from .grids import make_grid
 from .sampler import sample as _sample
@@ -446,13 +446,7 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
     if isinstance(sample_shape, int):
         sample_shape = (sample_shape,)
     sample_shape = tuple(_positive_int("sample_shape entries", s) for s in sample_shape)
-    if solver is None:
-        solver = AUTO if is_config(grid) else "euler"
-    if solver == AUTO:      # the config's choice, else the plan's uncalibrated default (ts.sample's rule)
-        solver, chosen = resolve(grid, steps)
-        solver_options = {**chosen, **solver_options}
-    if isinstance(grid, SamplerConfig):
-        grid = grid.sigmas
+    solver, solver_options, grid = runnable(solver, grid, steps, solver_options)   # ts.sample's rule
     if not isinstance(grid, str):
         grid = [float(s) for s in (grid.tolist() if hasattr(grid, "tolist") else grid)]
     steps = len(make_grid(grid, steps, den.schedule)) - 1   # as ts.sample resolves it (grids.make_grid)

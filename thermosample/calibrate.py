@@ -63,7 +63,7 @@ from .solvers import get_solver
 __all__ = ["ThermoGrid", "CalibrationOptions", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density",
            "critical_density", "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default",
            "reference", "reference_nodes", "fit_corrections", "candidate_sigmas", "pilot_errors", "measure", "select",
-           "error_grid_defaults", "sample_weights", "data_scale"]
+           "error_grid_defaults", "sample_weights", "data_scale", "planned_rows", "row_budget", "reference_steps"]
 
 
 
@@ -856,11 +856,16 @@ def select(den, steps: int, solver: str, ref: dict, pilot_data: dict | None = No
            margin: float = MARGIN) -> tuple[np.ndarray, dict]:
     """`measure` the candidate grids and keep the first unless another is below `margin` times its error
     (`auto.challenge` on all samples). Returns (positive sigmas [steps], {candidate: RMS error})."""
-    measured = _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, None)
+    best, measured = _select(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, margin, None)
+    return measured[best][1], {k: e for k, (e, _, _) in measured.items()}
+
+
+def _select(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, margin, density_kw):
+    """(the chosen candidate's name, `_measure`'s result): the one rule on all samples, the first the incumbent."""
+    measured = _measure(den, steps, solver, ref, pilot_data, candidates, backend, solver_options, density_kw)
     names = list(measured)
     sq = np.stack([measured[k][2] for k in names])
-    best = names[challenge(sq, sample_weights(ref, sq.shape[1]), margin, outliers="none")]
-    return measured[best][1], {k: e for k, (e, _, _) in measured.items()}
+    return names[challenge(sq, sample_weights(ref, sq.shape[1]), margin, outliers="none")], measured
 
 
 # CalibrationOptions.cost: "low" and "default" are budgets of model rows (`row_budget`) that the largest pilot
@@ -893,7 +898,7 @@ class CalibrationOptions:
         grids were validated at). "default": at most `row_budget(steps)` model rows (6,000 up to 10 steps,
         10,000 up to 20), the largest pilot that fits with a reference of `reference_steps(steps)`; "low":
         half that; "thorough": a pilot of 256 samples and a 128-step reference; or a number of model rows.
-        docs/calibration.md §9 states each tier's measured gain and break-even.
+        Each tier buys a larger pilot, which ranks rarer samples: docs/calibration.md ("The price").
     progress: a tqdm bar over the model rows, after a line stating their planned number (None: when stderr
         is a terminal).
     pilot_batch, ref_steps: the reference solve's samples B and evaluations (None: from `cost`).
@@ -989,7 +994,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
         evaluations) and `.pilot` for reuse; for solver="auto" a `SamplerConfig` (solver, options, sigmas,
         calibrated_for, meta, pilot).
     """
-    from .auto import AUTO, SamplerConfig, band_for, calibrate_plan, fingerprint
+    from .auto import AUTO, SamplerConfig, calibrate_plan, fingerprint
 
     opts = _calibration_options(options, legacy)
     started = time.perf_counter()
@@ -1008,26 +1013,11 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
     rows = opts.pilot_rows
     if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"pilot_rows must be an int >= 1 or None, got {rows!r}")
-    band = band_for(steps) if auto else None
-    spec = get_solver(band.default.solver if auto else solver)
+    plan = _Plan.of(steps, solver, method, solver_options, opts.candidates)
+    spec, method, candidates, needs_twins = plan.spec, plan.method, plan.candidates, plan.twins
     order = spec.order
-    if method is None:
-        method = "error" if spec.injects_noise(solver_options or {}) else "select"
-    if method not in ("select", "blend", "error", "length"):
-        raise ValueError(f"method must be 'select', 'blend', 'error' or 'length', got {method!r}")
-    candidates = tuple(DEFAULT_CANDIDATES if opts.candidates is None else opts.candidates)
-    if auto:
-        candidates = tuple(dict.fromkeys((band.default.grid, band.alternative.grid)))
-    if method == "select":
-        if spec.injects_noise(solver_options or {}):
-            raise ValueError(f"method='select' compares against the converged ODE solution: {solver!r} with these "
-                             "options is stochastic; use method='error'")
-        if not candidates or any(c not in CANDIDATES for c in candidates):
-            raise ValueError(f"candidates must be a non-empty subset of {CANDIDATES}, got {candidates!r}")
     density_kw = _density_weights(opts, solver, steps, method)
     pilot_data = dict(pilot_data or {})
-    needs_twins = method != "select" or "error" in candidates
-    plan = _Plan(steps, spec, band, candidates, method, needs_twins)
     opts = _sized(opts, plan, pilot_data)
     model = getattr(den, "model", None)
     made_in = _dtype_device(den, dtype, device)
@@ -1044,14 +1034,11 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
             spent += nfe
             order = get_solver(solver).order
         elif method == "select":
-            measured = _measure(den, steps, solver, pilot_data, pilot_data if needs_twins else None, candidates,
-                                backend, solver_options, density_kw)
+            chosen, measured = _select(den, steps, solver, pilot_data, pilot_data if needs_twins else None,
+                                       candidates, backend, solver_options, margin, density_kw)
             spent += len(measured) * spec.evaluations(steps)
-            names = list(measured)
-            sq = np.stack([measured[k][2] for k in names])
-            chosen = names[challenge(sq, sample_weights(pilot_data, sq.shape[1]), margin, outliers="none")]
             sig = measured[chosen][1]
-            extra = {"candidate_errors": {k: measured[k][0] for k in names},
+            extra = {"candidate_errors": {k: e for k, (e, _, _) in measured.items()},
                      "ref_steps": int(len(pilot_data["ref_sigma"])), "margin": float(margin), "chosen": chosen}
         elif steps == 1:
             sig = np.array([sch.sigma_max])
@@ -1093,6 +1080,28 @@ class _Plan:
     method: str
     twins: bool
 
+    @classmethod
+    def of(cls, steps: int, solver: str, method: str | None, solver_options: dict | None, candidates) -> _Plan:
+        """The plan of thermo_grid(den, steps, solver, method=..., solver_options=...) with these candidates,
+        its arguments checked."""
+        from .auto import AUTO, band_for
+        band = band_for(steps) if solver == AUTO else None
+        spec = get_solver(band.default.solver if band else solver)
+        if method is None:
+            method = "error" if spec.injects_noise(solver_options or {}) else "select"
+        if method not in ("select", "blend", "error", "length"):
+            raise ValueError(f"method must be 'select', 'blend', 'error' or 'length', got {method!r}")
+        candidates = tuple(DEFAULT_CANDIDATES if candidates is None else candidates)
+        if band:
+            candidates = tuple(dict.fromkeys((band.default.grid, band.alternative.grid)))
+        if method == "select":
+            if spec.injects_noise(solver_options or {}):
+                raise ValueError(f"method='select' compares against the converged ODE solution: {solver!r} with "
+                                 "these options is stochastic; use method='error'")
+            if not candidates or any(c not in CANDIDATES for c in candidates):
+                raise ValueError(f"candidates must be a non-empty subset of {CANDIDATES}, got {candidates!r}")
+        return cls(steps, spec, band, candidates, method, method != "select" or "error" in candidates)
+
     def rows(self, opts: CalibrationOptions, pilot_data: dict) -> int:
         """An upper bound on the model rows (stages the pilot may skip count as run)."""
         from .auto import NOISE_CUTS
@@ -1112,6 +1121,15 @@ class _Plan:
             cuts = {"before": unipc, "after": 1}.get(self.band.noise_cut, 0) * len(NOISE_CUTS)
             runs = 2 + (self.band.check is not None) + cuts + bool(self.band.fit_after)
         return rows + runs * self.spec.evaluations(self.steps) * b
+
+
+def planned_rows(steps: int, solver: str = "auto", options: CalibrationOptions | None = None,
+                 method: str | None = None, solver_options: dict | None = None) -> int:
+    """The model rows a fresh `thermo_grid(den, steps, solver, ...)` may spend at most (the bound it states
+    before it starts; stages its pilot may skip count as run)."""
+    opts = CalibrationOptions() if options is None else options
+    plan = _Plan.of(int(steps), solver, method, solver_options, opts.candidates)
+    return plan.rows(_sized(opts, plan, {}), {})
 
 
 def _sized(opts: CalibrationOptions, plan: _Plan, pilot_data: dict) -> CalibrationOptions:

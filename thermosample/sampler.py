@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .auto import AUTO, SamplerConfig, check_made_for, is_config, resolve
+from .auto import SamplerConfig, check_made_for, runnable
 from .graphs import GRAPHS
 from .grids import make_grid
 from .run import Run
@@ -126,15 +126,10 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
     if not callable(den) or not hasattr(den, "schedule"):
         raise TypeError("den must be a thermosample.Denoiser (a callable with a .schedule); "
                         "wrap your model with ts.Denoiser(model, schedule, prediction=...)")
-    if solver is None:
-        solver = AUTO if is_config(grid) else "euler"
-    if solver == AUTO:   # the recommended configuration: the config's choice, else the plan's uncalibrated default
-        solver, chosen = resolve(grid, steps)
-        solver_options = {**chosen, **solver_options}
-    if isinstance(grid, SamplerConfig):
-        if shape is not None or noise is not None:
-            check_made_for(grid, den, (shape if noise is None else noise.shape)[1:], solver, solver_options)
-        grid = grid.sigmas
+    config = grid if isinstance(grid, SamplerConfig) else None
+    solver, solver_options, grid = runnable(solver, grid, steps, solver_options)
+    if config is not None and (shape is not None or noise is not None):
+        check_made_for(config, den, (shape if noise is None else noise.shape)[1:], solver, solver_options)
     spec = get_solver(solver)
     if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)
                                     or check_every < 1):

@@ -164,16 +164,10 @@ def add_sample(sub):
     def run(args):
         from .. import bulk
         options = {} if args.eta is None else {"eta": args.eta}
-        from ..auto import AUTO, SamplerConfig, is_config, resolve
-        grid, solver = args.grid, args.solver
-        if solver is None:
-            solver = AUTO if is_config(grid) else "euler"
-        if solver == AUTO:   # the recommended configuration: the config's choice, else the plan's default
-            solver, chosen = resolve(grid, args.steps)
-            options = {**chosen, **options}
-            print(f"solver {solver}" + (" (from the config; --solver overrides it)" if is_config(grid) else ""))
-        if isinstance(grid, SamplerConfig):
-            grid = grid.grid
+        from ..auto import AUTO, is_config, runnable
+        solver, options, grid = runnable(args.solver, args.grid, args.steps, options)
+        if args.solver == AUTO or (args.solver is None and is_config(args.grid)):   # say what auto chose
+            print(f"solver {solver}" + (" (from the config; --solver overrides it)" if is_config(args.grid) else ""))
         # sample_to_disk checks every argument (and runs one trial step) before it creates the folder
         res = bulk.sample_to_disk(args.model, args.n, args.batch, args.out, sample_shape=args.shape,
                                   steps=args.steps, solver=solver, grid=grid, seed=args.seed,
