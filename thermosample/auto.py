@@ -434,7 +434,7 @@ def is_config(grid) -> bool:
 _SAID = set()
 
 
-def resolve(grid, steps: int | None) -> tuple[str, dict]:
+def resolve(grid, steps: int | None, stacklevel: int = 3) -> tuple[str, dict]:
     """(solver, options) that solver="auto" runs: a config's choice, else the plan's uncalibrated default
     for the step count (said once per band)."""
     from .solvers import SOLVERS
@@ -450,18 +450,21 @@ def resolve(grid, steps: int | None) -> tuple[str, dict]:
         run = band.uncalibrated
         warnings.warn(f"solver='auto' without a calibrated config runs the plan's uncalibrated default for {n} steps, "
                       f"{label(run.solver, run.options, 'the given grid')}; calibrate with "
-                      f"ts.thermo_grid(den, {n}, solver='auto') and pass grid=config", UserWarning, stacklevel=4)
+                      f"ts.thermo_grid(den, {n}, solver='auto') and pass grid=config", UserWarning,
+                      stacklevel=stacklevel)
     return band.uncalibrated.solver, dict(band.uncalibrated.options)
 
 
-def runnable(solver: str | None, grid, steps: int | None, options: dict) -> tuple[str, dict, object]:
+def runnable(solver: str | None, grid, steps: int | None, options: dict,
+             stacklevel: int = 2) -> tuple[str, dict, object]:
     """(solver, options, grid) a run takes from what the user passed: solver None is the config's solver when
     `grid` carries one, else "euler"; "auto" is `resolve`'s choice (its options under the given ones); a
-    SamplerConfig grid becomes its sigmas."""
+    SamplerConfig grid becomes its sigmas. `stacklevel`: the frame resolve's warning names, counted from here
+    (2: runnable's caller)."""
     if solver is None:
         solver = AUTO if is_config(grid) else "euler"
     if solver == AUTO:
-        solver, chosen = resolve(grid, steps)
+        solver, chosen = resolve(grid, steps, stacklevel + 1)
         options = {**chosen, **options}
     return solver, options, grid.sigmas if isinstance(grid, SamplerConfig) else grid
 

@@ -446,7 +446,7 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
     if isinstance(sample_shape, int):
         sample_shape = (sample_shape,)
     sample_shape = tuple(_positive_int("sample_shape entries", s) for s in sample_shape)
-    solver, solver_options, grid = runnable(solver, grid, steps, solver_options)   # ts.sample's rule
+    solver, solver_options, grid = runnable(solver, grid, steps, solver_options, stacklevel=3)  # ts.sample's rule
     if not isinstance(grid, str):
         grid = [float(s) for s in (grid.tolist() if hasattr(grid, "tolist") else grid)]
     steps = len(make_grid(grid, steps, den.schedule)) - 1   # as ts.sample resolves it (grids.make_grid)

@@ -127,7 +127,7 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
         raise TypeError("den must be a thermosample.Denoiser (a callable with a .schedule); "
                         "wrap your model with ts.Denoiser(model, schedule, prediction=...)")
     config = grid if isinstance(grid, SamplerConfig) else None
-    solver, solver_options, grid = runnable(solver, grid, steps, solver_options)
+    solver, solver_options, grid = runnable(solver, grid, steps, solver_options, stacklevel=4)  # the user's call
     if config is not None and (shape is not None or noise is not None):
         check_made_for(config, den, (shape if noise is None else noise.shape)[1:], solver, solver_options)
     spec = get_solver(solver)
