@@ -9,6 +9,7 @@ namespace thermosample {
 enum DType : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
 constexpr int kMaxInputs = 6;  // exported as _C.MAX_INPUTS: thermosample/ops/cpp.py checks it on load
+constexpr int kMaxThreads = 1024;  // exported as _C.MAX_THREADS: the most threads one step may ask OpenMP for
 
 // Mirrored field for field by StepArgs in thermosample/ops/contract.py, which checks the arguments.
 struct StepArgs {
@@ -27,7 +28,7 @@ struct StepArgs {
   bool track = false;
   double alpha = 0.0, beta = 0.0;
   int u = 0, d = 1;
-  int num_threads = 0;         // <= 0: the OpenMP default
+  int num_threads = 0;         // <= 0: the OpenMP default (the Python entry passes 1..kMaxThreads)
 };
 
 // out = sum_k coeffs[k] inputs[k] + noise z;  rate[b] = sum (alpha in[u] + beta in[d])^2 (track) + sum 0 out,

@@ -2,12 +2,15 @@
 //
 // thermosample/ops/cpp.py allocates the outputs with torch and passes raw data pointers (t.data_ptr()) as
 // integers with the sizes and a dtype code; the computation runs without the GIL. The arguments were
-// checked in Python (thermosample/ops/contract.py); this entry refuses only what would touch memory out
-// of bounds (null pointers, too many inputs, u/d past them), since it takes raw addresses from anyone.
+// checked in Python (thermosample/ops/contract.py); this entry refuses what would touch memory out of
+// bounds or crash the process (null pointers, too many inputs, u/d past them, a thread count OpenMP cannot
+// start) and an `out` or `rate` that partially overlaps another buffer (the kernel would read values it has
+// already overwritten), since it takes raw addresses from anyone.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -25,6 +28,26 @@ namespace ts = thermosample;
 
 namespace {
 
+constexpr int64_t kElementSize[] = {4, 8, 2, 2};   // bytes per element, indexed by ts::DType
+
+bool intersects(uintptr_t a, int64_t a_bytes, uintptr_t b, int64_t b_bytes) {
+  return a < b + uintptr_t(b_bytes) && b < a + uintptr_t(a_bytes);
+}
+
+// Each buffer is contiguous: [p, p + bytes). `out` may be exactly one of the inputs (each element is read
+// before it is written) but must not otherwise share memory with one; `rate` shares memory with nothing.
+void check_no_partial_overlap(const std::vector<uintptr_t>& inputs, uintptr_t out, uintptr_t rate, int64_t bytes,
+                              int64_t batch) {
+  const int64_t rate_bytes = batch * int64_t(sizeof(float));
+  for (size_t k = 0; k < inputs.size(); ++k) {
+    if (inputs[k] != out && intersects(inputs[k], bytes, out, bytes))
+      throw std::invalid_argument("fused_step: out partially overlaps inputs[" + std::to_string(k) + "]");
+    if (intersects(inputs[k], bytes, rate, rate_bytes))
+      throw std::invalid_argument("fused_step: rate overlaps inputs[" + std::to_string(k) + "]");
+  }
+  if (intersects(out, bytes, rate, rate_bytes)) throw std::invalid_argument("fused_step: rate overlaps out");
+}
+
 void fused_step_py(const std::vector<uintptr_t>& inputs, const std::vector<double>& coeffs, uintptr_t out,
                    uintptr_t rate, int64_t batch, int64_t numel, int dtype, double noise, uint64_t seed,
                    uint32_t step, uint32_t sample_offset, bool track, double alpha, double beta, int u, int d,
@@ -34,6 +57,7 @@ void fused_step_py(const std::vector<uintptr_t>& inputs, const std::vector<doubl
                                 " inputs and one coefficient per input");
   if (dtype < ts::kFloat32 || dtype > ts::kBFloat16) throw std::invalid_argument("fused_step: bad dtype code");
   if (batch < 0 || numel < 0) throw std::invalid_argument("fused_step: negative size");
+  if (batch > 0 && numel > INT64_MAX / 8 / batch) throw std::invalid_argument("fused_step: size overflows");
   if (track && (u < 0 || d < 0 || u >= int(inputs.size()) || d >= int(inputs.size())))
     throw std::invalid_argument("fused_step: u and d must index inputs");
   // Raw addresses from Python: refuse a null one (ValueError) rather than crash. Empty samples (numel 0,
@@ -44,6 +68,10 @@ void fused_step_py(const std::vector<uintptr_t>& inputs, const std::vector<doubl
       if (inputs[k] == 0) throw std::invalid_argument("fused_step: inputs[" + std::to_string(k) + "] is a null pointer");
     if (out == 0) throw std::invalid_argument("fused_step: out is a null pointer");
   }
+  if (num_threads < 1 || num_threads > ts::kMaxThreads)
+    throw std::invalid_argument("fused_step: num_threads must be in [1, " + std::to_string(ts::kMaxThreads) +
+                                "], got " + std::to_string(num_threads));
+  if (batch > 0 && numel > 0) check_no_partial_overlap(inputs, out, rate, batch * numel * kElementSize[dtype], batch);
   ts::StepArgs a;
   a.n_inputs = int(inputs.size());
   for (int k = 0; k < a.n_inputs; ++k) {
@@ -87,6 +115,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FLOAT16") = int(ts::kFloat16);
   m.attr("BFLOAT16") = int(ts::kBFloat16);
   m.attr("MAX_INPUTS") = ts::kMaxInputs;
+  m.attr("MAX_THREADS") = ts::kMaxThreads;
   m.def("fused_step", &fused_step_py, py::arg("inputs"), py::arg("coeffs"), py::arg("out"), py::arg("rate"),
         py::arg("batch"), py::arg("numel"), py::arg("dtype"), py::arg("noise"), py::arg("seed"), py::arg("step"),
         py::arg("sample_offset"), py::arg("track"), py::arg("alpha"), py::arg("beta"), py::arg("u"), py::arg("d"),

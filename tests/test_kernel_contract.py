@@ -377,3 +377,67 @@ def test_checked_step_accepts_only_what_validation_would_pass():
         assert not accepts(inputs=(x, d.clone().requires_grad_()))
     with torch.no_grad():
         assert accepts(inputs=(x, d.clone().requires_grad_()))
+
+
+# ---- issue 35, item 10: the raw extension and the op boundary refuse what would crash or misread ---------
+
+@pytest.mark.skipif(not HAVE_CPP, reason="thermosample._C is not built")
+@pytest.mark.parametrize("threads", [0, -1, ops.contract.MAX_THREADS + 1, 100_000])
+def test_raw_entry_refuses_a_thread_count_openmp_cannot_start(threads):
+    """0 and -1 aborted the process (SIGABRT) on the red team's machine, 100 000 segfaults: a ValueError."""
+    x, out, rate = torch.ones(2, 8), torch.empty(2, 8), torch.empty(2)
+    args = _raw_args(x.data_ptr(), out.data_ptr(), rate.data_ptr())
+    args.update(num_threads=threads)
+    with pytest.raises(ValueError, match="num_threads"):
+        _cpp._C.fused_step(**args)
+    assert _cpp._C.MAX_THREADS == ops.contract.MAX_THREADS
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_op_refuses_more_threads_than_it_may_start(backend):
+    with pytest.raises(ValueError, match="num_threads"):
+        ops.fused_step([torch.ones(2, 3)], [1.0], num_threads=ops.contract.MAX_THREADS + 1, backend=backend)
+
+
+def _aliased_through_numpy(base: torch.Tensor, start: int, shape) -> torch.Tensor:
+    """A tensor over base's memory from `start` on, through a storage object of its own (torch.from_numpy)."""
+    view = torch.from_numpy(base.numpy()[start:start + math.prod(shape)]).view(shape)
+    assert view.untyped_storage().nbytes() != base.untyped_storage().nbytes()       # another storage object
+    return view
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_out_partially_overlapping_an_input_through_another_storage_is_refused(backend):
+    base = torch.arange(40, dtype=torch.float32)
+    x = base[:32].view(4, 8)
+    out = _aliased_through_numpy(base, 4, (4, 8))          # shares elements 4..31 of x, shifted by 4
+    with pytest.raises(ValueError, match="overlaps inputs"):
+        ops.fused_step([x], [2.0], out=out, backend=backend)
+    # the same memory exactly (in place through another storage object) is fine
+    same = _aliased_through_numpy(base, 0, (4, 8))
+    got, _ = ops.fused_step([x], [2.0], out=same, backend=backend)
+    assert torch.equal(got, 2.0 * torch.arange(32, dtype=torch.float32).view(4, 8))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_rate_sharing_memory_with_out_or_an_input_is_refused(backend):
+    base = torch.zeros(40)
+    x = base[:32].view(4, 8)
+    with pytest.raises(ValueError, match="rate shares memory with inputs"):
+        ops.fused_step([x], [1.0], rate=_aliased_through_numpy(base, 30, (4,)), backend=backend)
+    out = torch.empty(4, 8)
+    with pytest.raises(ValueError, match="rate shares memory with out"):
+        ops.fused_step([torch.ones(4, 8)], [1.0], out=out, rate=out.view(-1)[:4], backend=backend)
+
+
+@pytest.mark.skipif(not HAVE_CPP, reason="thermosample._C is not built")
+def test_raw_entry_refuses_partial_overlap():
+    base = torch.zeros(40)
+    x, rate = base[:16], torch.empty(2)
+    args = _raw_args(x.data_ptr(), base[4:].data_ptr(), rate.data_ptr())
+    with pytest.raises(ValueError, match="out partially overlaps inputs"):
+        _cpp._C.fused_step(**args)
+    args = _raw_args(x.data_ptr(), x.data_ptr(), base[15:].data_ptr())       # in place: fine; rate inside x: not
+    with pytest.raises(ValueError, match="rate overlaps"):
+        _cpp._C.fused_step(**args)
+    _cpp._C.fused_step(**_raw_args(x.data_ptr(), x.data_ptr(), rate.data_ptr()))

@@ -171,3 +171,16 @@ def test_eager_call_skips_the_dispatcher_but_tracing_and_grad_do_not(monkeypatch
     for out, r in [(direct, rate), (via_op.detach(), rate_op)]:
         torch.testing.assert_close(out.double(), ref.double(), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(r.double(), ref_rate.double(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", [5, -3, 3])
+def test_inplace_op_refuses_a_position_outside_the_inputs(position):
+    """x goes among the inputs at `position`, 0..len(others): 5 and -3 were taken by Python slicing, putting
+    x at the wrong place silently (issue 35, item 10)."""
+    x, others = _xs(3)[0], _xs(3)[1:]
+    with pytest.raises(ValueError, match="position must be in"):
+        torch.ops.thermosample.fused_step_(x, others, position, [1.0, 2.0, 3.0], *_schema_args([], [], KW, "torch"))
+    fake = torch.empty_like(x, device="meta")
+    with pytest.raises(ValueError, match="position must be in"):
+        torch.ops.thermosample.fused_step_(fake, [o.to("meta") for o in others], position, [1.0, 2.0, 3.0],
+                                           *_schema_args([], [], KW, "torch"))

@@ -18,6 +18,7 @@ from ..validate import check_seed
 from ..validate import is_int as _is_int
 
 MAX_INPUTS = 6       # input slots of the op; thermosample/ops/cpp.py checks the extension has as many
+MAX_THREADS = 1024   # most CPU threads one step may ask for (csrc kMaxThreads; cpp.py checks it too)
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _UINT32 = 2 ** 32
 _STRIDED = torch.strided
@@ -37,7 +38,7 @@ class StepArgs(NamedTuple):
         seed, step, sample_offset: seed in [0, 2**64), step in [0, 2**32), sample_offset + B <= 2**32.
         track, alpha, beta, u, d: rate[b] = ||alpha inputs[u][b] + beta inputs[d][b]||^2 with track
             (docs/theory.md §2); without it rate[b] is 0, or NaN where out[b] holds a non-finite value.
-        num_threads: CPU threads of the cpp backend (0: torch.get_num_threads() at launch).
+        num_threads: CPU threads of the cpp backend, 0 to MAX_THREADS (0: torch.get_num_threads() at launch).
     """
 
     inputs: Sequence[torch.Tensor]
@@ -96,8 +97,9 @@ def check(a: StepArgs) -> StepArgs:
                          f"got {a.sample_offset!r}")
     if a.track and not (_is_int(a.u) and _is_int(a.d) and 0 <= a.u < len(inputs) and 0 <= a.d < len(inputs)):
         raise ValueError(f"u and d must index inputs (0..{len(inputs) - 1}), got u={a.u!r}, d={a.d!r}")
-    if not _is_int(a.num_threads) or a.num_threads < 0:
-        raise ValueError(f"num_threads must be an int >= 0 (0: torch's thread count), got {a.num_threads!r}")
+    if not _is_int(a.num_threads) or not 0 <= a.num_threads <= MAX_THREADS:
+        raise ValueError(f"num_threads must be an int in [0, {MAX_THREADS}] (0: torch's thread count), "
+                         f"got {a.num_threads!r}")
     _check_out(a.out, inputs)
     if a.rate is not None:
         r = a.rate
@@ -107,6 +109,10 @@ def check(a: StepArgs) -> StepArgs:
                 or r.is_neg():
             raise ValueError(f"rate must be a contiguous float32 tensor [{batch}] on {first.device}, got "
                              f"{tuple(r.shape)} {r.dtype} on {r.device}")
+        for k, t in enumerate(list(inputs) + ([a.out] if a.out is not None else [])):
+            if _overlaps(r, t):
+                what = f"inputs[{k}]" if k < len(inputs) else "out"
+                raise ValueError(f"rate shares memory with {what}; pass a separate tensor")
     return a._replace(inputs=tuple(_plain(t) for t in inputs), coeffs=tuple(float(c) for c in coeffs), seed=seed,
                       noise=float(a.noise), alpha=float(a.alpha), beta=float(a.beta), track=bool(a.track))
 
@@ -142,7 +148,7 @@ def is_plain_call(a: StepArgs, shape: torch.Size, dtype: torch.dtype, device: to
         return False
     if type(track) is not bool or track and not (type(u) is int and type(d) is int and 0 <= u < n and 0 <= d < n):
         return False
-    if out is not None or rate is not None or type(threads) is not int or threads < 0:
+    if out is not None or rate is not None or type(threads) is not int or not 0 <= threads <= MAX_THREADS:
         return False
     grad = torch.is_grad_enabled()
     for t in inputs:
@@ -193,9 +199,21 @@ def _finite(value) -> bool:
         return False
 
 
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The byte range [lo, hi) that t's elements occupy, whatever storage object it came through (two
+    storages may share memory: from_numpy, frombuffer, DLPack); empty for a tensor without elements."""
+    if t.numel() == 0:
+        return 0, 0
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        reach = (size - 1) * stride
+        lo, hi = (lo + reach, hi) if reach < 0 else (lo, hi + reach)
+    size = t.element_size()
+    return t.data_ptr() + lo * size, t.data_ptr() + (hi + 1) * size
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    a0, a1 = a.data_ptr(), a.data_ptr() + a.numel() * a.element_size()
-    b0, b1 = b.data_ptr(), b.data_ptr() + b.numel() * b.element_size()
-    return a0 < b1 and b0 < a1
+    """True when a and b share memory (compared by address range on one device, not by storage object)."""
+    a0, a1 = _span(a)
+    b0, b1 = _span(b)
+    return a.device == b.device and a0 < b1 and b0 < a1

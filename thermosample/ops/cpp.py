@@ -16,12 +16,15 @@ import warnings
 
 import torch
 
-from .contract import MAX_INPUTS, StepArgs, keyword_entry
+from .contract import MAX_INPUTS, MAX_THREADS, StepArgs, keyword_entry
 
 try:
     from .. import _C  # type: ignore[attr-defined]
     if _C.MAX_INPUTS != MAX_INPUTS:      # kMaxInputs of csrc/fused_step.h
         raise ImportError(f"thermosample._C takes {_C.MAX_INPUTS} inputs, thermosample.ops {MAX_INPUTS}")
+    if getattr(_C, "MAX_THREADS", None) != MAX_THREADS:     # kMaxThreads of csrc/fused_step.h
+        raise ImportError(f"thermosample._C is outdated (MAX_THREADS {getattr(_C, 'MAX_THREADS', None)}, "
+                          f"thermosample.ops {MAX_THREADS})")
     _LOAD_ERROR: Exception | None = None
 except Exception as exc:  # pragma: no cover - depends on the build
     _C = None
@@ -83,7 +86,7 @@ def launch(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:
     rate = torch.empty(batch, dtype=torch.float32) if a.rate is None else a.rate
     _C.fused_step([t.data_ptr() for t in a.inputs], a.coeffs, out.data_ptr(), rate.data_ptr(), batch,
                   x0.numel() // batch, _DTYPE_CODES[x0.dtype], a.noise, a.seed, a.step, a.sample_offset, a.track,
-                  a.alpha, a.beta, a.u, a.d, a.num_threads or torch.get_num_threads())
+                  a.alpha, a.beta, a.u, a.d, a.num_threads or min(torch.get_num_threads(), MAX_THREADS))
     return out, rate
 
 

@@ -57,6 +57,7 @@ def _fused_step_fake(inputs, *scalars):
 def _fused_step_(x: Tensor, others: list[Tensor], position: int, coeffs: list[float], noise: float, seed: int,
                  step: int, sample_offset: int, track: bool, alpha: float, beta: float, u: int, d: int,
                  backend: str) -> Tensor:
+    _check_position(position, others)
     inputs = list(others[:position]) + [x] + list(others[position:])
     args = StepArgs(inputs, coeffs, out=x, noise=noise, seed=_seed_from_schema(seed), step=step,
                     sample_offset=sample_offset, track=track, alpha=alpha, beta=beta, u=u, d=d)
@@ -64,8 +65,16 @@ def _fused_step_(x: Tensor, others: list[Tensor], position: int, coeffs: list[fl
 
 
 @_fused_step_.register_fake
-def _fused_step_inplace_fake(x, *rest):
+def _fused_step_inplace_fake(x, others, position, *rest):
+    _check_position(position, others)
     return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+def _check_position(position: int, others) -> None:
+    """`x` goes at `position` among the inputs: 0 to len(others) (Python slicing would take any int)."""
+    if not 0 <= position <= len(others):
+        raise ValueError(f"position must be in [0, {len(others)}] (the index of x among the {len(others) + 1} "
+                         f"inputs), got {position}")
 
 
 def _needs_op(inputs) -> bool:
