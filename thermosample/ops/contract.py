@@ -212,6 +212,13 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr() + lo * size, t.data_ptr() + (hi + 1) * size
 
 
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b live in one storage object (whichever elements they cover) or their elements'
+    memory overlaps through different storage objects: how a run tells that a model returns views of a
+    buffer it keeps (`buf[:B]`, `buf.view(...)`, halves in turn) rather than new tensors."""
+    return a.untyped_storage() is b.untyped_storage() or _overlaps(a, b)
+
+
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     """True when a and b share memory (compared by address range on one device, not by storage object)."""
     a0, a1 = _span(a)
