@@ -379,7 +379,7 @@ def fingerprint(model) -> str | None:
     for name, t in state().items():
         if isinstance(t, torch.Tensor):
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())   # 0-d too
     return h.hexdigest()
 
 

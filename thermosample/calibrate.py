@@ -1017,36 +1017,43 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
     spec, method, candidates, needs_twins = plan.spec, plan.method, plan.candidates, plan.twins
     order = spec.order
     density_kw = _density_weights(opts, solver, steps, method)
+    if pilot_data is not None and not isinstance(pilot_data, dict):
+        raise TypeError(f"pilot_data must be a dict (grid.pilot or config.pilot), got {type(pilot_data).__name__}")
     pilot_data = dict(pilot_data or {})
-    opts = _sized(opts, plan, pilot_data)
     model = getattr(den, "model", None)
+    _check_pilot(pilot_data, den, model, sample_shape)
+    opts = _sized(opts, plan, pilot_data)
     made_in = _dtype_device(den, dtype, device)
     meter = _Meter(plan.rows(opts, pilot_data))
     meter.bar = _progress_bar(opts.progress, meter.planned, f"thermo_grid {solver} {steps} steps")
     den = _row_chunked(den, rows, meter, made_in)
     try:
-        pilot_data, spent = _pilots(den, pilot_data, needs_twins, method == "select", sample_shape, opts, backend)
-        sch = den.schedule
-        extra = {}
-        if method == "select" and auto:
-            solver, solver_options, chosen, sig, extra, nfe = calibrate_plan(
-                den, steps, pilot_data, pilot_data if needs_twins else None, backend, margin, density_kw)
-            spent += nfe
-            order = get_solver(solver).order
-        elif method == "select":
-            chosen, measured = _select(den, steps, solver, pilot_data, pilot_data if needs_twins else None,
-                                       candidates, backend, solver_options, margin, density_kw)
-            spent += len(measured) * spec.evaluations(steps)
-            sig = measured[chosen][1]
-            extra = {"candidate_errors": {k: e for k, (e, _, _) in measured.items()},
-                     "ref_steps": int(len(pilot_data["ref_sigma"])), "margin": float(margin), "chosen": chosen}
-        elif steps == 1:
-            sig = np.array([sch.sigma_max])
-        else:
-            lam, rho = density(pilot_data, sch, method=method, order=order, floor=density_kw["floor"],
-                               critical=density_kw["critical"], amplify=density_kw["amplify"],
-                               switch=density_kw["switch"])
-            sig = _place_sigmas(lam, rho, steps, sch, density_kw["karras_weight"])
+        with torch.no_grad():     # every stage, the fit's direct model calls included: a calibration never trains
+            probed = _probe_pilot(pilot_data, den, model)
+            pilot_data, spent = _pilots(den, pilot_data, needs_twins, method == "select", sample_shape, opts, backend)
+            spent += probed
+            _stamp(pilot_data, den, model, sample_shape)
+            sch = den.schedule
+            extra = {}
+            if method == "select" and auto:
+                solver, solver_options, chosen, sig, extra, nfe = calibrate_plan(
+                    den, steps, pilot_data, pilot_data if needs_twins else None, backend, margin, density_kw)
+                spent += nfe
+                order = get_solver(solver).order
+            elif method == "select":
+                chosen, measured = _select(den, steps, solver, pilot_data, pilot_data if needs_twins else None,
+                                           candidates, backend, solver_options, margin, density_kw)
+                spent += len(measured) * spec.evaluations(steps)
+                sig = measured[chosen][1]
+                extra = {"candidate_errors": {k: e for k, (e, _, _) in measured.items()},
+                         "ref_steps": int(len(pilot_data["ref_sigma"])), "margin": float(margin), "chosen": chosen}
+            elif steps == 1:
+                sig = np.array([sch.sigma_max])
+            else:
+                lam, rho = density(pilot_data, sch, method=method, order=order, floor=density_kw["floor"],
+                                   critical=density_kw["critical"], amplify=density_kw["amplify"],
+                                   switch=density_kw["switch"])
+                sig = _place_sigmas(lam, rho, steps, sch, density_kw["karras_weight"])
     finally:
         meter.close()
     seconds = round(time.perf_counter() - started, 3)
@@ -1199,6 +1206,128 @@ def _density_weights(opts: CalibrationOptions, solver: str, steps: int, method: 
         raise ValueError(f"karras_weight must lie in [0, 1], got {karras_weight!r}")
     return {"floor": floor, "critical": critical, "switch": switch, "amplify": amplify,
             "karras_weight": karras_weight}
+
+
+_TWINS_KEYS = ("sigma", "D")      # what every use of a twins pilot reads; the rest is checked where present
+_REF_KEYS = ("ref_sigma", "ref_x", "ref_D", "ref_noise", "ref_final", "ref_weight")
+
+
+def _made_for(den, model, shape, pilot_data: dict) -> dict:
+    """What a pilot was measured with: reuse with anything else ranks candidates against the wrong reference."""
+    from .auto import _fingerprint_now
+    sch = den.schedule
+    return {"schedule": [repr(sch), float(sch.sigma_min), float(sch.sigma_max)],
+            "prediction": getattr(den, "prediction", None), "sample_shape": [int(v) for v in shape],
+            "model": _fingerprint_now(model), "model_id": id(model), "shapes": _shapes(pilot_data)}
+
+
+def _stamp(pilot_data: dict, den, model, sample_shape) -> None:
+    """Record in `pilot_data` what it was made for (`_made_for`), for `_check_pilot` when it is reused."""
+    if "ref_final" in pilot_data:
+        sample_shape = tuple(pilot_data["ref_final"].shape[1:])
+    sample_shape = (sample_shape or getattr(den, "sample_shape", None)
+                    or pilot_data.get("made_for", {}).get("sample_shape"))
+    if sample_shape is not None:
+        pilot_data["made_for"] = _made_for(den, model, sample_shape, pilot_data)
+
+
+def _shapes(pilot_data: dict) -> dict:
+    return {k: list(v.shape) for k, v in pilot_data.items() if isinstance(v, (np.ndarray, torch.Tensor))}
+
+
+def _check_pilot(pilot_data: dict, den, model, sample_shape) -> None:
+    """Refuse a reused pilot that is malformed or was made for another model, schedule or sample shape,
+    naming the field (ValueError). A pilot made by `pilot()` / `reference()` directly carries no record of
+    its model: its reference's first node is evaluated again (`_probe_pilot`)."""
+    def bad(field, why):
+        raise ValueError(f"pilot_data[{field!r}] {why}: pass the pilot of an earlier calibration of this model "
+                         "(grid.pilot / config.pilot), or leave pilot_data out to run a fresh one")
+
+    def array(key, dims):
+        v = pilot_data[key]
+        v = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+        if v.ndim != dims or not np.issubdtype(v.dtype, np.number) or not np.isfinite(v).all():
+            bad(key, f"must be a finite {dims}-d array, got shape {v.shape}")
+        return v
+
+    def descending(key):
+        v = array(key, 1)
+        if len(v) < 2 or not (np.diff(v) < 0).all() or v[-1] <= 0:
+            bad(key, "must be positive noise levels in descending order")
+        return v
+
+    sch = den.schedule
+    parts = [(keys, keys[0]) for keys in (_TWINS_KEYS, _REF_KEYS) if any(k in pilot_data for k in keys)]
+    for keys, _ in parts:
+        missing = [k for k in keys if k not in pilot_data]
+        if missing:
+            bad(missing[0], "is missing")
+    shape = None
+    if "sigma" in pilot_data:
+        sig = descending("sigma")
+        d = array("D", 3)
+        if d.shape[0] != len(sig) or ("log_sep" in pilot_data and array("log_sep", 2).shape != d.shape[:2]):
+            bad("D", f"has shape {d.shape}: one row per pilot node ({len(sig)}) and twin pair")
+        for key in ("t", "rate", "spread"):
+            if key in pilot_data and array(key, 1).shape != sig.shape:
+                bad(key, f"must hold one value per pilot node ({len(sig)})")
+    if "ref_sigma" in pilot_data:
+        ref_sig = descending("ref_sigma")
+        if not np.allclose(ref_sig[[0, -1]], [sch.sigma_max, sch.sigma_min], rtol=1e-6):
+            bad("ref_sigma", f"spans [{ref_sig[-1]:.4g}, {ref_sig[0]:.4g}], not this schedule's "
+                             f"[{sch.sigma_min:.4g}, {sch.sigma_max:.4g}]: it was made for another schedule")
+        final = pilot_data["ref_final"]
+        if not isinstance(final, torch.Tensor) or final.dim() < 2 or not bool(torch.isfinite(final).all()):
+            bad("ref_final", "must be a finite tensor [B, ...] of converged samples")
+        b, shape = final.shape[0], tuple(final.shape[1:])
+        if tuple(pilot_data["ref_noise"].shape) != tuple(final.shape):
+            bad("ref_noise", f"must have ref_final's shape {tuple(final.shape)}")
+        weight = array("ref_weight", 1)
+        if weight.shape != (b,) or abs(float(weight.sum()) - 1.0) > 1e-6:
+            bad("ref_weight", f"must hold {b} weights summing to 1")
+        for key in ("ref_x", "ref_D"):
+            v = array(key, 3)
+            if v.shape[:2] != (len(ref_sig), b) or v.shape[2] > final[0].numel():
+                bad(key, f"has shape {v.shape}: one row per reference node ({len(ref_sig)}) and sample ({b})")
+    made = pilot_data.get("made_for")
+    if made is not None:
+        now = _made_for(den, model, made["sample_shape"], pilot_data)
+        for key, was in made["shapes"].items():
+            if key in now["shapes"] and now["shapes"][key] != was:
+                bad(key, f"has shape {tuple(now['shapes'][key])}, not the {tuple(was)} it was made with")
+        if made["schedule"] != now["schedule"]:
+            bad("made_for", f"says it was made for the schedule {made['schedule'][0]}, not {now['schedule'][0]}")
+        if made["model"] != now["model"] or made["prediction"] != now["prediction"]:
+            bad("made_for", "says it was made for another model (its parameters' fingerprint or prediction differs)")
+        shape = tuple(made["sample_shape"])
+    if sample_shape is None:
+        sample_shape = getattr(den, "sample_shape", None)
+    if shape is not None and sample_shape is not None and tuple(sample_shape) != shape:
+        bad("ref_final" if made is None else "made_for",
+            f"holds samples of shape {shape}, not the sample_shape {tuple(sample_shape)} asked for")
+
+
+def _probe_pilot(pilot_data: dict, den, model) -> int:
+    """For a reused reference whose model cannot be fingerprinted (another function than the one it was made
+    with, or a pilot without a record):
+    the model's denoised output on two of its samples at its first node, against the recorded one. Returns
+    the batched evaluations it spent (0 or 1)."""
+    made = pilot_data.get("made_for") or {}
+    if "ref_final" not in pilot_data or made.get("model") is not None or made.get("model_id") == id(model):
+        return 0
+    recorded = torch.as_tensor(pilot_data["ref_D"][0, :2], dtype=torch.float64)
+    x = pilot_data["ref_noise"][:2]
+    dtype, device = pilot_dtype_device(den)
+    d = den(x.to(device=device, dtype=dtype), float(pilot_data["ref_sigma"][0])).reshape(len(x), -1)
+    keep, scale = _coordinates(d.shape[1], recorded.shape[1], torch.Generator().manual_seed(
+        int(pilot_data["ref_proj_seed"]) - 1))
+    d = (d if keep is None else d[:, keep.to(d.device)]).double().cpu() * scale
+    off = float((d - recorded).norm() / recorded.norm().clamp_min(1e-30))
+    if not off <= 1e-3:
+        raise ValueError(f"pilot_data was made for another model: this model's denoised output at the "
+                         f"reference's first node is {off:.1e} (relative) from the recorded one; leave pilot_data "
+                         "out to run a fresh pilot")
+    return 1
 
 
 def _pilots(den, pilot_data: dict, twins: bool, ref: bool, sample_shape, opts: CalibrationOptions,
