@@ -46,7 +46,7 @@ class Counting:
     (dict(shape=(4, 3), sample_offset=2 ** 32 - 2), ValueError, "sample_offset \\+ batch size"),
     (dict(noise=torch.zeros(4, 3), sample_offset=2 ** 32 - 1), ValueError, "sample_offset \\+ batch size"),
     (dict(noise=torch.zeros(4, 3), sample_offset=-1), ValueError, "sample_offset must be an int >= 0"),
-    (dict(noise=torch.zeros(4, 3), sample_offset=1.5), ValueError, "sample_offset must be an int >= 0"),
+    (dict(noise=torch.zeros(4, 3), sample_offset=1.5), TypeError, "sample_offset must be an int >= 0"),
     (dict(shape=(4, 3), churn=10 ** 400), ValueError, "solver option churn must be finite"),
     (dict(shape=(4, 3), solver="ddim", eta=-(10 ** 400)), ValueError, "solver option eta must be finite"),
 ])

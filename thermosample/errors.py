@@ -17,3 +17,8 @@ class NonFiniteError(FloatingPointError):
 
 class BackendUnavailableWarning(RuntimeWarning):
     """A requested kernel backend is missing; the pure-PyTorch reference runs instead."""
+
+
+class ThermosampleDeprecationWarning(DeprecationWarning):
+    """A public name that moved or changed still works for one more release; the message names the new one.
+    The CLI shows it (Python hides a DeprecationWarning raised outside __main__ by default)."""

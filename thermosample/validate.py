@@ -2,7 +2,10 @@
 once: a bad argument gets a ValueError/TypeError naming it, before any model call or kernel runs."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import stat
 
 import numpy as np
 import torch
@@ -16,14 +19,29 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_int(value, name: str, low: int = 1, high: int | None = None) -> int:
+    """An int (a Python int or a NumPy integer, not a bool) in [low, high), returned as a Python int:
+    TypeError for another kind (a string, a float, None), ValueError for a value out of range."""
+    if isinstance(value, np.integer):
+        value = int(value)
+    rule = f"an int >= {low}" if high is None else f"an int in [{low}, {_power(high)})"
+    if not is_int(value):
+        raise TypeError(f"{name} must be {rule}, got {value!r} ({type(value).__name__})")
+    if value < low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return value
+
+
+def _power(n: int) -> str:
+    """2**k for a power of two, else the number."""
+    k = n.bit_length() - 1
+    return f"2**{k}" if k > 8 and n == 1 << k else str(n)
+
+
 def check_seed(seed, name: str = "seed") -> int:
     """The Philox seed: an int in [0, 2**64) (a Python int or a NumPy integer such as np.int64 /
     np.uint64), returned as a Python int."""
-    if isinstance(seed, np.integer):
-        seed = int(seed)
-    if not is_int(seed) or not 0 <= seed < UINT64:
-        raise ValueError(f"{name} must be an int in [0, 2**64), got {seed!r}")
-    return int(seed)
+    return check_int(seed, name, 0, UINT64)
 
 
 def seed_from_generator(generator) -> int:
@@ -77,8 +95,7 @@ PIP_NAMES = {"sklearn": "scikit-learn", "k_diffusion": "k-diffusion"}
 def check_sample_offset(sample_offset, batch: int = 1) -> int:
     """The global index of the first sample: an int >= 0 with sample_offset + batch <= 2**32 (the Philox
     sample counter is 32 bits wide)."""
-    if not is_int(sample_offset) or sample_offset < 0:
-        raise ValueError(f"sample_offset must be an int >= 0, got {sample_offset!r}")
+    sample_offset = check_int(sample_offset, "sample_offset", 0)
     if sample_offset + batch > UINT32:
         raise ValueError(f"sample_offset + batch size must be <= 2**32 (the Philox sample counter), got "
                          f"{sample_offset} + {batch}")
@@ -110,14 +127,15 @@ def check_noise(noise) -> torch.Tensor:
 
 
 def check_shape(shape) -> tuple[int, ...]:
-    """A sample shape (B, ...) of positive ints."""
+    """A sample shape (B, ...) of positive ints: TypeError for something else than a tuple/list of ints,
+    ValueError for an empty one or an entry < 1."""
     if isinstance(shape, torch.Size):
         shape = tuple(shape)
-    if not isinstance(shape, (tuple, list)) or len(shape) < 1:
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple of positive ints like (B, C, H, W), got {shape!r}")
+    if len(shape) < 1:
         raise ValueError(f"shape must be a non-empty tuple of positive ints like (B, C, H, W), got {shape!r}")
-    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in shape):
-        raise ValueError(f"shape must hold positive ints, got {shape!r}")
-    return tuple(int(n) for n in shape)
+    return tuple(check_int(n, f"shape entries (shape={tuple(shape)!r})") for n in shape)
 
 
 def check_callable(value, name: str) -> None:
@@ -194,3 +212,55 @@ def sample_device(den, noise, device) -> torch.device:
         raise ValueError(f"the model's parameters are on {param_device} but the samples would be on {dev}; "
                          "move the model or pass noise/device on the same device")
     return dev
+
+
+def open_regular(path: str):
+    """A binary file object reading the regular file at `path` (symlinks followed). Anything else there - a
+    FIFO, a device, a socket, a directory - is a ValueError, found before and after opening: opening or
+    reading a FIFO with no writer would wait forever, so the open never blocks (O_NONBLOCK)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):   # replaced between the two looks
+            raise ValueError(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+MAX_JSON_DEPTH = 32     # nesting a thermosample JSON file may have (a manifest or grid needs 4)
+
+
+def parse_json(text, what: str, max_depth: int = MAX_JSON_DEPTH):
+    """`text` (str or bytes) parsed as JSON, nested at most `max_depth` deep; ValueError naming `what` for
+    anything else, including input so deep that the parser or a later comparison would recurse past
+    Python's limit (RecursionError) and integers too long to read."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as exc:      # UnicodeDecodeError is a ValueError
+        raise ValueError(f"{what} is not valid JSON: {str(exc)[:200] or type(exc).__name__}") from None
+    check_json_depth(value, what, max_depth)
+    return value
+
+
+def check_json_depth(value, what: str, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """ValueError when lists/dicts in `value` nest deeper than `max_depth` (walked without recursion)."""
+    level = [value]
+    for _ in range(max_depth):           # after i rounds `level` holds the containers i + 1 deep
+        level = [c for v in level if isinstance(v, (list, dict))
+                 for c in (v.values() if isinstance(v, dict) else v) if isinstance(c, (list, dict))]
+        if not level:
+            return
+    raise ValueError(f"{what} nests deeper than {max_depth} levels")
+
+
+def read_json_file(path: str, what: str, max_bytes: int):
+    """The JSON value of the regular file at `path`, at most `max_bytes` long (see `open_regular` and
+    `parse_json`); ValueError for a file that is not regular, too large or not such JSON."""
+    with open_regular(path) as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} {path} is larger than {max_bytes} bytes")
+    return parse_json(data, f"{what} {path}")
