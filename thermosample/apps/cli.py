@@ -3,7 +3,11 @@
 
 Bad input is reported as one line `thermosample VERB: error: ...` on stderr with exit status 2, never a
 traceback: argparse errors (see `_Parser`), the `type=` checks below, and the ValueError/TypeError/OSError a
-verb raises (see `main`).
+verb raises (see `main`), including a grid or manifest file that is not a regular file, too large or
+nested too deep.
+
+`thermosample --help` and `--version` answer without importing torch: this module imports nothing heavy at
+the top, and the backend names are read from thermosample.ops only when an option needs them.
 """
 from __future__ import annotations
 
@@ -11,8 +15,30 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
-from ..ops import BACKEND_CHOICES  # the backend table: adding a backend adds its --backend choice
+
+class _Backends:
+    """--backend's choices, read from the backend table (thermosample.ops, which imports torch) on first use:
+    a membership test, an error message or a verb's --help, never the top-level --help or --version."""
+
+    def _names(self) -> tuple:
+        from ..ops import BACKEND_CHOICES  # adding a backend adds its --backend choice
+        return BACKEND_CHOICES
+
+    def __contains__(self, value) -> bool:
+        return value in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+
+BACKEND_CHOICES = _Backends()
+
+
+def _add_backend_argument(p, help_text: str):
+    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, metavar="BACKEND",
+                   help=f"{help_text}: %(choices)s")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,10 +81,18 @@ def _key_value(text: str) -> tuple:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    from ..validate import check_json_depth
     try:
-        return key, json.loads(value)
+        parsed = json.loads(value)
     except ValueError:
         return key, value
+    except RecursionError:
+        raise argparse.ArgumentTypeError(f"the value of {key} nests too deeply") from None
+    try:
+        check_json_depth(parsed, f"the value of {key}")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return key, parsed
 
 
 def _solver(text: str) -> str:
@@ -82,6 +116,9 @@ MODULE:FACTORY names a function returning a ts.Denoiser (module looked up from t
 e.g. thermosample.toy:toy_factory. `thermosample VERB --help` lists a verb's options."""
 
 
+MAX_GRID_BYTES = 1 << 24   # a saved grid or config is a few kB
+
+
 def _grid(text: str):
     """argparse type: a grid name, or a JSON file written by `thermosample schedule --save` (a SamplerConfig
     of solver auto, or a ThermoGrid)."""
@@ -89,16 +126,21 @@ def _grid(text: str):
     if text in GRIDS:
         return text
     if text.endswith(".json"):
+        import numpy as np
+
         from ..auto import CONFIG_FORMAT, SamplerConfig
         from ..calibrate import ThermoGrid
-        try:
-            with open(text) as f:
-                blob = json.load(f)
+        from ..validate import read_json_file
+        try:    # read once, as a bounded regular file; then what ThermoGrid.load / SamplerConfig.load build
+            blob = read_json_file(text, "the grid file", MAX_GRID_BYTES)
             if isinstance(blob, dict) and blob.get("format") == CONFIG_FORMAT:
                 return SamplerConfig.from_dict(blob)
-            return ThermoGrid.load(text)
-        except (OSError, ValueError) as exc:
-            raise argparse.ArgumentTypeError(f"cannot read the grid file {text!r}: {exc}") from None
+            if not isinstance(blob, dict) or "sigmas" not in blob or not isinstance(blob.get("meta", {}), dict):
+                raise ValueError("not a saved ThermoGrid or SamplerConfig (no 'sigmas')")
+            return ThermoGrid(np.asarray(blob["sigmas"], dtype=np.float64), blob.get("meta", {}))
+        except (OSError, ValueError, TypeError, ArithmeticError) as exc:   # e.g. an int too large for a float
+            message = " ".join(str(exc).split())[:300] or type(exc).__name__
+            raise argparse.ArgumentTypeError(f"cannot read the grid file {text!r}: {message}") from None
     raise argparse.ArgumentTypeError(f"expected one of {', '.join(GRIDS)} or a grid .json file, got {text!r}")
 
 
@@ -116,8 +158,7 @@ def add_demo(sub):
     p = sub.add_parser("demo", help="sample the embedded Gaussian-mixture oracle and print the thermodynamics table")
     p.add_argument("--batch", type=_positive_int, default=1024, help="samples per run (default 1024)")
     p.add_argument("--seed", type=int, default=0, help="Philox seed of the noise (default 0)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                   help="fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
+    _add_backend_argument(p, "fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--plot", metavar="PNG", help="write the dissipation profile and accuracy figure")
     p.add_argument("--json", metavar="PATH", help="write the table as JSON")
 
@@ -154,8 +195,7 @@ def add_sample(sub):
                    help="karras | logsnr | kl_optimal | uniform, or a grid .json from `thermosample schedule "
                         "--save` (default karras)")
     p.add_argument("--seed", type=int, default=0, help="Philox seed: sample i depends only on (seed, i) (default 0)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
-                   help="fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
+    _add_backend_argument(p, "fused-op backend (default auto: C++ on CPU, Triton on CUDA)")
     p.add_argument("--eta", type=float, help="eta of ddim / euler_ancestral")
     p.add_argument("--no-track", action="store_true", help="do not store the per-sample rates")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -223,7 +263,7 @@ def add_schedule(sub):
     p.add_argument("--boundary-pool", type=_non_negative_int, default=0,
                    help="starting points to screen for the 64 nearest a mode boundary, added to the calibration's "
                         "reference batch with their share's weight (default 0: no screen; e.g. 4096)")
-    p.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="fused-op backend (default auto)")
+    _add_backend_argument(p, "fused-op backend (default auto)")
     p.add_argument("--save", metavar="JSON", help="write the grid (ThermoGrid.save); pass it to `sample --grid`")
 
     def run(args):
@@ -249,10 +289,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.getcwd() not in sys.path and "" not in sys.path:  # --model MODULE:FACTORY from the current directory
         sys.path.insert(0, os.getcwd())
-    from ..errors import NonFiniteError
+    from ..errors import NonFiniteError, ThermosampleDeprecationWarning
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError, NonFiniteError) as exc:  # bad input, disk or model: one line
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", ThermosampleDeprecationWarning)   # e.g. an old --model name: say so
+            return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError, ArithmeticError) as exc:  # bad input, disk or model: one line
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"thermosample {args.verb}: error: {message}", file=sys.stderr)
         return 1 if isinstance(exc, NonFiniteError) else 2
