@@ -8,15 +8,19 @@ k*batch .. min((k+1)*batch, n) - 1, sampled with `sample_offset = k*batch`, so i
 the configuration, never on which run, process or rank produced it. Each shard is written to a fresh
 temporary file (tempfile.mkstemp: unpredictable name, O_EXCL), fsynced and renamed with os.replace (atomic),
 so a shard file that exists is complete. A shard's safetensors metadata names its job (the configuration
-hash) and its sample range; the manifest (manifest.json, written the same way) records the configuration,
-its hash, the seed, the shards done and the sha256 of each.
+hash) and its sample range, and seals the file with its own sha256 (of the header without the seal, and the
+data); the manifest (manifest.json, written the same way) records the configuration, its hash, the seed, the
+shards done and the sha256 of each file.
 
 One run at a time: the run holds an exclusive flock on `out/.thermosample.lock` (OutputLockedError for a
-second one). Everything that needs no disk (arguments, model, one model call) is checked before the folder
-is created. A rerun with the same configuration verifies the shards on disk (metadata, and sha256 where the
-manifest has one), skips the good ones and recomputes the others, producing exactly the files an
-uninterrupted run would have; a different configuration, or a shard of another job, is refused
-(ConfigMismatchError). See docs/reliability.md for the exact promises.
+second one). Everything that needs no disk (arguments, model, solver options against the grid) is checked
+before the folder is created, by a trial run of one sample through the whole grid. A rerun with the same
+configuration verifies every shard it keeps, listed in the manifest or not (metadata, the manifest's sha256
+where it lists the shard, else the shard's own seal; a shard with neither is recomputed), skips the good ones
+and recomputes the others, producing exactly the files an uninterrupted run would have; a different
+configuration, or a shard of another job, is refused (ConfigMismatchError). Only regular files are read (a
+FIFO at a shard's name is not a shard), and headers and the manifest are bounded in size and nesting. See
+docs/reliability.md for the exact promises.
 
 Under torchrun (torch.distributed initialised) the shards are dealt round-robin to the ranks: rank r writes
 shards r, r + world, ...; rank 0 holds the lock and owns the manifest.
@@ -40,6 +44,7 @@ import stat
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +52,11 @@ import torch
 
 from .auto import runnable
 from .denoiser import Denoiser
+from .errors import ThermosampleDeprecationWarning
 from .grids import make_grid
 from .sampler import sample as _sample
 from .solvers import SOLVERS
+from .validate import check_int, check_json_depth, check_seed, open_regular, parse_json, read_json_file
 
 __all__ = ["sample_to_disk", "load_shards", "load_weights", "build_denoiser", "BulkResult",
            "ConfigMismatchError", "OutputLockedError", "MANIFEST", "LOCK", "FORMAT_VERSION"]
@@ -60,6 +67,9 @@ TMP_SUFFIX = ".thermosample-tmp"
 FORMAT_VERSION = 1
 MAX_SAMPLES = 2 ** 32  # a sample's global index keys the 32-bit Philox counter
 MANIFEST_EVERY_S = 10.0  # single process: the manifest is refreshed at most this often (and at the end)
+MAX_HEADER_BYTES = 1 << 24     # a shard's JSON header (a few hundred bytes when thermosample wrote it)
+MAX_MANIFEST_BYTES = 1 << 30   # about 100 bytes per shard done: some 10 million shards
+SEAL = "content_sha256"        # a shard's metadata key for its own checksum (see _seal)
 
 # The temporary files this module creates: ".<target>.<random>.thermosample-tmp" (see _atomic_write).
 _LEFTOVER = re.compile(r"\.(manifest\.json|shard_\d{6,}\.safetensors)\.[A-Za-z0-9_]+" + re.escape(TMP_SUFFIX))
@@ -105,7 +115,7 @@ def load_weights(path: str, map_location="cpu") -> dict:
 
 def _file_sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -238,33 +248,63 @@ def _remove_leftovers(out: str, names) -> None:
 _ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+def _header_text(header: dict) -> bytes:
+    """The canonical header bytes (sorted keys, no spaces), padded so the data section is 8-byte aligned."""
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % 8)
+
+
+def _seal(header: dict):
+    """A hasher fed the canonical header without its seal; feeding it the data section gives the seal."""
+    meta = {k: v for k, v in header["__metadata__"].items() if k != SEAL}
+    return hashlib.sha256(_header_text({**header, "__metadata__": meta}))
+
+
 def _safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
     """Serialise to the safetensors format with a canonical header (sorted keys, tensors in name order), so
-    that the same tensors always give the same bytes (safetensors' own writer orders metadata by hash)."""
-    header, blobs, pos = {"__metadata__": metadata}, [], 0
+    that the same tensors always give the same bytes (safetensors' own writer orders metadata by hash). The
+    metadata gets the file's seal (SEAL): the sha256 of the header without it followed by the data, which a
+    resumed run checks on a shard the manifest does not list."""
+    header, blobs, pos = {"__metadata__": dict(metadata)}, [], 0
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + len(raw)]}
         blobs.append(raw)
         pos += len(raw)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # align the data section to 8 bytes
-    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+    data = b"".join(blobs)
+    seal = _seal(header)
+    seal.update(data)
+    header["__metadata__"][SEAL] = seal.hexdigest()
+    text = _header_text(header)
+    return len(text).to_bytes(8, "little") + text + data
 
 
-def _shard_header(path: str) -> dict | None:
-    """The safetensors header of a complete file at `path`; None when it is missing, truncated or not
-    safetensors. Reads the header only (the data are covered by the manifest's sha256)."""
+def _read_shard(path: str):
+    """(header, sha256 of the file, sealed) for a complete safetensors file at `path`, read once; sealed is
+    True/False when its metadata carries a seal that matches/does not, None when it carries none. None when
+    the file is missing, not a regular file, truncated, not safetensors or its header is over
+    MAX_HEADER_BYTES or nested deeper than a header is."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
-            length = int.from_bytes(f.read(8), "little")
-            if not 0 < length <= min(size - 8, 1 << 24):
+            prefix = f.read(8)
+            length = int.from_bytes(prefix, "little")
+            if len(prefix) < 8 or not 0 < length <= min(size - 8, MAX_HEADER_BYTES):
                 return None
-            header = json.loads(f.read(length))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        return header if 8 + length + max(ends, default=0) == size else None
+            raw = f.read(length)
+            header = parse_json(raw, path, max_depth=3)
+            meta = header.get("__metadata__", {})
+            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            if 8 + length + max(ends, default=0) != size or not isinstance(meta, dict):
+                return None
+            whole = hashlib.sha256(prefix + raw)
+            sealed = _seal(header) if SEAL in meta else None
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                whole.update(chunk)
+                if sealed is not None:
+                    sealed.update(chunk)
+        return header, whole.hexdigest(), None if sealed is None else sealed.hexdigest() == meta[SEAL]
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
 
@@ -281,11 +321,10 @@ def _config_hash(config: dict) -> str:
 def _read_manifest(out: str) -> dict | None:
     """The manifest of `out` (None when there is none); ValueError when it is not a thermosample manifest."""
     path = os.path.join(out, MANIFEST)
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         return None
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = read_json_file(path, "the manifest", MAX_MANIFEST_BYTES)
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is not a readable thermosample manifest: {exc}") from exc
     ok = (isinstance(manifest, dict) and manifest.get("format") == "thermosample.bulk"
@@ -314,10 +353,12 @@ def _verify_shards(out: str, names, config: dict, known: dict, mine) -> dict:
     """{k: sha256} of the shards with `mine(k)` true whose file (among `names`, a listing of `out`) is a good
     shard of this job. Work is bounded by the files present, not by the number of shards in the job.
 
-    A file that does not parse, holds another sample range or shape, or differs from the checksum `known`
-    (from the manifest) is left out, to be recomputed. A parseable shard of another job (another config
-    hash) raises ConfigMismatchError: it may be someone's data, and it is never taken for this job's.
-    Work: one header read per shard file present, plus its sha256.
+    Every shard kept is verified: against its sha256 in `known` (from the manifest) when listed there, else
+    against its own seal. A file that is not regular or does not parse, holds another sample range or
+    shape, fails its check or is unlisted without a seal (written before shards carried one) is left out,
+    to be recomputed. A parseable shard of another job (another config hash) raises ConfigMismatchError: it
+    may be someone's data, and it is never taken for this job's.
+    Work: one read of each shard file present.
     """
     want_hash, n, batch = _config_hash(config), config["n"], config["batch"]
     num_shards = -(-n // batch)
@@ -328,9 +369,10 @@ def _verify_shards(out: str, names, config: dict, known: dict, mine) -> dict:
         if not (0 <= k < num_shards and mine(k)) or name != shard_name(k):
             continue
         path = os.path.join(out, name)
-        header = _shard_header(path)
-        if header is None:
-            continue  # an incomplete or damaged file: recompute
+        read = _read_shard(path)
+        if read is None:
+            continue  # an incomplete or damaged file, or no file: recompute
+        header, digest, sealed = read
         meta = header.get("__metadata__") or {}
         if meta.get("config_hash") != want_hash:
             raise ConfigMismatchError(f"{path} is a shard of a different configuration (or not a thermosample "
@@ -341,8 +383,7 @@ def _verify_shards(out: str, names, config: dict, known: dict, mine) -> dict:
                 or samples.get("shape") != [count, *config["sample_shape"]] \
                 or ("rate" in header) != config["track"]:
             continue  # this job's shard under the wrong name, or damaged: recompute
-        digest = _file_sha256(path)
-        if known.get(k, digest) == digest:
+        if sealed is not False and (known[k] == digest if k in known else sealed):
             good[k] = digest
     return good
 
@@ -350,12 +391,6 @@ def _verify_shards(out: str, names, config: dict, known: dict, mine) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The job
 # ---------------------------------------------------------------------------------------------------
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    return int(v)
-
-
 def _check_out(out) -> str:
     if not isinstance(out, (str, os.PathLike)):
         raise TypeError(f"out must be a directory path, got {type(out).__name__}")
@@ -369,17 +404,14 @@ def _check_out(out) -> str:
 
 def _check_sampling(den, sample_shape, steps, solver, grid, seed, backend, track, solver_options) -> None:
     """Fail on a bad argument before anything touches the disk (a manifest written for a typo would pin
-    the folder to it): the solver, steps and grid (against the schedule), the seed, then one sampler call
-    on one sample and one step, which runs the sampler's own checks (options, backend, the model's output)."""
+    the folder to it): the solver, then one sample through the run's whole grid, which runs the sampler's
+    own checks (grid, options against the grid - deis's per-step corrections -, backend, every model output
+    and NaN/Inf). It costs one sample of the job, at batch size 1."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
-    _positive_int("steps", steps)
-    make_grid(grid, steps, den.schedule)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     try:
-        _sample(den, (1, *sample_shape), steps=1, solver=solver, seed=int(seed), backend=backend, track=track,
-                progress=False, **solver_options)
+        _sample(den, (1, *sample_shape), steps=steps, solver=solver, grid=grid, seed=seed, backend=backend,
+                track=track, progress=False, **solver_options)
     except (ValueError, TypeError, ArithmeticError):  # bad argument, or NonFiniteError: as they are
         raise
     except Exception as exc:  # e.g. the model rejects the sample shape
@@ -420,9 +452,18 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
         another run holds `out`; ConfigMismatchError when `out` holds a manifest or a shard of a different
         configuration; NonFiniteError when a shard produced NaN/Inf (nothing is written for it).
     """
-    n, batch = _positive_int("n", n), _positive_int("batch", batch)
+    n, batch = check_int(n, "n"), check_int(batch, "batch")
     if n > MAX_SAMPLES:
         raise ValueError(f"n must be <= 2**32 (a sample's global index keys the 32-bit noise counter), got {n}")
+    if steps is not None:
+        steps = check_int(steps, "steps")
+    seed = check_seed(seed)      # a NumPy integer seed is stored (JSON) and used as a plain int
+    if max_shards is not None:
+        max_shards = check_int(max_shards, "max_shards")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto', got {backend!r}")
+    if solver is not None and not isinstance(solver, str):
+        raise TypeError(f"solver must be a solver name (a string) or None, got {solver!r}")
     out = _check_out(out)
     factory_kwargs = dict(factory_kwargs or {})
     solver_options = dict(solver_options or {})
@@ -443,21 +484,20 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
         sample_shape = getattr(den, "sample_shape", None)
         if sample_shape is None:
             raise ValueError("pass sample_shape=(C, H, W) (the shape of one sample)")
-    if isinstance(sample_shape, int):
+    if isinstance(sample_shape, (int, np.integer)) and not isinstance(sample_shape, bool):
         sample_shape = (sample_shape,)
-    sample_shape = tuple(_positive_int("sample_shape entries", s) for s in sample_shape)
+    if not isinstance(sample_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"sample_shape must be a tuple of ints like (C, H, W), got {sample_shape!r}")
+    sample_shape = tuple(check_int(s, "sample_shape entries") for s in sample_shape)
     solver, solver_options, grid = runnable(solver, grid, steps, solver_options, stacklevel=3)  # ts.sample's rule
     if not isinstance(grid, str):
         grid = [float(s) for s in (grid.tolist() if hasattr(grid, "tolist") else grid)]
     steps = len(make_grid(grid, steps, den.schedule)) - 1   # as ts.sample resolves it (grids.make_grid)
-    if max_shards is not None:
-        max_shards = _positive_int("max_shards", max_shards)
-    if isinstance(seed, np.integer):       # a NumPy integer seed is stored (JSON) and used as a plain int
-        seed = int(seed)
     config = {"model": ident, "n": n, "batch": batch, "sample_shape": list(sample_shape), "steps": steps,
               "solver": solver, "grid": grid, "seed": seed, "backend": backend, "track": bool(track),
               "solver_options": solver_options, "format_version": FORMAT_VERSION}
     try:
+        check_json_depth(config, "the configuration (factory_kwargs, solver_options)")
         json.dumps(config)
     except TypeError as exc:
         raise TypeError(f"the configuration must be JSON-serialisable (factory_kwargs, solver_options): {exc}") from exc
@@ -533,6 +573,20 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
     return BulkResult(out=out, num_shards=num_shards, written=written, skipped=skipped)
 
 
+_MOVED = {"toy_factory": "thermosample.toy"}   # public names that moved out of this module: where they live now
+
+
+def __getattr__(name):
+    """An old name (e.g. `thermosample.bulk:toy_factory`, documented before it moved to thermosample.toy)
+    still works for a release, with a ThermosampleDeprecationWarning naming its new home."""
+    if name in _MOVED:
+        warnings.warn(f"thermosample.bulk.{name} moved to {_MOVED[name]}.{name} (use {_MOVED[name]}:{name} with "
+                      "--model); the old name will be removed in the next release",
+                      ThermosampleDeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _rank_world() -> tuple[int, int]:
     try:
         import torch.distributed as dist
@@ -572,8 +626,8 @@ def load_shards(out: str, *, require_complete: bool = True) -> dict:
     """Read a bulk output directory back: {"samples": [n, ...], "rate": [E, n] (if tracked), "t": [E]}.
 
     Only the shards the manifest lists as done are read, each checked against the manifest's sha256.
-    Raises ValueError for a shard that is missing or differs from its checksum, and when shards are missing
-    and `require_complete` (the default).
+    Raises ValueError for a manifest or shard that is missing, not a regular file (a FIFO is never waited
+    on) or differs from its checksum, and when shards are missing and `require_complete` (the default).
     """
     manifest = _read_manifest(out)
     if manifest is None:
@@ -594,9 +648,9 @@ def load_shards(out: str, *, require_complete: bool = True) -> dict:
     for k in sorted(sums):
         path = os.path.join(out, shard_name(k))
         try:
-            with open(path, "rb") as f:
+            with open_regular(path) as f:
                 data = f.read()
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise ValueError(f"{path} is listed as done in {MANIFEST} but cannot be read ({exc}); rerun the "
                              "same command to recompute it") from exc
         if hashlib.sha256(data).hexdigest() != sums[k]:
