@@ -14,11 +14,14 @@ torch does for a Python scalar times a float32 tensor).
 """
 from __future__ import annotations
 
+import os
 import struct
+import threading
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
 from triton.language.random import philox
 
 from thermosample.ops.contract import MAX_INPUTS, StepArgs, keyword_entry
@@ -69,8 +72,9 @@ def _box_muller(a, c):
 @triton.jit(do_not_specialize=["c0", "c1", "c2", "c3", "c4", "c5", "noise", "alpha", "beta", "seed", "step",
                                "sample_offset"])
 def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, x5_ptr, out_ptr, partial_ptr,
-                       c0, c1, c2, c3, c4, c5, noise, alpha, beta,
-                       seed, step, sample_offset, numel, n_blocks,
+                       c0: tl.int64, c1: tl.int64, c2: tl.int64, c3: tl.int64, c4: tl.int64, c5: tl.int64,
+                       noise: tl.int64, alpha: tl.int64, beta: tl.int64,
+                       seed: tl.uint64, step: tl.int64, sample_offset: tl.int64, numel, n_blocks,
                        N_INPUTS: tl.constexpr, HAS_NOISE: tl.constexpr, TRACK: tl.constexpr,
                        U: tl.constexpr, D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)          # block within the sample
@@ -121,14 +125,15 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, x5_ptr, out_ptr, 
     tl.store(out_ptr + offs, stored, mask=mask)
 
     # partial rate: squared velocity (docs/theory.md §2) plus 0 * out as stored, so a non-finite out
-    # poisons the rate (an fp16/bf16 value that overflows to inf on the store included)
+    # poisons the rate (an fp16/bf16 value that overflows to inf on the store included). With one block per
+    # sample partial_ptr is the float32 rate itself: the store rounds a float64 sum to it, as .to() did.
     probe = stored.to(COMPUTE_DTYPE) * 0.0
     if TRACK:
         v = (_coeff(alpha, COMPUTE_DTYPE) * _pick(U, x0, x1, x2, x3, x4, x5)
              + _coeff(beta, COMPUTE_DTYPE) * _pick(D, x0, x1, x2, x3, x4, x5))
         probe += v * v
     probe = tl.where(mask, probe, 0.0)
-    tl.store(partial_ptr + pid_b * n_blocks + pid_n, tl.sum(probe, axis=0))
+    tl.store(partial_ptr + pid_b * n_blocks + pid_n, tl.sum(probe, axis=0).to(partial_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -146,6 +151,7 @@ def _sum_partials_kernel(partial_ptr, rate_ptr, n_blocks, PBLOCK: tl.constexpr):
 
 
 _PBLOCK = 128                # lanes of _sum_partials_kernel
+_MAX_PLANS = 64              # launch plans kept (one per shape, dtype, device and constexpr set)
 
 
 def _block_size(numel: int) -> tuple[int, int]:
@@ -154,45 +160,170 @@ def _block_size(numel: int) -> tuple[int, int]:
     return block, (4 if block >= 512 else 1)
 
 
-def _bits(value: float) -> int:
-    """The IEEE float64 bit pattern of `value` as a signed int64 (the kernel bitcasts it back)."""
-    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+_DOUBLES = [struct.Struct(f"<{n}d") for n in range(MAX_INPUTS + 4)]
+_INT64S = [struct.Struct(f"<{n}q") for n in range(MAX_INPUTS + 4)]
+
+
+def _bits(*values: float) -> tuple[int, ...]:
+    """The IEEE float64 bit patterns of `values` as signed int64s (the kernel bitcasts them back)."""
+    n = len(values)
+    return _INT64S[n].unpack(_DOUBLES[n].pack(*values))
+
+
+# -- the device launch ---------------------------------------------------------------------------------
+# A launch through `kernel[grid](...)` runs Triton's Python launcher every time: it binds ~30 arguments,
+# builds the specialisation key, looks the compiled kernel up, reads the device and stream. A plan does
+# that once per (shape, dtype, device, constexpr set) and then calls the compiled kernel's launcher
+# directly. The scalars whose values change per call are typed in the kernel's signature (tl.int64 /
+# tl.uint64, never specialised), so Triton's key for a plan varies only with the pointers' 16-byte
+# alignment, which `launch` tests (a misaligned call takes Triton's launcher). Under the interpreter
+# (TRITON_INTERPRET=1) every launch goes through `kernel[grid]`, which runs it.
+
+def _stream(index: int) -> int:
+    """The current CUDA stream of device `index` as Triton's launcher takes it."""
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_current_stream_capturing()
+
+
+class _Bound:
+    """A compiled kernel, launched with Triton's own launcher function and no per-call Python binding."""
+
+    __slots__ = ("kernel", "run", "function", "packed")
+
+    def __init__(self, kernel):
+        self.kernel, self.run, self.function, self.packed = kernel, kernel.run, kernel.function, kernel.packed_metadata
+
+    def __call__(self, g0: int, g1: int, stream: int, args: tuple) -> None:
+        enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+        # a profiler's hook (an empty HookChain has no calls) gets the metadata Triton's launcher would pass
+        meta = self.kernel.launch_metadata((g0, g1, 1), stream, *args) if getattr(enter, "calls", enter) else None
+        self.run(g0, g1, 1, stream, self.function, self.packed, meta, enter, leave, *args)
+
+
+def _compile(jit, grid: tuple, args: tuple, options: dict):
+    """Launch `jit` once through Triton's launcher (compiling it if needed) and return a _Bound of the
+    compiled kernel, or None under the interpreter (which returns no compiled kernel)."""
+    kernel = jit[grid](*args, **options)
+    return _Bound(kernel) if hasattr(kernel, "packed_metadata") else None
+
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _Plan:
+    """Everything about a launch that depends only on the shape, dtype, device and constexpr set: sizes,
+    constexprs, the bound launchers (after their first launch) and the partial-sum buffers it reuses."""
+
+    def __init__(self, x0: torch.Tensor, n_inputs: int, has_noise: bool, track: bool, u: int, d: int):
+        self.batch = x0.shape[0]
+        self.numel = x0.numel() // self.batch
+        self.sizer = _block_size
+        self.block, self.num_warps = _block_size(self.numel)
+        self.n_blocks = triton.cdiv(self.numel, self.block)
+        self.device = x0.device
+        self.index = x0.device.index if x0.device.type == "cuda" else None
+        self.partial_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        self.constexprs = dict(N_INPUTS=n_inputs, HAS_NOISE=has_noise, TRACK=track, U=u, D=d,
+                               COMPUTE_DTYPE=tl.float64 if x0.dtype == torch.float64 else tl.float32,
+                               BLOCK=self.block, num_warps=self.num_warps)
+        # the constexprs in the kernel's signature order: the tail of the bound launcher's arguments
+        self.tail = tuple(self.constexprs[name] for name in _fused_step_kernel.arg_names[-7:])
+        self.pad = MAX_INPUTS - n_inputs
+        self.zeros = (0.0,) * self.pad                # coefficients of the unused input slots
+        self.step_kernel = self.sum_kernel = None     # _Bound, after the first aligned launch
+        self.partials: dict[tuple, torch.Tensor] = {}   # (stream, thread) -> [B, n_blocks] (n_blocks > 1)
+
+    def partial(self, stream: int) -> torch.Tensor:
+        """The partial-sum buffer of `stream` and this thread: reused by each launch of theirs (the step
+        writes it and the sum reads it before their next step is queued on that stream; another thread's
+        launches could come in between, so each thread has its own). A launch being captured into a CUDA
+        graph gets a buffer of its own from the graph's pool instead."""
+        if self.index is not None and _capturing():
+            return torch.empty((self.batch, self.n_blocks), dtype=self.partial_dtype, device=self.device)
+        key = (stream, threading.get_ident())
+        buf = self.partials.get(key)
+        if buf is None:
+            if len(self.partials) >= 16:
+                self.partials.clear()
+            buf = self.partials[key] = torch.empty((self.batch, self.n_blocks), dtype=self.partial_dtype,
+                                                   device=self.device)
+        return buf
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def _plan(a: StepArgs, x0: torch.Tensor) -> _Plan:
+    track = a.track
+    key = (x0.shape, x0.dtype, x0.device, len(a.inputs), a.noise != 0.0, track, a.u if track else 0,
+           a.d if track else 0)
+    plan = _PLANS.get(key)
+    if plan is None or plan.sizer is not _block_size:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(x0, len(a.inputs), a.noise != 0.0, track, key[6], key[7])
+    return plan
 
 
 def launch(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused step in Triton for arguments thermosample.ops.contract.check passed (contiguous inputs of
     one shape, dtype and device). Returns (out [B, ...] in the inputs' dtype, rate [B] float32)."""
     x0 = a.inputs[0]
-    batch = x0.shape[0]
-    numel = x0.numel() // batch
+    plan = _plan(a, x0)
+    batch = plan.batch
     out = torch.empty_like(x0) if a.out is None else a.out      # x0 is contiguous: out too
-    compute = tl.float64 if x0.dtype == torch.float64 else tl.float32
-    block, num_warps = _block_size(numel)
-    n_blocks = triton.cdiv(numel, block)
-    partial = torch.empty((batch, n_blocks), dtype=torch.float64 if x0.dtype == torch.float64 else torch.float32,
-                          device=x0.device)
-    # The kernel indexes flat contiguous memory, so the tensors go in as they are (no reshape): the
-    # launch costs host time that small states (a latent of a few hundred KB) are bound by.
-    ptrs = list(a.inputs) + [x0] * (MAX_INPUTS - len(a.inputs))     # unused pointers: never loaded
-    c = [_bits(v) for v in a.coeffs] + [0] * (MAX_INPUTS - len(a.coeffs))
+    rate = torch.empty(batch, dtype=torch.float32, device=x0.device) if a.rate is None else a.rate
+    stream = _stream(plan.index) if plan.index is not None else 0
+    # one block per sample: the kernel writes the rate itself (one launch); else partial sums, then a
+    # fixed-order sum over them (deterministic, independent of the batch)
+    partial = rate if plan.n_blocks == 1 else plan.partial(stream)
+    # The kernel indexes flat contiguous memory, so the tensors go in as they are (no reshape).
+    inputs = a.inputs
+    ptrs = (*inputs, *((x0,) * plan.pad), out, partial) if plan.pad else (*inputs, out, partial)
+    scalars = _bits(*a.coeffs, *plan.zeros, a.noise, a.alpha, a.beta)
+    if batch > _MAX_GRID_Y:
+        _launch_chunked(a, plan, ptrs, scalars)
+    else:
+        args = (*ptrs, *scalars, a.seed, a.step, a.sample_offset, plan.numel, plan.n_blocks)
+        bound = plan.step_kernel
+        aligned = _aligned(*inputs, out, partial)
+        if bound is not None and aligned:
+            bound(plan.n_blocks, batch, stream, (*args, *plan.tail))
+        else:
+            bound = _compile(_fused_step_kernel, (plan.n_blocks, batch), args, plan.constexprs)
+            if aligned and not _INTERPRETED:
+                plan.step_kernel = bound
+    if plan.n_blocks > 1:                 # the partial buffer is torch's allocation: aligned
+        bound = plan.sum_kernel
+        if bound is not None and _aligned(rate):
+            bound(batch, 1, stream, (partial, rate, plan.n_blocks, _PBLOCK))
+        else:
+            bound = _compile(_sum_partials_kernel, (batch,), (partial, rate, plan.n_blocks),
+                             dict(PBLOCK=_PBLOCK, num_warps=1))
+            if _aligned(rate) and not _INTERPRETED:
+                plan.sum_kernel = bound
+    return out, rate
+
+
+def _aligned(*tensors) -> bool:
+    """True when every pointer is 16-byte aligned (what Triton specialised the plan's kernels for)."""
+    bits = 0
+    for t in tensors:
+        bits |= t.data_ptr()
+    return not bits & 15
+
+
+def _launch_chunked(a: StepArgs, plan: _Plan, ptrs: tuple, scalars: tuple) -> None:
+    """Batches beyond CUDA's grid limit (dimension 1) launch in chunks of samples, through Triton's launcher."""
+    batch = plan.batch
     for b0 in range(0, batch, _MAX_GRID_Y):
         b1 = min(batch, b0 + _MAX_GRID_Y)
-        chunk = (lambda t: t) if batch <= _MAX_GRID_Y else (lambda t, b0=b0, b1=b1: t[b0:b1])
-        _fused_step_kernel[(n_blocks, b1 - b0)](
-            *(chunk(t) for t in ptrs), chunk(out), chunk(partial),
-            *c, _bits(a.noise), _bits(a.alpha), _bits(a.beta),
-            a.seed, a.step, a.sample_offset + b0, numel, n_blocks,
-            N_INPUTS=len(a.inputs), HAS_NOISE=a.noise != 0.0, TRACK=a.track,
-            U=a.u if a.track else 0, D=a.d if a.track else 0,
-            COMPUTE_DTYPE=compute, BLOCK=block, num_warps=num_warps,
-        )
-    if n_blocks == 1:                                   # one block per sample: its partial is the rate
-        if a.rate is None:
-            return out, partial.view(batch).to(torch.float32)
-        return out, a.rate.copy_(partial.view(batch))
-    rate = torch.empty(batch, dtype=torch.float32, device=x0.device) if a.rate is None else a.rate
-    _sum_partials_kernel[(batch,)](partial, rate, n_blocks, PBLOCK=_PBLOCK, num_warps=1)
-    return out, rate                                    # fixed-order sum over blocks: deterministic
+        _fused_step_kernel[(plan.n_blocks, b1 - b0)](
+            *(t[b0:b1] for t in ptrs), *scalars, a.seed, a.step, a.sample_offset + b0, plan.numel, plan.n_blocks,
+            **plan.constexprs)
 
 
 fused_step = keyword_entry(launch)   # fused_step(inputs, coeffs, **StepArgs fields), checked

@@ -15,6 +15,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="Triton is not installed: the Triton backend cannot run here")
 
+from thermosample import ops  # noqa: E402
 from thermosample.ops import reference as _reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -243,3 +244,102 @@ def test_kernel_globals_are_constexpr():
             value = kernel.fn.__globals__[name]
             assert isinstance(value, (triton.language.constexpr, KernelInterface, types.ModuleType)), (
                 f"{kernel.fn.__name__} reads global {name!r} = {value!r}: make it tl.constexpr")
+
+
+# ---- issue 37, item 1: bound launchers, plans and reused buffers --------------------------------------------
+
+class _RecordingBound:
+    """Stands in for a compiled kernel's launcher: takes the positional arguments a bound launch passes
+    (every kernel parameter in signature order, constexprs included) and runs the kernel with them by name,
+    so an argument in the wrong place shows as a wrong result."""
+
+    def __init__(self, jit, options):
+        self.jit, self.options, self.calls = jit, options, 0
+
+    def __call__(self, g0, g1, stream, args):
+        names = self.jit.arg_names
+        assert len(args) == len(names), (len(args), names)
+        self.calls += 1
+        self.jit[(g0, g1)](**dict(zip(names, args)), **{k: v for k, v in self.options.items() if k == "num_warps"})
+
+
+@pytest.fixture
+def bound_launches(monkeypatch):
+    """The compiled path's logic on CPU: the first launch of a plan goes through the kernel (interpreted),
+    later ones through the recorded bound launcher."""
+    compiled = []
+
+    def compile_(jit, grid, args, options):
+        jit[grid](*args, **options)
+        compiled.append(_RecordingBound(jit, options))
+        return compiled[-1]
+    monkeypatch.setattr(fs, "_compile", compile_)
+    monkeypatch.setattr(fs, "_INTERPRETED", False)
+    monkeypatch.setattr(fs, "_PLANS", {})
+    return compiled
+
+
+@pytest.mark.parametrize("numel,n,noise,track", [(37, 2, 0.0, True), (5000, 3, 0.7, True), (1500, 6, 0.0, False),
+                                                 (9, 1, 1.3, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bound_launches_match_the_first_launch(bound_launches, numel, n, noise, track, dtype):
+    """A plan compiles once (the step, and the fixed-order sum when a sample spans several blocks); later
+    steps of any coefficients, seed, step and offset go through the bound launcher with the same results
+    as a launch through Triton's own launcher."""
+    gen = torch.Generator().manual_seed(numel + n)
+    kw = dict(noise=noise, track=track, alpha=0.3, beta=-1.1, u=0, d=n - 1)
+    expected = []
+    for step in range(3):
+        xs = _inputs((3, numel), dtype, n, gen)
+        coeffs = [float(c) for c in torch.randn(n, generator=gen)]
+        args = dict(kw, seed=2 ** 64 - 1 - step, step=step, sample_offset=5 * step)
+        expected.append(_reference.fused_step_reference(xs, coeffs, **args))
+        got = fs.fused_step(xs, coeffs, **args)
+        with_interpreter = fs.launch(ops.contract.check(ops.StepArgs(xs, coeffs, **args)))   # bound again
+        assert torch.equal(got[0], with_interpreter[0]) and torch.equal(got[1], with_interpreter[1])
+        # (the noise is float32 Philox normals within a few ulp of the oracle's: a float32 tolerance)
+        torch.testing.assert_close(got[0], expected[-1][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], expected[-1][1], rtol=1e-5, atol=1e-6)
+    multi_block = triton.cdiv(numel, fs._block_size(numel)[0]) > 1
+    assert len(bound_launches) == (2 if multi_block else 1)               # compiled once per plan
+    assert bound_launches[0].calls == 2 * 3 - 1                           # every later launch bound
+
+
+def test_bound_launches_are_bit_identical_to_triton_launches(bound_launches, monkeypatch):
+    xs = _inputs((4, 3000), torch.float32, 3, torch.Generator().manual_seed(2))
+    kw = _kwargs(3, True, True)
+    fs.fused_step(xs, COEFFS[:3], **kw)                                   # compiles the plan
+    bound = fs.fused_step(xs, COEFFS[:3], **kw)
+    monkeypatch.setattr(fs, "_PLANS", {})
+    monkeypatch.setattr(fs, "_INTERPRETED", True)                         # Triton's launcher every time
+    plain = fs.fused_step(xs, COEFFS[:3], **kw)
+    assert torch.equal(bound[0], plain[0]) and torch.equal(bound[1], plain[1])
+
+
+def test_a_misaligned_launch_takes_tritons_launcher(bound_launches):
+    """Triton specialises a compiled kernel on 16-byte pointer alignment: a view off that alignment must not
+    reuse the plan's kernel."""
+    base = torch.randn(4 * 40 + 1, generator=torch.Generator().manual_seed(3))
+    aligned, shifted = base[:160].view(4, 40), base[1:161].view(4, 40)
+    assert shifted.data_ptr() % 16
+    fs.fused_step([aligned], [2.0])
+    fs.fused_step([shifted], [2.0])
+    assert len(bound_launches) == 2 and bound_launches[0].calls == 0      # recompiled, plan kept its kernel
+    out, _ = fs.fused_step([shifted], [2.0])
+    assert torch.equal(out, 2.0 * shifted) and bound_launches[0].calls == 0
+    fs.fused_step([aligned], [2.0])
+    assert bound_launches[0].calls == 1
+
+
+def test_partial_sums_reuse_one_buffer_per_stream_and_thread(bound_launches):
+    xs = _inputs((2, 3000), torch.float32, 2, torch.Generator().manual_seed(4))
+    fs.fused_step(xs, COEFFS[:2], track=True, alpha=1.0, beta=1.0)
+    (plan,) = fs._PLANS.values()
+    (buf,) = plan.partials.values()
+    fs.fused_step(xs, COEFFS[:2], track=True, alpha=1.0, beta=1.0)
+    assert list(plan.partials.values()) == [buf]
+    import threading
+    worker = threading.Thread(target=lambda: fs.fused_step(xs, COEFFS[:2], track=True, alpha=1.0, beta=1.0))
+    worker.start()
+    worker.join()
+    assert len(plan.partials) == 2
