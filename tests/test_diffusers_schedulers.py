@@ -276,3 +276,42 @@ def test_zero_terminal_snr_with_epsilon_prediction_is_a_clear_error(name):
     assert not torch.isfinite(_zsnr_loop(getattr(diffusers, name)(**cfg), 3)).all()
     with pytest.raises(ValueError, match="zero terminal SNR"):
         _zsnr_loop(getattr(TD, "Thermo" + name)(**cfg), 3)
+
+
+PEER_TAKES_LAST_STEP = ("UniPCMultistepScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler")
+
+
+@pytest.mark.parametrize("name", INDEXED + ["DDIMScheduler", "DDPMScheduler"])
+@pytest.mark.parametrize("timestep", [12345.0, 500.5, torch.tensor(12345.0)], ids=["far", "between", "tensor"])
+def test_a_timestep_not_in_the_schedule_is_refused(name, timestep):
+    """The first step() with a timestep the schedule does not hold raises IndexError, as diffusers' Euler, Heun,
+    LMS, flow-match, DDIM and DDPM schedulers do (diffusers' multistep ones silently take it as the last step;
+    ours refuse it too), instead of stepping from the first sigma."""
+    flow = name.startswith("FlowMatch")
+    peer, ours = (cls.from_config({} if flow else BASE)
+                  for cls in (getattr(diffusers, name), getattr(TD, "Thermo" + name)))
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for s in (peer, ours):
+        s.set_timesteps(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name not in PEER_TAKES_LAST_STEP:
+            with pytest.raises(IndexError):
+                peer.step(0.1 * x, timestep, x)
+        with pytest.raises(IndexError, match="timestep 12345 is not|timestep 500.5 is not"):
+            ours.step(0.1 * x, timestep, x)
+    assert ours.thermo is None          # nothing ran
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                                  "FlowMatchEulerDiscreteScheduler"])
+def test_integer_timesteps_are_refused_as_diffusers_refuses_them(name):
+    """diffusers' Euler-type step() refuses an int timestep (an index from enumerate()) with a ValueError."""
+    flow = name.startswith("FlowMatch")
+    ours = getattr(TD, "Thermo" + name).from_config({} if flow else BASE)
+    ours.set_timesteps(4)
+    x = torch.zeros(2, 3, 4, 4)
+    for t in (int(ours.timesteps[0]), torch.tensor(int(ours.timesteps[0]))):
+        with pytest.raises(ValueError, match="Passing integer indices"):
+            ours.step(x, t, x)
+    ours.step(x, ours.timesteps[0], x)  # the schedule's own (float) timestep steps

@@ -16,6 +16,11 @@ sigmas=)`, the timestep/sigma grids for every spacing option, `init_noise_sigma`
   lives on the host; `step` does no `.item()` and no device-to-host copy. The first step index comes from
   `set_begin_index` when set, else from the timestep when it is a number or a CPU tensor, else it is 0
   (a pipeline that starts mid-schedule on a GPU calls `set_begin_index`, as diffusers' img2img ones do).
+- timesteps: the step index starts where `timestep` is in `timesteps`; one that is not there raises
+  IndexError, as diffusers' Euler, Heun, LMS and flow-match schedulers do (its multistep ones take an
+  unknown timestep as the last step; these refuse it). DDIM takes any integer training timestep, DDPM only
+  its schedule's; the Euler-type steps refuse int timesteps with diffusers' ValueError. A timestep on a GPU
+  is not read (no sync): the step follows its counter.
 - host time per step: the report's velocity coefficients are tabled over the grid once per run and the
   fused op's argument checks run once per kind of call, not per step (issue 15).
 - noise: with a `generator` the noise is `randn_tensor(..., generator=generator)` exactly as diffusers
@@ -173,6 +178,7 @@ class _ThermoStep:
 
     backend = "auto"          # fused-op backend for every step ("auto" | "torch" | "cpp" | "triton")
     _flow = False             # physical coordinates: CondOT (flow matching) instead of DiscreteVP
+    _int_timesteps_refused = False   # step() refuses int timesteps with a ValueError, as the peer's does
 
     # -- set-up ---------------------------------------------------------------------------------
     def set_timesteps(self, *args, **kwargs):
@@ -218,7 +224,11 @@ class _ThermoStep:
             return
         value = float(timestep)
         hits = [k for k, t in enumerate(self._ts) if t == value]
-        self._step_index = hits[1] if len(hits) > 1 else (hits[0] if hits else 0)
+        if not hits:   # diffusers' Euler/Heun/LMS/flow-match raise IndexError here; its multistep ones step as last
+            raise IndexError(f"{type(self).__name__}: timestep {value:g} is not in the schedule "
+                             f"({len(self._ts)} timesteps from {self._ts[0]:g} to {self._ts[-1]:g}); pass one of "
+                             "scheduler.timesteps, or call set_begin_index() to start mid-schedule")
+        self._step_index = hits[1] if len(hits) > 1 else hits[0]
 
     def _fallback(self, reason):
         if not getattr(self, "_warned", False):
@@ -274,7 +284,13 @@ class _ThermoStep:
     def _stochastic(self):
         return False
 
-    def _index(self, timestep):
+    def _index(self, timestep, stepping=True):
+        """The host step index; the first call finds `timestep` in the schedule (IndexError if it is not)."""
+        if stepping and self._int_timesteps_refused and isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            peer = next(b for b in type(self).__mro__ if b.__module__.startswith("diffusers."))
+            raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
+                             f"`{peer.__name__}.step()` is not supported. Make sure to pass one of the "
+                             "`scheduler.timesteps` as a timestep.")
         if getattr(self, "_ts", None) is None:   # step() before set_timesteps: diffusers steps on its __init__ grid
             self._host_grid()
         if self._step_index is None:
@@ -298,13 +314,15 @@ class _ThermoStep:
 
     def scale_model_input(self, sample, timestep=None, *args, **kwargs):
         """Divide the sample by sqrt(sigma^2 + 1) (a host float), as diffusers' Euler/Heun do."""
-        i = self._index(timestep)
+        i = self._index(timestep, stepping=False)
         self.is_scale_input_called = True
         return sample / math.sqrt(self._sig[i] ** 2 + 1.0)
 
 
 class ThermoEulerDiscreteScheduler(_ThermoStep, EulerDiscreteScheduler):
     """EulerDiscreteScheduler (Karras et al. 2022, Alg. 2 with Euler steps) on thermosample's fused op."""
+
+    _int_timesteps_refused = True
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
@@ -486,6 +504,8 @@ class ThermoAutoScheduler(_ThermoStep, EulerDiscreteScheduler):
 
 class ThermoEulerAncestralDiscreteScheduler(_ThermoStep, EulerAncestralDiscreteScheduler):
     """EulerAncestralDiscreteScheduler: Euler to sigma_down, then sigma_up fresh noise, on the fused op."""
+
+    _int_timesteps_refused = True
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         """One ancestral Euler step (k-diffusion's sample_euler_ancestral with eta = 1).
@@ -722,6 +742,7 @@ class ThermoFlowMatchEulerDiscreteScheduler(_ThermoStep, FlowMatchEulerDiscreteS
     fused op; the report is in CondOT coordinates, where the velocity is the model output."""
 
     _flow = True
+    _int_timesteps_refused = True
 
     def scale_model_input(self, sample, *args, **kwargs):
         return sample
@@ -941,6 +962,10 @@ class _TimestepScheduler:
     def _final_alpha(self):
         return np.float32(1.0)
 
+    def _in_schedule_only(self):
+        """Whether a timestep must be one of `timesteps` (DDPM's previous-timestep lookup), not any training one."""
+        return False
+
     def _host_grid(self):
         self._ac = self.alphas_cumprod.detach().to("cpu", torch.float32).numpy()
         self._ts = [int(t) for t in self.timesteps.detach().cpu().tolist()]
@@ -964,8 +989,14 @@ class _TimestepScheduler:
             i = min(nxt, len(self._ts) - 1)
             t = self._ts[i]
         else:
-            t = int(timestep)
+            value = float(timestep)
+            t = int(value) if value.is_integer() else None
             hits = [k for k, v in enumerate(self._ts) if v == t]
+            if not hits and (self._in_schedule_only() or t is None or not 0 <= t < len(self._ac)):
+                where = ("is not in the schedule" if self._in_schedule_only() else
+                         f"is not an integer in [0, {len(self._ac)})")
+                raise IndexError(f"{type(self).__name__}: timestep {value:g} {where}; pass one of "
+                                 "scheduler.timesteps")
             i = hits[0] if hits else min(nxt, len(self._ts) - 1)
         self._host_i = i + 1
         return i, t
@@ -1065,6 +1096,9 @@ class ThermoDDPMScheduler(_TimestepScheduler, _ThermoStep, DDPMScheduler):
     "fixed_small_log" and "fixed_large" are fused; "learned", "learned_range", "fixed_large_log" and
     thresholding use diffusers' step (one warning). With a `generator` the noise is diffusers' draw; without
     one, in-kernel Philox noise."""
+
+    def _in_schedule_only(self):
+        return True
 
     def _fusable(self):
         if self.config.thresholding:
