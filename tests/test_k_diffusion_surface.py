@@ -363,3 +363,25 @@ def test_dpmpp_sde_steps_draw_independent_noise_and_r_is_checked():
     assert solvers._splitmix64(0) != 0 and solvers._splitmix64(1) != solvers._splitmix64(0)
     with pytest.raises(ValueError, match="r must be"):
         _sample("dpmpp_sde", "torch", r=0.0)
+
+
+NOISY = ["euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde"]
+
+
+@pytest.mark.parametrize("name", NOISY)
+@pytest.mark.parametrize("sigmas", [[10.0, 5.0, 7.0, 1.0, 0.0], [1.0, 3.0, 10.0]], ids=["bump", "rising"])
+def test_noise_adding_samplers_name_sigmas_that_do_not_decrease(name, sigmas):
+    """A noise-adding step needs sigma_next < sigma: a grid that rises anywhere is refused before the model runs,
+    naming `sigmas`, the offending pair and what was expected (not a bare 'math domain error'); eta=0 (the
+    deterministic sampler) runs on it."""
+    calls = []
+
+    def model(v, s):
+        calls.append(s)
+        return 0.5 * v
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    fn = getattr(T, "sample_" + name)
+    with pytest.raises(ValueError, match=r"sigmas must be strictly decreasing for sample_.* got sigmas\[\d\] = "):
+        fn(model, x, torch.tensor(sigmas), disable=True)
+    assert calls == []
+    assert torch.isfinite(fn(model, x, torch.tensor(sigmas), disable=True, eta=0.0)).all()

@@ -249,6 +249,17 @@ def _host_sigmas(sigmas) -> list[float]:
     return host
 
 
+def _check_descending(host, name, options):
+    """A noise-adding step from sigma to sigma_next adds the variance between the two (sigma_up of an ancestral
+    step, 1 - exp(-2 eta h) of an SDE step): it needs sigma_next < sigma at every step."""
+    for k in range(len(host) - 1):
+        if host[k + 1] >= host[k]:
+            eta = options.get("eta", 1.0)
+            raise ValueError(f"sigmas must be strictly decreasing for sample_{name} with eta={eta:g} "
+                             f"(each step adds the noise between sigmas[k] and sigmas[k + 1]); got sigmas[{k}] = "
+                             f"{host[k]:g}, sigmas[{k + 1}] = {host[k + 1]:g} (eta=0 runs the deterministic sampler)")
+
+
 def _dpmpp_sde_noise_tensors(host, sigmas_t, r) -> dict:
     """(sigma, sigma_next) host pair -> queue of the 0-d tensor pairs k-diffusion's sample_dpmpp_sde passes
     its noise sampler for it, in call order: it round-trips sigma through t = -log sigma in the sigmas'
@@ -277,6 +288,8 @@ def _run(name, model, x, sigmas, extra_args, callback, disable, *, noise_sampler
     stochastic = _solvers.injects_noise(name, options)
     sigmas_t = sigmas if isinstance(sigmas, torch.Tensor) else torch.as_tensor(sigmas, dtype=torch.float32)
     host = _host_sigmas(sigmas_t)          # before any draw from torch's generator and any model call
+    if stochastic and name not in _RANDN_EVERY_STEP:
+        _check_descending(host, name, options)
     # euler/heun/dpm_2 without seed=: k-diffusion's randn_like per step (also their churn noise), see _drawing
     step_noise = (x, torch.promote_types(x.dtype, sigmas_t.dtype)) if name in _RANDN_EVERY_STEP and seed is None \
         else None
