@@ -14,7 +14,7 @@ every variant alike):
 The bytes a step must move are (n_inputs + 1) * state bytes (read every input once, write the state once;
 noise is generated, not read); GB/s = those bytes / time, and "frac" = GB/s / copy GB/s. Times are the
 minimum over repeats (on CUDA: device events around each call, L2 flushed before it). Writes a table
-to stdout and JSON (device name included) to --out.
+to stdout and JSON (device name included) to --out (default: thermosample's cache folder, printed).
 Lives in the package so that `thermosample bench` works from any install; benchmarks/bench_step.py runs it.
 
     python benchmarks/bench_step.py                 # sizes 1 8 64 512 MB of float32 state
@@ -189,24 +189,50 @@ def bench_one(name: str, size_mb: float, dtype: torch.dtype, device: torch.devic
     return rec
 
 
-def _fmt(x, spec):
-    return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
+def _cell(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+# (header, value of a record, format): one column each; print_table right-aligns each column to its widest cell
+COLUMNS = [
+    ("step", lambda r: r["step"], "s"),
+    ("MB", lambda r: r["size_mb"], ".0f"),
+    ("ours GB/s", lambda r: r["gbs"]["ours"], ".1f"),
+    ("copy GB/s", lambda r: r["copy_gbs"], ".1f"),
+    ("frac", lambda r: r["frac_copy"], ".2f"),
+    ("eager", lambda r: r["gbs"]["eager"], ".2f"),
+    ("ref", lambda r: r["gbs"].get("ref"), ".2f"),
+    ("compile", lambda r: r["gbs"].get("compile"), ".2f"),
+    ("x eager", lambda r: r["speedup_vs_eager"], ".1f"),
+    ("x ref", lambda r: r["speedup_vs_ref"], ".1f"),
+    ("x comp", lambda r: r["speedup_vs_compile"], ".2f"),
+    ("track+", lambda r: 100 * r["track_overhead"], ".1f"),
+    ("call us", lambda r: r["call_us"], ".1f"),
+]
+
+
+def format_table(records: list[dict]) -> list[str]:
+    """The table's lines: every column as wide as its widest cell and two spaces between columns, so no
+    value runs into the next whatever its size (track+ is a percentage)."""
+    cells = [[h for h, _, _ in COLUMNS]]
+    cells += [[_cell(get(r), spec) + ("%" if h == "track+" and get(r) is not None else "") for h, get, spec in COLUMNS]
+              for r in records]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(COLUMNS))]
+    return ["  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths)))
+            for row in cells]
 
 
 def print_table(records: list[dict], header: str) -> str:
-    lines = [header,
-             f"{'step':<16}{'MB':>6}{'ours GB/s':>10}{'copy GB/s':>10}{'frac':>6}{'eager':>8}{'ref':>8}"
-             f"{'compile':>8}{'x eager':>8}{'x ref':>7}{'x comp':>7}{'track+':>7}{'call us':>9}"]
-    for r in records:
-        g = r["gbs"]
-        lines.append(f"{r['step']:<16}{r['size_mb']:>6.0f}{g['ours']:>10.1f}{r['copy_gbs']:>10.1f}"
-                     f"{r['frac_copy']:>6.2f}{g['eager']:>8.2f}{_fmt(g.get('ref'), '8.2f')}"
-                     f"{_fmt(g.get('compile'), '8.2f')}{r['speedup_vs_eager']:>8.1f}"
-                     f"{_fmt(r['speedup_vs_ref'], '7.1f')}{_fmt(r['speedup_vs_compile'], '7.2f')}"
-                     f"{100 * r['track_overhead']:>6.1f}%{r['call_us']:>9.1f}")
-    text = "\n".join(lines)
+    text = "\n".join([header] + format_table(records))
     print(text, flush=True)
     return text
+
+
+def default_out() -> str:
+    """Where the JSON goes without --out: thermosample's folder in the user's cache ($XDG_CACHE_HOME or
+    ~/.cache), never the working directory; the path is printed."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "thermosample", "bench_step.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--ref-max-mb", type=float, default=64.0,
                    help="largest size at which the (slow) reference runs a noise step")
-    p.add_argument("--out", default=os.path.join("benchmarks", "out", "bench_step.json"),
-                   help="JSON output path (default: benchmarks/out/bench_step.json under the working directory)")
+    p.add_argument("--out", default=None,
+                   help="JSON output path (default: bench_step.json in thermosample's cache folder, "
+                        "$XDG_CACHE_HOME/thermosample or ~/.cache/thermosample; printed)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -264,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{crec['gbs']['ours']:.1f} GB/s in the same pass", file=sys.stderr, flush=True)
     table = print_table(records, header)
 
+    args.out = args.out or default_out()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"device": name, "device_type": device.type, "backend": chosen, "dtype": args.dtype,
