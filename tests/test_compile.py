@@ -97,3 +97,42 @@ def test_compile_refuses_python_hooks_and_bad_options():
         ts.sample(den, (2, 4), steps=2, compile=True, cuda_graph=True)
     with pytest.raises(TypeError, match="compile"):
         ts.sample(den, (2, 4), steps=2, compile="yes")
+
+
+# ---- issue 37, item 3: a user's own compiled loop calling the public op keeps the fused kernel ----------
+
+def _user_loop(x, backend):
+    """An Euler-ancestral-like loop a user writes with the public op: functional, then in place."""
+    rates = []
+    for i, (s, s_next) in enumerate([(2.0, 1.0), (1.0, 0.5), (0.5, 0.2)]):
+        d = x * (1.0 / (1.0 + s * s))
+        kw = dict(noise=0.1 * s_next, seed=3, step=i, track=True, alpha=1.0 / s, beta=-1.0 / s, u=0, d=1,
+                  backend=backend)
+        if i % 2:
+            x, rate = ts.ops.fused_step([x, d], [s_next / s, 1.0 - s_next / s], out=x, **kw)
+        else:
+            x, rate = ts.ops.fused_step([x, d], [s_next / s, 1.0 - s_next / s], **kw)
+        rates.append(rate)
+    return x, torch.stack(rates)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_public_op_compiles_into_one_graph_with_the_cpp_kernel(compiler):
+    """ts.ops.fused_step inside torch.compile(fullgraph=True) is the registered op (graph-broke on its eager
+    checks before), on the C++ backend, with the eager result."""
+    if not ts.ops.cpp_available():
+        pytest.skip("thermosample._C is not built")
+    torch._dynamo.reset()
+    backend, graphs = counting(compiler)
+    x0 = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(0))
+    want_x, want_r = _user_loop(x0.clone(), "cpp")
+    got_x, got_r = torch.compile(_user_loop, fullgraph=True, backend=backend)(x0.clone(), "cpp")
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count("thermosample.fused_step.default") == 2, targets
+    assert targets.count("thermosample.fused_step_.default") == 1, targets
+    if compiler == "aot_eager":          # the same kernels on the same inputs: the same bits
+        assert torch.equal(got_x, want_x) and torch.equal(got_r, want_r)
+    else:                                # inductor computes D itself (its own rounding)
+        torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_r, want_r, rtol=1e-5, atol=1e-6)

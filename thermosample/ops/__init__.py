@@ -139,7 +139,13 @@ def fused_step(inputs, coeffs, *, backend: str = "auto", **fields) -> tuple[torc
             num_threads.
     Returns:
         (out [B, ...], rate [B] float32).
+
+    Inside torch.compile the call is the registered op thermosample::fused_step (or fused_step_ when `out`
+    is one of the inputs), so a compiled loop keeps the fused kernel in its graph without a graph break.
     """
+    if torch.compiler.is_compiling():
+        from .library import fused_step_op
+        return fused_step_op(inputs, coeffs, backend=backend, **fields)
     return launch(StepArgs(inputs, coeffs, **fields), backend)
 
 
