@@ -89,6 +89,15 @@ def test_the_cli_refuses_a_fifo_as_grid_file(tmp_path, capsys):
     assert "not a regular file" in err and not (tmp_path / "o").exists()
 
 
+def test_a_fifo_as_weights_file(tmp_path, capsys):
+    os.mkfifo(tmp_path / "w.safetensors")
+    argv = ["sample", "--model", SPEC, "--n", "2", "--batch", "2", "--out", str(tmp_path / "o"),
+            "--weights", str(tmp_path / "w.safetensors")]
+    rc, err = no_hang(lambda: run(capsys, argv), tmp_path / "w.safetensors")
+    one_line(rc, err)
+    assert "not a regular file" in err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("where", [bulk.shard_name(0), "manifest.json"])
 def test_a_directory_or_device_at_a_file_name(tmp_path, capsys, where):
     out = tmp_path / "o"

@@ -100,8 +100,9 @@ def load_weights(path: str, map_location="cpu") -> dict:
     """A state dict from `path` without unpickling code: .safetensors via safetensors, anything else via
     torch.load(weights_only=True). Raises ValueError for a missing, unreadable or unsafe file."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ValueError(f"weights file {path!r} does not exist")
+    if not os.path.isfile(path):   # also a FIFO, which the loaders would wait on forever
+        raise ValueError(f"weights file {path!r} " + ("is not a regular file" if os.path.exists(path) else
+                                                      "does not exist"))
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
