@@ -11,10 +11,20 @@ everything the graph reads that is not copied in before each replay:
 
 The initial state and the values of `extra_args` tensors (class labels, text embeddings) are copied into
 static buffers before each replay, so a call with new conditioning of the same shape replays the graph
-with that conditioning, never with the tensors of the capture.
+with that conditioning, never with the tensors of the capture. When the model is a torch.nn.Module (the
+denoiser, or its `.model`), the key also holds the addresses of its parameters and buffers: weights
+updated in place replay correctly, and weights replaced by new tensors (`.to()`, `.half()`, assigning a
+new Parameter) make a new key, not a stale replay.
+
+`ts.sample` on CUDA uses this cache by itself (`cuda_graph=None`, `GraphCache.run_auto`) where capture is
+safe: a run without Python hooks, without autograd, of a torch.nn.Module model; the first run of a
+configuration runs eagerly, a repeat captures and replays it; a capture that fails is remembered for the
+configuration, which then runs eagerly, and the reason is logged at debug level (logger "thermosample").
 """
 from __future__ import annotations
 
+import itertools
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +32,8 @@ from typing import Callable
 import torch
 
 MAX_GRAPHS = 4
+MAX_REMEMBERED = 64          # configurations remembered as seen once, or as failing to capture
+log = logging.getLogger("thermosample")
 
 
 def extra_args_signature(extra_args: dict) -> tuple:
@@ -41,11 +53,27 @@ def extra_args_signature(extra_args: dict) -> tuple:
     return tuple(sig)
 
 
+def model_module(den) -> torch.nn.Module | None:
+    """The torch.nn.Module a denoiser runs: the denoiser itself or its `.model`; None for other callables."""
+    for candidate in (den, getattr(den, "model", None)):
+        if isinstance(candidate, torch.nn.Module):
+            return candidate
+    return None
+
+
+def weights_signature(den) -> tuple:
+    """The addresses of the model's parameters and buffers (empty when it is not a torch.nn.Module)."""
+    module = model_module(den)
+    if module is None:
+        return ()
+    return tuple(t.data_ptr() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
 def graph_key(run, x: torch.Tensor, options: dict) -> tuple:
     """The cache key of a run (see the module docstring); the denoiser enters by identity."""
     return (id(run.den), tuple(x.shape), x.dtype, x.device, run.solver, tuple(sorted(options.items())),
             tuple(run.sigmas), run.seed, run.sample_offset, run.backend, run.track,
-            extra_args_signature(run.extra_args))
+            extra_args_signature(run.extra_args), weights_signature(run.den))
 
 
 @dataclass
@@ -78,6 +106,32 @@ class GraphCache:
         self.max_graphs = max_graphs
         self.capture = capture
         self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
+        self.seen: OrderedDict[tuple, None] = OrderedDict()      # run once eagerly (run_auto)
+        self.failed: OrderedDict[tuple, str] = OrderedDict()     # capture failed: eager from then on
+
+    def run_auto(self, run, x: torch.Tensor, solve: Callable, options: dict, make_run: Callable):
+        """`run` for ts.sample's automatic graphs: (samples, run) replayed from a graph, or None when this
+        call should run eagerly: the configuration's first run (a one-off call pays no capture), or one
+        whose capture failed before. A capture that fails now is remembered and logged at debug level;
+        the caller then runs eagerly on a fresh Run (the failed capture may have used this one)."""
+        try:
+            key = graph_key(run, x, options)
+        except ValueError as exc:                     # unhashable extra_args
+            log.debug("thermosample: no CUDA graph: %s", exc)
+            return None
+        if key not in self.entries:
+            if key in self.failed:
+                return None
+            if key not in self.seen:
+                _remember(self.seen, key, None)
+                return None
+        try:
+            return self.run(run, x, solve, options, make_run)
+        except Exception as exc:                      # the model cannot be captured (host sync, CPU work)
+            _remember(self.failed, key, f"{type(exc).__name__}: {exc}")
+            log.debug("thermosample: CUDA graph capture failed, running eagerly from now on for this "
+                      "configuration (%s: %s)", type(exc).__name__, exc)
+            return None
 
     def run(self, run, x: torch.Tensor, solve: Callable, options: dict, make_run: Callable):
         """Replay (capturing first if needed) the loop of `run` from state `x`; returns (samples, run).
@@ -102,6 +156,14 @@ class GraphCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.seen.clear()
+        self.failed.clear()
+
+
+def _remember(table: OrderedDict, key: tuple, value) -> None:
+    table[key] = value
+    while len(table) > MAX_REMEMBERED:
+        table.popitem(last=False)
 
 
 GRAPHS = GraphCache()

@@ -9,6 +9,8 @@ ThermoReport. `torch.compile(ts.sample)` itself is not the supported path: valid
 check read host and device values by design."""
 from __future__ import annotations
 
+import logging
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,7 +18,7 @@ import torch
 
 from . import ops
 from .auto import SamplerConfig, check_made_for, runnable
-from .graphs import GRAPHS
+from .graphs import GRAPHS, model_module
 from .grids import make_grid
 from .run import Run
 from .solvers import check_options, get_solver
@@ -30,6 +32,8 @@ from .validate import (
     resolve_seed,
     sample_device,
 )
+
+_log = logging.getLogger("thermosample")
 
 # Philox step id of the initial noise; solver steps use their index i (one noise draw per step).
 INIT_NOISE_STEP = 0xFFFFFFFF
@@ -53,7 +57,7 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int | N
            sample_offset: int = 0, backend: str = "auto", track: bool = True,
            progress: bool | None = None, callback=None, dtype: torch.dtype = torch.float32, device=None,
            check_every: int | None = None, noise_sampler=None, extra_args: dict | None = None,
-           cuda_graph: bool = False, compile: bool | dict = False, grad: bool = False,
+           cuda_graph: bool | None = None, compile: bool | dict = False, grad: bool = False,
            **solver_options) -> SampleOutput:
     """Generate samples by integrating the reverse-time ODE/SDE of a denoiser.
 
@@ -97,6 +101,12 @@ def sample(den, shape=None, *, noise: torch.Tensor | None = None, steps: int | N
         cuda_graph: capture the whole loop in one CUDA graph and replay it (CUDA only; the model must
             be capturable; no callback/noise_sampler/check_every). The graph is cached per
             configuration, so repeated calls with new `noise` of the same shape only replay it.
+            None (default): automatic on CUDA where capture is safe - a torch.nn.Module model (the
+            denoiser or its `.model`), no callback/noise_sampler/check_every/progress bar/compile=/grad=:
+            the first run of a configuration runs eagerly, a repeat captures it and later ones replay it
+            (a failed capture is remembered and the configuration runs eagerly; the reasons are logged at
+            debug level, logger "thermosample"). A captured graph keeps its memory pool while cached
+            (ts.graphs.GRAPHS.clear() frees it). False: never.
         compile: run the solver loop, model calls included, as one torch.compile(fullgraph=True) graph;
             True, or a dict of torch.compile options (e.g. {"mode": "max-autotune"}, {"backend":
             "aot_eager"}, {"fullgraph": False} for a model or solver that cannot be traced whole). The grid,
@@ -134,6 +144,8 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
     if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)
                                     or check_every < 1):
         raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")
     compile_options = _compile_options(compile)
     if compile_options is not None:
         if cuda_graph:
@@ -174,7 +186,20 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
                    stochastic=spec.injects_noise(solver_options), **kw)
     run = make_run(_CompiledRun if compile_options is not None else Run, callback=callback, progress=progress,
                    noise_sampler=noise_sampler, check_every=check_every)
-    if cuda_graph:
+    graphed = None
+    if cuda_graph is None and x.device.type == "cuda":
+        why_not = _auto_graph_refusal(den, len(sigmas) - 1, callback, noise_sampler, check_every, progress,
+                                      compile_options)
+        if why_not is None:
+            graphed = GRAPHS.run_auto(run, x, spec.fn, solver_options, lambda: make_run(progress=False))
+            if graphed is None:       # eager: a first run, or no capture; a fresh Run (a failed one used this)
+                run = make_run(callback=callback, progress=progress, noise_sampler=noise_sampler,
+                               check_every=check_every)
+        else:
+            _log.debug("thermosample: no automatic CUDA graph: %s", why_not)
+    if graphed is not None:
+        x, run = graphed
+    elif cuda_graph:
         if x.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs CUDA tensors, got device {x.device}")
         if callback is not None or noise_sampler is not None or check_every:
@@ -189,6 +214,23 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
         x = x.to(noise.dtype)    # half noise: stored back in its dtype (checked below: a cast may overflow)
     run.check_finite(x)
     return SampleOutput(samples=x, thermo=run.report(), sigmas=sigmas, nfe=run.nfe, seed=seed)
+
+
+def _auto_graph_refusal(den, steps, callback, noise_sampler, check_every, progress, compile_options) -> str | None:
+    """Why ts.sample does not capture this run by itself (None: it may): what a graph cannot replay (Python
+    called during the run, autograd, a progress bar) or cannot key safely (a model that is not a
+    torch.nn.Module: its weights are not known to the key)."""
+    if callback is not None or noise_sampler is not None or check_every:
+        return "callback=, noise_sampler= or check_every= call into Python during the run"
+    if compile_options is not None:
+        return "compile= runs the loop (pass compile={'mode': 'reduce-overhead'} for its CUDA graphs)"
+    if torch.is_grad_enabled():
+        return "grad=True: autograd through the run"
+    if progress or (progress is None and steps >= 50 and sys.stderr.isatty()):
+        return "a progress bar updates during the run"
+    if model_module(den) is None:
+        return "the model is not a torch.nn.Module (den or den.model), so the graph cache cannot key its weights"
+    return None
 
 
 # -- compile=True: the loop as one torch.compile graph, the host maths outside it ------------------------
