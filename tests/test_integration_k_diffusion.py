@@ -10,10 +10,11 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("torchsde", reason="k-diffusion's sampling.py needs torchsde (pip install --no-deps torchsde trampoline)")
+pytest.importorskip("torchsde", reason="k-diffusion's sampling.py needs torchsde (the README's k-diffusion recipe installs it)")
 pytest.importorskip("torchdiffeq", reason="k-diffusion's sampling.py needs torchdiffeq")
 if importlib.util.find_spec("k_diffusion") is None:
-    pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)", allow_module_level=True)
+    pytest.skip("k-diffusion is not installed (the README's recipe: pip install torch==2.13.0 \"k-diffusion==0.0.16\" "
+                "\"setuptools<81\")", allow_module_level=True)
 
 from thermosample.integrations import k_diffusion as T  # noqa: E402
 

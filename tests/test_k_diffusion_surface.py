@@ -38,8 +38,8 @@ _PEER = _load_peer()
 @pytest.fixture
 def K():
     if _PEER is None:
-        pytest.skip("k-diffusion, torchsde or torchdiffeq is not installed (pip install --no-deps k-diffusion "
-                    "torchsde trampoline torchdiffeq)")
+        pytest.skip("k-diffusion, torchsde or torchdiffeq is not installed (the README's recipe: "
+                    'pip install torch==2.13.0 "k-diffusion==0.0.16" "setuptools<81")')
     return _PEER
 
 
@@ -102,7 +102,7 @@ for use in (lambda: T.sample_dpm_fast(lambda v, s: 0.5 * v, x * 10, 0.1, 10.0, 6
     try:
         use()
     except ImportError as e:
-        assert 'pip install --no-deps k-diffusion torchsde' in str(e), e
+        assert '"k-diffusion==0.0.16" "setuptools<81"' in str(e), e
     else:
         raise AssertionError('no ImportError')
 print('ok')

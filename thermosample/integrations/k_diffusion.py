@@ -130,7 +130,8 @@ def default_noise_sampler(x):
     return lambda sigma, sigma_next: torch.randn_like(x)
 
 
-_INSTALL_PEER = "pip install --no-deps k-diffusion torchsde torchdiffeq trampoline"
+# The README's recipe (and why): torch stays at its version, or pip upgrades it to suit the newest torchvision.
+_INSTALL_PEER = f'pip install torch=={torch.__version__.split("+")[0]} "k-diffusion==0.0.16" "setuptools<81"'
 
 
 @functools.cache
