@@ -161,11 +161,17 @@ def plot_rows(rows: list[dict], path: str) -> str:
     return path
 
 
+def machine() -> str:
+    """The CPU and torch's thread count: samples/s and the wall time depend on both (and on the load)."""
+    from .bench import device_name
+    return f"{device_name(torch.device('cpu'))}, torch threads {torch.get_num_threads()}"
+
+
 def main(args) -> int:
     start = time.perf_counter()
     rows = run_demo(batch=args.batch, seed=args.seed, backend=args.backend)
     print(f"thermosample demo: exact-score Gaussian mixture (d={toy.default_mixture().dim}, 8 modes), "
-          f"batch {args.batch}, seed {args.seed}, backend {args.backend}")
+          f"batch {args.batch}, seed {args.seed}, backend {args.backend}\non {machine()}")
     print(format_table(rows))
     print(headline(rows))
     print(calibrated_line(rows))
@@ -178,5 +184,6 @@ def main(args) -> int:
         with open(args.json, "w") as f:
             json.dump([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], f, indent=1)
         print(f"wrote {args.json}")
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    print(f"done in {time.perf_counter() - start:.1f} s wall, torch threads {torch.get_num_threads()} (samples/s and "
+          "time depend on the machine and its load)")
     return 0 if all(math.isfinite(r["kinetic"]) for r in rows) else 1
