@@ -51,23 +51,56 @@ def test_a_held_lock_refuses_a_second_run(tmp_path):
     assert bulk.sample_to_disk(SPEC, out=str(tmp_path), **JOB).written == [0, 1, 2]  # released: it runs
 
 
+# A model that holds the first run inside its lock until the test lets it go: its first call made after the
+# manifest exists (the run holds the lock from before it writes the manifest) claims `started` and waits for
+# `release`. Every later call, and the second run's (which finds `started` taken), goes straight through, so
+# the outcome does not depend on how long either process takes to start on a loaded machine.
+GATED_MODEL = """
+import os, time
+from thermosample.toy import toy_factory
+
+class Gated:
+    def __init__(self, out, started, release):
+        self.den, self.out, self.started, self.release = toy_factory(), out, started, release
+        self.schedule, self.sample_shape = self.den.schedule, self.den.sample_shape
+
+    def __call__(self, x, sigma, **kw):
+        if os.path.exists(os.path.join(self.out, "manifest.json")):
+            try:
+                os.close(os.open(self.started, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                pass
+            else:
+                deadline = time.monotonic() + 900
+                while not os.path.exists(self.release):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the test never released the first run")
+                    time.sleep(0.01)
+        return self.den(x, sigma, **kw)
+"""
+
+
 def test_two_concurrent_cli_runs_on_one_folder(reference, tmp_path):
-    out = tmp_path / "job"
-    args = ["--n", "10", "--batch", "4", "--steps", "3", "--solver", "euler_ancestral", "--backend", "torch",
-            "--out", str(out)]
-    first = subprocess.Popen(cli(*args, "--seed", "5", "--factory-arg", "delay=1.0"), env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, started, release = tmp_path / "job", tmp_path / "started", tmp_path / "release"
+    (tmp_path / "gated_model.py").write_text(GATED_MODEL)
+    args = [sys.executable, "-m", "thermosample.apps.cli", "sample", "--model", "gated_model:Gated",
+            "--n", "10", "--batch", "4", "--steps", "3", "--solver", "euler_ancestral", "--backend", "torch",
+            "--seed", "5", "--out", str(out)]
+    for key, path in (("out", out), ("started", started), ("release", release)):
+        args += ["--factory-arg", f"{key}={path}"]
+    run = dict(env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(args, **run)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "manifest.json").exists():  # the first run holds the lock from before its manifest
-            assert first.poll() is None, first.stderr.read()
-            assert time.monotonic() < deadline
+        deadline = time.monotonic() + 600
+        while not started.exists():          # the first run holds the lock and waits for `release`
+            assert first.poll() is None, first.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the first run never reached its first shard"
             time.sleep(0.02)
-        second = subprocess.run(cli(*args, "--seed", "5", "--factory-arg", "delay=1.0"), env=ENV,
-                                capture_output=True, text=True, timeout=120)
-        assert first.poll() is None, "the first run ended before the second started: make it slower"
+        second = subprocess.run(args, **run, timeout=600)
+        assert first.poll() is None          # still waiting: it cannot end before `release`
     finally:
-        first.wait(timeout=120)
+        release.touch()
+        first.wait(timeout=600)
     assert second.returncode == 2, second.stderr
     assert len(second.stderr.strip().splitlines()) == 1 and "in use" in second.stderr
     assert first.returncode == 0, first.stderr
@@ -169,7 +202,7 @@ def test_a_huge_n_does_not_hang(tmp_path):
             "r = bulk.sample_to_disk('thermosample.toy:toy_factory', n=2**32, batch=1, out=sys.argv[1], steps=1, "
             "backend='torch', max_shards=2); print(r.num_shards, r.written)")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big")], env=ENV, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=600)   # a hang is hours; importing torch on a loaded machine, a minute
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [str(2 ** 32), "[0,", "1]"]
     with pytest.raises(ValueError, match="missing shard"):
