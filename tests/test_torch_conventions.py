@@ -66,9 +66,11 @@ def test_numpy_integer_seeds(np_seed, seed):
     assert type(a.seed) is int
 
 
-@pytest.mark.parametrize("bad", [np.int64(-1), np.float64(1.0), np.bool_(True), 1.0, True])
-def test_bad_seeds_still_refused(bad):
-    with pytest.raises(ValueError, match="seed"):
+@pytest.mark.parametrize("bad,error", [(np.int64(-1), ValueError), (np.float64(1.0), TypeError),
+                                       (np.bool_(True), TypeError), (1.0, TypeError), (True, TypeError)])
+def test_bad_seeds_still_refused(bad, error):
+    """A seed of the wrong kind is a TypeError, an int out of range a ValueError (the README's promise)."""
+    with pytest.raises(error, match="seed"):
         ts.sample(den(), (2, 4), seed=bad, **KW)
 
 
