@@ -9,9 +9,11 @@ GPU host) replaced by a function that does nothing, and times the loops against 
 
     us/step = (loop - model alone) / steps          (issue 37's bar: <= 15 us for the ts.sample rows)
 
-plus the backend's `launch` and the checked public `ops.fused_step` per call. The tensors are CPU tensors,
-so allocations cost what CPU allocations cost (a CUDA caching allocator is in the same range for these
-sizes). Before the bound launchers (kernels/fused_step.py), "the device launch" was the whole
+in CPU time of the process (time.process_time, the minimum over interleaved repeats),
+plus, per call, the backend's `launch`, `Run.update` (one fused step as every entry point makes it: its
+arguments, the per-step acceptance test, the rate row, the launch) and the checked public `ops.fused_step`.
+The tensors are CPU tensors, so allocations cost what CPU allocations cost (a CUDA caching allocator is in
+the same range for these sizes). Before the bound launchers (kernels/fused_step.py), "the device launch" was the whole
 `kernel[grid](...)` call, Triton's Python launcher included; replacing it by a no-op hid that cost, so
 figures measured on that code are lower bounds. Prints a table and writes JSON naming the machine.
 
@@ -34,6 +36,7 @@ import torch  # noqa: E402
 import thermosample as ts  # noqa: E402
 from thermosample import ops  # noqa: E402
 from thermosample.apps.bench import device_name  # noqa: E402
+from thermosample.run import Run  # noqa: E402
 
 from . import bench_integrations as bi  # noqa: E402
 
@@ -67,14 +70,20 @@ def route_through_triton() -> str:
     return replaced
 
 
+def clock() -> float:
+    """CPU time of this process: host cost is CPU work, and on a shared machine wall time also counts the
+    time other processes held the CPU (the minimum over repeats is taken all the same)."""
+    return time.process_time()
+
+
+def timed(fn) -> float:
+    t0 = clock()
+    fn()
+    return clock() - t0
+
+
 def per_call_us(fn, calls: int, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / calls * 1e6
+    return min(timed(lambda: [fn() for _ in range(calls)]) for _ in range(repeats)) / calls * 1e6
 
 
 def op_rows(shape, repeats: int) -> list[dict]:
@@ -84,7 +93,16 @@ def op_rows(shape, repeats: int) -> list[dict]:
     x, d = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     rate = torch.empty(shape[0])
     args = ops.contract.check(ops.StepArgs([x, d], [0.9, 0.1], rate=rate, track=True, alpha=0.5, beta=-0.5, step=3))
+    den = ts.Denoiser(lambda x, s: x, ts.schedules.EDM(), prediction="x0", time="sigma", scale_input=False)
+    sigmas = [float(s) for s in ts.grids.make_grid("karras", bi.STEPS, den.schedule)]
+    run = Run(den, sigmas, seed=0, backend="auto", track=True)
+
+    def update():                    # one fused step of a run, its rate into the run's buffer (rows reused)
+        run.update([x, d], [0.9, 0.1], 3, track_sigma=sigmas[3], u=0, d=1)
+        run._rows, run.eval_t, run.eval_rows, run.probes = 1, [], [], []
+    update()
     rows = [("triton launch(StepArgs), rate given", lambda: fs.launch(args)),
+            ("Run.update: one fused step of a run", update),
             ("ops.fused_step (checked), new out", lambda: ops.fused_step([x, d], [0.9, 0.1], track=True, alpha=0.5,
                                                                          beta=-0.5, step=3))]
     return [{"case": name, "us_per_step": per_call_us(fn, 200, repeats), "kind": "op"} for name, fn in rows]
@@ -117,8 +135,8 @@ def run_rows(shape, repeats: int, only) -> list[dict]:
         nfe = m.calls
         t_run, t_model = [], []
         for _ in range(repeats):
-            t_run.append(bi.timed(ours, torch.device("cpu")))
-            t_model.append(bi.timed(lambda: alone(nfe), torch.device("cpu")))
+            t_run.append(timed(ours))
+            t_model.append(timed(lambda: alone(nfe)))
         rows.append({"case": name, "kind": "run", "nfe": nfe, "run_ms": min(t_run) * 1e3,
                      "model_ms": min(t_model) * 1e3,
                      "us_per_step": (min(t_run) - min(t_model)) / bi.STEPS * 1e6})
@@ -139,7 +157,7 @@ def main() -> None:
         rows = op_rows(shape, args.repeats) + run_rows(shape, args.repeats, args.only)
     name = device_name(torch.device("cpu"))
     lines = [f"host cost of the CUDA dispatch path (Triton backend, device launch = no-op), state {args.size_kb} KB "
-             f"{tuple(shape)} float32, {bi.STEPS} steps, {name}, torch {torch.__version__}, 1 thread, min of "
+             f"{tuple(shape)} float32, {bi.STEPS} steps, {name}, torch {torch.__version__}, 1 thread, CPU time, min of "
              f"{args.repeats}; no-op'd: {replaced}",
              f"{'case':44s} {'us/step':>8s} {'run ms':>8s} {'model ms':>9s}  bar {BAR_US:.0f} us (ts.sample)"]
     for r in rows:

@@ -6,7 +6,9 @@
 # It prints the device, builds the package (C++ extension included), runs the test files with a CUDA path
 # (compiled Triton, CUDA graphs; on 8 workers where pytest-xdist is installed, as on the H200 image), then
 # re-measures the step roofline (`thermosample bench`, the 5- and 6-input steps of the high-order solvers
-# included), whole ts.sample runs against an eager-torch loop with and without CUDA graphs
+# included), the host cost per step of the CUDA dispatch path (bench_host.py, device launch a no-op), whole
+# ts.sample runs at 64 KB, 1 MB and 16 MB against an eager-torch loop without graphs, with the automatic
+# graphs of the default and with cuda_graph=True
 # (bench_sampler.py) and whole runs against eager k-diffusion and diffusers loops with the per-step
 # overhead (bench_integrations.py; ts.sample with and without CUDA graphs). Each step runs
 # under `timeout` inside one overall budget (GPU_SESSION_BUDGET seconds, default 540); a step that fails or
@@ -61,7 +63,7 @@ if [[ $DEVICE == cuda ]]; then
   SIZES_KB=(64 1024 16384)
   INTEGRATIONS=(--repeats 9)
   ROOFLINE=(--sizes 8 64 512)   # every step of thermosample/apps/bench.py STEPS, torch.compile included
-  SAMPLER_SHAPES=("4 4 64 64" "4 16 256 256")
+  SAMPLER_SHAPES=("4 4 32 32" "4 4 128 128" "4 16 256 256")   # 64 KB, 1 MB, 16 MB (issue 37's sizes)
   # The test files with a CUDA path (CPU-only files are CI's job). With pytest-xdist (on the H200 image)
   # they run on 8 workers of 2 threads each: the whole suite on 16 workers of 16 threads (session 8) ran
   # 19 CPU-only tests past their timeout and reached only 61 % of it in 320 s.
@@ -104,6 +106,9 @@ fi
 step tests 240 python3 -m pytest -q -p no:cacheprovider -rs "${PYTEST_TIMEOUT[@]}" "${TESTS[@]}"
 step roofline 120 python3 -m thermosample.apps.cli bench --device "$DEVICE" "${ROOFLINE[@]}" \
   --out "$DEST/bench_step.json"
+# The dispatch path's Python cost per step with the device launch a no-op (the same rows as on any CPU
+# machine, measured on this host's CPU), then the whole runs with and without CUDA graphs.
+step host 60 env -u TRITON_INTERPRET python3 -m benchmarks.bench_host --repeats 7 --out "$DEST/bench_host.json"
 for shape in "${SAMPLER_SHAPES[@]}"; do
   step "sampler_${shape// /x}" 60 python3 -m benchmarks.bench_sampler --device "$DEVICE" --shape $shape \
     --out "$DEST/bench_sampler_${shape// /x}.json"
@@ -116,7 +121,7 @@ fi
 
 { echo
   echo "== tables (${SECONDS}s in all)"
-  for log in "$DEST"/roofline.log "$DEST"/integrations.log "$DEST"/sampler_*.log; do
+  for log in "$DEST"/roofline.log "$DEST"/host.log "$DEST"/integrations.log "$DEST"/sampler_*.log; do
     if [[ -f $log ]]; then
       echo "-- $(basename "$log" .log)"
       grep -v -e '^  ' -e '^wrote' -e 'warn' "$log" || true   # the tables, not progress lines or warnings
