@@ -187,7 +187,7 @@ def auto_cases() -> dict:
             out[f"{key}/options"] = torch.tensor(values, dtype=torch.float64)
             out[f"{key}/sigmas"] = torch.tensor(sigmas, dtype=torch.float64)
             errs = {f"{part}/{k}": v for part in ("candidate_errors", "compared_errors", "check_errors",
-                                                  "noise_below_errors", "fit_errors")
+                                                  "default_errors", "noise_below_errors", "fit_errors")
                     for k, v in sorted((meta.get(part) or {}).items())}
             out[f"{key}/errors"] = torch.tensor([float(v) for v in errs.values()], dtype=torch.float64)
             out[f"{key}/error_labels"] = torch.tensor(list(json.dumps(list(errs)).encode()), dtype=torch.uint8)

@@ -496,6 +496,7 @@ def test_the_plan_s_rows():
     assert row("noise_cut") == _spans((1, 11, None), (12, 14, "after"), (15, 19, "before"), (20, 60, "after"))
     assert row("fit_after") == _spans((1, 8, ()), (9, 14, ("deis", "ipndm")), (15, 60, ()))
     assert row("uncalibrated") == _spans((1, 14, C("deis", "karras")), (15, 60, C("unipc", "karras", {"order": 3})))
+    assert row("measures_default") == _spans((1, 8, True), (9, 14, False), (15, 60, True))   # else: the check's run
     assert (auto.MARGIN, auto.CHALLENGE_MARGIN, auto.OUTLIER, auto.MAX_H) == (0.6, 0.8, 100.0, 0.8)
     assert auto.NOISE_CUTS == (0.3, 0.2, 0.1) and auto.NOISE_ORDER == 3 and calibrate.MARGIN == auto.MARGIN
     assert unipc_max_h.label == "unipc,max_h=0.8,order=3@error" and C("deis", "karras").label == "deis@karras"
@@ -620,6 +621,56 @@ def test_the_check_against_karras_is_decided_on_the_bulk_not_on_one_switched_sam
     assert check(np.stack([choice, checked])) == 1           # one each: the bulk decides
 
 
+def test_the_guard_falls_back_only_when_the_pilot_shows_the_choice_worse_beyond_its_interval():
+    """auto.worse(choice, default): the choice's weighted mean squared error above the uncalibrated default's in
+    95 % of paired bootstrap resamples of the pilot. A choice clearly worse on the bulk falls back; one a few
+    percent worse on noisy samples, or worse only through one sample sent to another mode (absent from a third
+    of the resamples), does not; nor a better one. Weights count: a sample of weight 0 decides nothing."""
+    rng = np.random.default_rng(2)
+    default = (0.01 * rng.uniform(0.2, 1.8, 64)) ** 2
+    assert auto.worse(1.5 * default, default)                       # 1.5 x on every sample
+    assert not auto.worse(default, 1.5 * default) and not auto.worse(default, default)
+    noisy = default * rng.uniform(0.2, 1.9, 64)                     # 1.08 x on the whole, sample by sample at random
+    noisy *= 1.08 * default.mean() / noisy.mean()
+    assert not auto.worse(noisy, default)
+    switched = default.copy()
+    switched[5] = 400 * default.mean()                              # one sample to another mode: 7 x the RMS
+    assert switched.mean() > 5 * default.mean() and not auto.worse(switched, default)
+    switched[[5, 6, 7, 8, 9, 10]] = 400 * default.mean()             # six of them: the interval excludes 1
+    assert auto.worse(switched, default)
+    w = np.full(64, 1.0)
+    w[[5, 6, 7, 8, 9, 10]] = 0.0
+    assert not auto.worse(switched, default, w)
+    assert auto.worse(np.full(64, np.nan), default) and not auto.worse(default, np.full(64, np.nan))
+    assert auto.worse(1.5 * default, default) == auto.worse(1.5 * default, default)   # a fixed seed
+
+
+def test_auto_falls_back_to_the_band_s_uncalibrated_default_when_its_choice_is_clearly_worse(monkeypatch):
+    """calibrate_plan measures the band's uncalibrated default (where it is not the check's run) and returns it
+    when auto.worse says the choice is worse: here the candidates are made to miss every sample by more."""
+    den = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
+    ref = calibrate.reference(den, (16, 8), ref_steps=32)
+    twins = calibrate.pilot(den, (16, 8))
+    errors = calibrate.pilot_errors
+
+    for steps in (6, 16):                  # bands whose default is not the check (1-8) or with no check (15-19)
+        band = auto.band_for(steps)
+        assert band.measures_default
+        spared = (band.uncalibrated.solver, dict(band.uncalibrated.options))
+
+        def spoiled(den, sig, solver, ref, backend="auto", solver_options=None, spared=spared):   # all but the default
+            err, sq = errors(den, sig, solver, ref, backend, solver_options)
+            return (err, sq) if (solver, dict(solver_options or {})) == spared else (err * 30, sq * 900)
+
+        monkeypatch.setattr(calibrate, "pilot_errors", spoiled)
+        solver, options, grid, sig, meta, spent = auto.calibrate_plan(den, steps, ref, twins)
+        assert (solver, options, grid) == (band.uncalibrated.solver, dict(band.uncalibrated.options), "karras")
+        assert band.uncalibrated.label in meta["default_errors"] and meta["chosen"] == "karras"
+    monkeypatch.setattr(calibrate, "pilot_errors", errors)
+    solver, _, grid, _, meta, _ = auto.calibrate_plan(den, 6, ref, None)
+    assert (solver, grid) == ("ipndm", "jump") and set(meta["default_errors"]) == {"ipndm@jump", "deis@karras"}
+
+
 def test_a_far_better_challenger_wins_and_a_far_worse_one_does_not_on_measured_errors():
     """The rule on per-sample errors measured on a pilot (calibrate.pilot_errors): Euler on a grid uniform in
     sigma against third-order UniPC in log sigma at 8 steps. UniPC wins as the challenger and is kept as the
@@ -727,7 +778,7 @@ def test_auto_states_its_compared_errors_and_a_rerun_reproduces_them():
 
 def test_auto_up_to_8_steps_runs_no_twin_pilot_and_its_ipndm_on_jump_beats_euler_and_deis_on_karras():
     """Up to 8 steps both of auto's candidates are on the "jump" grid, so the calibration is the reference, the
-    two candidate runs and the check (no 24-evaluation twin pilot). Its default, iPNDM on that grid, is kept here
+    two candidate runs, the check and the guard's DEIS-3 on karras (no 24-evaluation twin pilot). Its default, iPNDM on that grid, is kept here
     and lands closer to the converged ODE solution from fresh noise than Euler on the same grid and than DEIS-3
     on karras (the peers' best at 6 evaluations), as on the tuning mixtures
     (docs/decisions/0016-ipndm-on-jump.md)."""
@@ -740,10 +791,11 @@ def test_auto_up_to_8_steps_runs_no_twin_pilot_and_its_ipndm_on_jump_beats_euler
                             options=Opts(ref_steps=64, pilot_batch=128, pilot_rows=None))
     band = auto.band_for(6)
     assert (band.default.grid, band.alternative.grid) == ("jump", "jump") and "D" not in config.pilot
-    assert len(calls) == config.meta["calibration_nfe"] == 64 + 3 * 6           # the reference, the pair, the check
+    assert len(calls) == config.meta["calibration_nfe"] == 64 + 4 * 6   # the reference, the pair, check, guard
     # well-separated modes: the check's karras run sends more pilot samples to another mode, and is declined
     assert (config.solver, config.options, config.meta["chosen"]) == ("ipndm", {}, "jump")
     assert list(config.meta["check_errors"]) == ["ipndm@jump", "ipndm@karras"]
+    assert list(config.meta["default_errors"]) == ["ipndm@jump", "deis@karras"]        # kept by the guard
     jump = np.append(calibrate.jump_grid(config.pilot, 6), 0.0)
     np.testing.assert_array_equal(config.sigmas, jump)
     den.model = inner
@@ -793,7 +845,8 @@ def test_auto_checks_its_choice_against_karras_and_takes_it_on_image_like_data(s
         assert list(config.meta["fit_errors"]) == [check.label, "deis,fitted@karras"]
     twins = 24 if "error" in (band.default.grid, band.alternative.grid) else 0
     fit = 2 * steps if band.fit_after else 0
-    assert len(calls) == config.meta["calibration_nfe"] == twins + 64 + 3 * steps + fit
+    guard = steps if band.measures_default else 0                 # else the guard reuses the check's run
+    assert len(calls) == config.meta["calibration_nfe"] == twins + 64 + 3 * steps + guard + fit
     den.model = inner
     noise = torch.randn(512, 256, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     noise = noise * den.schedule.sigma_max
@@ -813,10 +866,12 @@ def test_auto_fits_deis_corrections_on_image_like_data_and_they_beat_its_choice_
     """From 9 to 14 steps, after choosing DEIS or iPNDM (band.fit_after), solver="auto" fits deis's corrections on
     the pilot's even samples (calibrate.fit_corrections, on the choice's grid moved to the reference's nodes),
     measures them on the odd ones and takes them by the check's rule. On image-like data with a seed no tuning
-    used, iPNDM on "error" is chosen (the check declined) and the fit is taken (meta "fit_errors"; two more runs
-    of half the pilot, counted as 2 x NFE); the config runs exactly that, also read back from JSON, and from
-    fresh noise it lands more than 10 % closer to the converged ODE solution than the choice without them and
-    than DEIS-3 on karras (the peers' best there)."""
+    used, iPNDM on "error" is chosen; the check (DEIS-3 on karras) is below it on the pilot but not by the 0.8
+    margin, so the guard (auto.worse, clearly worse than the uncalibrated default) falls back to DEIS-3 on
+    karras, and the fit after it is taken (meta "fit_errors"; two more runs of half the pilot, counted as
+    2 x NFE); the config runs exactly that, also read back from JSON, and from fresh noise it lands more than
+    10 % closer to the converged ODE solution than the plan's choice (iPNDM on "error") and than DEIS-3 on
+    karras (the peers' best there)."""
     band = auto.band_for(10)
     mix = _quality_problems().spectral_mixture(256, 4, 1.0, 0.3, 4243)
     den = mix.denoiser("edm")
@@ -827,17 +882,19 @@ def test_auto_fits_deis_corrections_on_image_like_data_and_they_beat_its_choice_
                             options=Opts(ref_steps=64, pilot_batch=128, pilot_rows=None))
     meta = config.meta
     before, after = list(meta["fit_errors"])
-    assert (before, after) == ("ipndm@error", "deis,fitted@error") and "ipndm" in band.fit_after
-    assert meta["chosen"] == "error" and list(meta["check_errors"]) == ["ipndm@error", "deis@karras"]
+    assert (before, after) == ("deis@karras", "deis,fitted@karras") and "deis" in band.fit_after
+    assert list(meta["check_errors"]) == list(meta["default_errors"]) == ["ipndm@error", "deis@karras"]
+    assert auto.CHALLENGE_MARGIN * meta["check_errors"]["ipndm@error"] < meta["check_errors"]["deis@karras"]
+    assert meta["chosen"] == "karras"
     assert config.solver == "deis" and list(config.options) == ["corrections"]
     assert len(config.options["corrections"]) == 10
     assert meta["fit_errors"][after] < auto.CHALLENGE_MARGIN * meta["fit_errors"][before]
     assert len(calls) == meta["calibration_nfe"] == 24 + 64 + 3 * 10 + 2 * 10
     den.model = inner
-    cand = band.alternative
-    assert cand.label == before
+    cand = band.alternative                                          # the plan's choice before the guard
     sig = calibrate.candidate_sigmas(cand.grid, den, 10, cand.solver, config.pilot, config.pilot)
-    np.testing.assert_array_equal(config.sigmas, np.append(calibrate.reference_nodes(sig, config.pilot), 0.0))
+    karras = calibrate.candidate_sigmas("karras", den, 10, "deis", config.pilot)
+    np.testing.assert_array_equal(config.sigmas, np.append(calibrate.reference_nodes(karras, config.pilot), 0.0))
     noise = torch.randn(512, 256, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     noise = noise * den.schedule.sigma_max
     converged = ts.sample(den, noise=noise, steps=96, solver="unipc", order=3, grid="logsnr").samples
@@ -899,7 +956,7 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps(nar
     best = min(list(errors)[1:], key=errors.get)
     assert config.options["noise_below"] == pytest.approx(float(best), rel=1e-3)
     assert errors[best] < auto.CHALLENGE_MARGIN * errors["off"]
-    assert meta["calibration_nfe"] == 24 + 64 + 2 * 20 + len(auto.NOISE_CUTS) * 20
+    assert meta["calibration_nfe"] == 24 + 64 + 2 * 20 + 20 + len(auto.NOISE_CUTS) * 20      # 20: the guard's run
     g16 = ts.thermo_grid(den, 16, solver="auto", pilot_data=config.pilot)
     assert g16.solver == "unipc" and "noise_below" in g16.options
     for grid in (config, g16):
@@ -967,7 +1024,7 @@ def test_auto_cuts_its_unipc_candidate_before_the_candidates_compete_at_15_to_19
     kept = min(list(cuts)[1:], key=cuts.get)
     assert cuts[kept] < auto.CHALLENGE_MARGIN * cuts["off"]          # a cut is kept here
     assert meta["candidate_errors"][unipc] == pytest.approx(cuts[kept], rel=1e-12) != cuts["off"]
-    assert meta["calibration_nfe"] == (2 + len(auto.NOISE_CUTS)) * 16
+    assert meta["calibration_nfe"] == (2 + 1 + len(auto.NOISE_CUTS)) * 16          # the pair, the guard, the cuts
     plain = calibrate.pilot_errors(den, first.sigmas[:-1], "unipc", config.pilot, solver_options=_uncut(first.options))
     assert plain[0] == pytest.approx(cuts["off"], rel=1e-12)
     twenty = config.meta

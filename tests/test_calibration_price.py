@@ -138,7 +138,8 @@ def test_a_config_warns_once_when_run_with_what_it_was_not_calibrated_for():
         ts.sample(den, (4, 6), grid=cfg, seed=0)                       # what it was made for: silent
     other_solver = "euler" if cfg.solver != "euler" else "heun"
     cases = [("solver", lambda: ts.sample(den, (4, 6), grid=cfg, seed=0, solver=other_solver)),
-             ("schedule", lambda: ts.sample(ts.Denoiser(net, "vp", prediction="x0", time="sigma"), (4, 6), grid=cfg)),
+             ("schedule", lambda: ts.sample(ts.Denoiser(net, ts.schedules.EDM(t_max=100.0), prediction="x0",
+                                                        time="sigma"), (4, 6), grid=cfg)),   # holds cfg's sigmas
              ("prediction", lambda: ts.sample(ts.Denoiser(net, "edm", prediction="eps", time="sigma"), (4, 6),
                                               grid=cfg)),
              ("sample_shape", lambda: ts.sample(ts.Denoiser(lambda x, t: x, "edm", prediction="x0", time="sigma"),

@@ -7,7 +7,9 @@ Three parts, each readable on its own:
   fitted DEIS corrections are tried, and what runs without a calibration. What auto does at 12 steps is
   the row `band_for(12)`.
 * `challenge`, the one rule: a challenger replaces the incumbent when its RMS error on the bulk of the
-  pilot's samples is below `margin` times the incumbent's and it is no worse on all of them.
+  pilot's samples is below `margin` times the incumbent's and it is no worse on all of them; and one guard,
+  `worse`: the choice falls back to the band's uncalibrated default when the pilot shows it worse than that
+  default beyond the pilot's interval.
 * `calibrate_plan`, the one loop over a band, called by `ts.thermo_grid(den, steps, solver="auto")`, which
   returns a `SamplerConfig`: the chosen solver, options and sigmas and what they were calibrated for,
   JSON-serialisable, accepted by `ts.sample`, the CLI and both integrations.
@@ -26,7 +28,8 @@ from typing import Any, Mapping
 import numpy as np
 
 __all__ = ["AUTO", "Band", "Candidate", "PLAN", "SamplerConfig", "band_for", "calibrate_plan", "challenge",
-           "recommended", "resolve", "MARGIN", "CHALLENGE_MARGIN", "OUTLIER", "MAX_H", "NOISE_CUTS", "NOISE_ORDER"]
+           "recommended", "resolve", "worse", "MARGIN", "CHALLENGE_MARGIN", "OUTLIER", "MAX_H", "NOISE_CUTS",
+           "NOISE_ORDER", "GUARD_DRAWS", "GUARD_LEVEL"]
 
 AUTO = "auto"
 MARGIN = 0.6            # the alternative must measure below 0.6 x the default: a pilot misses rare samples
@@ -35,6 +38,8 @@ OUTLIER = 100.0         # a sample missed by over 100 x the median miss was sent
 MAX_H = 0.8             # UniPC-3's longest third-order step (in log sigma) in the 9-19-step bands
 NOISE_CUTS = (0.3, 0.2, 0.1)   # UniPC's noise_below tried, in units of the data's scale
 NOISE_ORDER = 3         # the DEIS order of the steps below the cut
+GUARD_DRAWS = 1000      # bootstrap resamples of the pilot for the guard against the uncalibrated default
+GUARD_LEVEL = 0.05      # the guard's one-sided level: falls back when 95 % of the resamples say worse
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,9 @@ class Band:
         candidate competes with its best cut) or "after" (the chosen UniPC run only), or None.
     fit_after: the solvers after which DEIS-3 with corrections fitted on half the pilot is measured on
         the other half (taken if it wins with CHALLENGE_MARGIN).
-    uncalibrated: what ts.sample(solver="auto") runs without a config (on the grid it is given).
+    uncalibrated: what ts.sample(solver="auto") runs without a config (on the grid it is given), and what a
+        calibration falls back to when the pilot shows its choice worse than this beyond the pilot's
+        interval (`worse`): auto is never clearly worse than what it replaces.
     decision: the record in docs/decisions/ that says why.
     """
     last: int | None
@@ -71,6 +78,11 @@ class Band:
     noise_cut: str | None = None
     fit_after: tuple[str, ...] = ()
     decision: str = ""
+
+    @property
+    def measures_default(self) -> bool:
+        """Whether the guard measures `uncalibrated` on its own (it is not the check's run)."""
+        return self.uncalibrated != self.check
 
 
 _UNIPC_MAX_H = Candidate("unipc", "error", {"order": 3, "max_h": MAX_H})
@@ -152,6 +164,21 @@ def challenge(sq, weight=None, margin: float = MARGIN, outliers: str = "shared")
     full, compared = errors(sq, weight, outliers)
     best = min(range(len(compared)), key=lambda k: (compared[k], k))
     return best if compared[best] < margin * compared[0] and full[best] <= full[0] else 0
+
+
+def worse(sq, default_sq, weight=None, draws: int = GUARD_DRAWS, level: float = GUARD_LEVEL) -> bool:
+    """The guard: True when the pilot shows a choice worse than the band's uncalibrated default beyond its
+    interval. sq, default_sq [B]: their per-sample squared errors; the choice's weighted mean squared error
+    must exceed the default's in all but `level` of `draws` paired bootstrap resamples of the pilot's
+    samples (a fixed seed: the same pilot always decides alike). One sample sent to another mode is absent
+    from about a third of the resamples, so it cannot decide alone."""
+    a = np.nan_to_num(np.asarray(sq, dtype=np.float64), nan=np.inf)
+    b = np.nan_to_num(np.asarray(default_sq, dtype=np.float64), nan=np.inf)
+    w = np.full(len(a), 1.0) if weight is None else np.asarray(weight, dtype=np.float64)
+    idx = np.random.default_rng(0).integers(0, len(a), size=(draws, len(a)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = (a[idx] * w[idx]).sum(1) / (b[idx] * w[idx]).sum(1)
+    return bool(np.quantile(np.nan_to_num(ratio, nan=1.0), level) > 1.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,6 +271,15 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
         meta["check_errors"] = {label(run.solver, run.options, run.grid): run.error, checked.label: checked.error}
         if challenge(np.stack([run.sq, checked.sq]), weight, max(margin, CHALLENGE_MARGIN), outliers="each"):
             run = checked
+    if run.label != band.uncalibrated.label:
+        if band.measures_default:
+            default, nfe = _measure(den, steps, band.uncalibrated, ref, None, backend, density_kw)
+            spent += nfe
+        else:
+            default = checked
+        meta["default_errors"] = {run.label: run.error, default.label: default.error}
+        if worse(run.sq, default.sq, weight):
+            run = default
     meta["chosen"] = run.grid
     if band.noise_cut == "after" and run.solver == "unipc":
         run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)

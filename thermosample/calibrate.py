@@ -1126,7 +1126,7 @@ class _Plan:
         if self.band is not None:
             unipc = sum(c.solver == "unipc" for c in (self.band.default, self.band.alternative))
             cuts = {"before": unipc, "after": 1}.get(self.band.noise_cut, 0) * len(NOISE_CUTS)
-            runs = 2 + (self.band.check is not None) + cuts + bool(self.band.fit_after)
+            runs = 2 + (self.band.check is not None) + self.band.measures_default + cuts + bool(self.band.fit_after)
         return rows + runs * self.spec.evaluations(self.steps) * b
 
 
