@@ -71,3 +71,32 @@ def test_negative_temperature_is_rejected_by_name():
         Shrinking().validate()
     with pytest.raises(ValueError, match="T"):
         ts.Denoiser(lambda x, t: x, Shrinking(), "x0")
+
+
+def test_schedules_that_map_t_to_sigma_differently_print_differently():
+    """A config records its schedule by repr and warns when run with another: every parameter that changes
+    sigma(t) is in it (VE's sigma range, VPLinear's betas, DiscreteVP's table, not only its length)."""
+    ac = np.linspace(0.99, 0.01, 50)
+    pairs = [(VE(), VE(sigma_max=40.0)), (VE(), VE(sigma_min=0.02)), (VPLinear(), VPLinear(beta_max=10.0)),
+             (DiscreteVP(ac), DiscreteVP(ac ** 1.1)), (EDM(), EDM(t_max=100.0))]
+    for a, b in pairs:
+        assert a.sigma(0.9) != b.sigma(0.9) or a.t_max != b.t_max
+        assert repr(a) != repr(b), repr(a)
+    for make in (VE, VPLinear, EDM, CondOT, Cosine, OU, lambda: DiscreteVP(ac)):
+        assert repr(make()) == repr(make())
+
+
+def test_a_config_warns_when_run_with_another_ve_range_and_accepts_an_older_record():
+    import warnings
+
+    from thermosample import auto
+    den = ts.Denoiser(lambda x, t: x * 0.5, VE(), prediction="x0", time="t")
+    sigmas = np.append(ts.grids.make_grid("karras", 4, den.schedule)[:-1], 0.0)
+    made = {"schedule": repr(VE(sigma_max=40.0)), "sample_shape": [3]}
+    cfg = auto.SamplerConfig("euler", {}, sigmas, made, {})
+    with pytest.warns(UserWarning, match="calibrated for schedule"):
+        ts.sample(den, (2, 3), grid=cfg, seed=0)
+    older = auto.SamplerConfig("euler", {}, sigmas, {**made, "schedule": "VE(t_min=0, t_max=1)"}, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts.sample(den, (2, 3), grid=older, seed=0)        # recorded before repr named VE's range: not warned

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
@@ -448,7 +449,7 @@ def check_made_for(config: SamplerConfig, den, sample_shape, solver: str, option
     for name, now in (("schedule", repr(getattr(den, "schedule", None))),
                       ("prediction", getattr(den, "prediction", None)),
                       ("sample_shape", [int(v) for v in sample_shape])):
-        if name in made and made[name] != now:
+        if name in made and made[name] != now and not (name == "schedule" and made[name] == _older_repr(now)):
             found[name] = (now, made[name])
     if made.get("model") is not None:
         now = _fingerprint_now(getattr(den, "model", None))
@@ -460,6 +461,12 @@ def check_made_for(config: SamplerConfig, den, sample_shape, solver: str, option
             warnings.warn(f"this SamplerConfig was calibrated for {name} {then}, not {now}: its choice may not "
                           f"suit this run; calibrate again with ts.thermo_grid(..., solver='auto')", UserWarning,
                           stacklevel=4)
+
+
+def _older_repr(schedule_repr: str) -> str:
+    """A schedule's repr as configs recorded it before repr named every parameter (VE's sigma range,
+    VPLinear's betas, DiscreteVP's table): such a record still matches the schedule it names."""
+    return re.sub(r"\w+=[^,()]*, (?=.*t_min=)|, alphas_cumprod=\w+", "", schedule_repr)
 
 
 def is_config(grid) -> bool:

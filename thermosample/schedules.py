@@ -9,6 +9,7 @@ differences are used otherwise). `sigma_to_t` inverts sigma_hat by bisection unl
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -133,7 +134,14 @@ class Schedule:
                              "(the noise-to-signal ratio s/m must not decrease with t)")
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(t_min={self.t_min:g}, t_max={self.t_max:g})"
+        # every parameter that changes sigma(t): a config records its schedule by this string and warns when
+        # it runs with another (auto.check_made_for), so two different schedules must not print alike
+        params = "".join(f"{k}={v:g}, " for k, v in self._params().items())
+        return f"{type(self).__name__}({params}t_min={self.t_min:g}, t_max={self.t_max:g})"
+
+    def _params(self) -> dict:
+        """The constructor's parameters besides t_min and t_max, for repr."""
+        return {}
 
 
 class CondOT(Schedule):
@@ -194,6 +202,9 @@ class VPLinear(Schedule):
             raise ValueError(f"VPLinear needs 0 <= beta_min <= beta_max, got {beta_min}, {beta_max}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
+    def _params(self) -> dict:
+        return {"beta_min": self.beta_min, "beta_max": self.beta_max}
+
     def _B(self, t):
         t = _arr(t)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
@@ -235,6 +246,9 @@ class VE(Schedule):
             raise ValueError(f"VE needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.smin, self.smax = float(sigma_min), float(sigma_max)
         self._log_ratio = math.log(self.smax / self.smin)
+
+    def _params(self) -> dict:
+        return {"sigma_min": self.smin, "sigma_max": self.smax}
 
     def m(self, t):
         return _like(t, np.ones(np.shape(t)))
@@ -357,7 +371,8 @@ class DiscreteVP(Schedule):
         return _like(sigma, idx / (self.n - 1))
 
     def __repr__(self) -> str:
-        return f"DiscreteVP(N={self.n})"
+        digest = hashlib.sha256(self.alphas_cumprod.tobytes()).hexdigest()[:12]   # the table, not just its length
+        return f"DiscreteVP(N={self.n}, alphas_cumprod={digest})"
 
 
 _NAMED = {"condot": CondOT, "flow": CondOT, "rectified_flow": CondOT, "cosine": Cosine, "vp": VPLinear,
