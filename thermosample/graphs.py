@@ -5,8 +5,8 @@ everything the graph reads that is not copied in before each replay:
 
 - the denoiser object itself (the entry keeps a reference, so its id cannot be recycled by another model
   while the entry lives; a model whose parameters are replaced by new tensors needs a new denoiser),
-- the state's shape, dtype and device, the solver, its options, the sigma grid, the seed and sample
-  offset, the backend and tracking,
+- the state's shape, dtype and device, the solver, its options, the sigma grid, the seed (of a run that
+  injects noise: a deterministic run draws none in the loop) and sample offset, the backend and tracking,
 - the structure of `extra_args`: for a tensor its shape, dtype and device, for any other value the value.
 
 The initial state and the values of `extra_args` tensors (class labels, text embeddings) are copied into
@@ -72,7 +72,7 @@ def weights_signature(den) -> tuple:
 def graph_key(run, x: torch.Tensor, options: dict) -> tuple:
     """The cache key of a run (see the module docstring); the denoiser enters by identity."""
     return (id(run.den), tuple(x.shape), x.dtype, x.device, run.solver, tuple(sorted(options.items())),
-            tuple(run.sigmas), run.seed, run.sample_offset, run.backend, run.track,
+            tuple(run.sigmas), run.seed if run.stochastic else None, run.sample_offset, run.backend, run.track,
             extra_args_signature(run.extra_args), weights_signature(run.den))
 
 
