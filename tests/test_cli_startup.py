@@ -48,8 +48,6 @@ def test_the_cli_module_answers_without_torch(flag):
         proc.stdout.strip() == f"thermosample {thermosample.__version__}"
 
 
-@pytest.mark.xfail(strict=True, reason="thermosample/__init__.py imports torch eagerly; the entry point imports "
-                                       "the package first (the lazy __init__ is its owner's change)")
 def test_the_entry_point_answers_without_torch():
     proc = run(ENTRY_POINT, "--version")
     assert proc.stdout.strip() == f"thermosample {thermosample.__version__}"

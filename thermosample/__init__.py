@@ -5,24 +5,36 @@
     out = ts.sample(den, (16, 3, 32, 32), steps=20, solver="heun", grid="karras", seed=0)
     out.samples, out.thermo
 """
-from . import auto, calibrate, grids, schedules, toy
-from ._version import __version__
-from .auto import SamplerConfig
-from .calibrate import CalibrationOptions, ThermoGrid, thermo_grid
-from .denoiser import Denoiser
-from .errors import BackendUnavailableWarning, NonFiniteError
-from .sampler import SampleOutput, sample
-from .thermo import ThermoReport
+from __future__ import annotations
 
-_LAZY_MODULES = ("distributed", "bulk")
+import importlib
+
+from ._version import __version__
+
+# Every public name is imported on first use (PEP 562): `import thermosample` costs no torch import, so the
+# CLI's --help and --version answer at once; `ts.sample` and friends load what they need when touched.
+_NAMES = {
+    "sample": ".sampler", "SampleOutput": ".sampler", "thermo_grid": ".calibrate", "ThermoGrid": ".calibrate",
+    "CalibrationOptions": ".calibrate", "SamplerConfig": ".auto", "Denoiser": ".denoiser",
+    "ThermoReport": ".thermo", "NonFiniteError": ".errors", "BackendUnavailableWarning": ".errors",
+}
+_MODULES = ("auto", "calibrate", "grids", "schedules", "toy", "distributed", "bulk")
 
 
 def __getattr__(name):
-    """Import `ts.distributed` and `ts.bulk` on first use (they need torch.distributed / safetensors)."""
-    if name in _LAZY_MODULES:
-        import importlib
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name], __name__), name)
+    elif name in _MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value          # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_NAMES) | set(_MODULES))
+
 
 __all__ = ["sample", "thermo_grid", "ThermoGrid", "SamplerConfig", "CalibrationOptions", "auto", "calibrate",
            "Denoiser", "schedules", "grids", "toy",
