@@ -2,8 +2,7 @@
 of one buffer in turn) must give the samples of a model that returns new tensors. The run detects such a
 model by storage and memory overlap (ops.contract.shares_memory), not by object identity.
 
-The detection lives in Run._own (thermosample/run.py); the tests of the whole run are strict xfails until
-run.py calls shares_memory there (the change is written out in the issue's note)."""
+The detection lives in Run._own (thermosample/run.py)."""
 import os
 import sys
 
@@ -41,7 +40,6 @@ class BufferModel:
 MULTISTEP = ["dpmpp_2m", "dpmpp_3m", "unipc", "deis", "ipndm"]
 
 
-@pytest.mark.xfail(strict=True, reason="needs Run._own to test ops.contract.shares_memory (thermosample/run.py)")
 @pytest.mark.parametrize("solver,mode", [(s, m) for s in MULTISTEP for m in ("slice", "view", "numpy", "halves")
                                          if (s, m) != ("dpmpp_2m", "halves")])   # 2m holds one D: halves suffice
 def test_a_model_returning_views_of_its_buffer_gives_the_same_samples(solver, mode):

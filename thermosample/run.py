@@ -24,6 +24,7 @@ import torch
 
 from .errors import NonFiniteError
 from .ops import CheckedStep, StepArgs
+from .ops.contract import shares_memory
 from .ops.library import _needs_op, fused_step_op
 from .ops.reference import fixed_order_sum
 from .thermo import ThermoReport
@@ -75,6 +76,7 @@ class Run:
         self.first_state = self.last_state = None           # (sigma, x, scale): physical x = m scale x
         self._outputs: list[weakref.ref] = []                # the model's recent outputs (buffer-reuse check)
         self._copy_outputs = False
+        self._first_output: torch.Tensor | None = None        # held until the second call (see _own)
         self._velocity = self._velocity_table(sigmas) if track else {}
         self._checked: CheckedStep | None = None     # the fused op once its run-constant checks passed
 
@@ -105,15 +107,20 @@ class Run:
         return self._own(d)
 
     def _own(self, d: torch.Tensor) -> torch.Tensor:
-        """A model that returns the same buffer every call would overwrite the D that a Heun or multistep
-        solver still holds. The first output of a run is copied (one copy per run); an output whose memory
-        an earlier, still-alive output of the model shares reveals such a model, and from then on every
-        output is copied."""
+        """A model that returns the same buffer, or views of one buffer (`buf[:B]`, `buf.view(...)`, halves in
+        turn), every call would overwrite the D that a Heun or multistep solver still holds. The first output
+        of a run is copied (one copy per run); an output that shares storage or memory with an earlier,
+        still-alive output of the model (`ops.contract.shares_memory`) reveals such a model, and from then on
+        every output is copied."""
         if self._copy_outputs:
             return d.clone()
-        alive = [r() for r in self._outputs if r() is not None]
-        reused = any(o is d or (o.numel() and o.data_ptr() == d.data_ptr()) for o in alive)
+        alive = [o for o in (r() for r in self._outputs) if o is not None]
+        # the first output is copied, so its view object may be gone when the model writes the buffer again:
+        # keep it until the second call
+        known = alive + ([self._first_output] if self._first_output is not None else [])
+        reused = any(shares_memory(o, d) for o in known)
         self._outputs = [weakref.ref(o) for o in alive[-3:]] + [weakref.ref(d)]
+        self._first_output = d if self.nfe == 1 and not reused else None
         if reused:
             self._copy_outputs = True
         return d.clone() if reused or self.nfe == 1 else d
