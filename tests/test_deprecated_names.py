@@ -2,7 +2,6 @@
 `thermosample.bulk:toy_factory` was the documented toy model (README, until it moved to thermosample.toy);
 `git log -S` finds the other moved public names listed in MOVED_ELSEWHERE, whose shims belong to other files."""
 import importlib
-import os
 import warnings
 
 import pytest
@@ -41,8 +40,8 @@ def test_the_warning_is_a_deprecation_warning():
         bulk.build_denoiser("thermosample.toy:toy_factory")    # the new name does not warn
 
 
-# Public names documented once (README or docs/api.md) that moved in files this test's owner does not edit:
-# (old module, name or None for the module itself, where it lives now). Strict: each flips when its shim lands.
+# Public names documented once (README or docs/api.md) that moved: (old module, name or None for the module
+# itself, where it lives now).
 MOVED_ELSEWHERE = [
     ("thermosample.digits", None, "thermosample.apps.digits"),                   # README "The digits model"
     ("thermosample.cli", "main", "thermosample.apps.cli"),                       # the old console-script target
@@ -52,11 +51,24 @@ MOVED_ELSEWHERE = [
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="shim outside this change's files (see MOVED_ELSEWHERE)")
 @pytest.mark.parametrize("old_module,name,now", MOVED_ELSEWHERE, ids=[f"{m}.{n or ''}" for m, n, _ in MOVED_ELSEWHERE])
 def test_other_moved_names(old_module, name, now):
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(ThermosampleDeprecationWarning, match=now.split("(")[0]):
         module = importlib.import_module(old_module)
         if name is not None:
             getattr(module, name)
-    assert os.path  # the module imported and the name resolved, with a warning
+
+
+def test_the_moved_names_do_what_they_did():
+    from thermosample import apps, auto, ops, solvers
+    with pytest.warns(ThermosampleDeprecationWarning):
+        assert solvers.recommended(10) == auto.recommended(10)
+    with pytest.warns(ThermosampleDeprecationWarning):
+        checked = ops.validate_step_args([torch.ones(2, 3)], [0.5], 0.0, 0, 0, 0, False, 0.0, 0.0, 0, 1, None)
+    assert isinstance(checked, tuple) and torch.equal(checked[0], torch.ones(2, 3))
+    with pytest.warns(ThermosampleDeprecationWarning), pytest.raises(ValueError, match="coeffs"):
+        ops.validate_step_args([torch.ones(2, 3)], [0.5, 1.0], 0.0, 0, 0, 0, False, 0.0, 0.0, 0, 1, None)
+    import thermosample.apps.cli
+    assert importlib.import_module("thermosample.cli").main is thermosample.apps.cli.main
+    assert importlib.import_module("thermosample.digits") is importlib.import_module("thermosample.apps.digits")
+    assert apps

@@ -22,3 +22,10 @@ class BackendUnavailableWarning(RuntimeWarning):
 class ThermosampleDeprecationWarning(DeprecationWarning):
     """A public name that moved or changed still works for one more release; the message names the new one.
     The CLI shows it (Python hides a DeprecationWarning raised outside __main__ by default)."""
+
+
+def warn_moved(old: str, new: str, stacklevel: int = 3) -> None:
+    """Say that the public name `old` moved to `new` and goes in the next release."""
+    import warnings
+    warnings.warn(f"{old} moved to {new}; the old name will be removed in the next release",
+                  ThermosampleDeprecationWarning, stacklevel=stacklevel)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .schedules import Schedule
+from .validate import check_int
 
 GRIDS = ("karras", "uniform", "logsnr", "kl_optimal")
 DEFAULT_STEPS = 20      # solver steps on a named grid when none are given (ts.sample, sample_to_disk)
@@ -53,8 +54,7 @@ def make_grid(grid, steps: int | None, schedule: Schedule) -> np.ndarray:
         steps = DEFAULT_STEPS if steps is None else steps
         if grid not in GRIDS:
             raise ValueError(f"grid must be one of {GRIDS} or a tensor of sigmas, got {grid!r}")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        steps = check_int(steps, "steps")        # TypeError for a string or float, ValueError below 1
         smin, smax = schedule.sigma_min, schedule.sigma_max
         if steps == 1:
             sig = np.array([smax])

@@ -26,6 +26,7 @@ from .thermo import ThermoReport
 from .validate import (
     check_callable,
     check_extra_args,
+    check_int,
     check_noise,
     check_sample_offset,
     check_shape,
@@ -141,9 +142,8 @@ def _sample(den, shape, noise, steps, solver, grid, seed, generator, sample_offs
     if config is not None and (shape is not None or noise is not None):
         check_made_for(config, den, (shape if noise is None else noise.shape)[1:], solver, solver_options)
     spec = get_solver(solver)
-    if check_every is not None and (not isinstance(check_every, int) or isinstance(check_every, bool)
-                                    or check_every < 1):
-        raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
+    if check_every is not None:
+        check_every = check_int(check_every, "check_every")
     if cuda_graph is not None and not isinstance(cuda_graph, bool):
         raise TypeError(f"cuda_graph must be True, False or None (automatic), got {cuda_graph!r}")
     compile_options = _compile_options(compile)

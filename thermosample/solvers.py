@@ -860,3 +860,20 @@ SOLVERS.update({
     "dpmpp_2s_ancestral": Solver(dpmpp_2s_ancestral, order=2, evals_per_step=2, noise="eta"),
     "dpmpp_sde": Solver(dpmpp_sde, order=2, evals_per_step=2, noise="eta"),
 })
+
+
+def _resolve_auto(grid) -> tuple[str, dict]:
+    from .auto import resolve
+    return resolve(grid, None)
+
+
+def __getattr__(name):
+    """Names that moved to thermosample.auto work for one more release, with a deprecation warning."""
+    from . import auto
+    from .errors import warn_moved
+    moved = {"recommended": ("thermosample.auto.recommended", auto.recommended),
+             "resolve_auto": ("thermosample.auto.resolve(grid, steps)", _resolve_auto)}
+    if name not in moved:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    warn_moved(f"thermosample.solvers.{name}", moved[name][0])
+    return moved[name][1]

@@ -93,6 +93,8 @@ def cpp_available() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a backend request into the name of the backend that will run on `device`."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r} ({type(backend).__name__})")
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
@@ -168,3 +170,18 @@ def randn(shape, *, seed: int, step: int, sample_offset: int = 0, dtype=torch.fl
     out, _ = fused_step([zeros], [0.0], noise=1.0, seed=seed, step=step, sample_offset=sample_offset,
                         out=zeros, backend=backend)
     return out
+
+
+def _validate_step_args(inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d, out):
+    """The old contract check, in its old positional form: the inputs as a tuple, or ValueError/TypeError."""
+    return tuple(check(StepArgs(inputs, coeffs, out=out, noise=noise, seed=seed, step=step,
+                                sample_offset=sample_offset, track=track, alpha=alpha, beta=beta, u=u, d=d)).inputs)
+
+
+def __getattr__(name):
+    """validate_step_args (now ops.check(StepArgs(...))) works for one more release, with a warning."""
+    if name != "validate_step_args":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from ..errors import warn_moved
+    warn_moved("thermosample.ops.validate_step_args", "thermosample.ops.check(thermosample.ops.StepArgs(...))")
+    return _validate_step_args
