@@ -108,6 +108,7 @@ def test_a_pilot_of_another_sample_shape_is_refused(made):
     (lambda p: p.update(D=p["D"][:, :, :3]), "D"),                           # a cut-down D
     (lambda p: p.update(D=p["D"][:-2]), "D"),                                # D for fewer pilot nodes
     (lambda p: p["ref_final"].__setitem__((0, 0), float("nan")), "ref_final"),  # NaN in the reference
+    (lambda p: p["ref_noise"].__setitem__((1, 2), float("nan")), "ref_noise"),
     (lambda p: p.update(ref_weight=p["ref_weight"][:-1]), "ref_weight"),
     (lambda p: p.update(ref_sigma=p["ref_sigma"][::-1].copy()), "ref_sigma"),
 ])

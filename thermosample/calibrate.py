@@ -1280,8 +1280,10 @@ def _check_pilot(pilot_data: dict, den, model, sample_shape) -> None:
         if not isinstance(final, torch.Tensor) or final.dim() < 2 or not bool(torch.isfinite(final).all()):
             bad("ref_final", "must be a finite tensor [B, ...] of converged samples")
         b, shape = final.shape[0], tuple(final.shape[1:])
-        if tuple(pilot_data["ref_noise"].shape) != tuple(final.shape):
-            bad("ref_noise", f"must have ref_final's shape {tuple(final.shape)}")
+        noise = pilot_data["ref_noise"]
+        if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != tuple(final.shape) or not bool(
+                torch.isfinite(noise).all()):
+            bad("ref_noise", f"must be a finite tensor of ref_final's shape {tuple(final.shape)}")
         weight = array("ref_weight", 1)
         if weight.shape != (b,) or abs(float(weight.sum()) - 1.0) > 1e-6:
             bad("ref_weight", f"must hold {b} weights summing to 1")
