@@ -209,6 +209,9 @@ def render_module(modname: str, note: str) -> list[str]:
     if modname == "thermosample.solvers":
         lines += render_solver_table()
         solver_fns = {spec.fn.__name__ for spec in mod.SOLVERS.values()}
+    for name in list(getattr(mod, "_NAMES", ())) + [m for m in getattr(mod, "_MODULES", ())
+                                                   if m not in getattr(mod, "_LAZY_MODULES", ())]:
+        getattr(mod, name)    # a package that loads its public names on first use (thermosample/__init__.py)
     names = public_names(mod)
     lazy = list(getattr(mod, "_LAZY_MODULES", ()))
     for name in names + [n for n in lazy if n not in names]:

@@ -18,7 +18,8 @@ _NAMES = {
     "CalibrationOptions": ".calibrate", "SamplerConfig": ".auto", "Denoiser": ".denoiser",
     "ThermoReport": ".thermo", "NonFiniteError": ".errors", "BackendUnavailableWarning": ".errors",
 }
-_MODULES = ("auto", "calibrate", "grids", "schedules", "toy", "distributed", "bulk")
+_LAZY_MODULES = ("distributed", "bulk")        # need torch.distributed / safetensors
+_MODULES = ("auto", "calibrate", "grids", "schedules", "toy") + _LAZY_MODULES
 
 
 def __getattr__(name):
