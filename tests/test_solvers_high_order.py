@@ -108,7 +108,7 @@ def _k_diffusion():
     pytest.importorskip("torchdiffeq", reason="k-diffusion's sampling.py needs torchdiffeq")
     spec = importlib.util.find_spec("k_diffusion")
     if spec is None:
-        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion)")
+        pytest.skip("k-diffusion is not installed (the README's recipe: pip install torch==2.13.0 \"k-diffusion==0.0.16\" \"setuptools<81\")")
     if "_kd_peer.sampling" in sys.modules:
         return sys.modules["_kd_peer.sampling"]
     pkg, utils = types.ModuleType("_kd_peer"), types.ModuleType("_kd_peer.utils")
