@@ -80,20 +80,12 @@ def test_a_fifo_at_the_manifest_name_is_refused(tmp_path, call):
         no_hang(fn, out / "manifest.json")
 
 
-def test_the_cli_refuses_a_fifo_as_grid_file(tmp_path, capsys):
-    os.mkfifo(tmp_path / "g.json")
+@pytest.mark.parametrize("flag, name", [("--grid", "g.json"), ("--weights", "w.safetensors")])
+def test_the_cli_refuses_a_fifo_as_grid_or_weights_file(tmp_path, capsys, flag, name):
+    os.mkfifo(tmp_path / name)
     argv = ["sample", "--model", SPEC, "--n", "2", "--batch", "2", "--out", str(tmp_path / "o"),
-            "--grid", str(tmp_path / "g.json")]
-    rc, err = no_hang(lambda: run(capsys, argv), tmp_path / "g.json")
-    one_line(rc, err)
-    assert "not a regular file" in err and not (tmp_path / "o").exists()
-
-
-def test_a_fifo_as_weights_file(tmp_path, capsys):
-    os.mkfifo(tmp_path / "w.safetensors")
-    argv = ["sample", "--model", SPEC, "--n", "2", "--batch", "2", "--out", str(tmp_path / "o"),
-            "--weights", str(tmp_path / "w.safetensors")]
-    rc, err = no_hang(lambda: run(capsys, argv), tmp_path / "w.safetensors")
+            flag, str(tmp_path / name)]
+    rc, err = no_hang(lambda: run(capsys, argv), tmp_path / name)
     one_line(rc, err)
     assert "not a regular file" in err and not (tmp_path / "o").exists()
 
