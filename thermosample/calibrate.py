@@ -1257,10 +1257,9 @@ def _check_pilot(pilot_data: dict, den, model, sample_shape) -> None:
         return v
 
     sch = den.schedule
-    parts = [(keys, keys[0]) for keys in (_TWINS_KEYS, _REF_KEYS) if any(k in pilot_data for k in keys)]
-    for keys, _ in parts:
+    for keys in (_TWINS_KEYS, _REF_KEYS):        # a pilot may hold either part or both, each part whole
         missing = [k for k in keys if k not in pilot_data]
-        if missing:
+        if missing and len(missing) < len(keys):
             bad(missing[0], "is missing")
     shape = None
     if "sigma" in pilot_data:
@@ -1311,9 +1310,8 @@ def _check_pilot(pilot_data: dict, den, model, sample_shape) -> None:
 
 def _probe_pilot(pilot_data: dict, den, model) -> int:
     """For a reused reference whose model cannot be fingerprinted (another function than the one it was made
-    with, or a pilot without a record):
-    the model's denoised output on two of its samples at its first node, against the recorded one. Returns
-    the batched evaluations it spent (0 or 1)."""
+    with, or a pilot without a record): the model's denoised output on two of its samples at its first node,
+    against the recorded one. Returns the batched evaluations it spent (0 or 1)."""
     made = pilot_data.get("made_for") or {}
     if "ref_final" not in pilot_data or made.get("model") is not None or made.get("model_id") == id(model):
         return 0
@@ -1321,8 +1319,10 @@ def _probe_pilot(pilot_data: dict, den, model) -> int:
     x = pilot_data["ref_noise"][:2]
     dtype, device = pilot_dtype_device(den)
     d = den(x.to(device=device, dtype=dtype), float(pilot_data["ref_sigma"][0])).reshape(len(x), -1)
-    keep, scale = _coordinates(d.shape[1], recorded.shape[1], torch.Generator().manual_seed(
-        int(pilot_data["ref_proj_seed"]) - 1))
+    seed = pilot_data.get("ref_proj_seed")          # reference() draws its kept coordinates with seed - 1
+    if seed is None and recorded.shape[1] < d.shape[1]:
+        raise ValueError("pilot_data['ref_proj_seed'] is missing: it says which coordinates ref_D kept")
+    keep, scale = _coordinates(d.shape[1], recorded.shape[1], torch.Generator().manual_seed(int(seed or 0) - 1))
     d = (d if keep is None else d[:, keep.to(d.device)]).double().cpu() * scale
     off = float((d - recorded).norm() / recorded.norm().clamp_min(1e-30))
     if not off <= 1e-3:
