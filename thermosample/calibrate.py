@@ -994,7 +994,7 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
         evaluations) and `.pilot` for reuse; for solver="auto" a `SamplerConfig` (solver, options, sigmas,
         calibrated_for, meta, pilot).
     """
-    from .auto import AUTO, SamplerConfig, calibrate_plan, fingerprint
+    from .auto import AUTO, SamplerConfig, _fingerprint_now, calibrate_plan
 
     opts = _calibration_options(options, legacy)
     started = time.perf_counter()
@@ -1071,7 +1071,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
         return grid
     shape = pilot_data["ref_final"].shape[1:]
     made_for = {"schedule": repr(sch), "prediction": getattr(den, "prediction", None), "sample_shape": list(shape),
-                "dtype": str(made_in[0]).replace("torch.", ""), "device": made_in[1].type, "model": fingerprint(model),
+                "dtype": str(made_in[0]).replace("torch.", ""), "device": made_in[1].type,
+                "model": _fingerprint_now(model),     # cached: the pilot's stamp hashed the parameters already
                 "pilot": {"rows": meter.rows, "calls": meter.calls, "evaluations": spent,
                           "batch": int(pilot_data["ref_final"].shape[0]), "seconds": seconds}}
     return SamplerConfig(solver, solver_options, sigmas, made_for, meta, pilot=pilot_data)
