@@ -70,11 +70,12 @@ def _box_muller(a, c):
 
 
 @triton.jit(do_not_specialize=["c0", "c1", "c2", "c3", "c4", "c5", "noise", "alpha", "beta", "seed", "step",
-                               "sample_offset"])
+                               "sample_offset", "partial_offset"])
 def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, x5_ptr, out_ptr, partial_ptr,
                        c0: tl.int64, c1: tl.int64, c2: tl.int64, c3: tl.int64, c4: tl.int64, c5: tl.int64,
                        noise: tl.int64, alpha: tl.int64, beta: tl.int64,
-                       seed: tl.uint64, step: tl.int64, sample_offset: tl.int64, numel, n_blocks,
+                       seed: tl.uint64, step: tl.int64, sample_offset: tl.int64, partial_offset: tl.int64, numel,
+                       n_blocks,
                        N_INPUTS: tl.constexpr, HAS_NOISE: tl.constexpr, TRACK: tl.constexpr,
                        U: tl.constexpr, D: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     pid_n = tl.program_id(0).to(tl.int64)          # block within the sample
@@ -133,11 +134,14 @@ def _fused_step_kernel(x0_ptr, x1_ptr, x2_ptr, x3_ptr, x4_ptr, x5_ptr, out_ptr, 
              + _coeff(beta, COMPUTE_DTYPE) * _pick(D, x0, x1, x2, x3, x4, x5))
         probe += v * v
     probe = tl.where(mask, probe, 0.0)
-    tl.store(partial_ptr + pid_b * n_blocks + pid_n, tl.sum(probe, axis=0).to(partial_ptr.dtype.element_ty))
+    # partial_offset: the element where this launch's [B, n_blocks] partials start (a run's row of its rates)
+    tl.store(partial_ptr + partial_offset + pid_b * n_blocks + pid_n,
+             tl.sum(probe, axis=0).to(partial_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _sum_partials_kernel(partial_ptr, rate_ptr, n_blocks, PBLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["partial_offset", "rate_offset"])
+def _sum_partials_kernel(partial_ptr, rate_ptr, partial_offset: tl.int64, rate_offset: tl.int64, n_blocks,
+                         PBLOCK: tl.constexpr):
     # rate[b] = sum of the n_blocks partials of sample b, in float64, in an order fixed by n_blocks alone:
     # lane j adds partials j, j + PBLOCK, ... in turn, then one tl.sum tree over the PBLOCK lanes. No
     # atomics and no dependence on the batch (torch's .sum picks its strategy from the output count).
@@ -146,8 +150,8 @@ def _sum_partials_kernel(partial_ptr, rate_ptr, n_blocks, PBLOCK: tl.constexpr):
     acc = tl.zeros([PBLOCK], dtype=tl.float64)
     for start in range(0, n_blocks, PBLOCK):
         i = start + lanes
-        acc += tl.load(partial_ptr + b * n_blocks + i, mask=i < n_blocks, other=0.0).to(tl.float64)
-    tl.store(rate_ptr + b, (tl.sum(acc, axis=0) + 0.0).to(tl.float32))
+        acc += tl.load(partial_ptr + partial_offset + b * n_blocks + i, mask=i < n_blocks, other=0.0).to(tl.float64)
+    tl.store(rate_ptr + rate_offset + b, (tl.sum(acc, axis=0) + 0.0).to(tl.float32))
 
 
 _PBLOCK = 128                # lanes of _sum_partials_kernel
@@ -256,15 +260,13 @@ class _Plan:
 _PLANS: dict[tuple, _Plan] = {}
 
 
-def _plan(a: StepArgs, x0: torch.Tensor) -> _Plan:
-    track = a.track
-    key = (x0.shape, x0.dtype, x0.device, len(a.inputs), a.noise != 0.0, track, a.u if track else 0,
-           a.d if track else 0)
+def _plan(x0: torch.Tensor, n_inputs: int, has_noise: bool, track: bool, u: int, d: int) -> _Plan:
+    key = (x0.shape, x0.dtype, x0.device, n_inputs, has_noise, track, u if track else 0, d if track else 0)
     plan = _PLANS.get(key)
     if plan is None or plan.sizer is not _block_size:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        plan = _PLANS[key] = _Plan(x0, len(a.inputs), a.noise != 0.0, track, key[6], key[7])
+        plan = _PLANS[key] = _Plan(x0, n_inputs, has_noise, track, key[6], key[7])
     return plan
 
 
@@ -272,22 +274,50 @@ def launch(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused step in Triton for arguments thermosample.ops.contract.check passed (contiguous inputs of
     one shape, dtype and device). Returns (out [B, ...] in the inputs' dtype, rate [B] float32)."""
     x0 = a.inputs[0]
-    plan = _plan(a, x0)
-    batch = plan.batch
+    plan = _plan(x0, len(a.inputs), a.noise != 0.0, a.track, a.u, a.d)
     out = torch.empty_like(x0) if a.out is None else a.out      # x0 is contiguous: out too
-    rate = torch.empty(batch, dtype=torch.float32, device=x0.device) if a.rate is None else a.rate
+    rate = torch.empty(plan.batch, dtype=torch.float32, device=x0.device) if a.rate is None else a.rate
+    _launch(plan, a.inputs, out, a.coeffs, a.noise, a.alpha, a.beta, a.seed, a.step, a.sample_offset, rate, 0)
+    return out, rate
+
+
+class RunSteps:
+    """The fused steps of one run, for calls ops.CheckedStep accepted (its first call passed contract.check):
+    each rate goes into row `row` of the run's [rows, B] float32 buffer through the kernels' offsets, so a
+    step builds no StepArgs and no view of the buffer, and finds its plan among the run's few kinds of call
+    (issue 37: host time per step)."""
+
+    def __init__(self):
+        self.plans: dict[tuple, _Plan] = {}
+
+    def __call__(self, inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d,
+                 rates: torch.Tensor, row: int) -> torch.Tensor:
+        x0 = inputs[0]
+        kind = (len(inputs), noise != 0.0, track, u, d)
+        plan = self.plans.get(kind)
+        if plan is None:
+            plan = self.plans[kind] = _plan(x0, *kind)
+        out = torch.empty_like(x0)
+        _launch(plan, inputs, out, coeffs, noise, alpha, beta, seed, step, sample_offset, rates, row * plan.batch)
+        return out
+
+
+def _launch(plan: _Plan, inputs, out, coeffs, noise, alpha, beta, seed, step, sample_offset, rates: torch.Tensor,
+            rate_offset: int) -> None:
+    """Queue the step, and the fixed-order sum of its partials when a sample spans several blocks; rate[b]
+    lands at element rate_offset + b of `rates` (contiguous float32)."""
+    batch = plan.batch
     stream = _stream(plan.index) if plan.index is not None else 0
     # one block per sample: the kernel writes the rate itself (one launch); else partial sums, then a
     # fixed-order sum over them (deterministic, independent of the batch)
-    partial = rate if plan.n_blocks == 1 else plan.partial(stream)
+    partial, partial_offset = (rates, rate_offset) if plan.n_blocks == 1 else (plan.partial(stream), 0)
     # The kernel indexes flat contiguous memory, so the tensors go in as they are (no reshape).
-    inputs = a.inputs
-    ptrs = (*inputs, *((x0,) * plan.pad), out, partial) if plan.pad else (*inputs, out, partial)
-    scalars = _bits(*a.coeffs, *plan.zeros, a.noise, a.alpha, a.beta)
+    ptrs = (*inputs, *((inputs[0],) * plan.pad), out, partial) if plan.pad else (*inputs, out, partial)
+    scalars = _bits(*coeffs, *plan.zeros, noise, alpha, beta)
     if batch > _MAX_GRID_Y:
-        _launch_chunked(a, plan, ptrs, scalars)
+        _launch_chunked(plan, ptrs, scalars, seed, step, sample_offset, partial_offset)
     else:
-        args = (*ptrs, *scalars, a.seed, a.step, a.sample_offset, plan.numel, plan.n_blocks)
+        args = (*ptrs, *scalars, seed, step, sample_offset, partial_offset, plan.numel, plan.n_blocks)
         bound = plan.step_kernel
         aligned = _aligned(*inputs, out, partial)
         if bound is not None and aligned:
@@ -298,14 +328,13 @@ def launch(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:
                 plan.step_kernel = bound
     if plan.n_blocks > 1:                 # the partial buffer is torch's allocation: aligned
         bound = plan.sum_kernel
-        if bound is not None and _aligned(rate):
-            bound(batch, 1, stream, (partial, rate, plan.n_blocks, _PBLOCK))
+        if bound is not None and _aligned(rates):
+            bound(batch, 1, stream, (partial, rates, 0, rate_offset, plan.n_blocks, _PBLOCK))
         else:
-            bound = _compile(_sum_partials_kernel, (batch,), (partial, rate, plan.n_blocks),
+            bound = _compile(_sum_partials_kernel, (batch,), (partial, rates, 0, rate_offset, plan.n_blocks),
                              dict(PBLOCK=_PBLOCK, num_warps=1))
-            if _aligned(rate) and not _INTERPRETED:
+            if _aligned(rates) and not _INTERPRETED:
                 plan.sum_kernel = bound
-    return out, rate
 
 
 def _aligned(*tensors) -> bool:
@@ -316,14 +345,15 @@ def _aligned(*tensors) -> bool:
     return not bits & 15
 
 
-def _launch_chunked(a: StepArgs, plan: _Plan, ptrs: tuple, scalars: tuple) -> None:
-    """Batches beyond CUDA's grid limit (dimension 1) launch in chunks of samples, through Triton's launcher."""
+def _launch_chunked(plan: _Plan, ptrs: tuple, scalars: tuple, seed, step, sample_offset, partial_offset) -> None:
+    """Batches beyond CUDA's grid limit (dimension 1) launch in chunks of samples, through Triton's launcher
+    (the partials' pointer stays whole: each chunk starts further into it)."""
     batch = plan.batch
     for b0 in range(0, batch, _MAX_GRID_Y):
         b1 = min(batch, b0 + _MAX_GRID_Y)
         _fused_step_kernel[(plan.n_blocks, b1 - b0)](
-            *(t[b0:b1] for t in ptrs), *scalars, a.seed, a.step, a.sample_offset + b0, plan.numel, plan.n_blocks,
-            **plan.constexprs)
+            *(t[b0:b1] for t in ptrs[:-1]), ptrs[-1], *scalars, seed, step, sample_offset + b0,
+            partial_offset + b0 * plan.n_blocks, plan.numel, plan.n_blocks, **plan.constexprs)
 
 
 fused_step = keyword_entry(launch)   # fused_step(inputs, coeffs, **StepArgs fields), checked

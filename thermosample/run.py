@@ -147,15 +147,15 @@ class Run:
         alpha = beta = 0.0
         if tracked:
             t, alpha, beta = self.tracked_velocity(track_sigma, track_map)
-        args = StepArgs(inputs, coeffs, out=out, noise=noise, seed=self.seed, step=i, sample_offset=self.sample_offset,
-                        track=tracked, alpha=alpha, beta=beta, u=u, d=d)
-        checked = self._checked
-        if checked is not None and checked.backend == self.backend and checked.accepts(args):
+        seed, offset, checked = self.seed, self.sample_offset, self._checked
+        if (out is None and checked is not None and checked.backend == self.backend
+                and checked.accepts_step(inputs, coeffs, noise, seed, i, offset, tracked, alpha, beta, u, d)):
             # The run's first call of this kind passed the op's checks: the backend directly, the rate into its row.
             row = self._new_row(inputs[0])
-            out = checked.launch(args._replace(rate=self._rates[row]))[0]
+            out = checked.step(inputs, coeffs, noise, seed, i, offset, tracked, alpha, beta, u, d, self._rates, row)
         else:
-            out, row = self._checked_op(args)
+            out, row = self._checked_op(StepArgs(inputs, coeffs, out=out, noise=noise, seed=seed, step=i,
+                                                 sample_offset=offset, track=tracked, alpha=alpha, beta=beta, u=u, d=d))
         if tracked:
             self.eval_t.append(t)
             self.eval_rows.append(row)

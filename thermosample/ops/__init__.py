@@ -21,7 +21,7 @@ from ..errors import BackendUnavailableWarning
 from . import reference
 from .contract import MAX_INPUTS as MAX_INPUTS  # re-exported: thermosample/solvers.py reads it
 from .contract import SUPPORTED_DTYPES as SUPPORTED_DTYPES
-from .contract import StepArgs, check, is_plain_call, launch_checked
+from .contract import StepArgs, check, is_plain_call, is_plain_step, launch_checked
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,8 @@ class Backend:
         load: () -> launch(StepArgs) -> (out, rate), the step for arguments contract.check returned (it
             checks nothing itself; the contract is thermosample/ops/reference.py's).
         missing: what to tell a user whose backend is unavailable (it then falls back to torch).
+        load_run: None, or () -> a function that makes one run's `step` (see `run_steps`), for a backend
+            that writes a rate into a row of the run's buffer without a view of it (a per-step cost).
     """
 
     name: str
@@ -42,6 +44,7 @@ class Backend:
     available: Callable[[], bool]
     load: Callable[[], Callable[[StepArgs], tuple[torch.Tensor, torch.Tensor]]]
     missing: str = ""
+    load_run: Callable[[], Callable[[], Callable]] | None = None
 
 
 def _cpp_available() -> bool:
@@ -54,6 +57,11 @@ def _cpp_load():
     return cpp.launch
 
 
+def _cpp_load_run():
+    from . import cpp
+    return lambda: cpp.run_step
+
+
 def _triton_available() -> bool:
     from . import triton
     return triton.available()
@@ -64,13 +72,18 @@ def _triton_load():
     return triton.launcher()
 
 
+def _triton_load_run():
+    from ..kernels import fused_step as triton_fused_step
+    return triton_fused_step.RunSteps
+
+
 BACKENDS: dict[str, Backend] = {
     "torch": Backend("torch", None, lambda: True, lambda: reference.launch),
     "cpp": Backend("cpp", ("cpu",), _cpp_available, _cpp_load,
                    "thermosample._C is not built; the 'cpp' backend falls back to 'torch' (reinstall with a C++ "
-                   "compiler present to get the fused CPU kernels)"),
+                   "compiler present to get the fused CPU kernels)", _cpp_load_run),
     "triton": Backend("triton", ("cuda",), _triton_available, _triton_load,
-                      "Triton is not available; the 'triton' backend falls back to 'torch'"),
+                      "Triton is not available; the 'triton' backend falls back to 'torch'", _triton_load_run),
 }
 AUTO = {"cpu": "cpp", "cuda": "triton"}        # device type -> backend of backend="auto" (else torch)
 BACKEND_CHOICES = ("auto",) + tuple(BACKENDS)  # every valid `backend=` string
@@ -116,17 +129,40 @@ class CheckedStep:
     backend's launch, and `accepts` is contract.is_plain_call: StepArgs that `check` would pass unchanged
     for inputs of this kind (plain contiguous tensors, Python floats, ints in range). A call it does not
     accept (a bad argument, another dtype, autograd, torch.compile tracing, an `out=`) goes back through
-    `fused_step`, its checks and messages. `launch(args)` runs an accepted call.
+    `fused_step`, its checks and messages. `launch(args)` runs an accepted call; a run calls `step` (the
+    same step, its rate into a row of the run's buffer) for the fields `accepts_step` accepted.
     """
 
     def __init__(self, backend: str, like: torch.Tensor):
         self.backend = backend
-        self.launch = implementation(resolve_backend(backend, like.device))
+        name = resolve_backend(backend, like.device)
+        self.launch = implementation(name)
+        self.step = run_steps(name)
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
 
     def accepts(self, args: StepArgs) -> bool:
         """True when `check(args)` would pass and return `args` as they are: `launch` may run them."""
         return is_plain_call(args, self.shape, self.dtype, self.device)
+
+    def accepts_step(self, inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d) -> bool:
+        """`accepts` for a step without `out`, `rate` and `num_threads`, field by field (no StepArgs built)."""
+        return is_plain_step(inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d, self.shape,
+                             self.dtype, self.device)
+
+
+def run_steps(name: str) -> Callable[..., torch.Tensor]:
+    """A new `step(inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d, rates, row) ->
+    out` of backend `name` for one run's accepted calls: the fused step with its rate written into
+    rates[row] (rates: the run's contiguous float32 [rows, B] buffer)."""
+    load_run = BACKENDS[name].load_run
+    if load_run is not None:
+        return load_run()()
+    launch = implementation(name)
+
+    def step(inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d, rates, row):
+        return launch(StepArgs(inputs, coeffs, rate=rates[row], noise=noise, seed=seed, step=step,
+                               sample_offset=sample_offset, track=track, alpha=alpha, beta=beta, u=u, d=d))[0]
+    return step
 
 
 def fused_step(inputs, coeffs, *, backend: str = "auto", **fields) -> tuple[torch.Tensor, torch.Tensor]:

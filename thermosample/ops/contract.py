@@ -140,7 +140,16 @@ def is_plain_call(a: StepArgs, shape: torch.Size, dtype: torch.dtype, device: to
     and device passed `check` before: plain contiguous tensors of that kind, Python float coefficients, ints
     in range, no `out` or `rate`. It also asks for no autograd and no torch.compile tracing, so that the
     caller may launch `a` as it is; anything else takes `check` (and its messages) and the torch.library op."""
-    inputs, coeffs, out, rate, noise, seed, step, offset, track, alpha, beta, u, d, threads = a
+    threads = a.num_threads
+    if a.out is not None or a.rate is not None or type(threads) is not int or not 0 <= threads <= MAX_THREADS:
+        return False
+    return is_plain_step(a.inputs, a.coeffs, a.noise, a.seed, a.step, a.sample_offset, a.track, a.alpha, a.beta,
+                         a.u, a.d, shape, dtype, device)
+
+
+def is_plain_step(inputs, coeffs, noise, seed, step, offset, track, alpha, beta, u, d, shape: torch.Size,
+                  dtype: torch.dtype, device: torch.device) -> bool:
+    """is_plain_call on the fields of a step without `out`, `rate` and `num_threads`, as a run passes them."""
     n = len(inputs)
     if not (0 < n <= MAX_INPUTS and len(coeffs) == n and type(step) is int and 0 <= step < _UINT32):
         return False
@@ -148,13 +157,6 @@ def is_plain_call(a: StepArgs, shape: torch.Size, dtype: torch.dtype, device: to
         return False
     if type(track) is not bool or track and not (type(u) is int and type(d) is int and 0 <= u < n and 0 <= d < n):
         return False
-    if out is not None or rate is not None or type(threads) is not int or not 0 <= threads <= MAX_THREADS:
-        return False
-    grad = torch.is_grad_enabled()
-    for t in inputs:
-        if (type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or t.device != device
-                or t.layout is not _STRIDED or not t.is_contiguous() or t.is_neg() or (grad and t.requires_grad)):
-            return False
     if type(noise) is not float or type(alpha) is not float or type(beta) is not float:
         return False
     total = noise + alpha + beta  # finite floats sum to a finite value, or overflow: then the full check
@@ -162,7 +164,14 @@ def is_plain_call(a: StepArgs, shape: torch.Size, dtype: torch.dtype, device: to
         if type(c) is not float:
             return False
         total += c
-    return math.isfinite(total) and not torch.compiler.is_compiling()
+    if not math.isfinite(total):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in inputs:
+        if (type(t) is not torch.Tensor or t.shape != shape or t.dtype != dtype or t.device != device
+                or t.layout is not _STRIDED or not t.is_contiguous() or t.is_neg() or (grad and t.requires_grad)):
+            return False
+    return not torch.compiler.is_compiling()
 
 
 def launch_checked(launch: Callable[[StepArgs], tuple], a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:

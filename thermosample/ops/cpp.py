@@ -90,6 +90,19 @@ def launch(a: StepArgs) -> tuple[torch.Tensor, torch.Tensor]:
     return out, rate
 
 
+def run_step(inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d, rates: torch.Tensor,
+             row: int) -> torch.Tensor:
+    """`launch` for a run's accepted call (ops.run_steps): the rate straight into rates[row] of the run's
+    contiguous float32 [rows, B] buffer, by address (no view of it, no StepArgs). Returns out."""
+    x0 = inputs[0]
+    batch = x0.shape[0]
+    out = torch.empty_like(x0)
+    _C.fused_step([t.data_ptr() for t in inputs], coeffs, out.data_ptr(), rates.data_ptr() + 4 * batch * row, batch,
+                  x0.numel() // batch, _DTYPE_CODES[x0.dtype], noise, seed, step, sample_offset, track, alpha, beta,
+                  u, d, min(torch.get_num_threads(), MAX_THREADS))
+    return out
+
+
 fused_step = keyword_entry(launch)   # fused_step(inputs, coeffs, **StepArgs fields), checked
 
 
