@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import sys
 import warnings
 
 import numpy as np
@@ -67,7 +68,7 @@ from diffusers import (
 # diffusers' pipeline loader resolves a saved component as getattr(<its module>, "SchedulerMixin") to find
 # its load method (model_index.json names this module as the Thermo schedulers' library): keep the
 # SchedulerMixin / ConfigMixin imports here even though nothing below uses them by name.
-from diffusers.configuration_utils import ConfigMixin  # noqa: F401
+from diffusers.configuration_utils import ConfigMixin, register_to_config  # noqa: F401
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_dpmsolver_multistep import SchedulerOutput
@@ -79,7 +80,7 @@ from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOut
 from diffusers.schedulers.scheduling_utils import SchedulerMixin  # noqa: F401
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..auto import SamplerConfig, resolve
+from ..auto import SamplerConfig, _older_repr, resolve
 from ..run import Run
 from ..schedules import EDM, CondOT, DiscreteVP
 from ..solvers import (
@@ -101,7 +102,8 @@ from ..thermo import ThermoReport
 __all__ = ["ThermoEulerDiscreteScheduler", "ThermoEulerAncestralDiscreteScheduler", "ThermoHeunDiscreteScheduler",
            "ThermoDPMSolverMultistepScheduler", "ThermoFlowMatchEulerDiscreteScheduler",
            "ThermoUniPCMultistepScheduler", "ThermoDDIMScheduler", "ThermoDDPMScheduler",
-           "ThermoDEISMultistepScheduler", "ThermoLMSDiscreteScheduler", "ThermoAutoScheduler"]
+           "ThermoDEISMultistepScheduler", "ThermoLMSDiscreteScheduler", "ThermoAutoScheduler",
+           "ThermoAutoFlowMatchScheduler", "pipeline_denoiser", "calibrate_pipeline"]
 
 _FLOW_T_MAX = 1.0 - 1e-6
 
@@ -405,54 +407,100 @@ class _ReplayRun:
         pass
 
 
-class ThermoAutoScheduler(_ThermoStep, EulerDiscreteScheduler):
-    """Runs a `ts.SamplerConfig` (from `ts.thermo_grid(den, steps, solver="auto")`) in a diffusers pipeline:
-    the config's solver and options, through the solver table's own function, on the config's sigmas.
+def _init_with_sampler_config(peer):
+    """An __init__ taking the peer's registered arguments plus `sampler_config` (a SamplerConfig's to_dict(), or
+    None), all registered in the scheduler's config: save_pretrained writes the SamplerConfig into
+    scheduler_config.json and from_pretrained / from_config hand it back (its float64 sigmas exactly: JSON
+    writes a float's shortest round-tripping repr)."""
+    undecorated = peer.__init__.__wrapped__
+    params = list(inspect.signature(undecorated).parameters.values())
+    params.append(inspect.Parameter("sampler_config", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
 
-        config = ts.thermo_grid(den, 10, solver="auto", sample_shape=(4, 64, 64))   # den: the pipeline's model
-        pipe.scheduler = ThermoAutoScheduler.from_sampler_config(config, pipe.scheduler.config)
-        images = pipe(..., num_inference_steps=10).images
+    def __init__(self, *args, sampler_config=None, **kwargs):
+        if sampler_config is not None:
+            SamplerConfig.from_dict(sampler_config)       # a malformed one fails at load, not at the first step
+        undecorated(self, *args, **kwargs)
+    __init__.__signature__ = inspect.Signature(params)
+    return register_to_config(__init__)
 
-    Conventions are EulerDiscreteScheduler's (the state is x_hat = x / alpha, `scale_model_input` divides by
-    sqrt(sigma^2 + 1), `init_noise_sigma`, the timesteps from the sigmas by diffusers' log-sigma
-    interpolation); the config's sigmas must be in the sigma coordinates of this alphas_cumprod (a den built
-    with ts.schedules.DiscreteVP(scheduler.alphas_cumprod)). Each step is the x0 prediction (tracked) and the
-    solver's updates of that step (`_ReplayRun`): the states of the run are kept until set_timesteps. A
-    pipeline may edit the latents between steps; it may not start mid-grid (img2img's strength < 1).
-    Stochastic solvers take their noise from `generator` when given, else in-kernel Philox noise."""
 
-    sampler_config: SamplerConfig | None = None
+class _AutoSteps:
+    """What both auto schedulers share: the SamplerConfig in the scheduler's config, the check that its sigmas
+    are in this scheduler's coordinates, and each step as the tracked x0 prediction followed by the config's
+    solver replayed to the next sigma (`_ReplayRun`). Subclasses say how the pipeline's latents map to the
+    solver's state x_hat (`_to_state`, `_from_state`), how the model output maps to x0 (`_x0_coeffs`), and the
+    diffusers grid (`_set_grid`)."""
 
     @classmethod
     def from_sampler_config(cls, config, scheduler_config=None, **kwargs):
         """A scheduler that runs `config` (a SamplerConfig or the path of one saved with `config.save`);
-        scheduler_config (e.g. the pipeline's `pipe.scheduler.config`) and kwargs as in `from_config`. A
-        solver that evaluates the model twice per step (heun, dpm_2, ...) is a ValueError: the pipeline
-        calls the model once per timestep."""
+        scheduler_config (e.g. the pipeline's `pipe.scheduler.config`) and kwargs as in `from_config`.
+        `ThermoAutoScheduler.from_sampler_config` gives a ThermoAutoFlowMatchScheduler for a flow-matching
+        scheduler config (FlowMatchEulerDiscreteScheduler's). A solver that evaluates the model twice per
+        step (heun, dpm_2, ...) is a ValueError: the pipeline calls the model once per timestep."""
         if not isinstance(config, SamplerConfig):
             config = SamplerConfig.load(config)
         solver, options = resolve(config, None)
         if get_solver(solver).evals_per_step != 1:
-            raise ValueError(f"ThermoAutoScheduler runs solvers with one model evaluation per step; the config's "
+            raise ValueError(f"{cls.__name__} runs solvers with one model evaluation per step; the config's "
                              f"{solver!r} takes {get_solver(solver).evals_per_step}")
         check_options(solver, options)
-        scheduler = cls.from_config(dict(scheduler_config or {}), **kwargs)
-        scheduler.sampler_config = config
+        scheduler = cls.from_config(dict(scheduler_config or {}), sampler_config=config.to_dict(), **kwargs)
+        scheduler.__dict__["_sampler_config"] = (scheduler.config["sampler_config"], config)   # keeps config.pilot
         return scheduler
 
-    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' from_config (and so from_pretrained); ThermoAutoScheduler's gives a
+        ThermoAutoFlowMatchScheduler for a flow-matching scheduler config."""
+        if cls is ThermoAutoScheduler and config is not None and _is_flow_config(dict(config)):
+            cls = ThermoAutoFlowMatchScheduler
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @property
+    def sampler_config(self) -> SamplerConfig | None:
+        """The SamplerConfig this scheduler runs (None for one built without), read from its config."""
+        blob = self.config.get("sampler_config")
+        if blob is None:
+            return None
+        cached = self.__dict__.get("_sampler_config")
+        if cached is None or cached[0] is not blob:
+            cached = self.__dict__["_sampler_config"] = (blob, SamplerConfig.from_dict(blob))
+        return cached[1]
+
+    def _expected_schedule(self):
+        return self._make_thermo_schedule()
+
+    def _check_coordinates(self, config):
+        """ValueError when the config was calibrated on another schedule than this scheduler's: its sigmas
+        would be read in the wrong coordinates."""
+        made = (config.calibrated_for or {}).get("schedule")
+        if made is None:
+            return
+        now = repr(self._expected_schedule())
+        if made not in (now, _older_repr(now)):
+            raise ValueError(f"{type(self).__name__}: the SamplerConfig was calibrated for schedule {made}, but this "
+                             f"scheduler runs {now}: its sigmas are in another model's coordinates. Calibrate with "
+                             "the pipeline's own denoiser (calibrate_pipeline(pipe, ...) or pipeline_denoiser(pipe))")
+
+    def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None, **kwargs):
         """The config's grid: num_inference_steps may be omitted, and must otherwise be the config's steps."""
         config = self.sampler_config
         if config is None:
-            raise ValueError("ThermoAutoScheduler has no SamplerConfig: build it with "
-                             "ThermoAutoScheduler.from_sampler_config(config, scheduler_config)")
-        if timesteps is not None or sigmas is not None:
-            raise ValueError("ThermoAutoScheduler runs its SamplerConfig's sigmas; do not pass timesteps= or sigmas=")
+            raise ValueError(f"{type(self).__name__} has no SamplerConfig: build it with "
+                             f"{type(self).__name__}.from_sampler_config(config, scheduler_config)")
+        if timesteps is not None or (sigmas is not None and not self._ignores_sigmas):
+            raise ValueError(f"{type(self).__name__} runs its SamplerConfig's sigmas; do not pass timesteps= or "
+                             "sigmas=")
         if num_inference_steps is not None and num_inference_steps != config.steps:
             raise ValueError(f"the SamplerConfig was calibrated for {config.steps} steps, got num_inference_steps="
                              f"{num_inference_steps}: pass {config.steps}, or calibrate for {num_inference_steps} with "
                              f"ts.thermo_grid(den, {num_inference_steps}, solver='auto')")
-        super().set_timesteps(device=device, sigmas=[float(s) for s in config.sigmas])
+        self._check_coordinates(config)
+        self._set_grid(config, device)
+        self._host_grid()
+
+    _ignores_sigmas = False
 
     def _host_grid(self):
         """The config's float64 sigmas (diffusers' own are float32), the timesteps, a fresh run."""
@@ -461,23 +509,24 @@ class ThermoAutoScheduler(_ThermoStep, EulerDiscreteScheduler):
         self._outputs, self._results, self._returned = [], [], None
         self._new_run()
 
-    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True, **kwargs):
         """The x0 prediction of `model_output` (tracked), then the config's solver to the next sigma.
 
         Args:
-            model_output: [B, ...] epsilon, v or sample prediction; sample: [B, ...] x_hat;
-            generator: the noise of a stochastic solver (diffusers' randn_tensor), else in-kernel Philox.
+            model_output: [B, ...] the model's prediction (epsilon, v, sample, or a flow model's velocity);
+            sample: [B, ...] the pipeline's latents; generator: the noise of a stochastic solver (diffusers'
+            randn_tensor), else in-kernel Philox.
         """
         if getattr(self, "_ts", None) is None:
-            raise ValueError("ThermoAutoScheduler: call set_timesteps() before step()")
+            raise ValueError(f"{type(self).__name__}: call set_timesteps() before step()")
         i = self._index(timestep)
         if i != len(self._outputs):
-            raise ValueError(f"ThermoAutoScheduler runs its SamplerConfig from the first step: step {i} came "
+            raise ValueError(f"{type(self).__name__} runs its SamplerConfig from the first step: step {i} came "
                              f"after {len(self._outputs)} (a pipeline that starts mid-grid is not supported)")
         if sample is self._returned:
             x = self._state                         # the float32 state, not its copy in the pipeline's dtype
         else:
-            x = _f32(sample)
+            x = self._to_state(_f32(sample), i)
             if i == 0:
                 self._start = x
             else:                                   # the pipeline edited the latents: the solver goes on from them
@@ -491,15 +540,110 @@ class ThermoAutoScheduler(_ThermoStep, EulerDiscreteScheduler):
             self._state = get_solver(solver).fn(_ReplayRun(self, generator), self._start, self._sig, **options)
         except _Pause as pause:
             self._state = pause.x
-        prev = self._returned = self._stored(i, self._state, model_output.dtype)
+        prev = self._returned = self._stored(i, self._from_state(self._state, i + 1), model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return prev, denoised
-        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+        return self._output(prev, denoised)
+
+    def _to_state(self, x, i):
+        return x
+
+    def _from_state(self, x, i):
+        return x
 
     def _stochastic(self):
         solver, options = resolve(self.sampler_config, None)
         return get_solver(solver).injects_noise(options)
+
+
+def _is_flow_config(scheduler_config) -> bool:
+    """Whether a scheduler config is a flow-matching one (FlowMatchEulerDiscreteScheduler's, or a Thermo one)."""
+    name = scheduler_config.get("_class_name") or ""
+    return "FlowMatch" in name or ("shift" in scheduler_config and "beta_schedule" not in scheduler_config)
+
+
+class ThermoAutoScheduler(_AutoSteps, _ThermoStep, EulerDiscreteScheduler):
+    """Runs a `ts.SamplerConfig` (from `calibrate_pipeline(pipe, steps)` or `ts.thermo_grid(den, steps,
+    solver="auto")`) in a diffusers pipeline: the config's solver and options, through the solver table's own
+    function, on the config's sigmas.
+
+        config = calibrate_pipeline(pipe, 10, conditioning={"class_labels": labels}, guidance_scale=4.0)
+        pipe.scheduler = ThermoAutoScheduler.from_sampler_config(config, pipe.scheduler.config)
+        images = pipe(..., num_inference_steps=10).images
+        pipe.save_pretrained(d)     # scheduler_config.json holds the SamplerConfig ("sampler_config")
+
+    Conventions are EulerDiscreteScheduler's (the state is x_hat = x / alpha, `scale_model_input` divides by
+    sqrt(sigma^2 + 1), `init_noise_sigma`, the timesteps from the sigmas by diffusers' log-sigma
+    interpolation; prediction_type epsilon, v_prediction or sample); the config's sigmas must be in the sigma
+    coordinates of this alphas_cumprod (a den built with ts.schedules.DiscreteVP(scheduler.alphas_cumprod), as
+    pipeline_denoiser builds it): set_timesteps raises ValueError when config.calibrated_for names another
+    schedule. For a flow-matching scheduler config `from_sampler_config` gives ThermoAutoFlowMatchScheduler.
+    Each step is the x0 prediction (tracked) and the solver's updates of that step (`_ReplayRun`): the states
+    of the run are kept until set_timesteps. A pipeline may edit the latents between steps; it may not start
+    mid-grid (img2img's strength < 1). Stochastic solvers take their noise from `generator` when given, else
+    in-kernel Philox noise.
+
+    Saving: the config is registered as the scheduler's "sampler_config" (its to_dict()), so
+    `pipe.save_pretrained(d)` writes it into scheduler/scheduler_config.json and, after
+    `import thermosample.integrations.diffusers`, `DiffusionPipeline.from_pretrained(d)` (or
+    `ThermoAutoScheduler.from_pretrained(d, subfolder="scheduler")`) gives the scheduler back with the same
+    SamplerConfig (float64 sigmas exactly)."""
+
+    __init__ = _init_with_sampler_config(EulerDiscreteScheduler)
+
+    def _set_grid(self, config, device):
+        EulerDiscreteScheduler.set_timesteps(self, device=device, sigmas=[float(s) for s in config.sigmas])
+
+    def _output(self, prev, denoised):
+        return EulerDiscreteSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
+
+
+class ThermoAutoFlowMatchScheduler(_AutoSteps, _ThermoStep, FlowMatchEulerDiscreteScheduler):
+    """ThermoAutoScheduler for flow-matching pipelines (SD3, Flux, any loop of FlowMatchEulerDiscreteScheduler):
+    runs a SamplerConfig calibrated on the model as a CondOT denoiser (`pipeline_denoiser(pipe)`, or
+    `ts.Denoiser(model, "condot", "flow_prediction", time="t", time_scale=num_train_timesteps)`), whose sigmas
+    are sigma_hat = t / (1 - t).
+
+    Conventions are FlowMatchEulerDiscreteScheduler's: the latents are x = (1 - t) x0 + t eps with the flow
+    time t = sigma_hat / (1 + sigma_hat) in [0, 1] (`scheduler.sigmas`), the timesteps t * num_train_timesteps,
+    no input scaling, the model predicts the velocity eps - x0. shift, dynamic shifting and the karras /
+    exponential / beta options do not apply: the config's grid runs as it is, and the `sigmas=` and `mu=` a
+    pipeline passes to set_timesteps (Flux and SD3 pass their default grid) are not used. The solver runs on
+    x_hat = x / (1 - t); each step returns the latents x at the next flow time (x0 at the last). Saving and
+    loading as ThermoAutoScheduler's."""
+
+    __init__ = _init_with_sampler_config(FlowMatchEulerDiscreteScheduler)
+    _ignores_sigmas = True
+
+    def _make_thermo_schedule(self):
+        return CondOT()
+
+    def _set_grid(self, config, device):
+        sig = np.asarray(config.sigmas, dtype=np.float64)
+        t = sig / (1.0 + sig)
+        self.num_inference_steps = config.steps
+        self.sigmas = torch.as_tensor(t, dtype=torch.float32, device=device)
+        self.timesteps = torch.as_tensor(t[:-1] * self.config.num_train_timesteps, dtype=torch.float32,
+                                         device=device)
+        self._step_index, self._begin_index = None, None
+
+    def scale_model_input(self, sample, *args, **kwargs):
+        return sample
+
+    def _x0_coeffs(self, sigma):
+        """x0 = x - t v with x = x_hat / (1 + sigma), t = sigma / (1 + sigma): D = kx x_hat + ko v."""
+        return 1.0 / (1.0 + sigma), -sigma / (1.0 + sigma)
+
+    def _to_state(self, x, i):
+        return x * (1.0 + self._sig[i])
+
+    def _from_state(self, x, i):
+        s = self._sig[i]
+        return x / (1.0 + s) if s > 0.0 else x
+
+    def _output(self, prev, denoised):
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev)
 
 
 class ThermoEulerAncestralDiscreteScheduler(_ThermoStep, EulerAncestralDiscreteScheduler):
@@ -1144,3 +1288,239 @@ class ThermoDDPMScheduler(_TimestepScheduler, _ThermoStep, DDPMScheduler):
 
     def _stochastic(self):
         return True
+
+
+# --------------------------------------------------------------------------------------------------
+# The denoiser a pipeline runs, and its calibration
+# --------------------------------------------------------------------------------------------------
+def _conditioning(value, name) -> dict:
+    """A conditioning dict checked: tensors with one leading size K (the number of conditionings)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in value.values()):
+        raise TypeError(f"{name} must be a dict of the model's keyword arguments as tensors with a leading "
+                        f"dimension (e.g. {{'class_labels': tensor([3, 7])}}), got {value!r}")
+    sizes = {int(v.shape[0]) for v in value.values()}
+    if len(sizes) > 1:
+        raise ValueError(f"{name}'s tensors must share their leading size (one row per conditioning), got {sizes}")
+    return dict(value)
+
+
+def _calibration_rows(n: int, k: int, batch: int) -> torch.Tensor:
+    """The conditioning row [n] of each row of a batch of n that a calibration with a pilot of `batch` samples
+    (even, >= 8) passes to the model. Sample j of the pilot gets conditioning (j // 2) mod k; the batches
+    thermo_grid forms (calibrate.pilot, reference, pilot_errors, fit_corrections, _probe_pilot) are
+    - 2 x batch rows: the twins pilot, the trajectories then their twins (row r is sample r mod batch);
+    - batch rows: the reference and every candidate run, the samples in order (and 2 rows: its first two);
+    - batch / 2 rows: the fitted-corrections stage, the even samples 2p or the odd samples 2p + 1, both
+      of pair p, so row p has conditioning p mod k.
+    Within one run a row is one trajectory, so every sample sees one conditioning at every call, in every
+    stage. Any other size is a ValueError (a layout this mapping does not know)."""
+    r = torch.arange(n)
+    if n == 2 * batch:
+        return ((r % batch) // 2) % k
+    if n == batch // 2:
+        return r % k
+    if n in (batch, 2):
+        return (r // 2) % k
+    raise ValueError(f"the calibration called the guided model on {n} rows; with {k} conditionings the pilot of "
+                     f"{batch} samples is called on {2 * batch}, {batch}, {batch // 2} or 2 rows only (a changed "
+                     "calibration layout: see thermosample.integrations.diffusers._calibration_rows)")
+
+
+def _sampling_rows(n: int, k: int) -> torch.Tensor:
+    """Conditioning rows for a sampling batch of n: one per conditioning (n = k), or each repeated n // k times
+    in a row (diffusers' num_images_per_prompt)."""
+    if n % k:
+        raise ValueError(f"a batch of {n} rows with {k} conditionings: pass a batch of a multiple of {k} rows "
+                         "(each conditioning's rows together, as diffusers' num_images_per_prompt)")
+    return torch.arange(n) // (n // k)
+
+
+class GuidedModel(torch.nn.Module):
+    """A pipeline's network as the pipeline calls it, with its conditioning and classifier-free guidance:
+    `model(x, t)` -> out = uncond + w (cond - uncond), from one call of the network on the two halves
+    concatenated (unconditional first, as diffusers pipelines do); w = 1 or no negative conditioning: one
+    conditional call. A network that also predicts variances (more output channels than input, DiT) gives its
+    first C channels. The conditioning of row r follows the batch (`_sampling_rows`), or, with
+    `calibration_batch=B`, the layouts of a calibration with a pilot of B samples (`_calibration_rows`). The
+    network's parameters and the guidance scale (a buffer) make its fingerprint; the conditioning does not
+    (a config calibrated on some prompts is for the model at that scale, not for those prompts)."""
+
+    def __init__(self, net, conditioning=None, negative_conditioning=None, guidance_scale: float = 1.0,
+                 rows: int | None = None, calibration_batch: int | None = None):
+        super().__init__()
+        self.net = net
+        self.cond = _conditioning(conditioning, "conditioning")
+        self.uncond = _conditioning(negative_conditioning, "negative_conditioning")
+        w = float(guidance_scale)
+        if not math.isfinite(w):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+        self.register_buffer("guidance_scale", torch.tensor(w, dtype=torch.float64))
+        self.w = w
+        self.guided = w != 1.0 and bool(self.uncond)
+        if w != 1.0 and not self.uncond:
+            raise ValueError("guidance_scale != 1 needs negative_conditioning (the null class label, the empty "
+                             "prompt's embeddings)")
+        if self.guided and set(self.uncond) != set(self.cond):
+            raise ValueError(f"negative_conditioning must name the conditioning's keys {sorted(self.cond)}, got "
+                             f"{sorted(self.uncond)}")
+        self.k = next((int(v.shape[0]) for v in self.cond.values()), 1)
+        ku = next((int(v.shape[0]) for v in self.uncond.values()), 1)
+        if ku not in (1, self.k):
+            raise ValueError(f"negative_conditioning has {ku} rows: give 1 (shared) or one per conditioning ({self.k})")
+        self.rows = rows
+        self.calibration_batch = calibration_batch
+
+    def _rows(self, n):
+        if self.k == 1:
+            return torch.zeros(n, dtype=torch.long)
+        if self.calibration_batch is not None:
+            return _calibration_rows(n, self.k, self.calibration_batch)
+        return _sampling_rows(n, self.k)
+
+    def forward(self, x, t, **kwargs):
+        idx = self._rows(x.shape[0])
+        step = self.rows or x.shape[0]
+        return torch.cat([self._call(x[i:i + step], t[i:i + step], idx[i:i + step], kwargs)
+                          for i in range(0, x.shape[0], step)])
+
+    def _call(self, x, t, idx, kwargs):
+        take = lambda src: {k: (v if v.shape[0] == 1 else v[idx.to(v.device)]).to(x.device).expand(  # noqa: E731
+            len(idx), *v.shape[1:]) for k, v in src.items()}
+        if not self.guided:
+            return self._net(x, t, {**take(self.cond), **kwargs}, x.shape[1])
+        both = {k: torch.cat([u, c]) for (k, u), c in zip(take(self.uncond).items(), take(self.cond).values())}
+        out = self._net(torch.cat([x, x]), torch.cat([t, t]), {**both, **kwargs}, x.shape[1])
+        uncond, cond = out.chunk(2)
+        return uncond + self.w * (cond - uncond)
+
+    def _net(self, x, t, kwargs, channels):
+        out = self.net(x, timestep=t, **kwargs)
+        if not isinstance(out, torch.Tensor):           # diffusers' output dataclass (or a tuple)
+            out = out.sample if hasattr(out, "sample") else out[0]
+        return out[:, :channels] if out.dim() > 1 and out.shape[1] > channels else out
+
+
+def _network(pipe, model=None):
+    net = model if model is not None else getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if net is None:
+        raise ValueError("the pipeline has no `unet` or `transformer`: pass model=")
+    return net
+
+
+def pipeline_denoiser(pipe, conditioning: dict | None = None, negative_conditioning: dict | None = None,
+                      guidance_scale: float = 1.0, *, model=None, scheduler_config=None, rows: int | None = None,
+                      calibration_batch: int | None = None):
+    """The `ts.Denoiser` a diffusers pipeline runs: its network (`pipe.unet` or `pipe.transformer`, or
+    `model`) with the conditioning and classifier-free guidance of `GuidedModel`, in the sigma coordinates
+    of its scheduler (`pipe.scheduler.config`, or `scheduler_config`):
+
+    - a flow-matching scheduler (FlowMatchEulerDiscreteScheduler's config): schedule CondOT, prediction
+      "flow_prediction", the model's time t * num_train_timesteps, its input the latents x = (1 - t) x_hat;
+    - else DiscreteVP(alphas_cumprod) of the config (as EulerDiscreteScheduler computes it), its
+      prediction_type ("epsilon", "v_prediction" or "sample"), the model's time the fractional training index
+      (the timesteps diffusers' Euler gives), its input x_hat / sqrt(1 + sigma^2).
+
+    Args:
+        conditioning: the network's keyword arguments as tensors with a leading size K, one row per
+            conditioning: {"class_labels": tensor of K labels}, {"encoder_hidden_states": [K, L, D]}, ...
+        negative_conditioning: the same keys with 1 or K rows: the null class, the empty prompt's embeddings.
+        guidance_scale: w in out = uncond + w (cond - uncond), in the model's prediction space.
+        rows: most state rows per network call (None: whole batches; with guidance the network sees twice that).
+        calibration_batch: the pilot size of a calibration this den is for (`calibrate_pipeline` sets it):
+            its rows take conditionings by `_calibration_rows`; None: a batch of n rows takes conditioning
+            r // (n // K) (n = K: one row each).
+    """
+    from ..denoiser import Denoiser
+    net = _network(pipe, model)
+    cfg = dict(scheduler_config if scheduler_config is not None else pipe.scheduler.config)
+    guided = GuidedModel(net, conditioning, negative_conditioning, guidance_scale, rows, calibration_batch)
+    if _is_flow_config(cfg):
+        return Denoiser(guided, CondOT(), "flow_prediction", time="t",
+                        time_scale=float(cfg.get("num_train_timesteps", 1000)))
+    vp = EulerDiscreteScheduler.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    prediction = cfg.get("prediction_type", "epsilon")
+    return Denoiser(guided, DiscreteVP(vp.alphas_cumprod), prediction, time="index")
+
+
+def _sample_shape(net):
+    c = getattr(net, "config", None) or {}
+    size, channels = c.get("sample_size"), c.get("in_channels")
+    if size is None or channels is None:
+        return None
+    return (int(channels), *((int(size), int(size)) if isinstance(size, int) else tuple(int(v) for v in size)))
+
+
+def calibrate_pipeline(pipe, steps: int, *, conditioning: dict | None = None,
+                       negative_conditioning: dict | None = None, guidance_scale: float = 1.0,
+                       sample_shape: tuple | None = None, options=None, model=None, dtype=None, device=None,
+                       backend: str = "auto") -> SamplerConfig:
+    """Calibrate solver="auto" for a pipeline: `ts.thermo_grid(den, steps, solver="auto")` on the denoiser the
+    pipeline runs (`pipeline_denoiser`: its network, conditioning and guidance scale, in its scheduler's
+    coordinates). Returns the SamplerConfig, for `ThermoAutoScheduler.from_sampler_config(config,
+    pipe.scheduler.config)` (a flow-matching pipeline gets ThermoAutoFlowMatchScheduler).
+
+        config = calibrate_pipeline(pipe, 10, conditioning={"class_labels": torch.tensor([1, 3, 5, 7])},
+                                    negative_conditioning={"class_labels": torch.tensor([10])},
+                                    guidance_scale=4.0)
+
+    What is calibrated is the guided denoiser at this guidance scale: a config is for that scale (another
+    scale is another vector field). The pilot's samples take the K conditionings in turn (sample j: (j // 2)
+    mod K, the same at every call of its trajectory, `_calibration_rows`), so a handful of prompts or class
+    labels stands for the model's use; the pilot is a multiple of 2K samples (the cost tier's size rounded
+    down, at least 8).
+
+    Cost: thermo_grid states its planned rows and shows its bar (options.progress) in state rows; with
+    guidance (w != 1) the network sees two rows per state row, which a line before the bar says, and
+    config.calibrated_for["guidance"] records (scale, conditionings, model_rows).
+
+    Args:
+        steps: the sampling steps the config is for.
+        conditioning, negative_conditioning, guidance_scale: as `pipeline_denoiser`.
+        sample_shape: one latent's shape (default: the network's config, (in_channels, sample_size, sample_size)).
+        options: a ts.CalibrationOptions (cost tier, progress, ...); its pilot_rows bounds the state rows of one
+            network call; boundary_pool must stay 0 with several conditionings.
+        model, dtype, device, backend: the network instead of pipe.unet / pipe.transformer; as thermo_grid's.
+    """
+    from dataclasses import replace
+
+    from .. import calibrate as C
+    from ..calibrate import CalibrationOptions, thermo_grid
+
+    opts = CalibrationOptions() if options is None else options
+    if not isinstance(opts, CalibrationOptions):
+        raise TypeError(f"options must be a ts.CalibrationOptions, got {type(opts).__name__}")
+    net = _network(pipe, model)
+    sample_shape = tuple(sample_shape) if sample_shape is not None else _sample_shape(net)
+    if sample_shape is None:
+        raise ValueError("calibrate_pipeline needs sample_shape=(C, H, W): the network's config has no "
+                         "in_channels / sample_size")
+    k = next((int(v.shape[0]) for v in _conditioning(conditioning, "conditioning").values()), 1)
+    batch = opts.pilot_batch
+    if k > 1:
+        if opts.boundary_pool:
+            raise ValueError("boundary_pool > 0 screens starting points in batches of its own layout: with several "
+                             "conditionings leave it 0")
+        if batch is None:
+            plan = C._Plan.of(int(steps), "auto", None, None, None)
+            batch = C._sized(opts, plan, {}).pilot_batch
+            batch = max(2 * k * -(-8 // (2 * k)), batch // (2 * k) * (2 * k))
+        elif batch % 2 or batch < 8:
+            raise ValueError(f"with several conditionings pilot_batch must be even and >= 8, got {batch}")
+    den = pipeline_denoiser(pipe, conditioning, negative_conditioning, guidance_scale, model=net,
+                            rows=opts.pilot_rows, calibration_batch=batch if k > 1 else None)
+    per_row = 2 if den.model.guided else 1
+    calib = replace(opts, pilot_batch=batch, pilot_rows=None)
+    if per_row == 2 and (opts.progress if opts.progress is not None else sys.stderr.isatty()):
+        planned = C.planned_rows(int(steps), "auto", calib)
+        from tqdm.auto import tqdm
+        tqdm.write(f"calibrate_pipeline: guidance scale {den.model.w:g} calls the network on 2 rows per state row: "
+                   f"at most {2 * planned:,} network rows (the bar below counts {planned:,} state rows)",
+                   file=sys.stderr)
+    config = thermo_grid(den, int(steps), solver="auto", sample_shape=sample_shape, dtype=dtype, device=device,
+                         backend=backend, options=calib)
+    pilot = config.calibrated_for.get("pilot", {})
+    config.calibrated_for["guidance"] = {"scale": den.model.w, "conditionings": k, "network_rows_per_row": per_row,
+                                         "network_rows": per_row * int(pilot.get("rows", 0))}
+    return config

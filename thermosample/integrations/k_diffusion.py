@@ -61,7 +61,8 @@ from ..solvers import linear_multistep_coeff  # noqa: F401  (k-diffusion's publi
 
 __all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
            "sample_lms", "sample_dpm_fast", "sample_dpm_adaptive", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
-           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_auto", "get_sigmas_karras",
+           "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_auto", "get_sigmas_auto",
+           "get_sigmas_karras",
            "get_sigmas_exponential", "get_sigmas_polyexponential", "get_sigmas_vp", "append_zero", "to_d",
            "get_ancestral_step", "linear_multistep_coeff", "default_noise_sampler",
            "BrownianTreeNoiseSampler"]  # noqa: F822  (k-diffusion's own, through the module __getattr__)
@@ -73,6 +74,25 @@ __all__ = ["sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_
 def append_zero(x: torch.Tensor) -> torch.Tensor:
     """Append a 0 to a 1-D tensor of sigmas [N] -> [N + 1]."""
     return torch.cat([x, x.new_zeros([1])])
+
+
+def get_sigmas_auto(config, device='cpu'):
+    """A calibrated `ts.SamplerConfig`'s sigmas k-diffusion-style: a float64 tensor [steps + 1] ending in 0 on
+    `device` (its values exactly, in the calibrated denoiser's sigma coordinates). The tensor also carries the
+    config's choice (its `.meta`, as a ThermoGrid's), so `sample_auto(model, x, get_sigmas_auto(config))` runs
+    the config's solver and options, as `sample_auto(model, x, config)` does; any other sampler reads it as
+    plain sigmas. A copy made from it (`.to(...)`, `.float()`, arithmetic) loses the choice: sample_auto then
+    runs the plan's uncalibrated default and says so. `config` may be the path of a saved config."""
+    from ..auto import SamplerConfig
+    if not isinstance(config, SamplerConfig):
+        if isinstance(config, (str, os.PathLike)):
+            config = SamplerConfig.load(config)
+        else:
+            raise TypeError(f"config must be a ts.SamplerConfig (or the path of a saved one), got "
+                            f"{type(config).__name__}")
+    sigmas = torch.as_tensor(np.asarray(config.sigmas, dtype=np.float64), device=device)
+    sigmas.meta = {**config.meta, "auto": True, "solver": config.solver, "solver_options": dict(config.options)}
+    return sigmas
 
 
 def get_sigmas_karras(n, sigma_min, sigma_max, rho=7., device='cpu'):
