@@ -126,6 +126,23 @@ def test_conditional_pipeline_calibrates_saves_reloads_and_samples(net, calibrat
     assert loaded.scheduler.thermo.rate.shape == (STEPS, 2)
 
 
+def test_a_diffusers_pipeline_class_loads_the_auto_scheduler_by_name(net, calibrated, tmp_path):
+    """model_index.json names ["thermosample.integrations.diffusers", "ThermoAutoScheduler"]: the generic
+    DiffusionPipeline.from_pretrained resolves a pipeline class diffusers knows and this scheduler with its config."""
+    config = calibrated("epsilon")
+    pipe = diffusers.DDPMPipeline(unet=net, scheduler=TD.ThermoAutoScheduler.from_sampler_config(
+        config, DDPMScheduler().config))
+    pipe.save_pretrained(tmp_path)
+    with open(os.path.join(tmp_path, "model_index.json")) as f:
+        assert json.load(f)["scheduler"] == ["thermosample.integrations.diffusers", "ThermoAutoScheduler"]
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded) is diffusers.DDPMPipeline and type(loaded.scheduler) is TD.ThermoAutoScheduler
+    assert loaded.scheduler.sampler_config == config
+    swapped = DiffusionPipeline.from_pretrained(tmp_path, scheduler=TD.ThermoAutoScheduler.from_pretrained(
+        tmp_path, subfolder="scheduler"))
+    assert swapped.scheduler.sampler_config == config
+
+
 def test_pipeline_denoiser_is_the_guided_model(net):
     """pipeline_denoiser's D equals the hand-written guided denoiser's, chunked or not, and w = 1 is one
     conditional call."""

@@ -1439,7 +1439,8 @@ def pipeline_denoiser(pipe, conditioning: dict | None = None, negative_condition
     if _is_flow_config(cfg):
         return Denoiser(guided, CondOT(), "flow_prediction", time="t",
                         time_scale=float(cfg.get("num_train_timesteps", 1000)))
-    vp = EulerDiscreteScheduler.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    keys = inspect.signature(EulerDiscreteScheduler.__init__).parameters
+    vp = EulerDiscreteScheduler.from_config({k: v for k, v in cfg.items() if k in keys})
     prediction = cfg.get("prediction_type", "epsilon")
     return Denoiser(guided, DiscreteVP(vp.alphas_cumprod), prediction, time="index")
 
