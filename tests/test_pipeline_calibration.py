@@ -164,6 +164,22 @@ def test_pipeline_denoiser_is_the_guided_model(net):
         TD.pipeline_denoiser(pipe, {"class_labels": LABELS}, guidance_scale=2.0)
 
 
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "continuous", "flow"])
+def test_pipeline_denoiser_hands_the_network_the_schedulers_timesteps(net, calibrated, kind):
+    """The den's model time at each sigma of a config is the timestep the auto scheduler gives the pipeline
+    (diffusers' own set_timesteps: log-sigma interpolation, 0.25 log sigma, t * 1000)."""
+    flow = kind == "flow"
+    base = dict(_base("flow" if flow else "epsilon" if kind == "epsilon" else "v_prediction").config)
+    if kind == "continuous":
+        base["timestep_type"] = "continuous"
+    config = ts.SamplerConfig("euler", {}, calibrated("flow" if flow else "epsilon").sigmas)
+    den = TD.pipeline_denoiser(TinyClassPipeline(net, _base("epsilon")), scheduler_config=base)
+    scheduler = TD.ThermoAutoScheduler.from_sampler_config(config, base)
+    scheduler.set_timesteps()
+    times = [den.model_time(den.coeffs(s)[0], float(s)) for s in config.sigmas[:-1]]
+    np.testing.assert_allclose(times, scheduler.timesteps.double().numpy(), rtol=1e-5, atol=1e-3)
+
+
 class _Recorder(torch.nn.Module):
     """An eps network for Gaussian classes N(mu_k, 1) (mu_k = k - 1) that records, per call, the conditional
     half's inputs and labels and its timestep."""
@@ -260,8 +276,11 @@ def test_get_sigmas_auto_runs_the_configs_choice(kconfig):
         noise = torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=dtype) * float(config.sigmas[0])
         want = ts.sample(den, noise=noise, grid=config).samples
         by_config = K.sample_auto(model, noise.clone(), config, disable=True)
-        by_sigmas = K.sample_auto(model, noise.clone(), sigmas, disable=True)
-        assert torch.equal(by_sigmas, by_config)
+        seen = []
+        by_sigmas = K.sample_auto(lambda x, sigma, shift: model(x, sigma) + shift, noise.clone(), sigmas,
+                                  extra_args={"shift": 0.0}, callback=lambda info, seen=seen: seen.append(info["i"]),
+                                  disable=True)
+        assert torch.equal(by_sigmas, by_config) and seen == list(range(config.steps))
         if dtype == torch.float64:
             assert torch.equal(by_config, want)
         else:   # float32: k-diffusion hands the model sigma * s_in in x's dtype

@@ -1417,10 +1417,13 @@ def pipeline_denoiser(pipe, conditioning: dict | None = None, negative_condition
     of its scheduler (`pipe.scheduler.config`, or `scheduler_config`):
 
     - a flow-matching scheduler (FlowMatchEulerDiscreteScheduler's config): schedule CondOT, prediction
-      "flow_prediction", the model's time t * num_train_timesteps, its input the latents x = (1 - t) x_hat;
+      "flow_prediction", the model's time t * num_train_timesteps (SD3's convention; a pipeline that hands
+      its network another time, as Flux's t, or packs its latents, needs `model=` a wrapper that does
+      what the pipeline does), its input the latents x = (1 - t) x_hat;
     - else DiscreteVP(alphas_cumprod) of the config (as EulerDiscreteScheduler computes it), its
-      prediction_type ("epsilon", "v_prediction" or "sample"), the model's time the fractional training index
-      (the timesteps diffusers' Euler gives), its input x_hat / sqrt(1 + sigma^2).
+      prediction_type ("epsilon", "v_prediction" or "sample"), the model's time the timesteps diffusers'
+      Euler gives (the fractional training index; 0.25 log sigma for timestep_type="continuous"
+      v-prediction), its input x_hat / sqrt(1 + sigma^2).
 
     Args:
         conditioning: the network's keyword arguments as tensors with a leading size K, one row per
@@ -1442,7 +1445,14 @@ def pipeline_denoiser(pipe, conditioning: dict | None = None, negative_condition
     keys = inspect.signature(EulerDiscreteScheduler.__init__).parameters
     vp = EulerDiscreteScheduler.from_config({k: v for k, v in cfg.items() if k in keys})
     prediction = cfg.get("prediction_type", "epsilon")
-    return Denoiser(guided, DiscreteVP(vp.alphas_cumprod), prediction, time="index")
+    time = "index"
+    if cfg.get("timestep_type") == "continuous" and prediction == "v_prediction":
+        time = _continuous_time       # Euler's timesteps for continuous v-prediction models: 0.25 log sigma
+    return Denoiser(guided, DiscreteVP(vp.alphas_cumprod), prediction, time=time)
+
+
+def _continuous_time(t, sigma):
+    return 0.25 * math.log(sigma)
 
 
 def _sample_shape(net):
