@@ -180,6 +180,40 @@ def test_pipeline_denoiser_hands_the_network_the_schedulers_timesteps(net, calib
     np.testing.assert_allclose(times, scheduler.timesteps.double().numpy(), rtol=1e-5, atol=1e-3)
 
 
+class _TextNet(torch.nn.Module):
+    """A network conditioned as SDXL's UNet is: encoder_hidden_states and added_cond_kwargs (a dict)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+        assert encoder_hidden_states.dtype == sample.dtype          # float64 embeddings come in the input's dtype
+        e = encoder_hidden_states.mean((1, 2)) + added_cond_kwargs["text_embeds"].sum(1) * added_cond_kwargs["time_ids"][:, 0]
+        return self.w * sample + e.view(-1, 1, 1, 1) * (1.0 + timestep.view(-1, 1, 1, 1) / 1000)
+
+
+def test_nested_conditioning_is_guided_like_a_pipeline():
+    g = torch.Generator().manual_seed(4)
+    emb, text, ids = (torch.randn(2, 3, 5, generator=g, dtype=torch.float64), torch.randn(2, 4, generator=g),
+                      torch.rand(2, 2, generator=g) + 1)
+    cond = {"encoder_hidden_states": emb, "added_cond_kwargs": {"time_ids": ids, "text_embeds": text}}
+    neg = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, 4), "time_ids": ids[:1]},
+           "encoder_hidden_states": torch.zeros(1, 3, 5)}
+    net = _TextNet()
+    x = torch.randn(2, 1, 2, 2, generator=g) * 5.0
+
+    def by_hand(x, t):
+        u = net(x, t, torch.zeros(2, 3, 5), {"text_embeds": torch.zeros(2, 4), "time_ids": ids[:1].expand(2, 2)})
+        c = net(x, t, emb.float(), {"text_embeds": text, "time_ids": ids})
+        return u + 2.5 * (c - u)
+    hand = ts.Denoiser(by_hand, DiscreteVP(DDPMScheduler().alphas_cumprod), "epsilon", time="index")
+    den = TD.pipeline_denoiser(TinyClassPipeline(net, DDPMScheduler()), cond, neg, 2.5)
+    torch.testing.assert_close(den(x, 2.0), hand(x, 2.0), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="added_cond_kwargs.text_embeds"):
+        TD.pipeline_denoiser(TinyClassPipeline(net, DDPMScheduler()), cond, {"encoder_hidden_states": emb}, 2.5)
+
+
 class _Recorder(torch.nn.Module):
     """An eps network for Gaussian classes N(mu_k, 1) (mu_k = k - 1) that records, per call, the conditional
     half's inputs and labels and its timestep."""

@@ -1294,16 +1294,40 @@ class ThermoDDPMScheduler(_TimestepScheduler, _ThermoStep, DDPMScheduler):
 # The denoiser a pipeline runs, and its calibration
 # --------------------------------------------------------------------------------------------------
 def _conditioning(value, name) -> dict:
-    """A conditioning dict checked: tensors with one leading size K (the number of conditionings)."""
+    """A conditioning dict checked and flattened: {path: tensor}, a path being the tuple of keys down nested
+    dicts (SDXL's added_cond_kwargs), every tensor with one leading size K (the number of conditionings)."""
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in value.values()):
-        raise TypeError(f"{name} must be a dict of the model's keyword arguments as tensors with a leading "
-                        f"dimension (e.g. {{'class_labels': tensor([3, 7])}}), got {value!r}")
-    sizes = {int(v.shape[0]) for v in value.values()}
+    flat = {}
+
+    def walk(d, path):
+        for key, v in d.items():
+            if isinstance(v, dict):
+                walk(v, path + (key,))
+            elif isinstance(v, torch.Tensor) and v.dim() >= 1:
+                flat[path + (key,)] = v
+            else:
+                raise TypeError(f"{name} must be a dict of the model's keyword arguments as tensors with a leading "
+                                f"dimension, or dicts of them (e.g. {{'class_labels': tensor([3, 7])}}); "
+                                f"{'.'.join(path + (key,))} is {type(v).__name__}")
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a dict of the model's keyword arguments, got {type(value).__name__}")
+    walk(value, ())
+    sizes = {int(v.shape[0]) for v in flat.values()}
     if len(sizes) > 1:
         raise ValueError(f"{name}'s tensors must share their leading size (one row per conditioning), got {sizes}")
-    return dict(value)
+    return flat
+
+
+def _nested(flat: dict) -> dict:
+    """{path: tensor} back to the model's (nested) keyword arguments."""
+    out = {}
+    for path, v in flat.items():
+        d = out
+        for key in path[:-1]:
+            d = d.setdefault(key, {})
+        d[path[-1]] = v
+    return out
 
 
 def _calibration_rows(n: int, k: int, batch: int) -> torch.Tensor:
@@ -1363,8 +1387,9 @@ class GuidedModel(torch.nn.Module):
             raise ValueError("guidance_scale != 1 needs negative_conditioning (the null class label, the empty "
                              "prompt's embeddings)")
         if self.guided and set(self.uncond) != set(self.cond):
-            raise ValueError(f"negative_conditioning must name the conditioning's keys {sorted(self.cond)}, got "
-                             f"{sorted(self.uncond)}")
+            names = lambda d: sorted(".".join(k) for k in d)  # noqa: E731
+            raise ValueError(f"negative_conditioning must name the conditioning's keys {names(self.cond)}, got "
+                             f"{names(self.uncond)}")
         self.k = next((int(v.shape[0]) for v in self.cond.values()), 1)
         ku = next((int(v.shape[0]) for v in self.uncond.values()), 1)
         if ku not in (1, self.k):
@@ -1386,11 +1411,14 @@ class GuidedModel(torch.nn.Module):
                           for i in range(0, x.shape[0], step)])
 
     def _call(self, x, t, idx, kwargs):
-        take = lambda src: {k: (v if v.shape[0] == 1 else v[idx.to(v.device)]).to(x.device).expand(  # noqa: E731
-            len(idx), *v.shape[1:]) for k, v in src.items()}
+        def take(src):   # rows idx of each tensor (a shared one expanded), on x's device, floats in x's dtype
+            return {k: (v if v.shape[0] == 1 else v[idx.to(v.device)]).to(
+                x.device, x.dtype if v.is_floating_point() else v.dtype).expand(len(idx), *v.shape[1:])
+                for k, v in src.items()}
         if not self.guided:
-            return self._net(x, t, {**take(self.cond), **kwargs}, x.shape[1])
-        both = {k: torch.cat([u, c]) for (k, u), c in zip(take(self.uncond).items(), take(self.cond).values())}
+            return self._net(x, t, {**_nested(take(self.cond)), **kwargs}, x.shape[1])
+        uncond, cond = take(self.uncond), take(self.cond)
+        both = _nested({k: torch.cat([uncond[k], cond[k]]) for k in cond})
         out = self._net(torch.cat([x, x]), torch.cat([t, t]), {**both, **kwargs}, x.shape[1])
         uncond, cond = out.chunk(2)
         return uncond + self.w * (cond - uncond)
@@ -1427,7 +1455,10 @@ def pipeline_denoiser(pipe, conditioning: dict | None = None, negative_condition
 
     Args:
         conditioning: the network's keyword arguments as tensors with a leading size K, one row per
-            conditioning: {"class_labels": tensor of K labels}, {"encoder_hidden_states": [K, L, D]}, ...
+            conditioning: {"class_labels": tensor of K labels}, {"encoder_hidden_states": [K, L, D]}, or
+            dicts of them (SDXL's {"added_cond_kwargs": {"text_embeds": ..., "time_ids": ...}}). Prompts:
+            `pe, ne = pipe.encode_prompt(prompts, device, 1, True, negative_prompt=[""] * K)` (Stable
+            Diffusion's signature) gives {"encoder_hidden_states": pe} and {"encoder_hidden_states": ne[:1]}.
         negative_conditioning: the same keys with 1 or K rows: the null class, the empty prompt's embeddings.
         guidance_scale: w in out = uncond + w (cond - uncond), in the model's prediction space.
         rows: most state rows per network call (None: whole batches; with guidance the network sees twice that).
