@@ -83,22 +83,26 @@ def cfg_loop(scheduler, net, w: float, latents: torch.Tensor, steps: int | None 
              labels: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """A diffusers pipeline's denoising loop under classifier-free guidance from `latents` (already scaled
     by init_noise_sigma); returns (final latents, network calls). labels: the class of each row (default
-    conditional.row_labels: each class's rows together). As diffusers' class-conditional pipelines: the
-    network sees [x; x] with labels [class; NULL] and eps_u + w (eps_c - eps_u) goes to the step (for w = 1
-    too, so that the loop is the same for every scale)."""
+    conditional.row_labels: each class's rows together). As diffusers' class-conditional pipelines (DiT):
+    with guidance (w > 1) the network sees [x; x] with labels [class; NULL] and eps_u + w (eps_c - eps_u) goes
+    to the step; at w = 1 it sees x with the classes only."""
     n = latents.shape[0]
     labels = conditional.row_labels(n) if labels is None else labels
-    both = torch.cat([labels, torch.full((n,), conditional.NULL)])
+    guided = w > 1
+    both = torch.cat([labels, torch.full((n,), conditional.NULL)]) if guided else labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         scheduler.set_timesteps(steps)
     x, calls = latents, 0
     for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(torch.cat([x, x]), t)
+        inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
         with torch.no_grad():
-            eps_c, eps_u = net(inp, t, both).chunk(2)
+            eps = net(inp, t, both)
         calls += 1
-        x = scheduler.step(eps_u + w * (eps_c - eps_u), t, x, return_dict=False)[0]
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + w * (eps_c - eps_u)
+        x = scheduler.step(eps, t, x, return_dict=False)[0]
     return x, calls
 
 
@@ -109,12 +113,14 @@ def start_state(seeds, batch: int) -> tuple[torch.Tensor, float]:
 
 
 def _seeded_batches(fn, z, batch):
-    """fn(z of one seed's batch) for each seed's batch, concatenated (labels cycle within each batch)."""
+    """fn(z of one seed's batch) for each seed's batch, concatenated (each batch holds every class)."""
     return torch.cat([fn(z[i:i + batch]) for i in range(0, z.shape[0], batch)])
 
 
 def run(scales=SCALES, budgets=BUDGETS, batch: int = BATCH, seeds=SEEDS, net=None, ref_steps: int = REF_STEPS,
-        envelope: int | None = ENVELOPE, log=print) -> dict:
+        envelope: int | None = ENVELOPE, options: ts.CalibrationOptions | None = None, log=print) -> dict:
+    """The table's rows (one per scale and budget) and the references' error bounds; options: the
+    calibration's (None: the default tier, no progress bar)."""
     net = net if net is not None else conditional.load_model(log=log)[0]
     z, sigma_max = start_state(seeds, batch)
     x_hat = z * math.sqrt(1.0 + sigma_max ** 2)
@@ -124,7 +130,7 @@ def run(scales=SCALES, budgets=BUDGETS, batch: int = BATCH, seeds=SEEDS, net=Non
     for w in scales:
         t0 = time.perf_counter()
         den = conditional.guided_denoiser(w, net)
-        ref, info = reference(den.reference_denoiser, x_hat, ref_steps)
+        ref, info = reference(den.reference_denoiser, x_hat, ref_steps, batch)
         refs[w] = info
         peers = {}
         for nfe in peer_budgets:
@@ -134,7 +140,7 @@ def run(scales=SCALES, budgets=BUDGETS, batch: int = BATCH, seeds=SEEDS, net=Non
                 peers[name, nfe] = bq.score_run(out, ref, batch, nseeds)
         for nfe in budgets:
             c0 = time.perf_counter()
-            config = conditional.calibrate(w, nfe, net)
+            config = conditional.calibrate(w, nfe, net, options)
             seconds = time.perf_counter() - c0
             out = _seeded_batches(lambda zb: _counted(cfg_loop(auto_scheduler(config), net, w,
                                                                (zb * math.sqrt(1 + sigma_max ** 2)).float()), nfe),
@@ -148,12 +154,14 @@ def run(scales=SCALES, budgets=BUDGETS, batch: int = BATCH, seeds=SEEDS, net=Non
     return {"rows": rows, "reference": {str(w): i for w, i in refs.items()}}
 
 
-def reference(den, x_hat, steps: int) -> tuple[torch.Tensor, dict]:
+def reference(den, x_hat, steps: int, batch: int | None = None) -> tuple[torch.Tensor, dict]:
     """The converged ODE solution from x_hat (float64 den): DPM-Solver++(2M) on `steps` and steps / 2 log-SNR
-    steps, Richardson-extrapolated, always on the whole batch (a sample's class is its row: bench_quality's
-    reference re-solves subsets). info: "error_bound" RMS |x_steps - x_steps/2| / 3, "max_sample_bound" the
-    largest sample's."""
-    a, b = bq._solve(den, x_hat, steps), bq._solve(den, x_hat, steps // 2)
+    steps, Richardson-extrapolated, in the sampling batches of `batch` rows (a row's class follows its place
+    in its batch, as in the runs; bench_quality's reference would re-solve subsets). info: "error_bound" RMS
+    |x_steps - x_steps/2| / 3, "max_sample_bound" the largest sample's."""
+    batch = batch or x_hat.shape[0]
+    a = _seeded_batches(lambda xb: bq._solve(den, xb, steps), x_hat, batch)
+    b = _seeded_batches(lambda xb: bq._solve(den, xb, steps // 2), x_hat, batch)
     diff = (a - b).reshape(a.shape[0], -1).square().mean(1).sqrt() / 3
     return (4 * a - b) / 3, {"error_bound": float(diff.square().mean().sqrt()), "max_sample_bound": float(diff.max()),
                              "steps": steps}

@@ -45,20 +45,32 @@ def test_the_model_learns_the_classes(net):
     assert cond < uncond < wrong < 1.0
 
 
-def test_guidance_one_is_the_conditional_loop(net):
+def _loop(net, w, z, steps, labels):
+    """An independent pipeline loop: separate conditional and unconditional calls (no batching)."""
+    sch = bg.peer_scheduler("dpmpp_2m")
+    sch.set_timesteps(steps)
+    x = z.clone()
+    for t in sch.timesteps:
+        inp = sch.scale_model_input(x, t)
+        c = net(inp, t, labels)
+        eps = c if w == 1 else net(inp, t, torch.full_like(labels, conditional.NULL)) * (1 - w) + w * c
+        x = sch.step(eps, t, x, return_dict=False)[0]
+    return x
+
+
+def test_cfg_loop_is_an_independent_guided_loop(net):
     z = _noise(20)
     labels = conditional.row_labels(20)
-    assert torch.equal(torch.bincount(labels), torch.full((10,), 2))
-    sch = bg.peer_scheduler("dpmpp_2m")
-    sch.set_timesteps(8)
-    x = z.clone()
-    for t in sch.timesteps:                      # a conditional-only loop, no guidance and no unconditional rows
-        x = sch.step(net(sch.scale_model_input(x, t), t, labels), t, x, return_dict=False)[0]
-    guided1, calls = bg.cfg_loop(bg.peer_scheduler("dpmpp_2m"), net, 1.0, z, 8)
-    assert calls == 8
-    torch.testing.assert_close(guided1, x, atol=1e-5, rtol=1e-5)
-    guided3, _ = bg.cfg_loop(bg.peer_scheduler("dpmpp_2m"), net, 3.0, z, 8)
-    assert float((guided3 - x).abs().max()) > 1e-2
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 2)) and labels[0] == labels[1] == 0
+    for w in (1.0, 3.0):
+        got, calls = bg.cfg_loop(bg.peer_scheduler("dpmpp_2m"), net, w, z, 8)
+        assert calls == 8
+        torch.testing.assert_close(got, _loop(net, w, z, 8, labels), atol=1e-4, rtol=1e-4)
+    # guidance moves the samples, and so does the class
+    one, _ = bg.cfg_loop(bg.peer_scheduler("dpmpp_2m"), net, 1.0, z, 8)
+    three, _ = bg.cfg_loop(bg.peer_scheduler("dpmpp_2m"), net, 3.0, z, 8)
+    other, _ = bg.cfg_loop(bg.peer_scheduler("dpmpp_2m"), net, 1.0, z, 8, labels=(labels + 5) % 10)
+    assert float((three - one).abs().max()) > 1e-2 and float((other - one).abs().max()) > 1e-2
 
 
 def test_guided_denoiser_is_the_cfg_combination(net):
@@ -99,10 +111,13 @@ def test_reference_converges(net):
 
 
 def test_the_benchmark_runs_end_to_end(net):
-    res = bg.run(scales=(1.0, 3.0), budgets=(6,), batch=20, seeds=(1, 2), net=net, ref_steps=100, envelope=10,
-                 log=lambda *_: None)
+    res = bg.run(scales=(1.0, 3.0), budgets=(6, 20), batch=20, seeds=(1, 2), net=net, ref_steps=200, envelope=None,
+                 options=ts.CalibrationOptions(cost="low", progress=False), log=lambda *_: None)
     rows = res["rows"]
-    assert [(r["scale"], r["budget"]) for r in rows] == [(1.0, 6), (3.0, 6)]
+    assert [(r["scale"], r["budget"]) for r in rows] == [(1.0, 6), (1.0, 20), (3.0, 6), (3.0, 20)]
+    for w in ("1.0", "3.0"):     # the peers converge to the reference: the runs and it give each row its class
+        at6, at20 = (r["best_peer_error"] for r in rows if str(r["scale"]) == w)
+        assert at20 < 0.6 * at6 and res["reference"][w]["error_bound"] < 0.01 * at20
     for r in rows:
         assert set(r["peers"]) == set(bg.PEERS)
         assert r["best_peer_error"] == min(p["error"] for p in r["peers"].values())
