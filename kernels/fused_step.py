@@ -285,10 +285,21 @@ class RunSteps:
     """The fused steps of one run, for calls ops.CheckedStep accepted (its first call passed contract.check):
     each rate goes into row `row` of the run's [rows, B] float32 buffer through the kernels' offsets, so a
     step builds no StepArgs and no view of the buffer, and finds its plan among the run's few kinds of call
-    (issue 37: host time per step)."""
+    (issue 37: host time per step).
+
+    One launch per step: where a sample spans several blocks, a step outside CUDA-graph capture writes its
+    partial sums into a slot of this object's store and their fixed-order sum is deferred to `flush`, which
+    reduces every pending step in as few launches as runs of consecutive slots and rows allow, with the same
+    kernel and so the same bits as a per-step sum. The run calls `flush` before it reads its rates or moves
+    its buffer; each pending step keeps the buffer it writes to."""
+
+    _SLOTS = 64                  # first size of a store; it doubles when full
 
     def __init__(self):
         self.plans: dict[tuple, _Plan] = {}
+        self.stores: dict[_Plan, torch.Tensor] = {}          # plan -> [slots, B, n_blocks] partials
+        self.pending: list[tuple[_Plan, int, torch.Tensor, int]] = []    # (plan, slot, rates, row)
+        self.used: dict[_Plan, int] = {}                     # plan -> slots holding pending partials
 
     def __call__(self, inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d,
                  rates: torch.Tensor, row: int) -> torch.Tensor:
@@ -298,19 +309,64 @@ class RunSteps:
         if plan is None:
             plan = self.plans[kind] = _plan(x0, *kind)
         out = torch.empty_like(x0)
-        _launch(plan, inputs, out, coeffs, noise, alpha, beta, seed, step, sample_offset, rates, row * plan.batch)
+        if plan.n_blocks == 1 or plan.batch > _MAX_GRID_Y or plan.index is not None and _capturing():
+            _launch(plan, inputs, out, coeffs, noise, alpha, beta, seed, step, sample_offset, rates, row * plan.batch)
+            return out
+        slot = self.used.get(plan, 0)
+        store = self._store(plan, slot)
+        self.used[plan] = slot + 1
+        self.pending.append((plan, slot, rates, row))
+        _launch(plan, inputs, out, coeffs, noise, alpha, beta, seed, step, sample_offset, rates, row * plan.batch,
+                deferred=(store, slot * plan.batch * plan.n_blocks))
         return out
+
+    def _store(self, plan: _Plan, slot: int) -> torch.Tensor:
+        store = self.stores.get(plan)
+        if store is None or slot == store.shape[0]:
+            grown = torch.empty((max(self._SLOTS, 2 * slot), plan.batch, plan.n_blocks), dtype=plan.partial_dtype,
+                                device=plan.device)
+            if slot:
+                grown[:slot].copy_(store[:slot])
+            store = self.stores[plan] = grown
+        return store
+
+    def flush(self) -> None:
+        """Sum the partials of every pending step into its row (a launch per run of consecutive slots and rows
+        of one plan and buffer); the slots are free again afterwards."""
+        pending, self.pending = self.pending, []
+        self.used.clear()
+        k = 0
+        while k < len(pending):
+            plan, slot, rates, row = pending[k]
+            n = 1
+            while k + n < len(pending) and _follows(pending[k + n], plan, slot + n, rates, row + n):
+                n += 1
+            stream = _stream(plan.index) if plan.index is not None else 0
+            _sum_partials(plan, self.stores[plan], slot * plan.batch * plan.n_blocks, rates, row * plan.batch,
+                          n * plan.batch, stream)
+            k += n
+
+
+def _follows(entry: tuple, plan: _Plan, slot: int, rates: torch.Tensor, row: int) -> bool:
+    """True when a pending step is (plan, slot, rates, row) (by identity: tensors compare elementwise)."""
+    return entry[0] is plan and entry[1] == slot and entry[2] is rates and entry[3] == row
 
 
 def _launch(plan: _Plan, inputs, out, coeffs, noise, alpha, beta, seed, step, sample_offset, rates: torch.Tensor,
-            rate_offset: int) -> None:
+            rate_offset: int, deferred: tuple[torch.Tensor, int] | None = None) -> None:
     """Queue the step, and the fixed-order sum of its partials when a sample spans several blocks; rate[b]
-    lands at element rate_offset + b of `rates` (contiguous float32)."""
+    lands at element rate_offset + b of `rates` (contiguous float32). `deferred` = (store, offset): the
+    partials go there instead and nothing sums them yet (RunSteps.flush does)."""
     batch = plan.batch
     stream = _stream(plan.index) if plan.index is not None else 0
     # one block per sample: the kernel writes the rate itself (one launch); else partial sums, then a
     # fixed-order sum over them (deterministic, independent of the batch)
-    partial, partial_offset = (rates, rate_offset) if plan.n_blocks == 1 else (plan.partial(stream), 0)
+    if deferred is not None:
+        partial, partial_offset = deferred
+    elif plan.n_blocks == 1:
+        partial, partial_offset = rates, rate_offset
+    else:
+        partial, partial_offset = plan.partial(stream), 0
     # The kernel indexes flat contiguous memory, so the tensors go in as they are (no reshape).
     ptrs = (*inputs, *((inputs[0],) * plan.pad), out, partial) if plan.pad else (*inputs, out, partial)
     scalars = _bits(*coeffs, *plan.zeros, noise, alpha, beta)
@@ -326,15 +382,23 @@ def _launch(plan: _Plan, inputs, out, coeffs, noise, alpha, beta, seed, step, sa
             bound = _compile(_fused_step_kernel, (plan.n_blocks, batch), args, plan.constexprs)
             if aligned and not _INTERPRETED:
                 plan.step_kernel = bound
-    if plan.n_blocks > 1:                 # the partial buffer is torch's allocation: aligned
-        bound = plan.sum_kernel
-        if bound is not None and _aligned(rates):
-            bound(batch, 1, stream, (partial, rates, 0, rate_offset, plan.n_blocks, _PBLOCK))
-        else:
-            bound = _compile(_sum_partials_kernel, (batch,), (partial, rates, 0, rate_offset, plan.n_blocks),
-                             dict(PBLOCK=_PBLOCK, num_warps=1))
-            if _aligned(rates) and not _INTERPRETED:
-                plan.sum_kernel = bound
+    if plan.n_blocks > 1 and deferred is None:
+        _sum_partials(plan, partial, 0, rates, rate_offset, batch, stream)
+
+
+def _sum_partials(plan: _Plan, partial: torch.Tensor, partial_offset: int, rates: torch.Tensor, rate_offset: int,
+                  samples: int, stream: int) -> None:
+    """Queue the fixed-order sum of `samples` consecutive samples' partials (each n_blocks long, from element
+    partial_offset of `partial`) into rates from element rate_offset (the partial buffers are torch's
+    allocations: aligned)."""
+    bound = plan.sum_kernel
+    if bound is not None and _aligned(rates):
+        bound(samples, 1, stream, (partial, rates, partial_offset, rate_offset, plan.n_blocks, _PBLOCK))
+    else:
+        bound = _compile(_sum_partials_kernel, (samples,), (partial, rates, partial_offset, rate_offset,
+                                                            plan.n_blocks), dict(PBLOCK=_PBLOCK, num_warps=1))
+        if _aligned(rates) and not _INTERPRETED:
+            plan.sum_kernel = bound
 
 
 def _aligned(*tensors) -> bool:

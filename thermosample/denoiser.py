@@ -30,6 +30,7 @@ from .schedules import DiscreteVP, Schedule, get_schedule
 PREDICTIONS = ("eps", "x0", "v", "score", "velocity")
 PREDICTION_ALIASES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "velocity"}
 TIME_CONVENTIONS = ("t", "sigma", "index")
+_MAX_FILLED = 1024    # time tensors a Denoiser keeps (a few grids of a few batch sizes)
 
 
 class Denoiser:
@@ -143,13 +144,19 @@ class Denoiser:
         in_dtype = self.model_dtype() or x_hat.dtype
         if x_in.dtype != in_dtype:
             x_in = x_in.to(in_dtype)
-        time = torch.full((x_hat.shape[0],), self.model_time(t, sigma), dtype=in_dtype, device=x_hat.device)
+        time = self._time_tensor(self.model_time(t, sigma), x_hat.shape[0], in_dtype, x_hat.device)
         out = self.model(x_in, time, **self.model_kwargs, **kwargs)
         check_model_output(out, x_hat)
-        out = out.to(x_hat.dtype)
-        if a == 0.0 and b == 1.0:
-            return out
-        return torch.add(x_hat * a, out, alpha=b) if a != 0.0 else out * b
+        if out.dtype != x_hat.dtype:
+            out = out.to(x_hat.dtype)
+        if a == 0.0:
+            return out if b == 1.0 else out * b
+        # eps and score have a = 1: x_hat itself (x_hat * 1.0 is x_hat, one kernel and allocation fewer)
+        return torch.add(x_hat if a == 1.0 else x_hat * a, out, alpha=b)
+
+    def _time_tensor(self, value: float, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The model's time argument, [batch] filled with `value`, kept across calls and runs (filled())."""
+        return filled(self.__dict__.setdefault("_times", {}), value, batch, dtype, device)
 
     def model_dtype(self) -> torch.dtype | None:
         """The floating dtype of the model's first parameter (None for a model without parameters, such
@@ -162,6 +169,28 @@ class Denoiser:
 
     def __repr__(self) -> str:
         return f"Denoiser({type(self.model).__name__}, {self.schedule!r}, prediction={self.prediction!r})"
+
+
+def filled(cache: dict, value: float, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A [batch] tensor filled with `value`, one per (value, batch, dtype, device) kept in `cache` across
+    calls and runs: a model's time or sigma argument (a fill is a kernel launch and several microseconds of
+    host time per step on CUDA). A kept tensor that was written in place (its version moved) is made again.
+    It is a normal tensor even in inference mode (an inference tensor has no version and cannot enter
+    autograd later). Nothing is kept while torch.compile traces or a CUDA graph is captured (its fill would
+    not have run)."""
+    if torch.compiler.is_compiling():
+        return torch.full((batch,), value, dtype=dtype, device=device)
+    key = (value, batch, dtype, device)
+    hit = cache.get(key)
+    if hit is not None and hit[0]._version == hit[1]:
+        return hit[0]
+    with torch.inference_mode(False):
+        made = torch.full((batch,), value, dtype=dtype, device=device)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        if len(cache) >= _MAX_FILLED:
+            cache.clear()
+        cache[key] = (made, made._version)
+    return made
 
 
 def check_model_output(out, x: torch.Tensor) -> None:

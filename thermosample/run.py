@@ -24,7 +24,7 @@ import torch
 
 from .errors import NonFiniteError
 from .ops import CheckedStep, StepArgs
-from .ops.contract import shares_memory
+from .ops.contract import extents_share, memory_extent
 from .ops.library import _needs_op, fused_step_op
 from .ops.reference import fixed_order_sum
 from .thermo import ThermoReport
@@ -74,9 +74,9 @@ class Run:
         self.eval_rows: list[int] = []           # its row in the rate buffer
         self.probes: list[int] = []              # solver step of each row
         self.first_state = self.last_state = None           # (sigma, x, scale): physical x = m scale x
-        self._outputs: list[weakref.ref] = []                # the model's recent outputs (buffer-reuse check)
+        self._outputs: list[tuple] = []          # (weakref, memory extent) of the model's recent outputs (_own)
         self._copy_outputs = False
-        self._first_output: torch.Tensor | None = None        # held until the second call (see _own)
+        self._first_output: tuple | None = None  # (first output, its extent), held until the second call
         self._velocity = self._velocity_table(sigmas) if track else {}
         self._checked: CheckedStep | None = None     # the fused op once its run-constant checks passed
 
@@ -111,16 +111,18 @@ class Run:
         turn), every call would overwrite the D that a Heun or multistep solver still holds. The first output
         of a run is copied (one copy per run); an output that shares storage or memory with an earlier,
         still-alive output of the model (`ops.contract.shares_memory`) reveals such a model, and from then on
-        every output is copied."""
+        every output is copied. The earlier outputs are kept as weak references with their memory extents
+        (taken once each, not once per later call)."""
         if self._copy_outputs:
             return d.clone()
-        alive = [o for o in (r() for r in self._outputs) if o is not None]
+        extent = memory_extent(d)
+        alive = [(ref, ext) for ref, ext in self._outputs if ref() is not None]
         # the first output is copied, so its view object may be gone when the model writes the buffer again:
-        # keep it until the second call
-        known = alive + ([self._first_output] if self._first_output is not None else [])
-        reused = any(shares_memory(o, d) for o in known)
-        self._outputs = [weakref.ref(o) for o in alive[-3:]] + [weakref.ref(d)]
-        self._first_output = d if self.nfe == 1 and not reused else None
+        # keep it until the second call (alive, its memory is not handed to a new output meanwhile)
+        known = [ext for _, ext in alive] + ([self._first_output[1]] if self._first_output is not None else [])
+        reused = any(extents_share(ext, extent) for ext in known)
+        self._outputs = alive[-3:] + [(weakref.ref(d), extent)]
+        self._first_output = (d, extent) if self.nfe == 1 and not reused else None
         if reused:
             self._copy_outputs = True
         return d.clone() if reused or self.nfe == 1 else d
@@ -175,6 +177,7 @@ class Run:
         if not _needs_op(args.inputs) and (checked is None or checked.backend != self.backend
                                            or checked.shape != x.shape or checked.dtype != x.dtype
                                            or checked.device != x.device):
+            self._flush()                                  # the steps the replaced CheckedStep left pending
             self._checked = CheckedStep(self.backend, x)   # this kind of call: checked above
         return out, row
 
@@ -205,17 +208,24 @@ class Run:
             self._rates = torch.empty((max(8, 3 * len(self.sigmas)), like.shape[0]), dtype=torch.float32,
                                       device=like.device)
         elif self._rows == self._rates.shape[0]:
+            self._flush()
             grown = self._rates.new_empty((2 * self._rows, self._rates.shape[1]))
             grown[:self._rows].copy_(self._rates)
             self._rates = grown
         self._rows += 1
         return self._rows - 1
 
+    def _flush(self) -> None:
+        """Finish the steps whose rates the backend left pending (Triton's deferred partial sums)."""
+        if self._checked is not None:
+            self._checked.flush()
+
     @property
     def eval_rates(self) -> torch.Tensor:
         """[E, B] rates of the tracked evaluations, in order (a view-free copy of their rows)."""
         if not self.eval_rows:
             return torch.empty(0)
+        self._flush()
         return self._rates[torch.tensor(self.eval_rows, device=self._rates.device)]
 
     def callback(self, i, x, sigma, sigma_hat, denoised):
@@ -256,6 +266,7 @@ class Run:
         """Raise NonFiniteError naming the first step and sample whose values are not finite (one sync)."""
         if not self.probes:
             return
+        self._flush()
         bad = ~torch.isfinite(self._rates[:self._rows])
         if samples is not None:
             tail = ~torch.isfinite(samples.reshape(samples.shape[0], -1)).all(dim=1)

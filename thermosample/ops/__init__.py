@@ -138,6 +138,8 @@ class CheckedStep:
         name = resolve_backend(backend, like.device)
         self.launch = implementation(name)
         self.step = run_steps(name)
+        # a backend that defers part of a step (Triton's partial sums) finishes it here, before rates are read
+        self.flush = getattr(self.step, "flush", _nothing)
         self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
 
     def accepts(self, args: StepArgs) -> bool:
@@ -150,10 +152,15 @@ class CheckedStep:
                              self.dtype, self.device)
 
 
+def _nothing() -> None:
+    pass
+
+
 def run_steps(name: str) -> Callable[..., torch.Tensor]:
     """A new `step(inputs, coeffs, noise, seed, step, sample_offset, track, alpha, beta, u, d, rates, row) ->
     out` of backend `name` for one run's accepted calls: the fused step with its rate written into
-    rates[row] (rates: the run's contiguous float32 [rows, B] buffer)."""
+    rates[row] (rates: the run's contiguous float32 [rows, B] buffer). A step may leave part of that
+    rate for later (see CheckedStep.flush)."""
     load_run = BACKENDS[name].load_run
     if load_run is not None:
         return load_run()()

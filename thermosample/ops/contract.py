@@ -213,6 +213,9 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     storages may share memory: from_numpy, frombuffer, DLPack); empty for a tensor without elements."""
     if t.numel() == 0:
         return 0, 0
+    if t.is_contiguous():
+        lo = t.data_ptr()
+        return lo, lo + t.nbytes
     lo = hi = 0
     for size, stride in zip(t.shape, t.stride()):
         reach = (size - 1) * stride
@@ -221,11 +224,23 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return t.data_ptr() + lo * size, t.data_ptr() + (hi + 1) * size
 
 
+def memory_extent(t: torch.Tensor) -> tuple:
+    """(device, storage address, first byte, end byte) of t's elements: what `shares_memory` compares, taken
+    once per tensor (a run keeps these for its model's recent outputs, not the outputs themselves)."""
+    return (t.device, t.untyped_storage().data_ptr(), *_span(t))
+
+
+def extents_share(a: tuple, b: tuple) -> bool:
+    """True when two memory_extent()s are of one storage (its address; 0 is no storage) or their elements'
+    bytes overlap on one device."""
+    return a[0] == b[0] and (a[1] == b[1] != 0 or a[2] < b[3] and b[2] < a[3])
+
+
 def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when a and b live in one storage object (whichever elements they cover) or their elements'
-    memory overlaps through different storage objects: how a run tells that a model returns views of a
-    buffer it keeps (`buf[:B]`, `buf.view(...)`, halves in turn) rather than new tensors."""
-    return a.untyped_storage() is b.untyped_storage() or _overlaps(a, b)
+    """True when a and b live in one storage (whichever elements they cover) or their elements' memory
+    overlaps through different storage objects: how a run tells that a model returns views of a buffer it
+    keeps (`buf[:B]`, `buf.view(...)`, halves in turn) rather than new tensors."""
+    return extents_share(memory_extent(a), memory_extent(b))
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
