@@ -69,7 +69,7 @@ if [[ $DEVICE == cuda ]]; then
   # 19 CPU-only tests past their timeout and reached only 61 % of it in 320 s.
   TESTS=(tests/test_kernel_contract.py tests/test_graphs.py tests/test_library_op.py tests/test_backends_agree.py
          tests/test_backend_table.py tests/test_determinism.py tests/test_run_reliability.py
-         tests/test_solvers_high_order.py tests/test_compile.py tests/test_validation.py)
+         tests/test_solvers_high_order.py tests/test_compile.py tests/test_validation.py tests/test_host_cost.py)
   MORE_TESTS=(tests/test_triton_backend.py)     # the kernel against the oracle, every shape: last, as budget allows
   if python3 -c "import xdist" 2>/dev/null; then
     export OMP_NUM_THREADS=2
