@@ -123,3 +123,16 @@ def test_a_malformed_pilot_is_refused_with_the_field_it_lacks(made, spoil, says)
 def test_pilot_data_that_is_no_dict_is_refused_by_kind():
     with pytest.raises(TypeError, match="pilot_data"):
         _again([1, 2, 3])
+
+
+def test_a_pilot_too_short_for_the_solvers_order_names_pilot_steps():
+    """iPNDM (order 4) in auto's 10-step band differentiates the pilot's D four times: a 4-node pilot has
+    nothing left, which numpy reported as 'array of sample points is empty'."""
+    den = ts.toy.default_mixture(dim=4, modes=2).denoiser("edm")
+    short = ts.CalibrationOptions(progress=False, pilot_batch=8, ref_steps=16, boundary_pool=0, pilot_steps=4)
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=r"pilot_steps .* at least 5"):
+        warnings.simplefilter("ignore")
+        ts.thermo_grid(den, 10, solver="auto", sample_shape=(4,), options=short)
+    p = ts.calibrate.pilot(den, (8, 4), pilot_steps=5)
+    lam, rho = ts.calibrate.density(p, den.schedule, order=4)
+    assert np.isfinite(rho).all() and np.isclose(np.trapezoid(rho, lam), 1.0)

@@ -441,6 +441,9 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
         w = np.sqrt(np.maximum(p["rate"], 0.0)) * dt_dlam
     elif method == "error":
         D = p["D"]  # [J, B, n]
+        if len(lam) <= order:
+            raise ValueError(f"an order-{order} error density needs more than {order} pilot nodes, the pilot has "
+                             f"{len(lam)}: raise pilot_steps (CalibrationOptions) to at least {order + 1}")
         deriv, x = D, lam
         for _ in range(order):  # divided differences along lambda, per sample
             dx = np.diff(x)
