@@ -5,30 +5,32 @@ DPM-Solver++ (2M, 3M) on a class-conditional model under classifier-free guidanc
         [--threads 1] [--json PATH]
 
 The model is benchmarks/conditional.py's (8x8 digits, epsilon prediction, diffusers' default linear betas over
-1000 steps, label dropout 0.15, trained and cached on the first run). Every method runs the same CFG loop a
-diffusers pipeline runs (`cfg_loop`): scale_model_input on [x; x], one network call with labels
-[class; NULL], eps_u + w (eps_c - eps_u), scheduler.step. Each class's batch / 10 rows are together.
+1000 steps, label dropout 0.15, trained and cached on the first run). Every method runs the same loop a
+diffusers class-conditional pipeline runs (`cfg_loop`): for w > 1 scale_model_input on [x; x], one network
+call with labels [class; NULL], eps_u + w (eps_c - eps_u), scheduler.step; at w = 1 the classes only. A batch
+holds each class's batch / 10 rows together.
 
 * peers: UniPCMultistepScheduler (its defaults: bh2, order 2) and DPMSolverMultistepScheduler
   (algorithm_type dpmsolver++, solver_order 2 and 3), each with its default config on the model's schedule:
   timestep_spacing "linspace", final_sigmas_type "zero", lower_order_final True; NFE = num_inference_steps.
   NFE 50 is also run for the best-peer envelope that the break-even reads.
-* auto: `ts.thermo_grid(den, NFE, solver="auto")` on the guided denoiser (`conditional.guided_denoiser(w)`, the
-  same CFG combination in eps space), the default cost tier with its pilot batch rounded down to a multiple of
-  10 (class-balanced; its twins keep their class) and pilot_rows=None; run through
+* auto: thermosample.integrations.diffusers.calibrate_pipeline(pipe, NFE, conditioning=the ten classes,
+  negative_conditioning=NULL, guidance_scale=w) (`conditional.calibrate`): solver="auto" on the denoiser the
+  pipeline runs (pipeline_denoiser: the same guidance in eps space), the default cost tier with its pilot
+  rounded down to a multiple of 20 samples, each keeping one class through every stage; run through
   `ThermoAutoScheduler.from_sampler_config(config, scheduler_config)` in the same loop, and checked against
-  `ts.sample(den, noise, grid=config)` (column "vs ts").
+  `ts.sample(den, noise, grid=config)` (column "vs ts": max |difference|).
 * start: the same ODE state for every method, x_VP = z at the first timestep (999): the peers' latents
   z * init_noise_sigma (= z), the Euler-convention state z * sqrt(1 + sigma_max^2) for auto and the reference.
 * reference: the converged guided ODE solution from that state (`reference`: float64 weights, DPM-Solver++(2M)
-  on 1000 and 500 log-SNR steps, Richardson-extrapolated, whole batches); its own error bound is printed.
+  on 1000 and 500 log-SNR steps, Richardson-extrapolated, in the runs' batches); its error bound is printed.
 * scores per cell: RMS error per coordinate pooled over the seeds' batches, the median per-sample error,
   auto / best peer (the peer with the lowest RMS error at that NFE and scale) with a paired-bootstrap 90%
-  interval, the calibration's guided model rows (each one network row for the conditional and one for the
-  unconditional prediction) and wall seconds, and the break-even in samples: the calibration's rows over
+  interval, the calibration's model rows (state rows, each of which is two network rows at w != 1: JSON
+  "calibration_network_rows") and wall seconds, and the break-even in samples: the calibration's rows over
   the evaluations one sample saves at auto's error (the best-peer envelope's NFE for that error, log-log
-  between its budgets, minus auto's NFE). "never" when the peers reach auto's error at auto's NFE or fewer;
-  "peers>50" when no peer reaches it by NFE 50.
+  between its budgets 6, 10, 20, 50, minus auto's NFE). "never" when the peers reach auto's error at auto's
+  NFE or fewer; "peers>50" when no peer reaches it by NFE 50 (then it is below rows / (50 - NFE)).
 """
 from __future__ import annotations
 
