@@ -29,10 +29,10 @@ Cache: `learned.cache_dir()` (``$THERMOSAMPLE_LEARNED_CACHE`` or ``~/.cache/ther
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import sys
@@ -111,23 +111,17 @@ class CondMLP(nn.Module):
 
 
 @dataclass(frozen=True)
-class CondConfig:
-    """Everything that decides the trained weights (the cache key hashes all of it and CODE_VERSION)."""
+class CondConfig(learned.TrainConfig):
+    """learned.TrainConfig's fields (its p_mean / p_std are unused: DDPM's timesteps are uniform) and the label
+    dropout; the cache key hashes all of them, learned.CODE_VERSION and this module's CODE_VERSION."""
 
-    hidden: int = 256
-    depth: int = 3
-    emb: int = 32
+    dataset: str = "digits"
     steps: int = 5000
-    batch: int = 256
-    lr: float = 2e-3
-    p_uncond: float = 0.15      # label dropout: the share of rows trained as NULL
     seed: int = 21
-    ema: float = 0.999
-    holdout: float = 0.1
+    p_uncond: float = 0.15      # label dropout: the share of rows trained as NULL
 
     def key(self) -> str:
-        blob = json.dumps({"code": CODE_VERSION, "model": "cond_digits", **dataclasses.asdict(self)}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return hashlib.sha256(f"cond_digits {CODE_VERSION} {super().key()}".encode()).hexdigest()[:12]
 
 
 DEFAULT = CondConfig()
@@ -141,15 +135,24 @@ def _data(cfg: CondConfig):
     return (x[tr], y[tr]), (x[val], y[val])
 
 
+@contextlib.contextmanager
+def _on_threads(threads: int):
+    """torch on `threads` threads inside the block, its setting restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train(cfg: CondConfig = DEFAULT, threads: int | None = None, log=None) -> tuple[CondMLP, dict]:
     """Train a CondMLP with the DDPM loss and label dropout on `threads` torch threads; (EMA model, info)."""
     global TRAINED
     (x_all, y_all), _ = _data(cfg)
     ac = torch.as_tensor(alphas_cumprod(), dtype=torch.float32)
     threads = threads or torch.get_num_threads()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _on_threads(threads):
         torch.manual_seed(cfg.seed)
         g = torch.Generator().manual_seed(cfg.seed)
         sd = float(x_all.std())
@@ -174,8 +177,6 @@ def train(cfg: CondConfig = DEFAULT, threads: int | None = None, log=None) -> tu
             sched.step()
             ema.update_parameters(net)
         seconds = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(old_threads)
     TRAINED += 1
     if log:
         log(f"trained cond_digits ({cfg.steps} steps, hidden {cfg.hidden} x {cfg.depth}) in {seconds:.1f} s on "
