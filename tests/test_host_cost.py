@@ -5,7 +5,8 @@
   to a per-step sum and match the reference (thermosample/ops/reference.py), through probes, a second kind
   of call, the rate buffer's growth and a replaced CheckedStep. On CUDA where there is a GPU, else on CPU
   under TRITON_INTERPRET=1 (tests/conftest.py).
-- The Denoiser's time tensors: kept per (value, batch, dtype, device), made again when written in place.
+- The Denoiser's time tensors: kept on CUDA per (value, batch, dtype, device), made again when written in
+  place; none kept on CPU (tests/test_memory.py: RSS).
 """
 import dataclasses
 
@@ -103,16 +104,23 @@ def _den():
     return ts.Denoiser(lambda x, t: x * t[:, None], "edm", prediction="x0", time="sigma", scale_input=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="time tensors are kept on CUDA only")
 def test_time_tensors_are_kept_per_value_batch_and_dtype():
+    den, cuda = _den(), torch.device("cuda")
+    a = den._time_tensor(2.0, 3, torch.float32, cuda)
+    assert den._time_tensor(2.0, 3, torch.float32, cuda) is a
+    for other in [den._time_tensor(2.5, 3, torch.float32, cuda), den._time_tensor(2.0, 4, torch.float32, cuda),
+                  den._time_tensor(2.0, 3, torch.float64, cuda)]:
+        assert other is not a and torch.equal(other, torch.full_like(other, other[0].item()))
+    assert den._time_tensor(2.0, 4, torch.float32, cuda).shape == (4,)
+    assert den._time_tensor(2.0, 3, torch.float64, cuda).dtype == torch.float64
+
+
+def test_no_time_tensor_is_kept_on_cpu():
+    """Small tensors kept between a run's freed states pin glibc's heap (RSS grows a state per step)."""
     den = _den()
     a = den._time_tensor(2.0, 3, torch.float32, torch.device("cpu"))
-    assert den._time_tensor(2.0, 3, torch.float32, torch.device("cpu")) is a
-    for other in [den._time_tensor(2.5, 3, torch.float32, torch.device("cpu")),
-                  den._time_tensor(2.0, 4, torch.float32, torch.device("cpu")),
-                  den._time_tensor(2.0, 3, torch.float64, torch.device("cpu"))]:
-        assert other is not a and torch.equal(other, torch.full_like(other, other[0].item()))
-    assert den._time_tensor(2.0, 4, torch.float32, torch.device("cpu")).shape == (4,)
-    assert den._time_tensor(2.0, 3, torch.float64, torch.device("cpu")).dtype == torch.float64
+    assert den._time_tensor(2.0, 3, torch.float32, torch.device("cpu")) is not a and not den.__dict__.get("_times")
 
 
 def test_a_time_tensor_written_in_place_is_made_again():
@@ -121,19 +129,19 @@ def test_a_time_tensor_written_in_place_is_made_again():
         t.mul_(1000.0)
         return x * 0 + t[:, None]
     den = ts.Denoiser(model, "edm", prediction="x0", time="sigma", scale_input=False)
-    x = torch.zeros(2, 3)
+    x = torch.zeros(2, 3, device=DEVICE)
     for _ in range(3):
-        assert torch.equal(den(x, 2.0), torch.full((2, 3), 2000.0))
+        assert torch.equal(den(x, 2.0), torch.full((2, 3), 2000.0, device=DEVICE))
 
 
 def test_a_time_tensor_made_in_inference_mode_works_outside_it():
     den = ts.Denoiser(lambda x, t: x * t[:, None], "edm", prediction="x0", time="sigma", scale_input=False)
-    x = torch.ones(2, 3)
+    x = torch.ones(2, 3, device=DEVICE)
     with torch.inference_mode():
         den(x, 2.0)
-    w = torch.ones(2, 3, requires_grad=True)
+    w = torch.ones(2, 3, device=DEVICE, requires_grad=True)
     (den(x * w, 2.0).sum()).backward()        # an inference tensor here could not be saved for backward
-    assert torch.equal(w.grad, torch.full((2, 3), 2.0))
+    assert torch.equal(w.grad, torch.full((2, 3), 2.0, device=DEVICE))
 
 
 def test_samples_are_those_of_a_fresh_denoiser():

@@ -172,13 +172,14 @@ class Denoiser:
 
 
 def filled(cache: dict, value: float, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A [batch] tensor filled with `value`, one per (value, batch, dtype, device) kept in `cache` across
-    calls and runs: a model's time or sigma argument (a fill is a kernel launch and several microseconds of
-    host time per step on CUDA). A kept tensor that was written in place (its version moved) is made again.
-    It is a normal tensor even in inference mode (an inference tensor has no version and cannot enter
+    """A [batch] tensor filled with `value`; on CUDA one per (value, batch, dtype, device) kept in `cache`
+    across calls and runs: a model's time or sigma argument (a fill is a kernel launch and several
+    microseconds of host time per step). A kept tensor that was written in place (its version moved) is made
+    again. It is a normal tensor even in inference mode (an inference tensor has no version and cannot enter
     autograd later). Nothing is kept while torch.compile traces or a CUDA graph is captured (its fill would
-    not have run)."""
-    if torch.compiler.is_compiling():
+    not have run), nor on CPU: small tensors kept alive between a run's freed states pin glibc's heap, and
+    RSS grows by a state per step (issue 13; tests/test_memory.py)."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return torch.full((batch,), value, dtype=dtype, device=device)
     key = (value, batch, dtype, device)
     hit = cache.get(key)
@@ -186,7 +187,7 @@ def filled(cache: dict, value: float, batch: int, dtype: torch.dtype, device: to
         return hit[0]
     with torch.inference_mode(False):
         made = torch.full((batch,), value, dtype=dtype, device=device)
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+    if not torch.cuda.is_current_stream_capturing():
         if len(cache) >= _MAX_FILLED:
             cache.clear()
         cache[key] = (made, made._version)
