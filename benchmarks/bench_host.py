@@ -10,7 +10,7 @@ the minimum over interleaved repeats):
 
 - `Run.update: fused steps of a run`: the fused step as every entry point makes it, per step: a run of
   50 tracked two-input updates (Euler's: its arguments, the per-step acceptance test, the rate's row, the
-  launch) and the run's one reduction of its deferred partial sums. ISSUE 37'S BAR, <= 15 us, IS THIS ROW.
+  launch) and the run's one reduction of its deferred partial sums. Issue 37's bar (<= 15 us) is this row.
 - the backend's `launch(StepArgs)` and the checked public `ops.fused_step`, per call;
 - whole loops, `us/step = (loop - model alone) / steps`: everything ts.sample or a drop-in does beyond
   the model, its per-run work (argument checks, grid, report) included; for ts.sample also `fixed us`,
