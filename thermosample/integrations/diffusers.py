@@ -297,7 +297,7 @@ class _ThermoStep:
             self._host_grid()
         if self._step_index is None:
             self._init_step_index(timestep)
-        n = len(self.timesteps)
+        n = len(self._ts)                   # the host copy: len() of a tensor costs ~1 us a step
         if self._step_index >= n:   # diffusers fails here with an IndexError from deep inside (or not at all)
             raise IndexError(f"{type(self).__name__}: step {self._step_index + 1} called after the last of its {n} "
                              "timesteps; call set_timesteps(...) to start a new run")

@@ -55,6 +55,7 @@ import torch
 
 from .. import solvers as _solvers
 from ..auto import is_config, resolve
+from ..denoiser import filled
 from ..run import Run
 from ..schedules import EDM, Schedule, get_schedule
 from ..solvers import linear_multistep_coeff  # noqa: F401  (k-diffusion's public name)
@@ -202,7 +203,7 @@ class _KDenoiser:
         self.model, self.schedule = model, schedule
 
     def __call__(self, x, sigma, **extra_args):
-        s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
+        s = filled(self.__dict__.setdefault("_sigmas", {}), sigma, x.shape[0], x.dtype, x.device)  # kept on CUDA
         out = self.model(x, s, **extra_args)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
