@@ -737,7 +737,7 @@ def test_auto_measures_its_band_on_the_pilot(auto10):
     assert list(meta["check_errors"]) == [band.default.label, band.check.label]
     assert meta["check_errors"][band.default.label] == meta["candidate_errors"][band.default.label]
     assert "noise_below_errors" not in meta and "fit_errors" not in meta
-    assert calls == meta["calibration_nfe"] == 24 + 32 + 3 * 10
+    assert calls == meta["calibration_nfe"] == 24 + 32 + (3 + len(band.also)) * 10     # also: on half the pilot
     ref = config.pilot
     w = calibrate.sample_weights(ref, 16).numpy()
     sq, sig = [], {}
@@ -846,7 +846,8 @@ def test_auto_checks_its_choice_against_karras_and_takes_it_on_image_like_data(s
     twins = 24 if "error" in (band.default.grid, band.alternative.grid) else 0
     fit = 2 * steps if band.fit_after else 0
     guard = steps if band.measures_default else 0                 # else the guard reuses the check's run
-    assert len(calls) == config.meta["calibration_nfe"] == twins + 64 + 3 * steps + guard + fit
+    runs = 3 + len(band.also)                                     # also: a run on half the pilot
+    assert len(calls) == config.meta["calibration_nfe"] == twins + 64 + runs * steps + guard + fit
     den.model = inner
     noise = torch.randn(512, 256, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     noise = noise * den.schedule.sigma_max
@@ -889,7 +890,7 @@ def test_auto_fits_deis_corrections_on_image_like_data_and_they_beat_its_choice_
     assert config.solver == "deis" and list(config.options) == ["corrections"]
     assert len(config.options["corrections"]) == 10
     assert meta["fit_errors"][after] < auto.CHALLENGE_MARGIN * meta["fit_errors"][before]
-    assert len(calls) == meta["calibration_nfe"] == 24 + 64 + 3 * 10 + 2 * 10
+    assert len(calls) == meta["calibration_nfe"] == 24 + 64 + (3 + len(band.also)) * 10 + 2 * 10
     den.model = inner
     cand = band.alternative                                          # the plan's choice before the guard
     sig = calibrate.candidate_sigmas(cand.grid, den, 10, cand.solver, config.pilot, config.pilot)
@@ -1054,10 +1055,12 @@ def test_sample_with_a_config_runs_its_solver_options_and_sigmas(auto10):
     assert isinstance(grid, ts.ThermoGrid) and grid.pilot is config.pilot
     np.testing.assert_array_equal(np.asarray(grid), config.sigmas)
     assert (grid.meta["auto"], grid.meta["solver"], grid.meta["solver_options"]) == (True, "unipc", config.options)
-    # the pilot is reused: only the band's three runs are spent again, with the same choice, and one call that
-    # checks the reference against this model (another function object than the one it was made with)
+    # the pilot is reused: only the band's runs (three, and `also` on half the pilot) are spent again, with the
+    # same choice, and one call that checks the reference against this model (another function object than the
+    # one it was made with)
     again = ts.thermo_grid(den, 10, solver="auto", pilot_data=config.pilot)
-    assert again.meta["calibration_nfe"] == 1 + 3 * 10 and (again.solver, again.options) == (config.solver, config.options)
+    runs = 3 + len(auto.band_for(10).also)
+    assert again.meta["calibration_nfe"] == 1 + runs * 10 and (again.solver, again.options) == (config.solver, config.options)
     np.testing.assert_array_equal(again.sigmas, config.sigmas)
 
 

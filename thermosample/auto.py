@@ -61,6 +61,8 @@ class Band:
     """The plan for every step count up to `last` (None: no upper end), from the previous band's last + 1.
 
     default, alternative: measured on the pilot; the alternative must win `challenge` with margin MARGIN.
+    also: measured next on the pilot's even samples (half its rows), each against the choice there; one that
+        wins `challenge` with margin MARGIN replaces it, and the check and the guard then compare on that half.
     check: measured next on the pilot; replaces the choice if it wins with CHALLENGE_MARGIN.
     noise_cut: where UniPC runs are also measured with noise_below at NOISE_CUTS: "before" (each UniPC
         candidate competes with its best cut) or "after" (the chosen UniPC run only), or None.
@@ -76,6 +78,7 @@ class Band:
     alternative: Candidate
     uncalibrated: Candidate
     check: Candidate | None = None
+    also: tuple[Candidate, ...] = ()
     noise_cut: str | None = None
     fit_after: tuple[str, ...] = ()
     decision: str = ""
@@ -89,14 +92,15 @@ class Band:
 _UNIPC_MAX_H = Candidate("unipc", "error", {"order": 3, "max_h": MAX_H})
 _IPNDM = Candidate("ipndm", "error")
 _DEIS_KARRAS = Candidate("deis", "karras")
+_DPMPP_2M = Candidate("dpmpp_2m", "error")
 _UNIPC3_KARRAS = Candidate("unipc", "karras", {"order": 3})
 _FIT = ("deis", "ipndm")
 
 PLAN: tuple[Band, ...] = (
     Band(8, Candidate("ipndm", "jump"), Candidate("euler", "jump"), _DEIS_KARRAS,
          check=Candidate("ipndm", "karras"), decision="docs/decisions/0016-ipndm-on-jump.md"),
-    Band(11, _UNIPC_MAX_H, _IPNDM, _DEIS_KARRAS, check=_DEIS_KARRAS, fit_after=_FIT,
-         decision="docs/decisions/0019-fitted-corrections.md"),
+    Band(11, _UNIPC_MAX_H, _IPNDM, _DEIS_KARRAS, check=_DEIS_KARRAS, also=(_DPMPP_2M,), fit_after=_FIT,
+         decision="docs/decisions/0026-second-order-under-guidance.md"),
     Band(14, _UNIPC_MAX_H, _IPNDM, _DEIS_KARRAS, check=_DEIS_KARRAS, noise_cut="after", fit_after=_FIT,
          decision="docs/decisions/0021-noise-from-12.md"),
     Band(19, _UNIPC_MAX_H, _IPNDM, _UNIPC3_KARRAS, noise_cut="before",
@@ -188,7 +192,8 @@ def worse(sq, default_sq, weight=None, draws: int = GUARD_DRAWS, level: float = 
 @dataclass
 class _Run:
     """A configuration measured on the pilot: its label when measured, its solver, options (a noise cut may
-    add to them), grid name, positive sigmas, RMS error and per-sample squared errors [B]."""
+    add to them), grid name, positive sigmas, RMS error and per-sample squared errors [B], or [len(rows)] on
+    the pilot samples `rows` only (None: all)."""
     label: str
     solver: str
     options: dict
@@ -196,6 +201,38 @@ class _Run:
     sigmas: np.ndarray
     error: float
     sq: np.ndarray
+    rows: np.ndarray | None = None
+
+
+def _paired(run: _Run, other: _Run, weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(run's, other's per-sample squared errors, the weights) on the pilot samples both were measured on."""
+    rows = run.rows if run.rows is not None else other.rows
+    if rows is None:
+        return np.asarray(run.sq), np.asarray(other.sq), np.asarray(weight)
+
+    def on(r: _Run) -> np.ndarray:
+        return np.asarray(r.sq) if r.rows is not None else np.asarray(r.sq)[rows]
+    return on(run), on(other), np.asarray(weight)[rows]
+
+
+def _also(den, steps, cand: Candidate, run: _Run, ref, pilot_data, backend, density_kw, weight, margin
+          ) -> tuple[_Run, dict, int]:
+    """`cand` on the pilot's even samples against `run` there: the winner of `challenge` with `margin`."""
+    import torch
+
+    from . import calibrate
+    from .solvers import evaluations
+    half = np.arange(0, len(run.sq), 2)
+    w = np.asarray(weight, dtype=np.float64)[half]
+    sub = {"ref_noise": ref["ref_noise"][half], "ref_final": ref["ref_final"][half],
+           "ref_weight": torch.as_tensor(w)}
+    sig = calibrate.candidate_sigmas(cand.grid, den, steps, cand.solver, ref, pilot_data, density_kw)
+    err, sq = calibrate.pilot_errors(den, sig, cand.solver, sub, backend, dict(cand.options))
+    mine = np.asarray(run.sq, dtype=np.float64)[half]
+    found = {label(run.solver, run.options, run.grid): float(np.sqrt((mine * w).sum() / w.sum())), cand.label: err}
+    if challenge(np.stack([mine, sq]), w, margin):
+        run = _Run(cand.label, cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=half)
+    return run, found, evaluations(cand.solver, steps)
 
 
 def _measure(den, steps, cand: Candidate, ref, pilot_data, backend, density_kw) -> tuple[_Run, int]:
@@ -266,11 +303,16 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
     meta.update(candidate_errors={r.label: r.error for r in runs}, ref_steps=int(len(ref["ref_sigma"])),
                 compared_errors={r.label: float(c) for r, c in zip(runs, compared)},
                 shared_outliers=int((~bulk(sq)).sum()), margin=float(margin))
+    for cand in band.also:
+        run, meta["also_errors"], nfe = _also(den, steps, cand, run, ref, pilot_data, backend, density_kw, weight,
+                                              margin)
+        spent += nfe
     if band.check is not None:
         checked, nfe = _measure(den, steps, band.check, ref, None, backend, density_kw)
         spent += nfe
         meta["check_errors"] = {label(run.solver, run.options, run.grid): run.error, checked.label: checked.error}
-        if challenge(np.stack([run.sq, checked.sq]), weight, max(margin, CHALLENGE_MARGIN), outliers="each"):
+        mine, theirs, w = _paired(run, checked, weight)
+        if challenge(np.stack([mine, theirs]), w, max(margin, CHALLENGE_MARGIN), outliers="each"):
             run = checked
     if run.label != band.uncalibrated.label:
         if band.measures_default:
@@ -279,7 +321,7 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
         else:
             default = checked
         meta["default_errors"] = {run.label: run.error, default.label: default.error}
-        if worse(run.sq, default.sq, weight):
+        if worse(*_paired(run, default, weight)):
             run = default
     meta["chosen"] = run.grid
     if band.noise_cut == "after" and run.solver == "unipc":

@@ -1104,7 +1104,7 @@ class _Plan:
             raise ValueError(f"method must be 'select', 'blend', 'error' or 'length', got {method!r}")
         candidates = tuple(DEFAULT_CANDIDATES if candidates is None else candidates)
         if band:
-            candidates = tuple(dict.fromkeys((band.default.grid, band.alternative.grid)))
+            candidates = tuple(dict.fromkeys(c.grid for c in (band.default, band.alternative, *band.also)))
         if method == "select":
             if spec.injects_noise(solver_options or {}):
                 raise ValueError(f"method='select' compares against the converged ODE solution: {solver!r} with "
@@ -1131,7 +1131,8 @@ class _Plan:
             unipc = sum(c.solver == "unipc" for c in (self.band.default, self.band.alternative))
             cuts = {"before": unipc, "after": 1}.get(self.band.noise_cut, 0) * len(NOISE_CUTS)
             runs = 2 + (self.band.check is not None) + self.band.measures_default + cuts + bool(self.band.fit_after)
-        return rows + runs * self.spec.evaluations(self.steps) * b
+        also = len(self.band.also) * -(-b // 2) if self.band is not None else 0      # on the even samples
+        return rows + (runs * b + also) * self.spec.evaluations(self.steps)
 
 
 def planned_rows(steps: int, solver: str = "auto", options: CalibrationOptions | None = None,

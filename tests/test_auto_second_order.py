@@ -1,0 +1,87 @@
+"""solver="auto" at 9-11 steps also measures DPM-Solver++(2M) on its "error" grid, on the pilot's even samples
+(docs/decisions/0026): under strong classifier-free guidance (bench_guided, w = 7, NFE 10) the band's
+higher-order candidates (UniPC-3 with max_h, iPNDM) and its check (DEIS-3 on karras) measured 2.6-4 x the
+second-order run, on the pilot and on fresh noise alike."""
+from __future__ import annotations
+
+import numpy as np
+
+import thermosample as ts
+from thermosample import auto, calibrate, toy
+
+DPMPP_2M = auto.Candidate("dpmpp_2m", "error")
+
+
+def _den():
+    return toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
+
+
+def _config(den, **kw):
+    return ts.thermo_grid(den, 10, solver="auto", sample_shape=(8,),
+                          options=ts.CalibrationOptions(ref_steps=32, pilot_batch=16, progress=False, **kw))
+
+
+def test_the_9_to_11_step_band_also_measures_dpmpp_2m_on_error_and_no_other_band_does():
+    for steps in range(1, 41):
+        assert auto.band_for(steps).also == ((DPMPP_2M,) if 9 <= steps <= 11 else ()), steps
+    assert auto.band_for(10).decision.endswith("0026-second-order-under-guidance.md")
+
+
+def test_the_price_counts_half_a_run_and_keeps_the_default_tier_s_pilot():
+    """The third candidate runs on the even samples, ceil(B / 2) rows per step: at 10 steps the default tier
+    keeps its pilot of 38 (5,966 of 6,000 rows; a full run would have cost two samples of the pilot), the low
+    tier its 18."""
+    plan = calibrate._Plan.of(10, "auto", None, None, None)
+    for cost, batch, rows in (("default", 38, 5966), ("low", 18, 2826)):
+        opts = ts.CalibrationOptions(cost=cost)
+        assert calibrate._sized(opts, plan, {}).pilot_batch == batch
+        assert calibrate.planned_rows(10, "auto", opts) == rows <= calibrate.row_budget(cost, 10)
+
+
+def test_auto_takes_dpmpp_2m_when_the_pilot_shows_the_higher_orders_far_worse(monkeypatch):
+    """A pilot on which every run but DPM-Solver++(2M)'s misses by 30 x more (as the higher orders did on the
+    guided digits model at w = 7): auto at 10 steps ends on DPM-Solver++(2M) on its "error" grid, measured on
+    the even samples, past the check and the guard (compared on those samples); its sigmas are that candidate's.
+    Without the candidate the band could only end on UniPC, iPNDM or DEIS."""
+    real = calibrate.pilot_errors
+    batches = []
+
+    def unstable_above_second_order(den, sigmas, solver, ref, backend="auto", solver_options=None):
+        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
+        batches.append((solver, len(sq)))
+        return (err, sq) if solver == "dpmpp_2m" else (30.0 * err, 900.0 * sq)
+
+    monkeypatch.setattr(calibrate, "pilot_errors", unstable_above_second_order)
+    den = _den()
+    config = _config(den)
+    assert (config.solver, config.options, config.meta["chosen"]) == ("dpmpp_2m", {}, "error")
+    assert ("dpmpp_2m", 8) in batches and ("deis", 16) in batches
+    assert list(config.meta["also_errors"]) == ["unipc,max_h=0.8,order=3@error", DPMPP_2M.label]
+    assert list(config.meta["check_errors"]) == list(config.meta["default_errors"]) == [DPMPP_2M.label, "deis@karras"]
+    sig = calibrate.candidate_sigmas("error", den, 10, "dpmpp_2m", config.pilot, config.pilot)
+    np.testing.assert_array_equal(config.sigmas, np.append(sig, 0.0))
+    assert "fit_errors" not in config.meta       # no fit after DPM-Solver++(2M)
+
+
+def test_the_check_still_replaces_it_on_the_half_it_was_measured_on(monkeypatch):
+    """When DEIS-3 on karras (the check) is far better still, it replaces DPM-Solver++(2M) by the check's rule,
+    compared on the even samples both were measured on."""
+    real = calibrate.pilot_errors
+
+    def fake(den, sigmas, solver, ref, backend="auto", solver_options=None):
+        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
+        scale = {"dpmpp_2m": 1.0, "deis": 1e-4}.get(solver, 1e4)
+        return scale ** 0.5 * err, scale * sq
+
+    monkeypatch.setattr(calibrate, "pilot_errors", fake)
+    config = _config(_den())
+    assert config.meta["chosen"] == "karras" and list(config.meta["check_errors"])[0] == DPMPP_2M.label
+
+
+def test_on_an_unguided_mixture_the_band_keeps_its_choice():
+    """The third candidate must win by the band's margin (0.6 x the choice's error on the same samples): on the
+    10-step mixture of tests/test_calibrate.py's auto10 UniPC-3 with max_h stays the choice."""
+    config = _config(_den(), cost="thorough")
+    assert (config.solver, config.options) == ("unipc", {"order": 3, "max_h": auto.MAX_H})
+    errors = config.meta["also_errors"]
+    assert errors[DPMPP_2M.label] >= auto.MARGIN * errors["unipc,max_h=0.8,order=3@error"]
