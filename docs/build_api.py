@@ -138,10 +138,21 @@ def _bases(cls) -> str:
     return ", ".join(f"`{n}`" for n in names)
 
 
+def _members(cls):
+    """cls's own members and those it takes from the package's private bases (`_AutoSteps`): a public class's
+    API wherever its code lives; the first definition along the MRO wins."""
+    found = {}
+    for klass in cls.__mro__:
+        if klass is cls or (klass.__name__.startswith("_") and klass.__module__.startswith("thermosample")):
+            for name, member in vars(klass).items():
+                found.setdefault(name, member)
+    return found.items()
+
+
 def render_members(cls, qual: str) -> list[str]:
     out = []
     fields = set(getattr(cls, "__dataclass_fields__", {}))
-    for name, member in vars(cls).items():
+    for name, member in _members(cls):
         if name.startswith("_") or name in fields:
             continue
         if isinstance(member, property):

@@ -57,3 +57,18 @@ def test_the_entry_point_answers_without_torch():
 def test_verb_help_still_lists_the_backends():
     proc = run(ENTRY_POINT, "sample", "--help")
     assert "--backend BACKEND" in proc.stdout and "auto, torch, cpp" in proc.stdout.replace("\n", " "), proc.stdout
+
+
+def test_every_documented_submodule_is_an_attribute_in_a_fresh_process():
+    """`import thermosample as ts; ts.ops.fused_step(...)` worked while __init__ imported everything; with the
+    lazy __init__ `ts.ops` raised AttributeError unless another import had loaded it first (tests/test_memory.py
+    and bench_price failed when run alone). Every `ts.<module>.` the README, docs, tests and benchmarks use
+    resolves in a process that imported nothing else."""
+    names = ("analysis", "auto", "bulk", "calibrate", "denoiser", "distributed", "graphs", "grids", "ops", "run",
+             "sampler", "schedules", "solvers", "thermo", "toy")
+    code = ("import sys, thermosample as ts\n"
+            "for name in sys.argv[1:]:\n"
+            "    assert getattr(ts, name).__name__ == 'thermosample.' + name, name\n"
+            "print('ok')\n")
+    proc = run(code, *names)
+    assert proc.stdout.strip() == "ok", proc.stderr[-2000:]

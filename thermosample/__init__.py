@@ -19,7 +19,8 @@ _NAMES = {
     "ThermoReport": ".thermo", "NonFiniteError": ".errors", "BackendUnavailableWarning": ".errors",
 }
 _LAZY_MODULES = ("distributed", "bulk")        # need torch.distributed / safetensors
-_MODULES = ("auto", "calibrate", "grids", "schedules", "toy") + _LAZY_MODULES
+_MODULES = ("analysis", "auto", "calibrate", "denoiser", "graphs", "grids", "ops", "run", "sampler", "schedules",
+            "solvers", "thermo", "toy") + _LAZY_MODULES
 
 
 def __getattr__(name):
