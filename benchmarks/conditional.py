@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import math
 import os
@@ -191,19 +190,9 @@ def cache_path(cfg: CondConfig) -> str:
 
 def load_model(cfg: CondConfig = DEFAULT, threads: int | None = None, log=None) -> tuple[CondMLP, dict]:
     """The trained model of `cfg`: from the cache, else trained and cached; info["cached"] tells which."""
-    path = cache_path(cfg)
-    if os.path.exists(path):
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        info = dict(blob["info"])
-        net = CondMLP(info["dim"], cfg.hidden, cfg.depth, cfg.emb, sigma_data=info["sigma_data"])
-        net.load_state_dict(blob["state"])
-        return learned._frozen(net), {**info, "cached": True, "path": path}
-    net, info = train(cfg, threads=threads, log=log)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({"state": net.state_dict(), "info": info, "config": dataclasses.asdict(cfg)}, tmp)
-    os.replace(tmp, path)
-    return net, {**info, "cached": False, "path": path}
+    return learned.cached(cache_path(cfg), cfg, lambda info: CondMLP(info["dim"], cfg.hidden, cfg.depth, cfg.emb,
+                                                                     sigma_data=info["sigma_data"]),
+                          lambda: train(cfg, threads=threads, log=log))
 
 
 def validation_loss(net: CondMLP, cfg: CondConfig, label_of=None, seed: int = 0) -> float:

@@ -235,14 +235,21 @@ def load_model(cfg: TrainConfig | str, threads: int | None = None, log=None) -> 
     """The trained model of `cfg` (or CONFIGS[name]): from the cache, else trained and cached. Returns
     (float32 model, info) with info["cached"] telling which."""
     cfg = CONFIGS[cfg] if isinstance(cfg, str) else cfg
-    path = cache_path(cfg)
+    return cached(cache_path(cfg), cfg, lambda info: EDMMLP(info["dim"], cfg.hidden, cfg.depth, cfg.emb,
+                                                            sigma_data=info["sigma_data"]),
+                  lambda: train(cfg, threads=threads, log=log))
+
+
+def cached(path: str, cfg, build, train_fn) -> tuple[torch.nn.Module, dict]:
+    """The model cached at `path` (made by `build(info)`, its weights loaded), else `train_fn()` -> (net, info)
+    saved there with `cfg`; info["cached"] tells which."""
     if os.path.exists(path):
         blob = torch.load(path, map_location="cpu", weights_only=True)
         info = dict(blob["info"])
-        net = EDMMLP(info["dim"], cfg.hidden, cfg.depth, cfg.emb, sigma_data=info["sigma_data"])
+        net = build(info)
         net.load_state_dict(blob["state"])
         return _frozen(net), {**info, "cached": True, "path": path}
-    net, info = train(cfg, threads=threads, log=log)
+    net, info = train_fn()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save({"state": net.state_dict(), "info": info, "config": dataclasses.asdict(cfg)}, tmp)
