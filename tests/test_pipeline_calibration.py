@@ -321,3 +321,25 @@ def test_get_sigmas_auto_runs_the_configs_choice(kconfig):
             torch.testing.assert_close(by_config, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(TypeError, match="SamplerConfig"):
         K.get_sigmas_auto(config.sigmas)
+
+
+def test_guided_model_hands_the_conditioning_in_each_calls_dtype_moved_once_per_dtype():
+    """GuidedModel moves its conditioning to the state's device and dtype once per (device, dtype), not on every
+    call; switching the state's dtype back and forth still hands the network the conditioning in that dtype,
+    with each row's own values, and the guided output of a network linear in its embedding."""
+    emb = torch.tensor([[1.0, -2.0], [0.5, 3.0]], dtype=torch.float64)        # K = 2 conditionings
+    seen = []
+
+    def net(x, timestep, emb):
+        seen.append(emb)
+        return x * emb[:, :1] + emb[:, 1:]
+
+    model = TD.GuidedModel(net, {"emb": emb}, {"emb": torch.zeros(1, 2)}, guidance_scale=W)
+    for dtype in (torch.float32, torch.float64, torch.float32, torch.float64):
+        x = torch.arange(4, dtype=dtype)[:, None] + 1.0
+        out = model(x, torch.ones(4, dtype=dtype))
+        rows = emb[[0, 0, 1, 1]].to(dtype)                # n // K rows per conditioning, in batch order
+        assert seen[-1].dtype == dtype and out.dtype == dtype
+        torch.testing.assert_close(seen[-1][4:], rows)    # the conditional half; the unconditional first
+        torch.testing.assert_close(out, W * (x * rows[:, :1] + rows[:, 1:]))
+    assert len(model._moved) == 4                         # (cond, uncond) x two dtypes, reused after

@@ -1396,6 +1396,16 @@ class GuidedModel(torch.nn.Module):
             raise ValueError(f"negative_conditioning has {ku} rows: give 1 (shared) or one per conditioning ({self.k})")
         self.rows = rows
         self.calibration_batch = calibration_batch
+        self._moved = {}
+
+    def _on(self, which: str, device, dtype) -> dict:
+        """The conditioning `which` ("cond" or "uncond") on `device`, floats in `dtype`: moved once per device
+        and dtype, not on every call (a host-to-device copy per step on a GPU)."""
+        key = (which, device, dtype)
+        if key not in self._moved:
+            self._moved[key] = {k: v.to(device, dtype if v.is_floating_point() else v.dtype)
+                                for k, v in getattr(self, which).items()}
+        return self._moved[key]
 
     def _rows(self, n):
         if self.k == 1:
@@ -1411,13 +1421,14 @@ class GuidedModel(torch.nn.Module):
                           for i in range(0, x.shape[0], step)])
 
     def _call(self, x, t, idx, kwargs):
-        def take(src):   # rows idx of each tensor (a shared one expanded), on x's device, floats in x's dtype
-            return {k: (v if v.shape[0] == 1 else v[idx.to(v.device)]).to(
-                x.device, x.dtype if v.is_floating_point() else v.dtype).expand(len(idx), *v.shape[1:])
-                for k, v in src.items()}
+        rows = idx.to(x.device)
+
+        def take(which):   # rows idx of each tensor (a shared one expanded), on x's device, floats in x's dtype
+            return {k: (v if v.shape[0] == 1 else v[rows]).expand(len(idx), *v.shape[1:])
+                    for k, v in self._on(which, x.device, x.dtype).items()}
         if not self.guided:
-            return self._net(x, t, {**_nested(take(self.cond)), **kwargs}, x.shape[1])
-        uncond, cond = take(self.uncond), take(self.cond)
+            return self._net(x, t, {**_nested(take("cond")), **kwargs}, x.shape[1])
+        uncond, cond = take("uncond"), take("cond")
         both = _nested({k: torch.cat([uncond[k], cond[k]]) for k in cond})
         out = self._net(torch.cat([x, x]), torch.cat([t, t]), {**both, **kwargs}, x.shape[1])
         uncond, cond = out.chunk(2)
