@@ -5,6 +5,7 @@ second-order run, on the pilot and on fresh noise alike."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import thermosample as ts
 from thermosample import auto, calibrate, toy
@@ -85,3 +86,19 @@ def test_on_an_unguided_mixture_the_band_keeps_its_choice():
     assert (config.solver, config.options) == ("unipc", {"order": 3, "max_h": auto.MAX_H})
     errors = config.meta["also_errors"]
     assert errors[DPMPP_2M.label] >= auto.MARGIN * errors["unipc,max_h=0.8,order=3@error"]
+
+
+def test_a_band_refuses_a_fit_after_a_solver_measured_on_half_the_pilot():
+    """A run of `also` holds the even samples only; the fit compares on the odd ones. A band that would fit after
+    such a run is refused when the plan is written, and two runs on different samples are never paired."""
+    with pytest.raises(ValueError, match="fit_after"):
+        auto.Band(11, auto.Candidate("unipc", "error"), auto.Candidate("ipndm", "error"),
+                  auto.Candidate("deis", "karras"), also=(DPMPP_2M,), fit_after=("dpmpp_2m",))
+    b = 6
+    even = auto._Run("a", "deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(0, b, 2))
+    odd = auto._Run("b", "deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(1, b, 2))
+    full = auto._Run("c", "deis", {}, "karras", np.ones(b), 1.0, np.arange(b, dtype=float))
+    with pytest.raises(ValueError, match="different pilot samples"):
+        auto._paired(even, odd, np.full(b, 1 / b))
+    mine, theirs, w = auto._paired(even, full, np.full(b, 1 / b))
+    np.testing.assert_array_equal(theirs, [0.0, 2.0, 4.0])

@@ -83,6 +83,11 @@ class Band:
     fit_after: tuple[str, ...] = ()
     decision: str = ""
 
+    def __post_init__(self):
+        both = sorted({c.solver for c in self.also} & set(self.fit_after))
+        if both:    # _fit compares on the odd samples, which a run of `also` (the even ones) was not measured on
+            raise ValueError(f"Band: no fit_after a solver of `also` ({both}): its run has only the even samples")
+
     @property
     def measures_default(self) -> bool:
         """Whether the guard measures `uncalibrated` on its own (it is not the check's run)."""
@@ -206,6 +211,8 @@ class _Run:
 
 def _paired(run: _Run, other: _Run, weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(run's, other's per-sample squared errors, the weights) on the pilot samples both were measured on."""
+    if run.rows is not None and other.rows is not None and not np.array_equal(run.rows, other.rows):
+        raise ValueError("runs measured on different pilot samples cannot be compared pairwise")
     rows = run.rows if run.rows is not None else other.rows
     if rows is None:
         return np.asarray(run.sq), np.asarray(other.sq), np.asarray(weight)
