@@ -311,8 +311,8 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
                 compared_errors={r.label: float(c) for r, c in zip(runs, compared)},
                 shared_outliers=int((~bulk(sq)).sum()), margin=float(margin))
     for cand in band.also:
-        run, meta["also_errors"], nfe = _also(den, steps, cand, run, ref, pilot_data, backend, density_kw, weight,
-                                              margin)
+        run, found, nfe = _also(den, steps, cand, run, ref, pilot_data, backend, density_kw, weight, margin)
+        meta.setdefault("also_errors", {}).update(found)      # every candidate's error, not only the last's
         spent += nfe
     if band.check is not None:
         checked, nfe = _measure(den, steps, band.check, ref, None, backend, density_kw)
