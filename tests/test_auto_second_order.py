@@ -102,3 +102,13 @@ def test_a_band_refuses_a_fit_after_a_solver_measured_on_half_the_pilot():
         auto._paired(even, odd, np.full(b, 1 / b))
     mine, theirs, w = auto._paired(even, full, np.full(b, 1 / b))
     np.testing.assert_array_equal(theirs, [0.0, 2.0, 4.0])
+
+
+def test_every_also_candidate_keeps_its_pilot_error_in_meta(monkeypatch):
+    """A band with two `also` candidates records both errors, each beside the choice it met."""
+    band = auto.band_for(10)
+    two = auto.Band(None, band.default, band.alternative, band.uncalibrated, check=band.check,
+                    also=(auto.Candidate("euler", "error"), DPMPP_2M))
+    monkeypatch.setattr(auto, "PLAN", (two,))
+    errors = _config(_den()).meta["also_errors"]
+    assert {"euler@error", DPMPP_2M.label} <= set(errors) and all(np.isfinite(v) for v in errors.values())
