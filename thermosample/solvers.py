@@ -12,6 +12,7 @@ the CLI read it. Adding a solver is one function here plus one `Solver` row.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -510,6 +511,11 @@ def deis_coeffs(nodes, s_next):
     Lagrange basis polynomial j in log(rho) through log(nodes), d rho; x' = x + sum_j c_j eps_j.
 
     With v = log(rho / nodes[0]), rho = nodes[0] e^v, and integral of P(v) e^v dv = e^v sum_m (-1)^m P^(m)(v)."""
+    return list(_deis_coeffs(tuple(float(s) for s in nodes), float(s_next)))
+
+
+@functools.lru_cache(maxsize=4096)      # a grid search (calibrate.surrogate_grid) reruns the same steps
+def _deis_coeffs(nodes: tuple, s_next: float) -> tuple:
     v = [math.log(s / nodes[0]) for s in nodes]
     end = math.log(s_next / nodes[0])
     out = []
@@ -525,7 +531,7 @@ def deis_coeffs(nodes, s_next):
                 break
             term, sign = term.deriv(), -sign
         out.append(nodes[0] * (math.exp(end) * float(anti(end)) - float(anti(0.0))))
-    return out
+    return tuple(out)
 
 
 FIT_HISTORY = 2   # differences of D and of eps one fitted correction combines (calibrate.fit_corrections)
