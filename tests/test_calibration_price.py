@@ -128,6 +128,17 @@ def test_a_closure_is_said_once_to_run_in_the_default_dtype(monkeypatch):
         ts.thermo_grid(den, 6, solver="auto", sample_shape=(6,), options=ts.CalibrationOptions(progress=False))
 
 
+def test_a_closure_given_its_dtype_is_not_told_about_the_default_dtype(monkeypatch):
+    """dtype= fixes the calibration's dtype: no warning that it runs in torch's default one."""
+    monkeypatch.setattr(calibrate, "_SAID_CLOSURE", [])
+    den = ts.Denoiser(mixture_model(), "edm", prediction="x0", time="t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.reference(den, (8, 6), ref_steps=8, dtype=torch.float64)
+        ts.thermo_grid(den, 6, solver="auto", sample_shape=(6,), dtype=torch.float32,
+                       options=ts.CalibrationOptions(progress=False))
+
+
 def test_a_config_warns_once_when_run_with_what_it_was_not_calibrated_for():
     net = Net()
     den = ts.Denoiser(net, "edm", prediction="x0", time="sigma")

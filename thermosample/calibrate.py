@@ -334,10 +334,11 @@ def _row_chunked(den, rows: int | None, meter: _Meter | None = None, dtype_devic
 _SAID_CLOSURE = []
 
 
-def pilot_dtype_device(den) -> tuple[torch.dtype, torch.device]:
+def pilot_dtype_device(den, say: bool = True) -> tuple[torch.dtype, torch.device]:
     """The state dtype and device of a calibration: what thermo_grid fixed (its dtype= and device=), else
     the model's device, and float64 for a float64 model, float32 for a float32 or half one (as ts.sample
-    gives it); for a model without parameters or buffers (a function), torch's default dtype on the CPU."""
+    gives it); for a model without parameters or buffers (a function), torch's default dtype on the CPU
+    (said once, unless `say` is False: the caller fixed the dtype)."""
     fixed = getattr(den, "calibration_dtype", None)
     if fixed is not None:
         return fixed
@@ -345,7 +346,7 @@ def pilot_dtype_device(den) -> tuple[torch.dtype, torch.device]:
     model = getattr(model, "model", model) if isinstance(model, _RowChunks) else model
     p = next((t for t in _model_tensors(model) if t.is_floating_point()), None)
     if p is None:
-        if not _SAID_CLOSURE:
+        if say and not _SAID_CLOSURE:
             _SAID_CLOSURE.append(True)
             warnings.warn(f"the model has no parameters to read its dtype from: calibrating in "
                           f"{torch.get_default_dtype()} (torch's default dtype) on the CPU; pass "
@@ -1177,7 +1178,7 @@ def _dtype_device(den, dtype, device) -> tuple[torch.dtype, torch.device]:
         raise TypeError(f"dtype must be torch.float32 or torch.float64 (a half-precision model calibrates in "
                         f"float32 and gets its inputs in its own dtype), got {dtype!r}")
     if dtype is None or device is None:
-        found = pilot_dtype_device(den)
+        found = pilot_dtype_device(den, say=dtype is None)
         dtype, device = dtype or found[0], found[1] if device is None else device
     return dtype, torch.device(device)
 
