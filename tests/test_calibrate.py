@@ -865,8 +865,9 @@ def test_auto_checks_its_choice_against_karras_and_takes_it_on_image_like_data(s
 
 def test_auto_fits_deis_corrections_on_image_like_data_and_they_beat_its_choice_and_karras(tmp_path):
     """From 9 to 14 steps, after choosing DEIS or iPNDM (band.fit_after), solver="auto" fits deis's corrections on
-    the pilot's even samples (calibrate.fit_corrections, on the choice's grid moved to the reference's nodes),
-    measures them on the odd ones and takes them by the check's rule. On image-like data with a seed no tuning
+    the pilot's even samples (calibrate.fit_corrections, on the choice's grid moved to the reference's nodes, or
+    after karras on karras with its low-noise nodes tuned on calibrate.surrogate_grid), measures them on the odd
+    ones and takes them by the check's rule. On image-like data with a seed no tuning
     used, iPNDM on "error" is chosen; the check (DEIS-3 on karras) is below it on the pilot but not by the 0.8
     margin, so the guard (auto.worse, clearly worse than the uncalibrated default) falls back to DEIS-3 on
     karras, and the fit after it is taken (meta "fit_errors"; two more runs of half the pilot, counted as
@@ -895,7 +896,10 @@ def test_auto_fits_deis_corrections_on_image_like_data_and_they_beat_its_choice_
     cand = band.alternative                                          # the plan's choice before the guard
     sig = calibrate.candidate_sigmas(cand.grid, den, 10, cand.solver, config.pilot, config.pilot)
     karras = calibrate.candidate_sigmas("karras", den, 10, "deis", config.pilot)
-    np.testing.assert_array_equal(config.sigmas, np.append(calibrate.reference_nodes(karras, config.pilot), 0.0))
+    tuned = calibrate.surrogate_grid(config.pilot, karras, den.schedule)         # the fit's grid after karras
+    np.testing.assert_array_equal(config.sigmas, np.append(tuned, 0.0))
+    kept = karras >= calibrate.SURROGATE_BELOW * calibrate.data_scale(config.pilot)
+    assert 0 < kept.sum() < 10 and (tuned[kept] == karras[kept]).all()
     noise = torch.randn(512, 256, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     noise = noise * den.schedule.sigma_max
     converged = ts.sample(den, noise=noise, steps=96, solver="unipc", order=3, grid="logsnr").samples

@@ -266,10 +266,15 @@ def _noise_cut(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict,
 
 
 def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
-    """DEIS-3 with corrections fitted on the pilot's even samples (calibrate.fit_corrections), on `run`'s
-    grid moved to the reference's nodes, against `run` on the odd samples."""
-    from . import calibrate
-    sig = calibrate.reference_nodes(run.sigmas, ref)
+    """DEIS-3 with corrections fitted on the pilot's even samples (calibrate.fit_corrections), against `run` on
+    the odd samples. Its grid: `run`'s moved to the reference's nodes, or, when `run` is on a named grid (no
+    pilot shaped it: DEIS-3 on karras, the check), that grid with its low-noise nodes tuned on a surrogate of
+    the pilot first (calibrate.surrogate_grid, no model evaluation)."""
+    from . import calibrate, grids
+    if run.grid in grids.GRIDS:
+        sig = calibrate.surrogate_grid(ref, run.sigmas, den.schedule)
+    else:
+        sig = calibrate.reference_nodes(run.sigmas, ref)
     b = len(run.sq)
     even, odd = np.arange(0, b, 2), np.arange(1, b, 2)
     corrections = calibrate.fit_corrections(den, sig, ref, even, backend) if sig is not None and len(odd) else None

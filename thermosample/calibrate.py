@@ -63,7 +63,8 @@ from .solvers import get_solver
 __all__ = ["ThermoGrid", "CalibrationOptions", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density",
            "critical_density", "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default",
            "reference", "reference_nodes", "fit_corrections", "candidate_sigmas", "pilot_errors", "measure", "select",
-           "error_grid_defaults", "sample_weights", "data_scale", "planned_rows", "row_budget", "reference_steps"]
+           "error_grid_defaults", "sample_weights", "data_scale", "planned_rows", "row_budget", "reference_steps",
+           "surrogate_grid"]
 
 
 
@@ -773,21 +774,22 @@ def reference_nodes(sig, ref: dict) -> np.ndarray | None:
 
 
 def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[list[float]] | None:
-    """deis's `corrections` for order 3 on the reference nodes `sig` (positive sigmas; `reference_nodes`),
-    fitted on the reference's samples `rows` (indices): from their noise, step by step, the coefficients of
-    `solvers.correction_terms` that move the DEIS-3 update closest, in least squares on the reference's
-    recorded coordinates (or projections, ref_proj) weighted by ref_weight, to the reference's state at the
-    next node (its converged sample on the step to 0), plus the rounding a float32 run would add through
-    the coefficients (FIT_ROUNDING). Aiming each step back at the converged trajectory, it corrects the error
-    carried from the steps before as well as the step's own. Costs len(sig) evaluations of those rows.
-    Returns one list of floats per step, or None if the reference lacks what the fit needs (ref_proj, or
-    nodes at `sig`) or the fit is not finite."""
+    """deis's `corrections` for order 3 on the positive sigmas `sig` (the reference's nodes, `reference_nodes`,
+    or between them), fitted on the reference's samples `rows` (indices): from their noise, step by step, the
+    coefficients of `solvers.correction_terms` that move the DEIS-3 update closest, in least squares on the
+    reference's recorded coordinates (or projections, ref_proj) weighted by ref_weight, to the reference's
+    state at the next sigma (recorded at a node, cubic in log sigma between nodes; its converged sample on the
+    step to 0), plus the rounding a float32 run would add through the coefficients (FIT_ROUNDING). Aiming each
+    step back at the converged trajectory, it corrects the error carried from the steps before as well as the
+    step's own. Costs len(sig) evaluations of those rows. Returns one list of floats per step, or None if the
+    reference lacks what the fit needs (ref_proj) or the fit is not finite."""
     from .solvers import correction_terms, deis_terms
 
     nodes = np.asarray(ref["ref_sigma"], dtype=np.float64)
     idx = [int(np.argmin(np.abs(nodes - v))) for v in sig]
-    if "ref_proj" not in ref or not np.allclose(nodes[idx], sig, rtol=1e-9, atol=0.0):
+    if "ref_proj" not in ref:
         return None
+    on_node = [bool(np.isclose(nodes[i], v, rtol=1e-9, atol=0.0)) for i, v in zip(idx, sig)]
     rows = torch.as_tensor(rows, dtype=torch.long)
     dtype, device = pilot_dtype_device(den)
     x = ref["ref_noise"][rows].to(device=device, dtype=dtype)
@@ -803,6 +805,8 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
     def coords(v):   # [b, ...] -> as the reference recorded it, float64 on the host, weighted
         return (v.reshape(b, -1) if proj is None else _project(v, proj)).double().cpu() * root_w
 
+    between = None if all(on_node[1:]) else _trajectory(states)     # off-node targets: the trajectory between
+
     s = [float(v) for v in sig] + [0.0]
     kept, fitted = [], []
     for i in range(len(sig)):
@@ -817,8 +821,12 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
             fitted.append([])
             x = base
             continue
-        goal = (coords(ref["ref_final"][rows].to(device)) if s[i + 1] == 0
-                else states[idx[i + 1]][rows].double() * root_w)
+        if s[i + 1] == 0:
+            goal = coords(ref["ref_final"][rows].to(device))
+        elif on_node[i + 1]:
+            goal = states[idx[i + 1]][rows].double() * root_w
+        else:
+            goal = between(nodes, s[i + 1])[rows] * root_w
         a = torch.stack([coords(v) for v in basis], -1).reshape(-1, len(basis))
         # least squares plus the rounding a run adds: each input x_j, D_j of the fused update carries a
         # relative error of about `rounding`, which its coefficient scales. Without this term, where the
@@ -839,6 +847,85 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
         fitted.append([float(v) for v in c])
         x = base + sum(float(v) * u for v, u in zip(c, basis))
     return fitted
+
+
+def _trajectory(values: torch.Tensor):
+    """A function (nodes, sigma) -> the reference's recorded values [N, B, m] at `sigma` between its nodes:
+    cubic in log sigma (scipy's CubicSpline, natural ends), float64."""
+    from scipy.interpolate import CubicSpline
+    cache = {}
+
+    def at(nodes: np.ndarray, sigma: float) -> torch.Tensor:
+        if "spline" not in cache:
+            cache["spline"] = CubicSpline(-np.log(nodes), values.double().numpy(), axis=0, bc_type="natural")
+        return torch.from_numpy(cache["spline"](-math.log(sigma)))
+    return at
+
+
+# surrogate_grid: the nodes it tunes lie below SURROGATE_BELOW x the data's scale, where D responds to the state
+# about as for Gaussian data; above, where samples choose their mode, a grid tuned on that response sent twice
+# as many samples of the learned wine model to another mode (docs/decisions/0029).
+SURROGATE_BELOW = 1.0
+SURROGATE_EVALS = 400
+
+
+def surrogate_grid(ref: dict, sig, schedule, below: float = SURROGATE_BELOW, evals: int = SURROGATE_EVALS
+                   ) -> np.ndarray | None:
+    """DEIS-3's positive sigmas [len(sig)] from `sig` with its nodes below `below` x the data's scale s tuned with
+    no model evaluation: Nelder-Mead over their log sigmas, minimising the RMS error of DEIS-3 on a surrogate of
+    the pilot: the reference's D along its trajectory (cubic in log sigma) plus the run's distance from the
+    reference's state times s^2 / (s^2 + sigma^2), D's response to it for Gaussian data of scale s. Costs
+    `evals` DEIS-3 runs on the reference's recorded coordinates; None without them."""
+    from scipy.optimize import minimize
+
+    from .denoiser import Denoiser
+    from .sampler import sample
+    if ref.get("ref_x") is None or ref.get("ref_D") is None:
+        return None
+    nodes = np.asarray(ref["ref_sigma"], dtype=np.float64)
+    x_ref, d_ref = _trajectory(ref["ref_x"]), _trajectory(ref["ref_D"])
+    start, target = ref["ref_x"][0].double(), ref["ref_D"][-1].double()
+    w = sample_weights(ref, start.shape[0])[:, None]
+    scale2 = data_scale(ref) ** 2
+    sig = np.asarray(sig, dtype=np.float64)
+    free = sig[1:] < below * math.sqrt(scale2)      # a suffix: sig descends
+    z0 = np.log(sig[1:][free])
+    if not len(z0):
+        return sig.copy()
+    top = float(sig[1:][~free].min()) if (~free).any() else float(sig[0])
+    lo, hi = math.log(schedule.sigma_min), math.log(top)
+
+    def grid(z):     # the tuned nodes: descending below the kept ones, in range, at least 1e-4 apart in log sigma
+        z = np.maximum(np.sort(np.clip(z, lo, hi - 1e-3))[::-1], lo + 1e-4 * np.arange(len(z))[::-1])
+        for i in range(1, len(z)):
+            z[i] = min(z[i], z[i - 1] - 1e-4)
+        out = sig.copy()
+        out[1:][free] = np.exp(z)
+        return out
+
+    def model(x, sigma):
+        s = float(sigma.reshape(-1)[0])
+        return d_ref(nodes, s) + scale2 / (scale2 + s * s) * (x - x_ref(nodes, s))
+
+    surrogate = Denoiser(model, schedule, prediction="x0", time="sigma", scale_input=False)
+
+    def error(z):
+        out = sample(surrogate, noise=start * float(sig[0]) / float(nodes[0]), grid=np.append(grid(z), 0.0),
+                     solver="deis", track=False, progress=False, backend="torch").samples
+        e = float(((out - target).square().sum(-1, keepdim=True) * w).sum().sqrt())
+        return e if math.isfinite(e) else math.inf
+
+    best = {"error": error(z0), "z": z0}
+
+    def tracked(z):
+        e = error(z)
+        if e < best["error"]:
+            best.update(error=e, z=z.copy())
+        return e
+    simplex = [z0] + [z0 + 0.15 * (-1) ** i * np.eye(len(z0))[i] for i in range(len(z0))]
+    minimize(tracked, z0, method="Nelder-Mead", options={"maxfev": evals, "adaptive": True, "xatol": 1e-4,
+                                                         "fatol": 1e-12, "initial_simplex": np.array(simplex)})
+    return grid(best["z"])
 
 
 def _combine(kept, terms) -> torch.Tensor:
