@@ -494,7 +494,7 @@ def test_the_plan_s_rows():
                                         (20, 60, C("unipc", "error")))
     assert row("check") == _spans((1, 8, C("ipndm", "karras")), (9, 14, C("deis", "karras")), (15, 60, None))
     assert row("noise_cut") == _spans((1, 11, None), (12, 14, "after"), (15, 19, "before"), (20, 60, "after"))
-    assert row("fit_after") == _spans((1, 8, ()), (9, 14, ("deis", "ipndm")), (15, 60, ()))
+    assert row("fit_after") == _spans((1, 8, ("deis",)), (9, 14, ("deis", "ipndm")), (15, 60, ()))
     assert row("uncalibrated") == _spans((1, 14, C("deis", "karras")), (15, 60, C("unipc", "karras", {"order": 3})))
     assert row("measures_default") == _spans((1, 8, True), (9, 14, False), (15, 60, True))   # else: the check's run
     assert (auto.MARGIN, auto.CHALLENGE_MARGIN, auto.OUTLIER, auto.MAX_H) == (0.6, 0.8, 100.0, 0.8)
@@ -840,11 +840,12 @@ def test_auto_checks_its_choice_against_karras_and_takes_it_on_image_like_data(s
     assert (config.solver, config.options, config.meta["chosen"]) == (check.solver, dict(check.options), "karras")
     assert list(config.meta["check_errors"])[1] == check.label
     np.testing.assert_array_equal(config.sigmas, ts.grids.make_grid("karras", steps, den.schedule))
-    assert bool(band.fit_after) == ("fit_errors" in config.meta) == (steps == 10)
-    if band.fit_after:
+    fitted = check.solver in band.fit_after                       # after DEIS (both bands), not after iPNDM at 6
+    assert fitted == ("fit_errors" in config.meta) == (steps == 10)
+    if fitted:
         assert list(config.meta["fit_errors"]) == [check.label, "deis,fitted@karras"]
     twins = 24 if "error" in (band.default.grid, band.alternative.grid) else 0
-    fit = 2 * steps if band.fit_after else 0
+    fit = 2 * steps if fitted else 0
     guard = steps if band.measures_default else 0                 # else the guard reuses the check's run
     runs = 3 + len(band.also)                                     # also: a run on half the pilot
     assert len(calls) == config.meta["calibration_nfe"] == twins + 64 + runs * steps + guard + fit

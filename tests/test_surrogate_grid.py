@@ -66,3 +66,26 @@ def test_the_surrogate_tunes_the_low_noise_nodes_without_calling_the_model(gauss
     assert not np.allclose(tuned[~high], karras[~high])
     assert (np.diff(tuned) < 0).all() and tuned[-1] >= sch.sigma_min and tuned[0] == sch.sigma_max
     assert _rms(den, tuned, x_t, exact) < 0.5 * _rms(den, karras, x_t, exact)
+
+
+def test_up_to_8_steps_the_fit_follows_the_guards_fallback_to_deis(monkeypatch):
+    """The 1-8-step band's candidates are iPNDM and Euler on "jump" and its check iPNDM on karras, so its choice
+    is DEIS-3 only through the guard's fallback to DEIS-3 on karras (docs/decisions/0030). A pilot on which
+    every other run misses by far more makes the guard fall back; the fit then runs on karras with its
+    surrogate-tuned nodes, at two more runs of half the pilot (2 x NFE in calibration_nfe)."""
+    from thermosample import auto, toy
+    real = calibrate.pilot_errors
+
+    def deis_far_better(den, sigmas, solver, ref, backend="auto", solver_options=None):
+        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
+        return (err, sq) if solver == "deis" else (100.0 * err, 1e4 * sq)
+
+    monkeypatch.setattr(calibrate, "pilot_errors", deis_far_better)
+    den = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
+    band = auto.band_for(6)
+    assert band.fit_after == ("deis",) and band.check.solver == "ipndm"
+    config = ts.thermo_grid(den, 6, solver="auto", sample_shape=(8,),
+                            options=ts.CalibrationOptions(ref_steps=32, pilot_batch=16, progress=False))
+    assert list(config.meta["default_errors"])[1] == "deis@karras" and config.meta["chosen"] == "karras"
+    assert list(config.meta["fit_errors"]) == ["deis@karras", "deis,fitted@karras"]
+    assert config.meta["calibration_nfe"] == 32 + 4 * 6 + 2 * 6        # reference, four runs, the fit

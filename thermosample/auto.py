@@ -103,7 +103,8 @@ _FIT = ("deis", "ipndm")
 
 PLAN: tuple[Band, ...] = (
     Band(8, Candidate("ipndm", "jump"), Candidate("euler", "jump"), _DEIS_KARRAS,
-         check=Candidate("ipndm", "karras"), decision="docs/decisions/0016-ipndm-on-jump.md"),
+         check=Candidate("ipndm", "karras"), fit_after=("deis",),
+         decision="docs/decisions/0030-fit-after-deis-up-to-8-steps.md"),
     Band(11, _UNIPC_MAX_H, _IPNDM, _DEIS_KARRAS, check=_DEIS_KARRAS, also=(_DPMPP_2M,), fit_after=_FIT,
          decision="docs/decisions/0026-second-order-under-guidance.md"),
     Band(14, _UNIPC_MAX_H, _IPNDM, _DEIS_KARRAS, check=_DEIS_KARRAS, noise_cut="after", fit_after=_FIT,
