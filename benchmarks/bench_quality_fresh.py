@@ -10,9 +10,10 @@ session 13, fresh15/fresh16 in session 14, fresh17/fresh18 in session 15 and fre
 each before that session's changes were measured on it. fresh17 and fresh18 are a new kind of problem
 (spectral_mixture: image-like power-law spectra and overlapping classes), on which nothing was ever tuned;
 fresh19 is six more of them, fresh20 mixes them with separated-mode mixtures. fresh21 (separated-mode
-mixtures) and fresh22 (both kinds) were defined in session 18 before the 15-17-step change was measured.
+mixtures) and fresh22 (both kinds) were defined in session 18 before the 15-17-step change was measured;
+fresh23 (both kinds, small) in session 23 before the surrogate-tuned fit (decisions 0029, 0030) was run on it.
 
-    python -m benchmarks.bench_quality_fresh fresh|fresh2|...|fresh22 [bench_quality options] [--save-results]
+    python -m benchmarks.bench_quality_fresh fresh|fresh2|...|fresh23 [bench_quality options] [--save-results]
 
 Writes benchmarks/out/bench_quality_<set>.{txt,json,png}; --save-results also writes the committed summary,
 benchmarks/results/bench_quality_<set>.{txt,json} (the JSON without the per-run rows). About 3 minutes per
@@ -318,6 +319,19 @@ SETS = {
                 lambda: mixture(1024, 4, 0.03, 0.1, 2406, weight_spread=6.0).denoiser(ts.schedules.VPLinear()),
                 (1024,), 128),
     ], (9750, 9751, 9752, 9753)),
+    "fresh23": ([
+        Problem("fr23-spec-d192-k5-a1.3/edm", lambda: spectral_mixture(192, 5, 1.3, 0.35, 2501).denoiser(EDM),
+                (192,), 512),
+        Problem("fr23-spec-d64-k4-a1.0/vp",
+                lambda: spectral_mixture(64, 4, 1.0, 0.3, 2502).denoiser(ts.schedules.VPLinear()), (64,), 1024),
+        Problem("fr23-mix-d48-k5/edm", lambda: mixture(48, 5, 0.04, 0.15, 2503).denoiser(EDM), (48,), 1024),
+        Problem("fr23-mix-d24-k6-aniso/cosine",
+                lambda: aniso_mixture(24, 6, 0.03, 0.2, 2504).denoiser("cosine"), (24,), 1024),
+        Problem("fr23-spec-d320-k6-a1.5/condot",
+                lambda: spectral_mixture(320, 6, 1.5, 0.25, 2505).denoiser("condot"), (320,), 512),
+        Problem("fr23-mix-d12-k4-unequal/edm",
+                lambda: mixture(12, 4, 0.05, 0.2, 2506, weight_spread=4.0).denoiser(EDM), (12,), 2048),
+    ], (9850, 9851, 9852, 9853)),
 }
 
 
