@@ -185,3 +185,24 @@ def test_cli_sample_runs_the_config_s_solver_and_says_which(tmp_path, capsys):
     assert cli.main(["sample", "--model", "thermosample.toy:toy_factory", "--n", "4", "--batch", "4", "--out",
                      str(tmp_path / "out"), "--grid", str(path)]) == 0
     assert f"solver {saved['solver']} (from the config" in capsys.readouterr().out
+
+
+def test_auto_reuses_a_larger_pilot_it_is_given_and_an_explicit_budget_names_it():
+    """pilot_data with a reference fixes the pilot's batch: solver="auto" with the default cost reuses a
+    "thorough" pilot of 64 samples (as bench_quality does for its recommended row), running its plan on all 64
+    (the reference is paid for); with a budget given explicitly that its runs exceed, the error names the
+    pilot's size and the way out (before, both failed with "a pilot of 8 samples needs ...")."""
+    den = ts.Denoiser(mixture_model(), "edm", prediction="x0", time="t")
+    kw = dict(sample_shape=(6,), dtype=torch.float64)
+    big = ts.thermo_grid(den, 6, solver="dpmpp_2m", **kw,
+                         options=ts.CalibrationOptions(cost="thorough", pilot_batch=64, ref_steps=32, progress=False))
+    plan = calibrate._Plan.of(6, "auto", None, None, None)
+    sized = calibrate._sized(ts.CalibrationOptions(), plan, big.pilot)
+    assert sized.pilot_batch == 64
+    cfg = ts.thermo_grid(den, 6, solver="auto", pilot_data=big.pilot, **kw,
+                         options=ts.CalibrationOptions(progress=False))
+    assert cfg.pilot["ref_final"].shape[0] == 64
+    assert 4 * 6 * 64 <= cfg.meta["calibration_rows"] <= plan.rows(sized, big.pilot)   # at least the four runs
+    with pytest.raises(ValueError, match="holds a reference of 64 samples"):
+        ts.thermo_grid(den, 6, solver="auto", pilot_data=big.pilot, **kw,
+                       options=ts.CalibrationOptions(cost=600, progress=False))

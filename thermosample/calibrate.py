@@ -1251,6 +1251,16 @@ def _sized(opts: CalibrationOptions, plan: _Plan, pilot_data: dict) -> Calibrati
     opts = replace(opts, ref_steps=opts.ref_steps or reference_steps(plan.steps))
     if opts.pilot_batch is not None:
         return opts
+    screened, pool = _screen(opts.boundary_pool, opts.boundary_samples)
+    if "ref_final" in pilot_data and _screen_of(pilot_data) == (screened, pool):
+        # a reference passed in fixes the batch (and is paid for): its runs cost what they cost
+        b = int(pilot_data["ref_final"].shape[0]) - screened
+        need = plan.rows(replace(opts, pilot_batch=b), pilot_data)
+        if need > budget and opts.cost is not None:
+            raise ValueError(f"pilot_data holds a reference of {b} samples, whose runs need {need} model rows, more "
+                             f"than cost={cost!r} allows ({budget}): pass cost='thorough' or a number of rows, or "
+                             "a smaller pilot")
+        return replace(opts, pilot_batch=b)
     fits = [b for b in range(8, 4097, 2) if plan.rows(replace(opts, pilot_batch=b), pilot_data) <= budget]
     if not fits:
         need = plan.rows(replace(opts, pilot_batch=8), pilot_data)
