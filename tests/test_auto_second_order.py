@@ -17,6 +17,19 @@ def _den():
     return toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
 
 
+def _only_good(monkeypatch, good: str) -> list:
+    """Make every pilot run but `good`'s miss by 30 x more; returns the (solver, samples) of each run, as run."""
+    real, batches = calibrate.pilot_errors, []
+
+    def fake(den, sigmas, solver, ref, backend="auto", solver_options=None):
+        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
+        batches.append((solver, len(sq)))
+        return (err, sq) if solver == good else (30.0 * err, 900.0 * sq)
+
+    monkeypatch.setattr(calibrate, "pilot_errors", fake)
+    return batches
+
+
 def _config(den, **kw):
     return ts.thermo_grid(den, 10, solver="auto", sample_shape=(8,),
                           options=ts.CalibrationOptions(ref_steps=32, pilot_batch=16, progress=False, **kw))
@@ -44,15 +57,7 @@ def test_auto_takes_dpmpp_2m_when_the_pilot_shows_the_higher_orders_far_worse(mo
     guided digits model at w = 7): auto at 10 steps ends on DPM-Solver++(2M) on its "error" grid, measured on
     the even samples, past the check and the guard (compared on those samples); its sigmas are that candidate's.
     Without the candidate the band could only end on UniPC, iPNDM or DEIS."""
-    real = calibrate.pilot_errors
-    batches = []
-
-    def unstable_above_second_order(den, sigmas, solver, ref, backend="auto", solver_options=None):
-        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
-        batches.append((solver, len(sq)))
-        return (err, sq) if solver == "dpmpp_2m" else (30.0 * err, 900.0 * sq)
-
-    monkeypatch.setattr(calibrate, "pilot_errors", unstable_above_second_order)
+    batches = _only_good(monkeypatch, "dpmpp_2m")
     den = _den()
     config = _config(den)
     assert (config.solver, config.options, config.meta["chosen"]) == ("dpmpp_2m", {}, "error")
@@ -112,3 +117,16 @@ def test_every_also_candidate_keeps_its_pilot_error_in_meta(monkeypatch):
     monkeypatch.setattr(auto, "PLAN", (two,))
     errors = _config(_den()).meta["also_errors"]
     assert {"euler@error", DPMPP_2M.label} <= set(errors) and all(np.isfinite(v) for v in errors.values())
+
+
+def test_a_second_also_candidate_meets_the_first_s_winner_on_the_same_even_samples(monkeypatch):
+    """When the first `also` candidate wins (its run holds the even samples only), the next one still runs on
+    all the pilot's even samples and is compared with it there, not on half of that half."""
+    band = auto.band_for(10)
+    two = auto.Band(None, band.default, band.alternative, band.uncalibrated, check=band.check,
+                    also=(auto.Candidate("euler", "error"), DPMPP_2M))
+    monkeypatch.setattr(auto, "PLAN", (two,))
+    batches = _only_good(monkeypatch, "euler")
+    config = _config(_den())
+    assert ("euler", 8) in batches and ("dpmpp_2m", 8) in batches           # pilot of 16: 8 even samples
+    assert config.solver == "euler" and list(config.meta["also_errors"])[-1] == DPMPP_2M.label

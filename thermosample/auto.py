@@ -230,16 +230,17 @@ def _also(den, steps, cand: Candidate, run: _Run, ref, pilot_data, backend, dens
 
     from . import calibrate
     from .solvers import evaluations
-    half = np.arange(0, len(run.sq), 2)
-    w = np.asarray(weight, dtype=np.float64)[half]
+    half = np.arange(0, len(ref["ref_final"]), 2)          # the pilot's; `run` may hold these samples only
     sub = {"ref_noise": ref["ref_noise"][half], "ref_final": ref["ref_final"][half],
-           "ref_weight": torch.as_tensor(w)}
+           "ref_weight": torch.as_tensor(np.asarray(weight, dtype=np.float64)[half])}
     sig = calibrate.candidate_sigmas(cand.grid, den, steps, cand.solver, ref, pilot_data, density_kw)
     err, sq = calibrate.pilot_errors(den, sig, cand.solver, sub, backend, dict(cand.options))
-    mine = np.asarray(run.sq, dtype=np.float64)[half]
+    other = _Run(cand.label, cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=half)
+    mine, _, w = _paired(run, other, weight)
+    mine = np.asarray(mine, dtype=np.float64)
     found = {label(run.solver, run.options, run.grid): float(np.sqrt((mine * w).sum() / w.sum())), cand.label: err}
     if challenge(np.stack([mine, sq]), w, margin):
-        run = _Run(cand.label, cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=half)
+        run = other
     return run, found, evaluations(cand.solver, steps)
 
 
