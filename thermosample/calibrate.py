@@ -805,7 +805,7 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
     def coords(v):   # [b, ...] -> as the reference recorded it, float64 on the host, weighted
         return (v.reshape(b, -1) if proj is None else _project(v, proj)).double().cpu() * root_w
 
-    between = None if all(on_node[1:]) else _trajectory(states)     # off-node targets: the trajectory between
+    between = None if all(on_node[1:]) else _trajectory(nodes, states)     # off-node targets: in between
 
     s = [float(v) for v in sig] + [0.0]
     kept, fitted = [], []
@@ -826,7 +826,7 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
         elif on_node[i + 1]:
             goal = states[idx[i + 1]][rows].double() * root_w
         else:
-            goal = between(nodes, s[i + 1])[rows] * root_w
+            goal = between(s[i + 1])[rows] * root_w
         a = torch.stack([coords(v) for v in basis], -1).reshape(-1, len(basis))
         # least squares plus the rounding a run adds: each input x_j, D_j of the fused update carries a
         # relative error of about `rounding`, which its coefficient scales. Without this term, where the
@@ -849,17 +849,12 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
     return fitted
 
 
-def _trajectory(values: torch.Tensor):
-    """A function (nodes, sigma) -> the reference's recorded values [N, B, m] at `sigma` between its nodes:
-    cubic in log sigma (scipy's CubicSpline, natural ends), float64."""
+def _trajectory(nodes: np.ndarray, values: torch.Tensor):
+    """A function sigma -> the reference's values [N, B, m] recorded at its `nodes` (sigmas), at `sigma`
+    between them: cubic in log sigma (scipy's CubicSpline, natural ends), float64."""
     from scipy.interpolate import CubicSpline
-    cache = {}
-
-    def at(nodes: np.ndarray, sigma: float) -> torch.Tensor:
-        if "spline" not in cache:
-            cache["spline"] = CubicSpline(-np.log(nodes), values.double().numpy(), axis=0, bc_type="natural")
-        return torch.from_numpy(cache["spline"](-math.log(sigma)))
-    return at
+    spline = CubicSpline(-np.log(nodes), values.double().numpy(), axis=0, bc_type="natural")
+    return lambda sigma: torch.from_numpy(spline(-math.log(sigma)))
 
 
 # surrogate_grid: the nodes it tunes lie below SURROGATE_BELOW x the data's scale, where D responds to the state
@@ -883,7 +878,7 @@ def surrogate_grid(ref: dict, sig, schedule, below: float = SURROGATE_BELOW, eva
     if ref.get("ref_x") is None or ref.get("ref_D") is None:
         return None
     nodes = np.asarray(ref["ref_sigma"], dtype=np.float64)
-    x_ref, d_ref = _trajectory(ref["ref_x"]), _trajectory(ref["ref_D"])
+    x_ref, d_ref = _trajectory(nodes, ref["ref_x"]), _trajectory(nodes, ref["ref_D"])
     start, target = ref["ref_x"][0].double(), ref["ref_D"][-1].double()
     w = sample_weights(ref, start.shape[0])[:, None]
     scale2 = data_scale(ref) ** 2
@@ -905,7 +900,7 @@ def surrogate_grid(ref: dict, sig, schedule, below: float = SURROGATE_BELOW, eva
 
     def model(x, sigma):
         s = float(sigma.reshape(-1)[0])
-        return d_ref(nodes, s) + scale2 / (scale2 + s * s) * (x - x_ref(nodes, s))
+        return d_ref(s) + scale2 / (scale2 + s * s) * (x - x_ref(s))
 
     surrogate = Denoiser(model, schedule, prediction="x0", time="sigma", scale_input=False)
 
@@ -1209,7 +1204,7 @@ class _Plan:
         if self.method != "select":
             return rows
         screened, pool = _screen(opts.boundary_pool, opts.boundary_samples)
-        if "ref_final" in pilot_data and _screen_of(pilot_data) == (screened, pool):
+        if _reused_reference(opts, pilot_data):
             b = int(pilot_data["ref_final"].shape[0])
         else:
             rows += opts.ref_steps * b + opts.pilot_steps * 2 * pool
@@ -1221,6 +1216,11 @@ class _Plan:
             runs = 2 + (self.band.check is not None) + self.band.measures_default + cuts + bool(self.band.fit_after)
         also = len(self.band.also) * -(-b // 2) if self.band is not None else 0      # on the even samples
         return rows + (runs * b + also) * self.spec.evaluations(self.steps)
+
+
+def _reused_reference(opts: CalibrationOptions, pilot_data: dict) -> bool:
+    """Whether the calibration reuses pilot_data's reference (one with the screen these options ask for)."""
+    return "ref_final" in pilot_data and _screen_of(pilot_data) == _screen(opts.boundary_pool, opts.boundary_samples)
 
 
 def planned_rows(steps: int, solver: str = "auto", options: CalibrationOptions | None = None,
@@ -1251,10 +1251,9 @@ def _sized(opts: CalibrationOptions, plan: _Plan, pilot_data: dict) -> Calibrati
     opts = replace(opts, ref_steps=opts.ref_steps or reference_steps(plan.steps))
     if opts.pilot_batch is not None:
         return opts
-    screened, pool = _screen(opts.boundary_pool, opts.boundary_samples)
-    if "ref_final" in pilot_data and _screen_of(pilot_data) == (screened, pool):
+    if _reused_reference(opts, pilot_data):
         # a reference passed in fixes the batch (and is paid for): its runs cost what they cost
-        b = int(pilot_data["ref_final"].shape[0]) - screened
+        b = int(pilot_data["ref_final"].shape[0]) - _screen(opts.boundary_pool, opts.boundary_samples)[0]
         need = plan.rows(replace(opts, pilot_batch=b), pilot_data)
         if need > budget and opts.cost is not None:
             raise ValueError(f"pilot_data holds a reference of {b} samples, whose runs need {need} model rows, more "
