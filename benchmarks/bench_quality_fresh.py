@@ -11,9 +11,10 @@ each before that session's changes were measured on it. fresh17 and fresh18 are 
 (spectral_mixture: image-like power-law spectra and overlapping classes), on which nothing was ever tuned;
 fresh19 is six more of them, fresh20 mixes them with separated-mode mixtures. fresh21 (separated-mode
 mixtures) and fresh22 (both kinds) were defined in session 18 before the 15-17-step change was measured;
-fresh23 (both kinds, small) in session 23 before the surrogate-tuned fit (decisions 0029, 0030) was run on it.
+fresh23 (both kinds, small) in session 23 before the surrogate-tuned fit (decisions 0029, 0030) was run on it;
+fresh24 (both kinds, small) in session 24 before the 9-19-step band's pair was run at 20 steps on it.
 
-    python -m benchmarks.bench_quality_fresh fresh|fresh2|...|fresh23 [bench_quality options] [--save-results]
+    python -m benchmarks.bench_quality_fresh fresh|fresh2|...|fresh24 [bench_quality options] [--save-results]
 
 Writes benchmarks/out/bench_quality_<set>.{txt,json,png}; --save-results also writes the committed summary,
 benchmarks/results/bench_quality_<set>.{txt,json} (the JSON without the per-run rows). About 3 minutes per
@@ -332,6 +333,19 @@ SETS = {
         Problem("fr23-mix-d12-k4-unequal/edm",
                 lambda: mixture(12, 4, 0.05, 0.2, 2506, weight_spread=4.0).denoiser(EDM), (12,), 2048),
     ], (9850, 9851, 9852, 9853)),
+    "fresh24": ([
+        Problem("fr24-mix-d20-k3-vsharp/vp",
+                lambda: mixture(20, 3, 0.01, 0.03, 2601).denoiser(ts.schedules.VPLinear()), (20,), 2048),
+        Problem("fr24-spec-d128-k4-a1.2/edm", lambda: spectral_mixture(128, 4, 1.2, 0.3, 2602).denoiser(EDM),
+                (128,), 1024),
+        Problem("fr24-mix-d64-k12-sharp/edm", lambda: mixture(64, 12, 0.02, 0.05, 2603).denoiser(EDM), (64,), 1024),
+        Problem("fr24-mix-d10-k5-aniso/condot",
+                lambda: aniso_mixture(10, 5, 0.03, 0.2, 2604).denoiser("condot"), (10,), 2048),
+        Problem("fr24-spec-d256-k5-a1.4/cosine",
+                lambda: spectral_mixture(256, 5, 1.4, 0.3, 2605).denoiser("cosine"), (256,), 512),
+        Problem("fr24-mix-d32-k4-unequal/edm",
+                lambda: mixture(32, 4, 0.03, 0.12, 2606, weight_spread=8.0).denoiser(EDM), (32,), 1024),
+    ], (9950, 9951, 9952, 9953)),
 }
 
 
