@@ -481,15 +481,14 @@ def test_the_plan_s_bands_hold_every_step_count_once():
 
 def test_the_plan_s_rows():
     """What each band measures. Default | alternative: iPNDM | Euler on "jump" up to 8 steps, UniPC-3 with max_h |
-    iPNDM on "error" at 9-19, UniPC-3 | UniPC-2 on "error" from 20. A check on karras only up to 14 steps (iPNDM
-    up to 8, DEIS-3 above). UniPC's noise cut: none up to 11 steps, after the choice at 12-14 and from 20, on
+    iPNDM on "error" at 9-19, UniPC-3 with max_h | UniPC-2 on "error" from 20. A check on karras only up to 14
+    steps (iPNDM up to 8, DEIS-3 above). UniPC's noise cut: none up to 11 steps, after the choice at 12-14 and from 20, on
     the UniPC candidate before the candidates compete at 15-19. Fitted DEIS corrections after DEIS or iPNDM at
     9-14 steps only. Without a config: DEIS-3 up to 14 steps, UniPC-3 from 15 (on the grid given)."""
     C = auto.Candidate
     row = lambda name: {n: getattr(auto.band_for(n), name) for n in range(1, 61)}
     unipc_max_h = C("unipc", "error", {"order": 3, "max_h": auto.MAX_H})
-    assert row("default") == _spans((1, 8, C("ipndm", "jump")), (9, 19, unipc_max_h),
-                                    (20, 60, C("unipc", "error", {"order": 3})))
+    assert row("default") == _spans((1, 8, C("ipndm", "jump")), (9, 60, unipc_max_h))
     assert row("alternative") == _spans((1, 8, C("euler", "jump")), (9, 19, C("ipndm", "error")),
                                         (20, 60, C("unipc", "error")))
     assert row("check") == _spans((1, 8, C("ipndm", "karras")), (9, 14, C("deis", "karras")), (15, 60, None))
@@ -669,6 +668,38 @@ def test_auto_falls_back_to_the_band_s_uncalibrated_default_when_its_choice_is_c
     monkeypatch.setattr(calibrate, "pilot_errors", errors)
     solver, _, grid, _, meta, _ = auto.calibrate_plan(den, 6, ref, None)
     assert (solver, grid) == ("ipndm", "jump") and set(meta["default_errors"]) == {"ipndm@jump", "deis@karras"}
+
+
+def test_the_guard_judges_the_choice_with_its_noise_cut(monkeypatch):
+    """With noise_cut="after" (from 20 steps) the cut is chosen before the guard, and the guard compares the run
+    that will be used, cut included, with the uncalibrated default: a choice far worse than the default
+    without its cut but far better with it is kept (guarding the uncut run fell back to karras here,
+    docs/decisions/0032-max-h-from-20-guard-after-cut.md). When the cut run is worse too, the default is
+    returned as it is, without a cut."""
+    den = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
+    ref = calibrate.reference(den, (16, 8), ref_steps=32)
+    twins = calibrate.pilot(den, (16, 8))
+    errors = calibrate.pilot_errors
+    band = auto.band_for(20)
+    assert band.noise_cut == "after" and band.measures_default
+    spared = (band.uncalibrated.solver, dict(band.uncalibrated.options))
+
+    def rigged(cut_factor):
+        def measured(den, sig, solver, ref, backend="auto", solver_options=None):
+            err, sq = errors(den, sig, solver, ref, backend, solver_options)
+            if (solver, dict(solver_options or {})) == spared:
+                return err, sq
+            factor = cut_factor if "noise_below" in (solver_options or {}) else 30.0
+            return err * factor, sq * factor ** 2
+        return measured
+
+    monkeypatch.setattr(calibrate, "pilot_errors", rigged(0.1))
+    solver, options, grid, _, meta, _ = auto.calibrate_plan(den, 20, ref, twins)
+    assert (solver, grid) == ("unipc", "error") and "noise_below" in options
+    assert options["max_h"] == auto.MAX_H and band.uncalibrated.label in meta["default_errors"]
+    monkeypatch.setattr(calibrate, "pilot_errors", rigged(30.0))
+    solver, options, grid, _, meta, _ = auto.calibrate_plan(den, 20, ref, twins)
+    assert (solver, options, grid) == (*spared, "karras") and meta["chosen"] == "karras"
 
 
 def test_a_far_better_challenger_wins_and_a_far_worse_one_does_not_on_measured_errors():
@@ -948,7 +979,7 @@ def test_auto_measures_noise_prediction_on_the_low_noise_steps_from_12_steps(nar
     den, config, x, exact = narrow_auto20
     meta = config.meta
     assert config.solver == "unipc" and "noise_below" in config.options
-    assert _uncut(config.options) == dict(auto.band_for(20).default.options) == {"order": 3}
+    assert _uncut(config.options) == dict(auto.band_for(20).default.options) == {"order": 3, "max_h": auto.MAX_H}
     scale = calibrate.data_scale(config.pilot)
     assert 0.9 < scale < 1.1
     errors = meta["noise_below_errors"]

@@ -36,7 +36,7 @@ AUTO = "auto"
 MARGIN = 0.6            # the alternative must measure below 0.6 x the default: a pilot misses rare samples
 CHALLENGE_MARGIN = 0.8  # checks, noise cuts and fits, which the pilot ranks as a large batch does
 OUTLIER = 100.0         # a sample missed by over 100 x the median miss was sent to another mode
-MAX_H = 0.8             # UniPC-3's longest third-order step (in log sigma) in the 9-19-step bands
+MAX_H = 0.8             # UniPC-3's longest third-order step (in log sigma) from 9 steps
 NOISE_CUTS = (0.3, 0.2, 0.1)   # UniPC's noise_below tried, in units of the data's scale
 NOISE_ORDER = 3         # the DEIS order of the steps below the cut
 GUARD_DRAWS = 1000      # bootstrap resamples of the pilot for the guard against the uncalibrated default
@@ -65,12 +65,12 @@ class Band:
         wins `challenge` with margin MARGIN replaces it, and the check and the guard then compare on that half.
     check: measured next on the pilot; replaces the choice if it wins with CHALLENGE_MARGIN.
     noise_cut: where UniPC runs are also measured with noise_below at NOISE_CUTS: "before" (each UniPC
-        candidate competes with its best cut) or "after" (the chosen UniPC run only), or None.
+        candidate competes with its best cut) or "after" (the chosen UniPC run only, before the guard), or None.
     fit_after: the solvers after which DEIS-3 with corrections fitted on half the pilot is measured on
         the other half (taken if it wins with CHALLENGE_MARGIN).
     uncalibrated: what ts.sample(solver="auto") runs without a config (on the grid it is given), and what a
-        calibration falls back to when the pilot shows its choice worse than this beyond the pilot's
-        interval (`worse`): auto is never clearly worse than what it replaces.
+        calibration falls back to when the pilot shows its choice (with its noise cut) worse than this beyond
+        the pilot's interval (`worse`): auto is never clearly worse than what it replaces.
     decision: the record in docs/decisions/ that says why.
     """
     last: int | None
@@ -111,8 +111,8 @@ PLAN: tuple[Band, ...] = (
          decision="docs/decisions/0021-noise-from-12.md"),
     Band(19, _UNIPC_MAX_H, _IPNDM, _UNIPC3_KARRAS, noise_cut="before",
          decision="docs/decisions/0023-band-to-19.md"),
-    Band(None, Candidate("unipc", "error", {"order": 3}), Candidate("unipc", "error"), _UNIPC3_KARRAS,
-         noise_cut="after", decision="docs/decisions/0007-unipc3-from-18.md"),
+    Band(None, _UNIPC_MAX_H, Candidate("unipc", "error"), _UNIPC3_KARRAS, noise_cut="after",
+         decision="docs/decisions/0032-max-h-from-20-guard-after-cut.md"),
 )
 
 
@@ -328,19 +328,19 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
         mine, theirs, w = _paired(run, checked, weight)
         if challenge(np.stack([mine, theirs]), w, max(margin, CHALLENGE_MARGIN), outliers="each"):
             run = checked
-    if run.label != band.uncalibrated.label:
+    if band.noise_cut == "after" and run.solver == "unipc":
+        run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
+        spent += nfe
+    if (run.label, run.options) != (band.uncalibrated.label, dict(band.uncalibrated.options)):
         if band.measures_default:
             default, nfe = _measure(den, steps, band.uncalibrated, ref, None, backend, density_kw)
             spent += nfe
         else:
             default = checked
         meta["default_errors"] = {run.label: run.error, default.label: default.error}
-        if worse(*_paired(run, default, weight)):
+        if worse(*_paired(run, default, weight)):     # the run as it will be used, its noise cut included
             run = default
     meta["chosen"] = run.grid
-    if band.noise_cut == "after" and run.solver == "unipc":
-        run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
-        spent += nfe
     if run.solver in band.fit_after:
         run, meta["fit_errors"], nfe = _fit(den, steps, run, ref, backend, margin)
         spent += nfe
