@@ -697,6 +697,8 @@ def test_the_guard_judges_the_choice_with_its_noise_cut(monkeypatch):
     solver, options, grid, _, meta, _ = auto.calibrate_plan(den, 20, ref, twins)
     assert (solver, grid) == ("unipc", "error") and "noise_below" in options
     assert options["max_h"] == auto.MAX_H and band.uncalibrated.label in meta["default_errors"]
+    judged = auto.label(solver, options, grid)                  # the guard's record names the cut run
+    assert meta["default_errors"][judged] == meta["noise_below_errors"][f"{options['noise_below']:.4g}"]
     monkeypatch.setattr(calibrate, "pilot_errors", rigged(30.0))
     solver, options, grid, _, meta, _ = auto.calibrate_plan(den, 20, ref, twins)
     assert (solver, options, grid) == (*spared, "karras") and meta["chosen"] == "karras"

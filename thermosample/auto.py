@@ -337,7 +337,7 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
             spent += nfe
         else:
             default = checked
-        meta["default_errors"] = {run.label: run.error, default.label: default.error}
+        meta["default_errors"] = {label(run.solver, run.options, run.grid): run.error, default.label: default.error}
         if worse(*_paired(run, default, weight)):     # the run as it will be used, its noise cut included
             run = default
     meta["chosen"] = run.grid
