@@ -482,8 +482,8 @@ def test_the_plan_s_bands_hold_every_step_count_once():
 def test_the_plan_s_rows():
     """What each band measures. Default | alternative: iPNDM | Euler on "jump" up to 8 steps, UniPC-3 with max_h |
     iPNDM on "error" at 9-19, UniPC-3 with max_h | UniPC-2 on "error" from 20. A check on karras only up to 14
-    steps (iPNDM up to 8, DEIS-3 above). UniPC's noise cut: none up to 11 steps, after the choice at 12-14 and from 20, on
-    the UniPC candidate before the candidates compete at 15-19. Fitted DEIS corrections after DEIS or iPNDM at
+    steps (iPNDM up to 8, DEIS-3 above). UniPC's noise cut: none up to 11 steps, after the choice at 12-14 and
+    from 20, on the UniPC candidate before the candidates compete at 15-19. Fitted DEIS corrections after DEIS or iPNDM at
     9-14 steps only. Without a config: DEIS-3 up to 14 steps, UniPC-3 from 15 (on the grid given)."""
     C = auto.Candidate
     row = lambda name: {n: getattr(auto.band_for(n), name) for n in range(1, 61)}
