@@ -331,14 +331,15 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
     if band.noise_cut == "after" and run.solver == "unipc":
         run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
         spent += nfe
-    if (run.label, run.options) != (band.uncalibrated.label, dict(band.uncalibrated.options)):
+    judged = label(run.solver, run.options, run.grid)    # the run as it will be used, its noise cut included
+    if judged != band.uncalibrated.label:
         if band.measures_default:
             default, nfe = _measure(den, steps, band.uncalibrated, ref, None, backend, density_kw)
             spent += nfe
         else:
             default = checked
-        meta["default_errors"] = {label(run.solver, run.options, run.grid): run.error, default.label: default.error}
-        if worse(*_paired(run, default, weight)):     # the run as it will be used, its noise cut included
+        meta["default_errors"] = {judged: run.error, default.label: default.error}
+        if worse(*_paired(run, default, weight)):
             run = default
     meta["chosen"] = run.grid
     if run.solver in band.fit_after:
