@@ -20,6 +20,26 @@ def poisoned():
     return nan_like
 
 
+@pytest.fixture
+def rig_pilot_errors(monkeypatch):
+    """rig(factor) replaces calibrate.pilot_errors by the real one with each run's error times
+    factor(solver, options) (its per-sample squared errors times the square), for the rest of the test, and
+    returns the list of (solver, samples) of every run so far, in order. Each rig wraps the real function."""
+    from thermosample import calibrate
+    real, runs = calibrate.pilot_errors, []
+
+    def rig(factor):
+        def scaled(den, sigmas, solver, ref, backend="auto", solver_options=None):
+            err, sq = real(den, sigmas, solver, ref, backend, solver_options)
+            runs.append((solver, len(sq)))
+            f = factor(solver, dict(solver_options or {}))
+            return f * err, f * f * sq
+
+        monkeypatch.setattr(calibrate, "pilot_errors", scaled)
+        return runs
+    return rig
+
+
 @pytest.fixture(scope="module")
 def unet():
     """A tiny randomly initialised diffusers UNet2DModel (offline), seeded the same in every module."""

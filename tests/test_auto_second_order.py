@@ -17,17 +17,9 @@ def _den():
     return toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
 
 
-def _only_good(monkeypatch, good: str) -> list:
+def _only_good(rig_pilot_errors, good: str) -> list:
     """Make every pilot run but `good`'s miss by 30 x more; returns the (solver, samples) of each run, as run."""
-    real, batches = calibrate.pilot_errors, []
-
-    def fake(den, sigmas, solver, ref, backend="auto", solver_options=None):
-        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
-        batches.append((solver, len(sq)))
-        return (err, sq) if solver == good else (30.0 * err, 900.0 * sq)
-
-    monkeypatch.setattr(calibrate, "pilot_errors", fake)
-    return batches
+    return rig_pilot_errors(lambda solver, options: 1.0 if solver == good else 30.0)
 
 
 def _config(den, **kw):
@@ -52,12 +44,12 @@ def test_the_price_counts_half_a_run_and_keeps_the_default_tier_s_pilot():
         assert calibrate.planned_rows(10, "auto", opts) == rows <= calibrate.row_budget(cost, 10)
 
 
-def test_auto_takes_dpmpp_2m_when_the_pilot_shows_the_higher_orders_far_worse(monkeypatch):
+def test_auto_takes_dpmpp_2m_when_the_pilot_shows_the_higher_orders_far_worse(rig_pilot_errors):
     """A pilot on which every run but DPM-Solver++(2M)'s misses by 30 x more (as the higher orders did on the
     guided digits model at w = 7): auto at 10 steps ends on DPM-Solver++(2M) on its "error" grid, measured on
     the even samples, past the check and the guard (compared on those samples); its sigmas are that candidate's.
     Without the candidate the band could only end on UniPC, iPNDM or DEIS."""
-    batches = _only_good(monkeypatch, "dpmpp_2m")
+    batches = _only_good(rig_pilot_errors, "dpmpp_2m")
     den = _den()
     config = _config(den)
     assert (config.solver, config.options, config.meta["chosen"]) == ("dpmpp_2m", {}, "error")
@@ -69,17 +61,10 @@ def test_auto_takes_dpmpp_2m_when_the_pilot_shows_the_higher_orders_far_worse(mo
     assert "fit_errors" not in config.meta       # no fit after DPM-Solver++(2M)
 
 
-def test_the_check_still_replaces_it_on_the_half_it_was_measured_on(monkeypatch):
+def test_the_check_still_replaces_it_on_the_half_it_was_measured_on(rig_pilot_errors):
     """When DEIS-3 on karras (the check) is far better still, it replaces DPM-Solver++(2M) by the check's rule,
     compared on the even samples both were measured on."""
-    real = calibrate.pilot_errors
-
-    def fake(den, sigmas, solver, ref, backend="auto", solver_options=None):
-        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
-        scale = {"dpmpp_2m": 1.0, "deis": 1e-4}.get(solver, 1e4)
-        return scale ** 0.5 * err, scale * sq
-
-    monkeypatch.setattr(calibrate, "pilot_errors", fake)
+    rig_pilot_errors(lambda solver, options: {"dpmpp_2m": 1.0, "deis": 1e-2}.get(solver, 100.0))
     config = _config(_den())
     assert config.meta["chosen"] == "karras" and list(config.meta["check_errors"])[0] == DPMPP_2M.label
 
@@ -119,14 +104,14 @@ def test_every_also_candidate_keeps_its_pilot_error_in_meta(monkeypatch):
     assert {"euler@error", DPMPP_2M.label} <= set(errors) and all(np.isfinite(v) for v in errors.values())
 
 
-def test_a_second_also_candidate_meets_the_first_s_winner_on_the_same_even_samples(monkeypatch):
+def test_a_second_also_candidate_meets_the_first_s_winner_on_the_same_even_samples(monkeypatch, rig_pilot_errors):
     """When the first `also` candidate wins (its run holds the even samples only), the next one still runs on
     all the pilot's even samples and is compared with it there, not on half of that half."""
     band = auto.band_for(10)
     two = auto.Band(None, band.default, band.alternative, band.uncalibrated, check=band.check,
                     also=(auto.Candidate("euler", "error"), DPMPP_2M))
     monkeypatch.setattr(auto, "PLAN", (two,))
-    batches = _only_good(monkeypatch, "euler")
+    batches = _only_good(rig_pilot_errors, "euler")
     config = _config(_den())
     assert ("euler", 8) in batches and ("dpmpp_2m", 8) in batches           # pilot of 16: 8 even samples
     assert config.solver == "euler" and list(config.meta["also_errors"])[-1] == DPMPP_2M.label

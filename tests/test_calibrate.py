@@ -483,8 +483,9 @@ def test_the_plan_s_rows():
     """What each band measures. Default | alternative: iPNDM | Euler on "jump" up to 8 steps, UniPC-3 with max_h |
     iPNDM on "error" at 9-19, UniPC-3 with max_h | UniPC-2 on "error" from 20. A check on karras only up to 14
     steps (iPNDM up to 8, DEIS-3 above). UniPC's noise cut: none up to 11 steps, after the choice at 12-14 and
-    from 20, on the UniPC candidate before the candidates compete at 15-19. Fitted DEIS corrections after DEIS or iPNDM at
-    9-14 steps only. Without a config: DEIS-3 up to 14 steps, UniPC-3 from 15 (on the grid given)."""
+    from 20, on the UniPC candidate before the candidates compete at 15-19. Fitted DEIS corrections after DEIS up
+    to 8 steps (the guard's fallback), after DEIS or iPNDM at 9-14, none from 15. Without a config: DEIS-3 up to
+    14 steps, UniPC-3 from 15 (on the grid given)."""
     C = auto.Candidate
     row = lambda name: {n: getattr(auto.band_for(n), name) for n in range(1, 61)}
     unipc_max_h = C("unipc", "error", {"order": 3, "max_h": auto.MAX_H})
@@ -644,7 +645,8 @@ def test_the_guard_falls_back_only_when_the_pilot_shows_the_choice_worse_beyond_
     assert auto.worse(1.5 * default, default) == auto.worse(1.5 * default, default)   # a fixed seed
 
 
-def test_auto_falls_back_to_the_band_s_uncalibrated_default_when_its_choice_is_clearly_worse(monkeypatch):
+def test_auto_falls_back_to_the_band_s_uncalibrated_default_when_its_choice_is_clearly_worse(monkeypatch,
+                                                                                            rig_pilot_errors):
     """calibrate_plan measures the band's uncalibrated default (where it is not the check's run) and returns it
     when auto.worse says the choice is worse: here the candidates are made to miss every sample by more."""
     den = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
@@ -656,12 +658,7 @@ def test_auto_falls_back_to_the_band_s_uncalibrated_default_when_its_choice_is_c
         band = auto.band_for(steps)
         assert band.measures_default
         spared = (band.uncalibrated.solver, dict(band.uncalibrated.options))
-
-        def spoiled(den, sig, solver, ref, backend="auto", solver_options=None, spared=spared):   # all but the default
-            err, sq = errors(den, sig, solver, ref, backend, solver_options)
-            return (err, sq) if (solver, dict(solver_options or {})) == spared else (err * 30, sq * 900)
-
-        monkeypatch.setattr(calibrate, "pilot_errors", spoiled)
+        rig_pilot_errors(lambda solver, options, spared=spared: 1.0 if (solver, options) == spared else 30.0)
         solver, options, grid, sig, meta, spent = auto.calibrate_plan(den, steps, ref, twins)
         assert (solver, options, grid) == (band.uncalibrated.solver, dict(band.uncalibrated.options), "karras")
         assert band.uncalibrated.label in meta["default_errors"] and meta["chosen"] == "karras"
@@ -670,7 +667,7 @@ def test_auto_falls_back_to_the_band_s_uncalibrated_default_when_its_choice_is_c
     assert (solver, grid) == ("ipndm", "jump") and set(meta["default_errors"]) == {"ipndm@jump", "deis@karras"}
 
 
-def test_the_guard_judges_the_choice_with_its_noise_cut(monkeypatch):
+def test_the_guard_judges_the_choice_with_its_noise_cut(rig_pilot_errors):
     """With noise_cut="after" (from 20 steps) the cut is chosen before the guard, and the guard compares the run
     that will be used, cut included, with the uncalibrated default: a choice far worse than the default
     without its cut but far better with it is kept (guarding the uncut run fell back to karras here,
@@ -679,27 +676,21 @@ def test_the_guard_judges_the_choice_with_its_noise_cut(monkeypatch):
     den = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
     ref = calibrate.reference(den, (16, 8), ref_steps=32)
     twins = calibrate.pilot(den, (16, 8))
-    errors = calibrate.pilot_errors
     band = auto.band_for(20)
     assert band.noise_cut == "after" and band.measures_default
     spared = (band.uncalibrated.solver, dict(band.uncalibrated.options))
 
-    def rigged(cut_factor):
-        def measured(den, sig, solver, ref, backend="auto", solver_options=None):
-            err, sq = errors(den, sig, solver, ref, backend, solver_options)
-            if (solver, dict(solver_options or {})) == spared:
-                return err, sq
-            factor = cut_factor if "noise_below" in (solver_options or {}) else 30.0
-            return err * factor, sq * factor ** 2
-        return measured
+    def rigged(cut_factor):       # the default as it is, the runs with a cut by cut_factor, the others 30 x worse
+        return lambda solver, options: (1.0 if (solver, options) == spared
+                                        else cut_factor if "noise_below" in options else 30.0)
 
-    monkeypatch.setattr(calibrate, "pilot_errors", rigged(0.1))
+    rig_pilot_errors(rigged(0.1))
     solver, options, grid, _, meta, _ = auto.calibrate_plan(den, 20, ref, twins)
     assert (solver, grid) == ("unipc", "error") and "noise_below" in options
     assert options["max_h"] == auto.MAX_H and band.uncalibrated.label in meta["default_errors"]
     judged = auto.label(solver, options, grid)                  # the guard's record names the cut run
     assert meta["default_errors"][judged] == meta["noise_below_errors"][f"{options['noise_below']:.4g}"]
-    monkeypatch.setattr(calibrate, "pilot_errors", rigged(30.0))
+    rig_pilot_errors(rigged(30.0))
     solver, options, grid, _, meta, _ = auto.calibrate_plan(den, 20, ref, twins)
     assert (solver, options, grid) == (*spared, "karras") and meta["chosen"] == "karras"
 

@@ -68,19 +68,13 @@ def test_the_surrogate_tunes_the_low_noise_nodes_without_calling_the_model(gauss
     assert _rms(den, tuned, x_t, exact) < 0.5 * _rms(den, karras, x_t, exact)
 
 
-def test_up_to_8_steps_the_fit_follows_the_guards_fallback_to_deis(monkeypatch):
+def test_up_to_8_steps_the_fit_follows_the_guards_fallback_to_deis(rig_pilot_errors):
     """The 1-8-step band's candidates are iPNDM and Euler on "jump" and its check iPNDM on karras, so its choice
     is DEIS-3 only through the guard's fallback to DEIS-3 on karras (docs/decisions/0030). A pilot on which
     every other run misses by far more makes the guard fall back; the fit then runs on karras with its
     surrogate-tuned nodes, at two more runs of half the pilot (2 x NFE in calibration_nfe)."""
     from thermosample import auto, toy
-    real = calibrate.pilot_errors
-
-    def deis_far_better(den, sigmas, solver, ref, backend="auto", solver_options=None):
-        err, sq = real(den, sigmas, solver, ref, backend, solver_options)
-        return (err, sq) if solver == "deis" else (100.0 * err, 1e4 * sq)
-
-    monkeypatch.setattr(calibrate, "pilot_errors", deis_far_better)
+    rig_pilot_errors(lambda solver, options: 1.0 if solver == "deis" else 100.0)     # DEIS far better
     den = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
     band = auto.band_for(6)
     assert band.fit_after == ("deis",) and band.check.solver == "ipndm"
