@@ -85,9 +85,9 @@ def test_a_band_refuses_a_fit_after_a_solver_measured_on_half_the_pilot():
         auto.Band(11, auto.Candidate("unipc", "error"), auto.Candidate("ipndm", "error"),
                   auto.Candidate("deis", "karras"), also=(DPMPP_2M,), fit_after=("dpmpp_2m",))
     b = 6
-    even = auto._Run("a", "deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(0, b, 2))
-    odd = auto._Run("b", "deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(1, b, 2))
-    full = auto._Run("c", "deis", {}, "karras", np.ones(b), 1.0, np.arange(b, dtype=float))
+    even = auto._Run("deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(0, b, 2))
+    odd = auto._Run("deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(1, b, 2))
+    full = auto._Run("deis", {}, "karras", np.ones(b), 1.0, np.arange(b, dtype=float))
     with pytest.raises(ValueError, match="different pilot samples"):
         auto._paired(even, odd, np.full(b, 1 / b))
     mine, theirs, w = auto._paired(even, full, np.full(b, 1 / b))

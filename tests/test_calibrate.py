@@ -1048,11 +1048,13 @@ def test_auto_cuts_its_unipc_candidate_before_the_candidates_compete_at_15_to_19
     are counted."""
     den, config, _, _ = narrow_auto20
     first = ts.thermo_grid(den, 16, solver="auto", pilot_data=config.pilot)
-    meta, unipc = first.meta, auto.band_for(16).default.label
-    assert list(meta["candidate_errors"]) == [unipc, auto.band_for(16).alternative.label]
+    meta, band = first.meta, auto.band_for(16)
     cuts = meta["noise_below_errors"]
     kept = min(list(cuts)[1:], key=cuts.get)
     assert cuts[kept] < auto.CHALLENGE_MARGIN * cuts["off"]          # a cut is kept here
+    unipc, ipndm = meta["candidate_errors"]                          # recorded under the run with its cut
+    assert ipndm == band.alternative.label and unipc.startswith("unipc,max_h=0.8,noise_below=")
+    assert unipc.split("noise_below=")[1].split(",")[0] == kept
     assert meta["candidate_errors"][unipc] == pytest.approx(cuts[kept], rel=1e-12) != cuts["off"]
     assert meta["calibration_nfe"] == (2 + 1 + len(auto.NOISE_CUTS)) * 16          # the pair, the guard, the cuts
     plain = calibrate.pilot_errors(den, first.sigmas[:-1], "unipc", config.pilot, solver_options=_uncut(first.options))

@@ -125,7 +125,11 @@ def band_for(steps: int) -> Band:
 
 
 def label(solver: str, options: Mapping, grid: str) -> str:
-    return solver + "".join(f",{k}={v}" for k, v in sorted(options.items())) + "@" + grid
+    """"unipc,max_h=0.8,noise_below=0.1001,order=3@error": floats to 4 significant digits, so a label reads
+    alike on every machine."""
+    def value(v):
+        return f"{v:.4g}" if isinstance(v, float) else v
+    return solver + "".join(f",{k}={value(v)}" for k, v in sorted(options.items())) + "@" + grid
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,10 +201,9 @@ def worse(sq, default_sq, weight=None, draws: int = GUARD_DRAWS, level: float = 
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class _Run:
-    """A configuration measured on the pilot: its label when measured, its solver, options (a noise cut may
-    add to them), grid name, positive sigmas, RMS error and per-sample squared errors [B], or [len(rows)] on
-    the pilot samples `rows` only (None: all)."""
-    label: str
+    """A configuration measured on the pilot: its solver, options (a noise cut may add to them), grid name,
+    positive sigmas, RMS error and per-sample squared errors [B], or [len(rows)] on the pilot samples `rows`
+    only (None: all)."""
     solver: str
     options: dict
     grid: str
@@ -208,6 +211,11 @@ class _Run:
     error: float
     sq: np.ndarray
     rows: np.ndarray | None = None
+
+    @property
+    def label(self) -> str:
+        """The name its errors are recorded under, built from what runs now (a noise cut included)."""
+        return label(self.solver, self.options, self.grid)
 
 
 def _paired(run: _Run, other: _Run, weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -235,10 +243,10 @@ def _also(den, steps, cand: Candidate, run: _Run, ref, pilot_data, backend, dens
            "ref_weight": torch.as_tensor(np.asarray(weight, dtype=np.float64)[half])}
     sig = calibrate.candidate_sigmas(cand.grid, den, steps, cand.solver, ref, pilot_data, density_kw)
     err, sq = calibrate.pilot_errors(den, sig, cand.solver, sub, backend, dict(cand.options))
-    other = _Run(cand.label, cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=half)
+    other = _Run(cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=half)
     mine, _, w = _paired(run, other, weight)
     mine = np.asarray(mine, dtype=np.float64)
-    found = {label(run.solver, run.options, run.grid): float(np.sqrt((mine * w).sum() / w.sum())), cand.label: err}
+    found = {run.label: float(np.sqrt((mine * w).sum() / w.sum())), cand.label: err}
     if challenge(np.stack([mine, sq]), w, margin):
         run = other
     return run, found, evaluations(cand.solver, steps)
@@ -249,7 +257,7 @@ def _measure(den, steps, cand: Candidate, ref, pilot_data, backend, density_kw) 
     from .solvers import evaluations
     sig = calibrate.candidate_sigmas(cand.grid, den, steps, cand.solver, ref, pilot_data, density_kw)
     err, sq = calibrate.pilot_errors(den, sig, cand.solver, ref, backend, cand.options)
-    return _Run(cand.label, cand.solver, dict(cand.options), cand.grid, sig, err, sq), evaluations(cand.solver, steps)
+    return _Run(cand.solver, dict(cand.options), cand.grid, sig, err, sq), evaluations(cand.solver, steps)
 
 
 def _noise_cut(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
@@ -288,7 +296,7 @@ def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
     err, sq = calibrate.pilot_errors(den, sig, "deis", half, backend, options)
     run_sq = np.asarray(run.sq, dtype=np.float64)[odd]
     w = (weight / weight.sum()).numpy()
-    found = {label(run.solver, run.options, run.grid): float(np.sqrt((run_sq * w).sum())),
+    found = {run.label: float(np.sqrt((run_sq * w).sum())),
              f"deis,fitted@{run.grid}": err}
     if challenge(np.stack([run_sq, sq]), w, max(margin, CHALLENGE_MARGIN), outliers="each"):
         run = replace(run, solver="deis", options=options, sigmas=sig)
@@ -324,14 +332,14 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
     if band.check is not None:
         checked, nfe = _measure(den, steps, band.check, ref, None, backend, density_kw)
         spent += nfe
-        meta["check_errors"] = {label(run.solver, run.options, run.grid): run.error, checked.label: checked.error}
+        meta["check_errors"] = {run.label: run.error, checked.label: checked.error}
         mine, theirs, w = _paired(run, checked, weight)
         if challenge(np.stack([mine, theirs]), w, max(margin, CHALLENGE_MARGIN), outliers="each"):
             run = checked
     if band.noise_cut == "after" and run.solver == "unipc":
         run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
         spent += nfe
-    judged = label(run.solver, run.options, run.grid)    # the run as it will be used, its noise cut included
+    judged = run.label      # the run as it will be used, its noise cut included
     if judged != band.uncalibrated.label:
         if band.measures_default:
             default, nfe = _measure(den, steps, band.uncalibrated, ref, None, backend, density_kw)
