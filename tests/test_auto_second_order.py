@@ -58,6 +58,14 @@ def test_auto_takes_dpmpp_2m_when_the_pilot_shows_the_higher_orders_far_worse(ri
     assert list(config.meta["check_errors"]) == list(config.meta["default_errors"]) == [DPMPP_2M.label, "deis@karras"]
     sig = calibrate.candidate_sigmas("error", den, 10, "dpmpp_2m", config.pilot, config.pilot)
     np.testing.assert_array_equal(config.sigmas, np.append(sig, 0.0))
+    # the check's recorded error is its RMS on the even samples it was compared on, not on the whole pilot
+    karras = calibrate.candidate_sigmas("karras", den, 10, "deis", config.pilot, None)
+    full, sq = calibrate.pilot_errors(den, karras, "deis", config.pilot)
+    w = calibrate.sample_weights(config.pilot, len(sq)).numpy()[::2]
+    on_half = float(np.sqrt((np.asarray(sq)[::2] * w).sum() / w.sum()))
+    for record in ("check_errors", "default_errors"):
+        assert config.meta[record]["deis@karras"] == pytest.approx(on_half, rel=1e-9), record
+    assert abs(on_half / full - 1) > 1e-3
     assert "fit_errors" not in config.meta       # no fit after DPM-Solver++(2M)
 
 
@@ -80,10 +88,18 @@ def test_on_an_unguided_mixture_the_band_keeps_its_choice():
 
 def test_a_band_refuses_a_fit_after_a_solver_measured_on_half_the_pilot():
     """A run of `also` holds the even samples only; the fit compares on the odd ones. A band that would fit after
-    such a run is refused when the plan is written, and two runs on different samples are never paired."""
+    such a run, or cut the noise of one (the cut measures the whole pilot), is refused when the plan is written,
+    as is a cut before the pair when both are UniPC (the record holds one run's cuts); two runs on different
+    samples are never paired."""
     with pytest.raises(ValueError, match="fit_after"):
         auto.Band(11, auto.Candidate("unipc", "error"), auto.Candidate("ipndm", "error"),
                   auto.Candidate("deis", "karras"), also=(DPMPP_2M,), fit_after=("dpmpp_2m",))
+    with pytest.raises(ValueError, match="only the even samples"):
+        auto.Band(11, auto.Candidate("ipndm", "error"), auto.Candidate("euler", "error"),
+                  auto.Candidate("deis", "karras"), also=(auto.Candidate("unipc", "error"),), noise_cut="after")
+    with pytest.raises(ValueError, match="two UniPC candidates"):
+        auto.Band(11, auto.Candidate("unipc", "error"), auto.Candidate("unipc", "karras"),
+                  auto.Candidate("deis", "karras"), noise_cut="before")
     b = 6
     even = auto._Run("deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(0, b, 2))
     odd = auto._Run("deis", {}, "karras", np.ones(3), 1.0, np.ones(3), rows=np.arange(1, b, 2))

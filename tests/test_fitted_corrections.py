@@ -157,3 +157,24 @@ def test_the_fit_is_reproducible_in_float32_on_a_low_dimensional_flow_matching_m
         return float((out.double() - converged).square().mean().sqrt())
 
     assert rms(x_t.float()) < 1.2 * rms(x_t), (rms(x_t.float()), rms(x_t))
+
+
+def test_auto_counts_no_evaluation_for_a_fit_it_cannot_make():
+    """A pilot that lacks what the fit needs (an older pilot passed as pilot_data= has no ref_proj): auto's fit
+    stage keeps the run, records nothing and counts no evaluation, and the model is not called. With the
+    projections it fits on the even samples and measures on the odd ones: two runs of `steps` evaluations."""
+    from thermosample import auto
+    calls = []
+
+    def model(x, t):
+        calls.append(len(x))
+        return DEN.model(x, t)
+    den = ts.Denoiser(model, DEN.schedule, prediction=DEN.prediction, time=DEN.time)
+    ref = calibrate.reference(den, (16, 35), ref_steps=32)
+    run, _ = auto._measure(den, 8, auto.Candidate("deis", "karras"), ref, None, "torch", None)
+    older = {k: v for k, v in ref.items() if k != "ref_proj"}
+    calls.clear()
+    kept, found, spent = auto._fit(den, 8, run, older, "torch", auto.MARGIN)
+    assert (kept is run, found, spent, calls) == (True, {}, 0, [])
+    _, found, spent = auto._fit(den, 8, run, ref, "torch", auto.MARGIN)
+    assert spent == len(calls) == 2 * 8 and list(found) == ["deis@karras", "deis,fitted@karras"]

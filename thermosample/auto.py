@@ -60,14 +60,19 @@ class Candidate:
 class Band:
     """The plan for every step count up to `last` (None: no upper end), from the previous band's last + 1.
 
-    default, alternative: measured on the pilot; the alternative must win `challenge` with margin MARGIN.
+    `margin` below is calibrate_plan's (MARGIN by default); "at least CHALLENGE_MARGIN" is max(margin,
+    CHALLENGE_MARGIN).
+
+    default, alternative: measured on the pilot; the alternative must win `challenge` with `margin`.
     also: measured next on the pilot's even samples (half its rows), each against the choice there; one that
-        wins `challenge` with margin MARGIN replaces it, and the check and the guard then compare on that half.
-    check: measured next on the pilot; replaces the choice if it wins with CHALLENGE_MARGIN.
+        wins `challenge` with `margin` replaces it, and the check and the guard then compare on that half.
+    check: measured next on the pilot; replaces the choice if it wins with at least CHALLENGE_MARGIN, every
+        sample a run misses far counted out (`bulk`, "each").
     noise_cut: where UniPC runs are also measured with noise_below at NOISE_CUTS: "before" (each UniPC
-        candidate competes with its best cut) or "after" (the chosen UniPC run only, before the guard), or None.
+        candidate competes with its best cut, at least CHALLENGE_MARGIN) or "after" (the chosen UniPC run
+        only, before the guard), or None.
     fit_after: the solvers after which DEIS-3 with corrections fitted on half the pilot is measured on
-        the other half (taken if it wins with CHALLENGE_MARGIN).
+        the other half (taken if it wins with at least CHALLENGE_MARGIN, "each").
     uncalibrated: what ts.sample(solver="auto") runs without a config (on the grid it is given), and what a
         calibration falls back to when the pilot shows its choice (with its noise cut) worse than this beyond
         the pilot's interval (`worse`): auto is never clearly worse than what it replaces.
@@ -87,6 +92,10 @@ class Band:
         both = sorted({c.solver for c in self.also} & set(self.fit_after))
         if both:    # _fit compares on the odd samples, which a run of `also` (the even ones) was not measured on
             raise ValueError(f"Band: no fit_after a solver of `also` ({both}): its run has only the even samples")
+        if self.noise_cut == "after" and any(c.solver == "unipc" for c in self.also):
+            raise ValueError("Band: no UniPC in `also` with noise_cut='after': its run has only the even samples")
+        if self.noise_cut == "before" and self.default.solver == self.alternative.solver == "unipc":
+            raise ValueError("Band: noise_cut='before' with two UniPC candidates would record one's cuts only")
 
     @property
     def measures_default(self) -> bool:
@@ -231,6 +240,15 @@ def _paired(run: _Run, other: _Run, weight) -> tuple[np.ndarray, np.ndarray, np.
     return on(run), on(other), np.asarray(weight)[rows]
 
 
+def _compared(run: _Run, other: _Run, weight) -> dict:
+    """{run's label: its RMS error, other's: its} on the pilot samples the two were compared on (`_paired`)."""
+    if run.rows is None and other.rows is None:
+        return {run.label: run.error, other.label: other.error}
+    mine, theirs, w = _paired(run, other, weight)
+    return {r.label: float(np.sqrt((np.asarray(sq, dtype=np.float64) * w).sum() / w.sum()))
+            for r, sq in ((run, mine), (other, theirs))}
+
+
 def _also(den, steps, cand: Candidate, run: _Run, ref, pilot_data, backend, density_kw, weight, margin
           ) -> tuple[_Run, dict, int]:
     """`cand` on the pilot's even samples against `run` there: the winner of `challenge` with `margin`."""
@@ -245,9 +263,8 @@ def _also(den, steps, cand: Candidate, run: _Run, ref, pilot_data, backend, dens
     err, sq = calibrate.pilot_errors(den, sig, cand.solver, sub, backend, dict(cand.options))
     other = _Run(cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=half)
     mine, _, w = _paired(run, other, weight)
-    mine = np.asarray(mine, dtype=np.float64)
-    found = {run.label: float(np.sqrt((mine * w).sum() / w.sum())), cand.label: err}
-    if challenge(np.stack([mine, sq]), w, margin):
+    found = _compared(run, other, weight)
+    if challenge(np.stack([np.asarray(mine, dtype=np.float64), sq]), w, margin):
         run = other
     return run, found, evaluations(cand.solver, steps)
 
@@ -270,9 +287,11 @@ def _noise_cut(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict,
     weight = calibrate.sample_weights(ref, len(run.sq))
     best = challenge(np.stack([run.sq] + [sq for _, sq in measured]), weight, max(margin, CHALLENGE_MARGIN))
     found = {"off": run.error, **{f"{c:.4g}": e for c, (e, _) in zip(cuts, measured)}}
+    nfe = len(cuts) * evaluations(run.solver, steps)
     if best:
-        run = replace(run, options=tails[best - 1], error=measured[best - 1][0], sq=measured[best - 1][1])
-    return run, found, len(cuts) * evaluations(run.solver, steps)
+        err, sq = measured[best - 1]
+        run = replace(run, options=tails[best - 1], error=err, sq=sq)
+    return run, found, nfe
 
 
 def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
@@ -287,9 +306,11 @@ def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
         sig = calibrate.reference_nodes(run.sigmas, ref)
     b = len(run.sq)
     even, odd = np.arange(0, b, 2), np.arange(1, b, 2)
-    corrections = calibrate.fit_corrections(den, sig, ref, even, backend) if sig is not None and len(odd) else None
-    if corrections is None:
-        return run, {}, 0 if sig is None else steps
+    if sig is None or not len(odd) or "ref_proj" not in ref:    # nothing to fit on: no evaluation
+        return run, {}, 0
+    corrections = calibrate.fit_corrections(den, sig, ref, even, backend)
+    if corrections is None:         # a step's fit was not finite: counted as the whole run (an upper bound)
+        return run, {}, steps
     weight = calibrate.sample_weights(ref, b)[odd]
     half = {"ref_noise": ref["ref_noise"][odd], "ref_final": ref["ref_final"][odd], "ref_weight": weight}
     options = {"corrections": corrections}
@@ -329,24 +350,25 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
         run, found, nfe = _also(den, steps, cand, run, ref, pilot_data, backend, density_kw, weight, margin)
         meta.setdefault("also_errors", {}).update(found)      # every candidate's error, not only the last's
         spent += nfe
+    checked = None
     if band.check is not None:
         checked, nfe = _measure(den, steps, band.check, ref, None, backend, density_kw)
         spent += nfe
-        meta["check_errors"] = {run.label: run.error, checked.label: checked.error}
+        meta["check_errors"] = _compared(run, checked, weight)
         mine, theirs, w = _paired(run, checked, weight)
         if challenge(np.stack([mine, theirs]), w, max(margin, CHALLENGE_MARGIN), outliers="each"):
             run = checked
     if band.noise_cut == "after" and run.solver == "unipc":
         run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
         spent += nfe
-    judged = run.label      # the run as it will be used, its noise cut included
-    if judged != band.uncalibrated.label:
+    uncalibrated = band.uncalibrated
+    if (run.solver, run.options, run.grid) != (uncalibrated.solver, dict(uncalibrated.options), uncalibrated.grid):
         if band.measures_default:
-            default, nfe = _measure(den, steps, band.uncalibrated, ref, None, backend, density_kw)
+            default, nfe = _measure(den, steps, uncalibrated, ref, None, backend, density_kw)
             spent += nfe
         else:
-            default = checked
-        meta["default_errors"] = {judged: run.error, default.label: default.error}
+            default = checked       # the check is the uncalibrated default: measured above
+        meta["default_errors"] = _compared(run, default, weight)     # the run as it will be used, its cut included
         if worse(*_paired(run, default, weight)):
             run = default
     meta["chosen"] = run.grid
