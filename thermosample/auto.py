@@ -222,9 +222,14 @@ class _Run:
     rows: np.ndarray | None = None
 
     @property
+    def candidate(self) -> Candidate:
+        """What runs now, as a Candidate (a noise cut included in its options)."""
+        return Candidate(self.solver, self.grid, self.options)
+
+    @property
     def label(self) -> str:
-        """The name its errors are recorded under, built from what runs now (a noise cut included)."""
-        return label(self.solver, self.options, self.grid)
+        """The name its errors are recorded under."""
+        return self.candidate.label
 
 
 def _paired(run: _Run, other: _Run, weight) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -361,10 +366,9 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
     if band.noise_cut == "after" and run.solver == "unipc":
         run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
         spent += nfe
-    uncalibrated = band.uncalibrated
-    if (run.solver, run.options, run.grid) != (uncalibrated.solver, dict(uncalibrated.options), uncalibrated.grid):
+    if run.candidate != band.uncalibrated:
         if band.measures_default:
-            default, nfe = _measure(den, steps, uncalibrated, ref, None, backend, density_kw)
+            default, nfe = _measure(den, steps, band.uncalibrated, ref, None, backend, density_kw)
             spent += nfe
         else:
             default = checked       # the check is the uncalibrated default: measured above
