@@ -110,6 +110,23 @@ def test_a_band_refuses_a_fit_after_a_solver_measured_on_half_the_pilot():
     np.testing.assert_array_equal(theirs, [0.0, 2.0, 4.0])
 
 
+def test_a_band_refuses_grids_its_check_and_default_cannot_be_measured_on():
+    """The check and the guard's default are measured without the twins pilot, and the default also runs with no
+    calibration at all: an "error" check or a calibrated default would fail deep in the density (or sample an
+    uncalibrated config on a grid nobody placed), so the band is refused when written; so is a misspelt cut,
+    which would otherwise switch the noise cuts off silently."""
+    unipc, ipndm = auto.Candidate("unipc", "error"), auto.Candidate("ipndm", "error")
+    deis = auto.Candidate("deis", "karras")
+    with pytest.raises(ValueError, match="check must be on a named grid"):
+        auto.Band(11, unipc, ipndm, deis, check=auto.Candidate("deis", "error"))
+    for grid in ("error", "jump"):
+        with pytest.raises(ValueError, match="uncalibrated must be on a named grid"):
+            auto.Band(11, unipc, ipndm, auto.Candidate("deis", grid))
+    with pytest.raises(ValueError, match="noise_cut must be"):
+        auto.Band(11, unipc, ipndm, deis, noise_cut="afer")
+    auto.Band(11, unipc, ipndm, deis, check=auto.Candidate("ipndm", "jump"), noise_cut="after")   # allowed
+
+
 def test_every_also_candidate_keeps_its_pilot_error_in_meta(monkeypatch):
     """A band with two `also` candidates records both errors, each beside the choice it met."""
     band = auto.band_for(10)

@@ -3,9 +3,9 @@
 Three parts, each readable on its own:
 
 * `PLAN`, the policy as data: per band of step counts a default and an alternative `Candidate` (solver,
-  grid, options), an optional check on karras, where UniPC's low-noise cut is chosen, after which solvers
-  fitted DEIS corrections are tried, and what runs without a calibration. What auto does at 12 steps is
-  the row `band_for(12)`.
+  grid, options), challengers measured on half the pilot (`also`), an optional check on a named grid, where
+  UniPC's low-noise cut is chosen, after which solvers fitted DEIS corrections are tried, and what runs
+  without a calibration. What auto does at 12 steps is the row `band_for(12)`.
 * `challenge`, the one rule: a challenger replaces the incumbent when its RMS error on the bulk of the
   pilot's samples is below `margin` times the incumbent's and it is no worse on all of them; and one guard,
   `worse`: the choice falls back to the band's uncalibrated default when the pilot shows it worse than that
@@ -33,8 +33,8 @@ __all__ = ["AUTO", "Band", "Candidate", "PLAN", "SamplerConfig", "band_for", "ca
            "NOISE_ORDER", "GUARD_DRAWS", "GUARD_LEVEL"]
 
 AUTO = "auto"
-MARGIN = 0.6            # the alternative must measure below 0.6 x the default: a pilot misses rare samples
-CHALLENGE_MARGIN = 0.8  # checks, noise cuts and fits, which the pilot ranks as a large batch does
+MARGIN = 0.6            # the alternative and `also` must beat 0.6 x the choice: a pilot misses rare samples
+CHALLENGE_MARGIN = 0.8  # max(margin, 0.8) for checks, noise cuts and fits, which a pilot ranks as a large batch does
 OUTLIER = 100.0         # a sample missed by over 100 x the median miss was sent to another mode
 MAX_H = 0.8             # UniPC-3's longest third-order step (in log sigma) from 9 steps
 NOISE_CUTS = (0.3, 0.2, 0.1)   # UniPC's noise_below tried, in units of the data's scale
@@ -66,17 +66,18 @@ class Band:
     default, alternative: measured on the pilot; the alternative must win `challenge` with `margin`.
     also: measured next on the pilot's even samples (half its rows), each against the choice there; one that
         wins `challenge` with `margin` replaces it, and the check and the guard then compare on that half.
-    check: measured next on the pilot; replaces the choice if it wins with at least CHALLENGE_MARGIN, every
-        sample a run misses far counted out (`bulk`, "each").
+    check: measured next on the pilot, on a named grid or "jump" (no twins pilot); replaces the choice if it
+        wins with at least CHALLENGE_MARGIN, every sample a run misses far counted out (`bulk`, "each").
     noise_cut: where UniPC runs are also measured with noise_below at NOISE_CUTS: "before" (each UniPC
         candidate competes with its best cut, at least CHALLENGE_MARGIN) or "after" (the chosen UniPC run
         only, before the guard), or None.
     fit_after: the solvers after which DEIS-3 with corrections fitted on half the pilot is measured on
         the other half (taken if it wins with at least CHALLENGE_MARGIN, "each").
-    uncalibrated: what ts.sample(solver="auto") runs without a config (on the grid it is given), and what a
-        calibration falls back to when the pilot shows its choice (with its noise cut) worse than this beyond
-        the pilot's interval (`worse`): auto is never clearly worse than what it replaces.
-    decision: the record in docs/decisions/ that says why.
+    uncalibrated: on a named grid, what ts.sample(solver="auto") runs without a config (on the grid it is
+        given), and what a calibration falls back to when the pilot shows its choice (with its noise cut)
+        worse than this beyond the pilot's interval (`worse`): auto is never clearly worse than what it
+        replaces.
+    decision: the record in docs/decisions/ that says why (the latest; calibration.md's plan table cites all).
     """
     last: int | None
     default: Candidate
@@ -96,6 +97,14 @@ class Band:
             raise ValueError("Band: no UniPC in `also` with noise_cut='after': its run has only the even samples")
         if self.noise_cut == "before" and self.default.solver == self.alternative.solver == "unipc":
             raise ValueError("Band: noise_cut='before' with two UniPC candidates would record one's cuts only")
+        if self.noise_cut not in (None, "before", "after"):
+            raise ValueError(f"Band: noise_cut must be None, 'before' or 'after', got {self.noise_cut!r}")
+        from .grids import GRIDS
+        if self.uncalibrated.grid not in GRIDS:     # it runs without a calibration: no pilot to place a grid
+            raise ValueError(f"Band: uncalibrated must be on a named grid {sorted(GRIDS)}, got "
+                             f"{self.uncalibrated.grid!r}")
+        if self.check is not None and self.check.grid == "error":   # measured without the twins pilot
+            raise ValueError("Band: the check must be on a named grid or 'jump', not 'error'")
 
     @property
     def measures_default(self) -> bool:
@@ -261,12 +270,12 @@ def _also(den, steps, cand: Candidate, run: _Run, ref, pilot_data, backend, dens
 
     from . import calibrate
     from .solvers import evaluations
-    half = np.arange(0, len(ref["ref_final"]), 2)          # the pilot's; `run` may hold these samples only
-    sub = {"ref_noise": ref["ref_noise"][half], "ref_final": ref["ref_final"][half],
-           "ref_weight": torch.as_tensor(np.asarray(weight, dtype=np.float64)[half])}
+    even = np.arange(0, len(ref["ref_final"]), 2)          # the pilot's; `run` may hold these samples only
+    even_ref = {"ref_noise": ref["ref_noise"][even], "ref_final": ref["ref_final"][even],
+                "ref_weight": torch.as_tensor(np.asarray(weight, dtype=np.float64)[even])}
     sig = calibrate.candidate_sigmas(cand.grid, den, steps, cand.solver, ref, pilot_data, density_kw)
-    err, sq = calibrate.pilot_errors(den, sig, cand.solver, sub, backend, dict(cand.options))
-    other = _Run(cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=half)
+    err, sq = calibrate.pilot_errors(den, sig, cand.solver, even_ref, backend, dict(cand.options))
+    other = _Run(cand.solver, dict(cand.options), cand.grid, sig, err, sq, rows=even)
     mine, _, w = _paired(run, other, weight)
     found = _compared(run, other, weight)
     if challenge(np.stack([np.asarray(mine, dtype=np.float64), sq]), w, margin):
@@ -275,6 +284,7 @@ def _also(den, steps, cand: Candidate, run: _Run, ref, pilot_data, backend, dens
 
 
 def _measure(den, steps, cand: Candidate, ref, pilot_data, backend, density_kw) -> tuple[_Run, int]:
+    """`cand` on the whole pilot: (its _Run, the evaluations per sample it cost)."""
     from . import calibrate
     from .solvers import evaluations
     sig = calibrate.candidate_sigmas(cand.grid, den, steps, cand.solver, ref, pilot_data, density_kw)
@@ -283,7 +293,10 @@ def _measure(den, steps, cand: Candidate, ref, pilot_data, backend, density_kw) 
 
 
 def _noise_cut(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
-    """`run` (UniPC) against the same with noise_below at each of NOISE_CUTS x the data's scale."""
+    """`run` (UniPC, on the whole pilot) against the same with noise_below at each of NOISE_CUTS x the data's
+    scale. The record is keyed "off" and by each cut's absolute sigma; its errors are over all samples, while
+    `challenge` decides on the bulk."""
+    assert run.rows is None, "a noise cut measures the whole pilot"
     from . import calibrate
     from .solvers import evaluations
     cuts = [c * calibrate.data_scale(ref) for c in NOISE_CUTS]
@@ -302,8 +315,9 @@ def _noise_cut(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict,
 def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
     """DEIS-3 with corrections fitted on the pilot's even samples (calibrate.fit_corrections), against `run` on
     the odd samples. Its grid: `run`'s moved to the reference's nodes, or, when `run` is on a named grid (no
-    pilot shaped it: DEIS-3 on karras, the check), that grid with its low-noise nodes tuned on a surrogate of
-    the pilot first (calibrate.surrogate_grid, no model evaluation)."""
+    pilot shaped it: DEIS-3 on karras, the check or the guard's fallback), that grid with its low-noise nodes
+    tuned on a surrogate of the pilot first (calibrate.surrogate_grid, no model evaluation)."""
+    assert run.rows is None, "a fit splits the whole pilot into even and odd samples"
     from . import calibrate, grids
     if run.grid in grids.GRIDS:
         sig = calibrate.surrogate_grid(ref, run.sigmas, den.schedule)
@@ -317,9 +331,9 @@ def _fit(den, steps, run: _Run, ref, backend, margin) -> tuple[_Run, dict, int]:
     if corrections is None:         # a step's fit was not finite: counted as the whole run (an upper bound)
         return run, {}, steps
     weight = calibrate.sample_weights(ref, b)[odd]
-    half = {"ref_noise": ref["ref_noise"][odd], "ref_final": ref["ref_final"][odd], "ref_weight": weight}
+    odd_ref = {"ref_noise": ref["ref_noise"][odd], "ref_final": ref["ref_final"][odd], "ref_weight": weight}
     options = {"corrections": corrections}
-    err, sq = calibrate.pilot_errors(den, sig, "deis", half, backend, options)
+    err, sq = calibrate.pilot_errors(den, sig, "deis", odd_ref, backend, options)
     run_sq = np.asarray(run.sq, dtype=np.float64)[odd]
     w = (weight / weight.sum()).numpy()
     found = {run.label: float(np.sqrt((run_sq * w).sum())),
@@ -333,17 +347,20 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
                    margin: float = MARGIN, density_kw: dict | None = None) -> tuple[str, dict, str, np.ndarray, dict,
                                                                                      int]:
     """Run band_for(steps) on the pilot `ref` (calibrate.reference; `pilot_data`: the twins pilot the
-    "error" grid needs). Returns (solver, options, grid name, positive sigmas, meta, evaluations spent)."""
+    "error" grid needs). Returns (solver, options, grid name, positive sigmas, meta, evaluations spent).
+
+    What a band runs here sets the pilot's size: `calibrate._Plan.rows` counts the same runs before the pilot
+    is drawn, so a change to this loop's runs belongs there too."""
     from . import calibrate
     band = band_for(steps)
     spent, meta, runs = 0, {}, []
     for cand in (band.default, band.alternative):
-        run, nfe = _measure(den, steps, cand, ref, pilot_data, backend, density_kw)
+        measured, nfe = _measure(den, steps, cand, ref, pilot_data, backend, density_kw)
         spent += nfe
-        if band.noise_cut == "before" and run.solver == "unipc":
-            run, meta["noise_below_errors"], nfe = _noise_cut(den, steps, run, ref, backend, margin)
+        if band.noise_cut == "before" and measured.solver == "unipc":
+            measured, meta["noise_below_errors"], nfe = _noise_cut(den, steps, measured, ref, backend, margin)
             spent += nfe
-        runs.append(run)
+        runs.append(measured)
     sq = np.stack([r.sq for r in runs])
     weight = calibrate.sample_weights(ref, sq.shape[1])
     _, compared = errors(sq, weight)
@@ -353,7 +370,7 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
                 shared_outliers=int((~bulk(sq)).sum()), margin=float(margin))
     for cand in band.also:
         run, found, nfe = _also(den, steps, cand, run, ref, pilot_data, backend, density_kw, weight, margin)
-        meta.setdefault("also_errors", {}).update(found)      # every candidate's error, not only the last's
+        meta.setdefault("also_errors", {}).update(found)      # the choice and each `also`, on the even samples
         spent += nfe
     checked = None
     if band.check is not None:
@@ -375,10 +392,10 @@ def calibrate_plan(den, steps: int, ref: dict, pilot_data: dict | None, backend:
         meta["default_errors"] = _compared(run, default, weight)     # the run as it will be used, its cut included
         if worse(*_paired(run, default, weight)):
             run = default
-    meta["chosen"] = run.grid
     if run.solver in band.fit_after:
         run, meta["fit_errors"], nfe = _fit(den, steps, run, ref, backend, margin)
         spent += nfe
+    meta["chosen"] = run.grid       # the grid the choice started from; a fit moves its nodes (`_fit`)
     return run.solver, dict(run.options), run.grid, run.sigmas, meta, spent
 
 
