@@ -503,8 +503,9 @@ def test_the_plan_s_rows():
 
 
 def test_every_run_of_the_plan_is_a_deterministic_solver_with_one_evaluation_per_step():
+    """calibrate._Plan.rows prices every run of a band, `also` included, at one evaluation per step."""
     for band in auto.PLAN:
-        for cand in (band.default, band.alternative, band.check, band.uncalibrated):
+        for cand in (band.default, band.alternative, band.check, band.uncalibrated, *band.also):
             if cand is None:
                 continue
             solvers.check_options(cand.solver, dict(cand.options))
