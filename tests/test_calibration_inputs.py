@@ -1,5 +1,6 @@
 """What a calibration takes on trust: no autograd graph in any stage, and a reused `pilot_data` checked
 against the model, schedule and sample shape it is used with before it ranks anything."""
+import dataclasses
 import warnings
 
 import numpy as np
@@ -136,3 +137,56 @@ def test_a_pilot_too_short_for_the_solvers_order_names_pilot_steps():
     p = ts.calibrate.pilot(den, (8, 4), pilot_steps=5)
     lam, rho = ts.calibrate.density(p, den.schedule, order=4)
     assert np.isfinite(rho).all() and np.isclose(np.trapezoid(rho, lam), 1.0)
+
+
+def _mixture():
+    from thermosample import toy
+    return toy.default_mixture(dim=4, modes=3, seed=2).denoiser("edm")
+
+
+SMALL = ts.CalibrationOptions(progress=False, pilot_batch=8, ref_steps=16, boundary_pool=0)
+
+
+@pytest.mark.parametrize("candidate", ["error", "length"])
+def test_a_one_step_density_grid_is_the_single_step_from_sigma_max(candidate):
+    """One step runs from sigma_max to 0: a placed grid pinned sigma_min over sigma_max and so started the
+    run at sigma_min, where the output is nearly the noise."""
+    den = _mixture()
+    g = ts.thermo_grid(den, 1, sample_shape=4, options=dataclasses.replace(SMALL, candidates=(candidate,)))
+    np.testing.assert_array_equal(np.asarray(g), [den.schedule.sigma_max, 0.0])
+
+
+def test_a_jump_grid_longer_than_its_reference_is_refused_not_shortened():
+    """The jump grid picks nodes of the reference: asking for more steps than it has returned a shorter grid
+    whose meta still said the steps asked for."""
+    with pytest.raises(ValueError, match="needs a reference of at least 20 nodes"):
+        ts.thermo_grid(_mixture(), 20, sample_shape=(4,), options=dataclasses.replace(SMALL, candidates=("jump",)))
+    g = ts.thermo_grid(_mixture(), 16, sample_shape=(4,), options=dataclasses.replace(SMALL, candidates=("jump",)))
+    assert len(g) == 17
+
+
+def test_the_error_candidate_without_the_twins_pilot_names_what_to_pass():
+    from thermosample import calibrate
+    den = _mixture()
+    ref = calibrate.reference(den, (8, 4), ref_steps=16)
+    with pytest.raises(ValueError, match="needs the twins pilot"):
+        calibrate.select(den, 10, "dpmpp_2m", ref)
+
+
+@pytest.mark.parametrize("options, error, says", [
+    (dict(candidates="karras"), TypeError, "tuple of grid names"),
+    (dict(boundary_pool=10), ValueError, "must exceed boundary_samples"),
+])
+def test_calibration_options_that_would_mislead_are_refused(options, error, says):
+    """A string of candidates was read letter by letter; a boundary pool no larger than its screened sample
+    gave every random pilot sample weight 0."""
+    with pytest.raises(error, match=says):
+        ts.thermo_grid(_mixture(), 6, sample_shape=(4,), options=dataclasses.replace(SMALL, **options))
+
+
+def test_planned_rows_checks_steps_and_takes_numpy_row_budgets():
+    from thermosample import calibrate
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        calibrate.planned_rows(0)
+    assert calibrate.planned_rows(10, options=ts.CalibrationOptions(cost=np.int64(5000))) == \
+        calibrate.planned_rows(10, options=ts.CalibrationOptions(cost=5000)) <= 5000

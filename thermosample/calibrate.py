@@ -6,7 +6,8 @@ ending in 0, with `.meta`, `.pilot` (reusable), `save(path)` / `ThermoGrid.load(
 thermosample/auto.py on the same pilot and returns a `SamplerConfig`.
 
 Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
-batch to convergence (UniPC-3, 128 log-sigma steps), then `measure` runs the solver on karras and on the
+batch to convergence (UniPC-3 on log-sigma steps: 128 at cost="thorough", `reference_steps(steps)` at a row
+budget), then `measure` runs the solver on karras and on the
 calibrated "error" density below (any of CANDIDATES on request) and `auto.challenge` keeps karras unless
 the other lands clearly closer to the converged samples (below MARGIN x its error). With
 CalibrationOptions(boundary_pool=...) the reference batch also holds the samples nearest a mode boundary out
@@ -16,9 +17,10 @@ The methods below are the candidates' densities (and the default for stochastic 
 converged solution to compare with).
 
 The pilot (`pilot`) integrates the probability-flow ODE once: DPM-Solver++(2M) on `pilot_steps` (24)
-sigmas uniform in log sigma, `pilot_batch` (256) trajectories, each beside a twin started 1e-6 away in
-the same model calls (the model sees 2B rows; NFE = pilot_steps), with its own `pilot_seed`, so the grid
-never depends on the final run's seed. At every pilot node (lambda = -log sigma) it records
+sigmas uniform in log sigma, `pilot_batch` trajectories (256 at cost="thorough"; at a row budget the largest
+batch that fits it), each beside a twin started 1e-6 away (1e-3 in float32) in the same model calls (2B
+rows per evaluation, sent in pieces of `pilot_rows`; NFE = pilot_steps), with its own `pilot_seed`, so the
+grid never depends on the final run's seed. At every pilot node (lambda = -log sigma) it records
 
 - the rate r = E||nu||^2 (the ThermoReport profile),
 - the denoised estimates D [B, n], giving ||d^p D / dlambda^p|| by divided differences,
@@ -33,11 +35,13 @@ Step densities in lambda (`density`); `place` puts the grid at equal increments 
     rho = (1 - floor - c) smooth(rho_m) + c rho_crit + floor / span
     rho_crit ∝ sqrt(E||dD/dlambda||^2)                        (the critical-time density)
 
-p is the solver's order (1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M)); U = 1 - F(lambda) is the
+p is the solver's order (`get_solver(solver).order`: 1 for Euler/DDIM, 2 for Heun and DPM-Solver++(2M), 3 for
+UniPC and DEIS, 4 for iPNDM, whatever their options); U = 1 - F(lambda) is the
 part of rho_crit still ahead (`critical_density`); S_end is the spread at the last pilot node.
 Defaults, overridden by `floor=`, `critical=`, `switch=`, `amplify=`: floor 0.1 (0.35 for Heun),
 c = `critical_weight(steps)` (0 for Heun), s = `switch_weight(steps)` (0 for "length"), a = 1. For Heun
-the placed grid then moves halfway toward karras (`toward_karras`, `karras_weight=`).
+and DEIS the placed grid then moves halfway toward karras (`karras_weight_default`, `toward_karras`,
+`karras_weight=`).
 `pilot_data=` reuses a pilot at no cost.
 
 Why each term and constant, and the benchmark they were chosen on (benchmarks/bench_quality.py):
@@ -116,8 +120,8 @@ def pilot(den, shape, pilot_steps: int = 24, pilot_seed: int = 12345, solver: st
           backend: str = "auto", sigmas=None, keep_dims: int = 1024, dtype=None, device=None) -> dict:
     """Run the pilot: `solver` on `pilot_steps` steps uniform in log sigma, batch shape [B, ...].
 
-    Each trajectory runs beside a twin started 1e-6 (relative) away in the same model calls, so the model
-    sees batches of 2B but the evaluation count is `pilot_steps`. `sigmas` overrides the pilot grid.
+    Each trajectory runs beside a twin started 1e-6 (relative; 1e-3 in float32) away in the same model calls,
+    so the model sees batches of 2B but the evaluation count is `pilot_steps`. `sigmas` overrides the pilot grid.
 
     Returns a dict of numpy arrays: sigma [J] (descending pilot noise levels, excluding 0), t [J] (their
     physical times), D [J, B, n] (denoised estimates, float64), rate [J] (batch-mean ||nu||^2 per
@@ -188,9 +192,9 @@ def _log_separation(x: torch.Tensor, b: int) -> torch.Tensor:
 def twin_gain(den, z: torch.Tensor, pilot_steps: int = 24, pilot_seed: int = 12345, backend: str = "auto",
               chunk: int = 256) -> tuple[torch.Tensor, int]:
     """Per starting point z [N, ...] (unit variance, float64): the log growth of the separation of its
-    trajectory and a twin started 1e-6 away (as in `pilot`: DPM-Solver++(2M) on `pilot_steps` steps uniform
-    in log sigma), from the first evaluation to the last. Returns (scores [N] float64, the evaluations spent:
-    pilot_steps per chunk of `chunk` starting points, each on 2 x chunk rows)."""
+    trajectory and a twin started 1e-6 away (1e-3 in float32; as in `pilot`: DPM-Solver++(2M) on `pilot_steps`
+    steps uniform in log sigma), from the first evaluation to the last. Returns (scores [N] float64, the
+    evaluations spent: pilot_steps per chunk of `chunk` starting points, each on 2 x chunk rows)."""
     from .sampler import sample
 
     sch = den.schedule
@@ -416,7 +420,7 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
         schedule: the model's Schedule (for dt/dlambda in the thermodynamic length).
         method: "error" (equidistributed global error: local error of order `order` times the pilot's
             amplification factor), "length" (equal thermodynamic length) or "blend" (the mean of the two).
-        order: solver order p (1 or 2) for method="error" / "blend".
+        order: solver order p (1-4) for method="error" / "blend".
         floor: weight of a uniform-in-lambda density mixed in (0 = none).
         passes: smoothing passes (1-2-1 filter over the pilot nodes) before the floor is mixed in.
         stat: "rms" or "max" over the batch of ||D^(p)||.
@@ -430,6 +434,8 @@ def density(p: dict, schedule, method: str = "error", order: int = 2, floor: flo
     Returns:
         (lam [J] ascending, rho [J]) with the trapezoid integral of rho over lam equal to 1.
     """
+    if stat not in ("rms", "max"):
+        raise ValueError(f"stat must be 'rms' or 'max', got {stat!r}")
     lam = -np.log(p["sigma"])  # ascending (sigma descends)
     # one critical density for both of its uses: the switch term's U and the critical-time mixture
     crit = critical_density(p) if critical > 0 or (switch > 0 and method == "error") else None
@@ -527,7 +533,7 @@ def switch_weight(steps: int) -> float:
 # --------------------------------------------------------------------------------------------------
 CANDIDATES = ("karras", "logsnr", "kl_optimal", "uniform", "jump", "length", "error")
 # Few candidates, the first kept unless another measures below MARGIN x its error: the smallest of many pilot
-# errors is often a grid that only suited the pilot (docs/decisions/0003-default-and-margin.md).
+# errors is often a grid that only suited the pilot (docs/decisions/0002-default-and-margin.md).
 DEFAULT_CANDIDATES = ("karras", "error")
 # The reference batch's screened stratum (`boundary_noise`), off: it measured no gain.
 BOUNDARY_POOL = 0
@@ -584,6 +590,7 @@ def reference(den, shape, ref_steps: int = 128, pilot_seed: int = 12345, backend
         b += k
     if keep_dims is None:
         keep_dims = min(1024, max(64, (1 << 22) // (ref_steps * b)))
+    # pilot_seed + 2 (kept coordinates) and + 3 (projection): `_probe_pilot` rebuilds both from ref_proj_seed
     keep, scale = _coordinates(n, keep_dims, torch.Generator().manual_seed(int(pilot_seed) + 2))
     sig = logsnr(ref_steps, sch.sigma_min, sch.sigma_max)
     x_t = (z * float(sig[0])).to(device=device, dtype=dtype)
@@ -613,6 +620,8 @@ def _check_boundary(pool, samples) -> None:
     for name, v in (("boundary_pool", pool), ("boundary_samples", samples)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    if 0 < pool <= samples:     # the screened stratum would be the whole pool: the random samples weigh 0
+        raise ValueError(f"boundary_pool ({pool}) must exceed boundary_samples ({samples}), or be 0 (no screen)")
 
 
 def _screen(pool: int, samples: int) -> tuple[int, int]:
@@ -654,7 +663,10 @@ def jump_grid(ref: dict, steps: int, free_end: bool = True) -> np.ndarray:
     n = len(sig)
     if steps == 1:
         return sig[:1].copy()
-    if steps >= n:
+    if steps > n:
+        raise ValueError(f"a {steps}-step 'jump' grid needs a reference of at least {steps} nodes (ref_steps), "
+                         f"this one has {n}")
+    if steps == n:
         return sig.copy()
     # the price of ending at each node: its jump to 0 (free end), or only sigma_min allowed
     if free_end:
@@ -690,7 +702,9 @@ def error_grid_defaults(solver: str, steps: int) -> dict:
 
 def _place_sigmas(lam: np.ndarray, rho: np.ndarray, steps: int, schedule, karras_weight: float) -> np.ndarray:
     """`steps` positive sigmas at equal increments of the density, ends pinned to the schedule's range,
-    then moved `karras_weight` of the way toward karras (`toward_karras`)."""
+    then moved `karras_weight` of the way toward karras (`toward_karras`). One step: sigma_max alone."""
+    if steps == 1:
+        return np.array([schedule.sigma_max], dtype=np.float64)
     sig = np.exp(-place(lam, rho, steps))
     sig[0], sig[-1] = schedule.sigma_max, schedule.sigma_min
     return toward_karras(sig, schedule, karras_weight)
@@ -713,6 +727,9 @@ def candidate_sigmas(name: str, den, steps: int, solver: str, ref: dict, pilot_d
         lam, rho = density(p, sch, method="length", floor=0.1)
         return _place_sigmas(lam, rho, steps, sch, 0.0)
     if name == "error":
+        if not pilot_data or "D" not in pilot_data:
+            raise ValueError("the 'error' candidate needs the twins pilot: pass pilot_data=calibrate.pilot(den, "
+                             "shape), or leave 'error' out of the candidates")
         kw = {**error_grid_defaults(solver, steps), **(density_kw or {})}
         weight = kw.pop("karras_weight")
         lam, rho = density(pilot_data, sch, method="error", order=get_solver(solver).order, **kw)
@@ -992,7 +1009,9 @@ class CalibrationOptions:
         with its twin), which the "error" grid is read from.
     pilot_seed: seed of the pilot's noise (the grid never depends on the final run's seed).
     pilot_rows: most rows the model sees in one call (64); None passes whole batches (2 B rows in the twins
-        pilot). Keyword tensors of the model whose leading size is the batch's are sliced alike.
+        pilot). Keyword tensors of the model whose leading size is the batch's are sliced alike. Plain
+        ts.Denoiser only: a subclass or wrapper holding its model elsewhere gets whole batches, no progress
+        bar, and rows and calls recorded as 0.
     candidates: the grids "select" chooses among, the first being the default (DEFAULT_CANDIDATES = karras,
         "error"; any of CANDIDATES). solver="auto" measures its plan's own.
     margin: "select" keeps its first candidate unless another measures below margin x its pilot error
@@ -1106,6 +1125,10 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
     if pilot_data is not None and not isinstance(pilot_data, dict):
         raise TypeError(f"pilot_data must be a dict (grid.pilot or config.pilot), got {type(pilot_data).__name__}")
     pilot_data = dict(pilot_data or {})
+    if isinstance(sample_shape, (int, np.integer)) and not isinstance(sample_shape, bool):
+        sample_shape = (int(sample_shape),)
+    if sample_shape is not None and not isinstance(sample_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"sample_shape must be a tuple of ints like (C, H, W), got {sample_shape!r}")
     model = getattr(den, "model", None)
     _check_pilot(pilot_data, den, model, sample_shape)
     opts = _sized(opts, plan, pilot_data)
@@ -1185,6 +1208,8 @@ class _Plan:
             method = "error" if spec.injects_noise(solver_options or {}) else "select"
         if method not in ("select", "blend", "error", "length"):
             raise ValueError(f"method must be 'select', 'blend', 'error' or 'length', got {method!r}")
+        if isinstance(candidates, str):
+            raise TypeError(f"candidates must be a tuple of grid names, e.g. ('karras', 'error'), got {candidates!r}")
         candidates = tuple(DEFAULT_CANDIDATES if candidates is None else candidates)
         if band:
             candidates = tuple(dict.fromkeys(c.grid for c in (band.default, band.alternative, *band.also)))
@@ -1227,6 +1252,8 @@ def planned_rows(steps: int, solver: str = "auto", options: CalibrationOptions |
                  method: str | None = None, solver_options: dict | None = None) -> int:
     """The model rows a fresh `thermo_grid(den, steps, solver, ...)` may spend at most (the bound it states
     before it starts; stages its pilot may skip count as run)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     opts = CalibrationOptions() if options is None else options
     plan = _Plan.of(int(steps), solver, method, solver_options, opts.candidates)
     return plan.rows(_sized(opts, plan, {}), {})
@@ -1244,8 +1271,8 @@ def _sized(opts: CalibrationOptions, plan: _Plan, pilot_data: dict) -> Calibrati
         return replace(opts, pilot_batch=opts.pilot_batch or THOROUGH[0], ref_steps=opts.ref_steps or THOROUGH[1])
     if isinstance(cost, str) and cost in COSTS:
         budget = row_budget(cost, plan.steps)
-    elif isinstance(cost, int) and not isinstance(cost, bool) and cost >= 1:
-        budget = cost
+    elif isinstance(cost, (int, np.integer)) and not isinstance(cost, bool) and cost >= 1:
+        budget = int(cost)
     else:
         raise ValueError(f"cost must be one of {list(COSTS)} or a number of model rows, got {cost!r}")
     opts = replace(opts, ref_steps=opts.ref_steps or reference_steps(plan.steps))
