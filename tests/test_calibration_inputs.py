@@ -190,3 +190,14 @@ def test_planned_rows_checks_steps_and_takes_numpy_row_budgets():
         calibrate.planned_rows(0)
     assert calibrate.planned_rows(10, options=ts.CalibrationOptions(cost=np.int64(5000))) == \
         calibrate.planned_rows(10, options=ts.CalibrationOptions(cost=5000)) <= 5000
+
+
+def test_a_twins_pilot_of_larger_samples_is_refused():
+    """A pilot holding only the twins part (no reference to probe) made for 8-d samples was taken for a 4-d
+    model and placed a grid from another model's measurements."""
+    from thermosample import calibrate, toy
+    wide = toy.default_mixture(dim=8, modes=3, seed=2).denoiser("edm")
+    twins = calibrate.pilot(wide, (8, 8), pilot_steps=12)
+    with pytest.raises(ValueError, match="coordinates per sample"):
+        ts.thermo_grid(_mixture(), 6, "euler_ancestral", sample_shape=(4,), pilot_data=twins, options=SMALL)
+    ts.thermo_grid(wide, 6, "euler_ancestral", sample_shape=(8,), pilot_data=twins, options=SMALL)

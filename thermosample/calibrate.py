@@ -799,7 +799,8 @@ def fit_corrections(den, sig, ref: dict, rows, backend: str = "auto") -> list[li
     step to 0), plus the rounding a float32 run would add through the coefficients (FIT_ROUNDING). Aiming each
     step back at the converged trajectory, it corrects the error carried from the steps before as well as the
     step's own. Costs len(sig) evaluations of those rows. Returns one list of floats per step, or None if the
-    reference lacks what the fit needs (ref_proj) or the fit is not finite."""
+    reference lacks what the fit needs (ref_proj) or the fit is not finite. `backend` is not read: the fit
+    calls the model directly, in the pilot's dtype and device (kept for the callers' uniform signature)."""
     from .solvers import correction_terms, deis_terms
 
     nodes = np.asarray(ref["ref_sigma"], dtype=np.float64)
@@ -1367,7 +1368,8 @@ def _shapes(pilot_data: dict) -> dict:
 def _check_pilot(pilot_data: dict, den, model, sample_shape) -> None:
     """Refuse a reused pilot that is malformed or was made for another model, schedule or sample shape,
     naming the field (ValueError). A pilot made by `pilot()` / `reference()` directly carries no record of
-    its model: its reference's first node is evaluated again (`_probe_pilot`)."""
+    its model: its reference's first node is evaluated again (`_probe_pilot`); a pilot of the twins part
+    alone is checked by its shapes only."""
     def bad(field, why):
         raise ValueError(f"pilot_data[{field!r}] {why}: pass the pilot of an earlier calibration of this model "
                          "(grid.pilot / config.pilot), or leave pilot_data out to run a fresh one")
@@ -1422,7 +1424,7 @@ def _check_pilot(pilot_data: dict, den, model, sample_shape) -> None:
     made = pilot_data.get("made_for")
     if made is not None:
         now = _made_for(den, model, made["sample_shape"], pilot_data)
-        for key, was in made["shapes"].items():
+        for key, was in made.get("shapes", {}).items():
             if key in now["shapes"] and now["shapes"][key] != was:
                 bad(key, f"has shape {tuple(now['shapes'][key])}, not the {tuple(was)} it was made with")
         if made["schedule"] != now["schedule"]:
@@ -1435,6 +1437,9 @@ def _check_pilot(pilot_data: dict, den, model, sample_shape) -> None:
     if shape is not None and sample_shape is not None and tuple(sample_shape) != shape:
         bad("ref_final" if made is None else "made_for",
             f"holds samples of shape {shape}, not the sample_shape {tuple(sample_shape)} asked for")
+    sample_shape = sample_shape if sample_shape is not None else shape
+    if "sigma" in pilot_data and sample_shape is not None and d.shape[2] > math.prod(sample_shape):
+        bad("D", f"holds {d.shape[2]} coordinates per sample, more than a sample of shape {tuple(sample_shape)} has")
 
 
 def _probe_pilot(pilot_data: dict, den, model) -> int:
