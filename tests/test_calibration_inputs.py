@@ -201,3 +201,19 @@ def test_a_twins_pilot_of_larger_samples_is_refused():
     with pytest.raises(ValueError, match="coordinates per sample"):
         ts.thermo_grid(_mixture(), 6, "euler_ancestral", sample_shape=(4,), pilot_data=twins, options=SMALL)
     ts.thermo_grid(wide, 6, "euler_ancestral", sample_shape=(8,), pilot_data=twins, options=SMALL)
+
+
+def test_a_denoiser_subclass_s_calibration_records_its_rows_as_not_counted():
+    """Only a plain Denoiser's model is metered: a subclass's calls used to be recorded as 0 rows, which reads
+    as a free calibration."""
+    den = _mixture()
+
+    class Mine(ts.Denoiser):
+        pass
+
+    mine = Mine(den.model, den.schedule, prediction=den.prediction, time=den.time)
+    plain = ts.thermo_grid(den, 6, sample_shape=(4,), options=SMALL)
+    sub = ts.thermo_grid(mine, 6, sample_shape=(4,), options=SMALL)
+    assert plain.meta["calibration_rows"] > 0 and plain.meta["calibration_calls"] > 0
+    assert sub.meta["calibration_rows"] is None and sub.meta["calibration_calls"] is None
+    np.testing.assert_array_equal(np.asarray(sub), np.asarray(plain))

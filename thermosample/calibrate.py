@@ -1011,8 +1011,8 @@ class CalibrationOptions:
     pilot_seed: seed of the pilot's noise (the grid never depends on the final run's seed).
     pilot_rows: most rows the model sees in one call (64); None passes whole batches (2 B rows in the twins
         pilot). Keyword tensors of the model whose leading size is the batch's are sliced alike. Plain
-        ts.Denoiser only: a subclass or wrapper holding its model elsewhere gets whole batches, no progress
-        bar, and rows and calls recorded as 0.
+        ts.Denoiser only: a subclass, which may hold its model elsewhere, gets whole batches and no progress
+        bar, and meta records its rows and calls as None (not counted).
     candidates: the grids "select" chooses among, the first being the default (DEFAULT_CANDIDATES = karras,
         "error"; any of CANDIDATES). solver="auto" measures its plan's own.
     margin: "select" keeps its first candidate unless another measures below margin x its pilot error
@@ -1096,9 +1096,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
             DeprecationWarning.
     Returns:
         ThermoGrid [steps + 1], descending from sigma_max to sigma_min, then 0, with `.meta` (what was measured
-        and its cost: "calibration_rows" model rows in "calibration_calls" calls, "calibration_nfe" batched
-        evaluations) and `.pilot` for reuse; for solver="auto" a `SamplerConfig` (solver, options, sigmas,
-        calibrated_for, meta, pilot).
+        and its cost: "calibration_rows" model rows in "calibration_calls" calls (None for a Denoiser
+        subclass, whose model calls are not counted), "calibration_nfe" batched evaluations) and `.pilot` for
+        reuse; for solver="auto" a `SamplerConfig` (solver, options, sigmas, calibrated_for, meta, pilot).
     """
     from .auto import AUTO, SamplerConfig, _fingerprint_now, calibrate_plan
 
@@ -1136,6 +1136,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
     made_in = _dtype_device(den, dtype, device)
     meter = _Meter(plan.rows(opts, pilot_data))
     meter.bar = _progress_bar(opts.progress, meter.planned, f"thermo_grid {solver} {steps} steps")
+    from .denoiser import Denoiser
+    metered = type(den) is Denoiser     # `_row_chunked` meters a plain Denoiser's model only
     den = _row_chunked(den, rows, meter, made_in)
     try:
         with torch.no_grad():     # every stage, the fit's direct model calls included: a calibration never trains
@@ -1171,8 +1173,9 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
             "steps": steps, "pilot_steps": int(len(pilot_data["sigma"])) if "sigma" in pilot_data else 0,
             "pilot_nfe": (int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0))
                           + int(pilot_data.get("ref_screen_nfe", 0))),
-            "boundary": list(_screen_of(pilot_data)), "calibration_nfe": spent, "calibration_rows": meter.rows,
-            "calibration_calls": meter.calls, "calibration_seconds": seconds, "pilot_seed": int(opts.pilot_seed),
+            "boundary": list(_screen_of(pilot_data)), "calibration_nfe": spent,
+            "calibration_rows": meter.rows if metered else None, "calibration_calls": meter.calls if metered else None,
+            "calibration_seconds": seconds, "pilot_seed": int(opts.pilot_seed),
             "schedule": repr(sch), **extra}
     sigmas = np.append(sig, 0.0)
     if not auto:

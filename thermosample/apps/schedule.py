@@ -8,6 +8,10 @@ from ..auto import SamplerConfig
 from ..calibrate import CalibrationOptions, thermo_grid
 
 
+def _count(n) -> str:
+    return "uncounted" if n is None else f"{n:,}"      # None: a Denoiser subclass, whose calls are not metered
+
+
 def main(args) -> int:
     """`thermosample schedule`: calibrate a grid for the mixture oracle or the digits model and print it."""
     from .. import grids, toy
@@ -40,8 +44,8 @@ def main(args) -> int:
     if auto:
         solver += " (chosen by solver auto)"
     print(f"calibrated grid for {args.model} ({sch!r}), {args.steps} steps of {solver}, method "
-          f"{g.meta['method']}{chosen}; calibration: {g.meta['calibration_rows']:,} model rows in "
-          f"{g.meta['calibration_calls']} calls, {g.meta['calibration_seconds']:.1f} s")
+          f"{g.meta['method']}{chosen}; calibration: {_count(g.meta['calibration_rows'])} model rows in "
+          f"{_count(g.meta['calibration_calls'])} calls, {g.meta['calibration_seconds']:.1f} s")
     print(f"{'i':>3} {'sigma (calibrated)':>19} {'t':>9} {'sigma (karras)':>15}")
     for i, (a, b) in enumerate(zip(np.asarray(g.sigmas if auto else g), k)):
         t = float(sch.sigma_to_t(a)) if a > 0 else 0.0
