@@ -7,9 +7,9 @@ thermosample/auto.py on the same pilot and returns a `SamplerConfig`.
 
 Default for deterministic solvers, method "select": measure instead of model. `reference` solves a pilot
 batch to convergence (UniPC-3 on log-sigma steps: 128 at cost="thorough", `reference_steps(steps)` at a row
-budget), then `measure` runs the solver on karras and on the
-calibrated "error" density below (any of CANDIDATES on request) and `auto.challenge` keeps karras unless
-the other lands clearly closer to the converged samples (below MARGIN x its error). With
+budget), then `measure` runs the solver on karras and on the calibrated "error" density below (any of
+CANDIDATES on request) and `auto.challenge` keeps karras unless the other lands clearly closer to the
+converged samples (below MARGIN x its error). With
 CalibrationOptions(boundary_pool=...) the reference batch also holds the samples nearest a mode boundary out
 of a screened pool (`boundary_noise`), with their stratum's weight. Its cost is stated in
 `grid.meta["calibration_nfe"]`.
