@@ -47,7 +47,6 @@ import time
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .auto import runnable
@@ -56,7 +55,15 @@ from .errors import ThermosampleDeprecationWarning
 from .grids import make_grid
 from .sampler import sample as _sample
 from .solvers import SOLVERS
-from .validate import check_int, check_json_depth, check_seed, open_regular, parse_json, read_json_file
+from .validate import (
+    check_int,
+    check_json_depth,
+    check_sample_shape,
+    check_seed,
+    open_regular,
+    parse_json,
+    read_json_file,
+)
 
 __all__ = ["sample_to_disk", "load_shards", "load_weights", "build_denoiser", "BulkResult",
            "ConfigMismatchError", "OutputLockedError", "MANIFEST", "LOCK", "FORMAT_VERSION"]
@@ -485,11 +492,7 @@ def sample_to_disk(model, n: int, batch: int, out: str, *, sample_shape=None, st
         sample_shape = getattr(den, "sample_shape", None)
         if sample_shape is None:
             raise ValueError("pass sample_shape=(C, H, W) (the shape of one sample)")
-    if isinstance(sample_shape, (int, np.integer)) and not isinstance(sample_shape, bool):
-        sample_shape = (sample_shape,)
-    if not isinstance(sample_shape, (tuple, list, torch.Size)):
-        raise TypeError(f"sample_shape must be a tuple of ints like (C, H, W), got {sample_shape!r}")
-    sample_shape = tuple(check_int(s, "sample_shape entries") for s in sample_shape)
+    sample_shape = check_sample_shape(sample_shape)
     solver, solver_options, grid = runnable(solver, grid, steps, solver_options, stacklevel=3)  # ts.sample's rule
     if not isinstance(grid, str):
         grid = [float(s) for s in (grid.tolist() if hasattr(grid, "tolist") else grid)]

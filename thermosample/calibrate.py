@@ -63,6 +63,7 @@ import torch
 from .auto import MARGIN, challenge
 from .grids import logsnr, validate_sigmas
 from .solvers import get_solver
+from .validate import check_sample_shape
 
 __all__ = ["ThermoGrid", "CalibrationOptions", "thermo_grid", "pilot", "twin_gain", "boundary_noise", "density",
            "critical_density", "critical_weight", "switch_weight", "place", "toward_karras", "karras_weight_default",
@@ -307,6 +308,7 @@ class _Meter:
 
     def __init__(self, planned: int, bar=None):
         self.planned, self.rows, self.calls, self.bar = int(planned), 0, 0, bar
+        self.attached = False       # set by `_row_chunked` when it meters the model: else rows are not counted
 
     def add(self, rows: int) -> None:
         self.rows += rows
@@ -331,6 +333,8 @@ def _row_chunked(den, rows: int | None, meter: _Meter | None = None, dtype_devic
     out = copy.copy(den)
     if type(den) is Denoiser:
         out.model = _RowChunks(den.model, rows, meter)
+        if meter is not None:
+            meter.attached = True
     if dtype_device is not None:
         out.calibration_dtype = dtype_device
     return out
@@ -1126,18 +1130,14 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
     if pilot_data is not None and not isinstance(pilot_data, dict):
         raise TypeError(f"pilot_data must be a dict (grid.pilot or config.pilot), got {type(pilot_data).__name__}")
     pilot_data = dict(pilot_data or {})
-    if isinstance(sample_shape, (int, np.integer)) and not isinstance(sample_shape, bool):
-        sample_shape = (int(sample_shape),)
-    if sample_shape is not None and not isinstance(sample_shape, (tuple, list, torch.Size)):
-        raise TypeError(f"sample_shape must be a tuple of ints like (C, H, W), got {sample_shape!r}")
+    if sample_shape is not None:
+        sample_shape = check_sample_shape(sample_shape)
     model = getattr(den, "model", None)
     _check_pilot(pilot_data, den, model, sample_shape)
     opts = _sized(opts, plan, pilot_data)
     made_in = _dtype_device(den, dtype, device)
     meter = _Meter(plan.rows(opts, pilot_data))
     meter.bar = _progress_bar(opts.progress, meter.planned, f"thermo_grid {solver} {steps} steps")
-    from .denoiser import Denoiser
-    metered = type(den) is Denoiser     # `_row_chunked` meters a plain Denoiser's model only
     den = _row_chunked(den, rows, meter, made_in)
     try:
         with torch.no_grad():     # every stage, the fit's direct model calls included: a calibration never trains
@@ -1174,7 +1174,8 @@ def thermo_grid(den, steps: int, solver: str = "dpmpp_2m", *, sample_shape: tupl
             "pilot_nfe": (int(pilot_data.get("nfe", 0)) + int(pilot_data.get("ref_nfe", 0))
                           + int(pilot_data.get("ref_screen_nfe", 0))),
             "boundary": list(_screen_of(pilot_data)), "calibration_nfe": spent,
-            "calibration_rows": meter.rows if metered else None, "calibration_calls": meter.calls if metered else None,
+            "calibration_rows": meter.rows if meter.attached else None,
+            "calibration_calls": meter.calls if meter.attached else None,
             "calibration_seconds": seconds, "pilot_seed": int(opts.pilot_seed),
             "schedule": repr(sch), **extra}
     sigmas = np.append(sig, 0.0)

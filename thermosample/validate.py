@@ -32,6 +32,15 @@ def check_int(value, name: str, low: int = 1, high: int | None = None) -> int:
     return value
 
 
+def check_sample_shape(value) -> tuple[int, ...]:
+    """The shape of one sample (without the batch) as a tuple of ints >= 1; an int n means (n,)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, (tuple, list, torch.Size)):
+        raise TypeError(f"sample_shape must be a tuple of ints like (C, H, W), got {value!r}")
+    return tuple(check_int(s, "sample_shape entries") for s in value)
+
+
 def _power(n: int) -> str:
     """2**k for a power of two, else the number."""
     k = n.bit_length() - 1
